@@ -1,0 +1,74 @@
+#pragma once
+// The ops the FLUX models are written against. The CPU backend is the float32 reference; the CUDA backend stores
+// activations in bf16 and accumulates in float32. Every op is asynchronous on the device backend and never
+// synchronises with the host, so a whole denoising step can be captured as one CUDA graph.
+//
+// Layout conventions (all tensors live on the backend's device):
+//  - "rows" tensors are [B, N, C] with the last dimension contiguous; their batch and row strides may be larger
+//    than the packed ones, so ops can read and write column slices of a wider buffer without copies.
+//  - per-sample vectors (modulation shift/scale/gate) are [B, C] views with any batch stride.
+//  - attention inputs q, k, v are contiguous [B, H, S, head_dim]; the attention output is rows [B, S, H*head_dim].
+//  - outputs are passed as const handles: a Tensor is a view, and the op writes the memory it points to.
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace fluxswap {
+
+enum class Activation { None, GeluTanh, Silu };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+  // dtype of activations and of weights uploaded with upload_weight().
+  virtual DType compute_dtype() const = 0;
+
+  // Memory.
+  virtual Tensor empty(DType dtype, const Shape& shape) = 0;
+  // A copy of a host tensor (any float dtype) on the device in compute_dtype().
+  virtual Tensor upload_weight(const Tensor& host) = 0;
+  // Host -> device copy into an existing tensor; converts from any float dtype to dst's dtype.
+  virtual void copy_from_host(const Tensor& host, const Tensor& dst) = 0;
+  // Device -> host float32 copy (synchronises).
+  virtual Tensor to_host_f32(const Tensor& src) = 0;
+  virtual void synchronize() = 0;
+
+  // y = act(x @ w^T + bias).  x rows [B, N, K]; w [Nout, K] contiguous; bias [Nout] or undefined; y rows [B, N, Nout].
+  virtual void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) = 0;
+
+  // y = x * sigmoid(x), rows [B, N, C] (or [B, C]).
+  virtual void silu(const Tensor& x, const Tensor& y) = 0;
+
+  // Sinusoidal embedding of t[b] * t_scale: out[b] = [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})],
+  // f_i = exp(-ln(10000) i / h), h = dim / 2.  t is float32 [B]; out [B, dim].
+  virtual void timestep_embedding(const Tensor& t, float t_scale, const Tensor& out) = 0;
+
+  // y += x, same shapes (rows or [B, C]).
+  virtual void add(const Tensor& y, const Tensor& x) = 0;
+
+  // y = LayerNorm(x, eps=1e-6, no affine) * (1 + scale[b]) + shift[b].  x, y rows [B, N, C]; shift, scale [B, C].
+  virtual void layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& y) = 0;
+
+  // Splits qkv rows [B, N, 3*H*D] (q | k | v, each heads-major), applies RMSNorm (eps=1e-6, weight [D]) to q and k
+  // per head, rotates q and k by RoPE (pairs (2j, 2j+1); rope [S, D/2, 2] float32 holds (cos, sin) of position
+  // seq_offset + n), and writes q, k, v [B, H, S, D] at sequence positions seq_offset .. seq_offset + N.
+  virtual void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                            int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) = 0;
+
+  // out = softmax(q k^T / sqrt(D)) v, per batch and head; out rows [B, S, H*D].
+  virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) = 0;
+
+  // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
+  virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Throws Error when this build has no CUDA backend or no GPU is present.
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
+std::unique_ptr<Backend> make_backend(const std::string& name);  // "cpu" or "cuda"
+
+}  // namespace fluxswap

@@ -1,0 +1,224 @@
+// The float32 reference backend: plain loops plus OpenBLAS for the matrix products. Every op computes exactly
+// what backend.h states, in float32, so the CUDA backend can be tested against it op by op.
+#include <cblas.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+
+namespace fluxswap {
+
+namespace {
+
+// A rows view: [B, N, C] (a 2-D [B, C] tensor is read as B rows of one batch).
+struct Rows {
+  float* p;
+  int64_t B, N, C, sb, sn;
+  float* row(int64_t b, int64_t n) const { return p + b * sb + n * sn; }
+};
+
+Rows rows_of(const Tensor& t, const char* what) {
+  if (t.dtype() != DType::F32 || t.device() != Device::CPU)
+    throw Error(std::string("cpu backend: ") + what + " must be a float32 host tensor");
+  if (t.stride(-1) != 1) throw Error(std::string("cpu backend: ") + what + " needs a contiguous last dimension");
+  if (t.ndim() == 3) return {t.ptr<float>(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+  if (t.ndim() == 2) return {t.ptr<float>(), 1, t.size(0), t.size(1), 0, t.stride(0)};
+  throw Error(std::string("cpu backend: ") + what + " must be 2-D or 3-D, got " + shape_str(t.shape()));
+}
+
+// Per-sample vectors [B, C] with any batch stride.
+struct Vecs {
+  const float* p;
+  int64_t B, C, sb;
+  const float* at(int64_t b) const { return p + b * sb; }
+};
+
+Vecs vecs_of(const Tensor& t, const char* what) {
+  if (t.ndim() != 2 || t.stride(1) != 1 || t.dtype() != DType::F32)
+    throw Error(std::string("cpu backend: ") + what + " must be a float32 [B, C] view, got " + shape_str(t.shape()));
+  return {t.ptr<float>(), t.size(0), t.size(1), t.stride(0)};
+}
+
+void check_same_rows(const Rows& a, const Rows& b, const char* op) {
+  if (a.B != b.B || a.N != b.N || a.C != b.C) throw Error(std::string("cpu backend: ") + op + ": shape mismatch");
+}
+
+float gelu_tanh(float x) {
+  const float k = 0.7978845608028654f;  // sqrt(2/pi)
+  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
+float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "cpu (float32 reference)"; }
+  DType compute_dtype() const override { return DType::F32; }
+
+  Tensor empty(DType dtype, const Shape& shape) override { return Tensor::empty(dtype, shape); }
+  Tensor upload_weight(const Tensor& host) override {
+    return host.dtype() == DType::F32 && host.is_contiguous() ? host : host.to_f32();
+  }
+  void copy_from_host(const Tensor& host, const Tensor& dst) override {
+    if (host.shape() != dst.shape())
+      throw Error("copy_from_host: shape " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
+    Tensor f = host.to_f32();
+    if (!dst.is_contiguous()) throw Error("copy_from_host: destination must be contiguous");
+    convert_from_f32(f.ptr<float>(), dst.dtype(), dst.data(), size_t(f.numel()));
+  }
+  Tensor to_host_f32(const Tensor& src) override { return src.to_f32(); }
+  void synchronize() override {}
+
+  void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
+    Rows X = rows_of(x, "linear input"), Y = rows_of(y, "linear output");
+    if (w.ndim() != 2 || !w.is_contiguous() || w.dtype() != DType::F32)
+      throw Error("cpu backend: linear weight must be a contiguous float32 [Nout, K] tensor");
+    const int64_t nout = w.size(0), k = w.size(1);
+    if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
+      throw Error("cpu backend: linear " + shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " +
+                  shape_str(y.shape()));
+    const float* bp = bias.data() ? bias.ptr<float>() : nullptr;
+    for (int64_t b = 0; b < X.B; ++b) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(X.N), int(nout), int(k), 1.0f, X.row(b, 0),
+                  int(X.sn), w.ptr<float>(), int(k), 0.0f, Y.row(b, 0), int(Y.sn));
+      for (int64_t n = 0; n < X.N; ++n) {
+        float* r = Y.row(b, n);
+        for (int64_t j = 0; j < nout; ++j) {
+          float v = r[j] + (bp ? bp[j] : 0.0f);
+          r[j] = act == Activation::GeluTanh ? gelu_tanh(v) : act == Activation::Silu ? silu_f(v) : v;
+        }
+      }
+    }
+  }
+
+  void silu(const Tensor& x, const Tensor& y) override {
+    Rows X = rows_of(x, "silu input"), Y = rows_of(y, "silu output");
+    check_same_rows(X, Y, "silu");
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) Y.row(b, n)[c] = silu_f(X.row(b, n)[c]);
+  }
+
+  void timestep_embedding(const Tensor& t, float t_scale, const Tensor& out) override {
+    Rows O = rows_of(out, "timestep embedding");
+    const int64_t half = O.C / 2;
+    for (int64_t b = 0; b < O.N; ++b) {
+      const double tv = double(t.ptr<float>()[b]) * t_scale;
+      float* r = O.row(0, b);
+      for (int64_t i = 0; i < half; ++i) {
+        // The reference computes the frequencies in float32, then the product in float32.
+        const float f = std::exp(-std::log(10000.0f) * float(i) / float(half));
+        const float arg = float(tv) * f;
+        r[i] = std::cos(arg);
+        r[half + i] = std::sin(arg);
+      }
+    }
+  }
+
+  void add(const Tensor& y, const Tensor& x) override {
+    Rows Y = rows_of(y, "add output"), X = rows_of(x, "add input");
+    check_same_rows(X, Y, "add");
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) Y.row(b, n)[c] += X.row(b, n)[c];
+  }
+
+  void layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& y) override {
+    Rows X = rows_of(x, "layer_norm input"), Y = rows_of(y, "layer_norm output");
+    Vecs Sh = vecs_of(shift, "shift"), Sc = vecs_of(scale, "scale");
+    check_same_rows(X, Y, "layer_norm_modulate");
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n) {
+        const float* r = X.row(b, n);
+        double mean = 0, var = 0;
+        for (int64_t c = 0; c < X.C; ++c) mean += r[c];
+        mean /= double(X.C);
+        for (int64_t c = 0; c < X.C; ++c) var += (r[c] - mean) * (r[c] - mean);
+        var /= double(X.C);
+        const float inv = float(1.0 / std::sqrt(var + 1e-6));
+        float* o = Y.row(b, n);
+        for (int64_t c = 0; c < X.C; ++c)
+          o[c] = (r[c] - float(mean)) * inv * (1.0f + Sc.at(b)[c]) + Sh.at(b)[c];
+      }
+  }
+
+  void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                    int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
+    Rows X = rows_of(qkv, "qkv");
+    const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
+    if (X.C != 3 * H * D || seq_offset + X.N > S || q.size(0) != X.B)
+      throw Error("cpu backend: qk_norm_rope: qkv " + shape_str(qkv.shape()) + " does not fit q " +
+                  shape_str(q.shape()) + " at offset " + std::to_string(seq_offset));
+    const float* rp = rope.ptr<float>();
+    float* outs[3] = {q.ptr<float>(), k.ptr<float>(), v.ptr<float>()};
+    const float* norms[2] = {q_norm.ptr<float>(), k_norm.ptr<float>()};
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n) {
+        const int64_t s = seq_offset + n;
+        for (int part = 0; part < 3; ++part)
+          for (int64_t h = 0; h < H; ++h) {
+            const float* src = X.row(b, n) + part * H * D + h * D;
+            float* dst = outs[part] + ((b * H + h) * S + s) * D;
+            if (part == 2) {
+              std::memcpy(dst, src, size_t(D) * 4);
+              continue;
+            }
+            double ss = 0;
+            for (int64_t d = 0; d < D; ++d) ss += double(src[d]) * src[d];
+            const float inv = float(1.0 / std::sqrt(ss / double(D) + 1e-6));
+            for (int64_t j = 0; j < D / 2; ++j) {
+              const float a = src[2 * j] * inv * norms[part][2 * j];
+              const float c = src[2 * j + 1] * inv * norms[part][2 * j + 1];
+              const float cs = rp[(s * (D / 2) + j) * 2], sn = rp[(s * (D / 2) + j) * 2 + 1];
+              dst[2 * j] = a * cs - c * sn;
+              dst[2 * j + 1] = c * cs + a * sn;
+            }
+          }
+      }
+  }
+
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
+    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+    Rows O = rows_of(out, "attention output");
+    if (O.B != B || O.N != S || O.C != H * D) throw Error("cpu backend: attention output shape mismatch");
+    std::vector<float> p(size_t(S * S));
+    const float scale = 1.0f / std::sqrt(float(D));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qp = q.ptr<float>() + (b * H + h) * S * D;
+        const float* kp = k.ptr<float>() + (b * H + h) * S * D;
+        const float* vp = v.ptr<float>() + (b * H + h) * S * D;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(S), int(S), int(D), scale, qp, int(D), kp, int(D),
+                    0.0f, p.data(), int(S));
+        for (int64_t i = 0; i < S; ++i) {
+          float* r = p.data() + i * S;
+          float m = r[0];
+          for (int64_t j = 1; j < S; ++j) m = std::max(m, r[j]);
+          double sum = 0;
+          for (int64_t j = 0; j < S; ++j) sum += (r[j] = std::exp(r[j] - m));
+          const float inv = float(1.0 / sum);
+          for (int64_t j = 0; j < S; ++j) r[j] *= inv;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(S), int(D), int(S), 1.0f, p.data(), int(S), vp,
+                    int(D), 0.0f, O.row(b, 0) + h * D, int(O.sn));
+      }
+  }
+
+  void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {
+    Rows X = rows_of(x, "residual"), Y = rows_of(y, "gated branch");
+    Vecs G = vecs_of(gate, "gate");
+    check_same_rows(X, Y, "gated_residual");
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += G.at(b)[c] * Y.row(b, n)[c];
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace fluxswap

@@ -1,0 +1,189 @@
+#include "model/flux_transformer.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace fluxswap {
+
+namespace {
+// Column chunk i of width d of a [B, k*d] modulation tensor.
+Tensor chunk(const Tensor& mod, int64_t i, int64_t d) { return mod.narrow(1, i * d, d); }
+Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(1, start, n); }
+Tensor cols(const Tensor& t, int64_t start, int64_t n) { return t.narrow(2, start, n); }
+Linear out_rows(const Linear& l, int64_t start, int64_t n) {
+  return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n)};
+}
+}  // namespace
+
+Tensor flux_rope_table(const FluxConfig& c, const Tensor& txt_ids, const Tensor& img_ids) {
+  Tensor t = txt_ids.to_f32(), im = img_ids.to_f32();
+  if (t.ndim() != 2 || t.size(1) != 3 || im.ndim() != 2 || im.size(1) != 3)
+    throw Error("rope: txt_ids and img_ids must be [N, 3], got " + shape_str(t.shape()) + " and " +
+                shape_str(im.shape()));
+  const int64_t nt = t.size(0), ni = im.size(0), half = c.attention_head_dim / 2;
+  Tensor out = Tensor::empty(DType::F32, {nt + ni, half, 2});
+  float* o = out.ptr<float>();
+  for (int64_t s = 0; s < nt + ni; ++s) {
+    const float* id = s < nt ? t.ptr<float>() + s * 3 : im.ptr<float>() + (s - nt) * 3;
+    int64_t j = 0;
+    for (int axis = 0; axis < 3; ++axis) {
+      const int64_t dim = c.axes_dims_rope[axis];
+      for (int64_t i = 0; i < dim / 2; ++i, ++j) {
+        const double omega = 1.0 / std::pow(double(c.rope_theta), double(2 * i) / double(dim));
+        const double angle = double(id[axis]) * omega;
+        o[(s * half + j) * 2] = float(std::cos(angle));
+        o[(s * half + j) * 2 + 1] = float(std::sin(angle));
+      }
+    }
+  }
+  return out;
+}
+
+FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, Backend& backend)
+    : config_(config), weights_(std::move(weights)), backend_(backend) {
+  config_.validate("transformer config");
+}
+
+void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
+  if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_) return;
+  const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), S = img_tokens + txt_tokens;
+  const int64_t H = config_.num_attention_heads, hd = config_.attention_head_dim;
+  const DType dt = backend_.compute_dtype();
+  auto e = [&](Shape s) { return backend_.empty(dt, s); };
+  buf_ = Buffers{};
+  buf_.t_freq = e({batch, 256});
+  buf_.hidden = e({batch, D});
+  buf_.emb_part = e({batch, D});
+  buf_.temb = e({batch, D});
+  buf_.temb_silu = e({batch, D});
+  buf_.mod_img = e({batch, 6 * D});
+  buf_.mod_txt = e({batch, 6 * D});
+  buf_.stream = e({batch, S, D});
+  buf_.normed = e({batch, S, D});
+  buf_.branch = e({batch, S, D});
+  buf_.proj_in = e({batch, S, 3 * D + M});
+  buf_.q = e({batch, H, S, hd});
+  buf_.k = e({batch, H, S, hd});
+  buf_.v = e({batch, H, S, hd});
+  buf_.attn_mlp = e({batch, S, D + M});
+  B_ = batch;
+  Ni_ = img_tokens;
+  Nt_ = txt_tokens;
+}
+
+void FluxTransformer::embed_conditioning(const FluxInputs& in) {
+  Backend& be = backend_;
+  const FluxWeights& w = weights_;
+  be.timestep_embedding(in.timestep, 1000.0f, buf_.t_freq);
+  be.linear(buf_.t_freq, w.time_in.weight, w.time_in.bias, buf_.hidden, Activation::Silu);
+  be.linear(buf_.hidden, w.time_out.weight, w.time_out.bias, buf_.temb, Activation::None);
+  if (config_.guidance_embeds) {
+    if (!in.guidance.data()) throw Error("this model has a guidance embedder (FLUX.1-dev style): guidance is required");
+    be.timestep_embedding(in.guidance, 1000.0f, buf_.t_freq);
+    be.linear(buf_.t_freq, w.guidance_in.weight, w.guidance_in.bias, buf_.hidden, Activation::Silu);
+    be.linear(buf_.hidden, w.guidance_out.weight, w.guidance_out.bias, buf_.emb_part, Activation::None);
+    be.add(buf_.temb, buf_.emb_part);
+  }
+  be.linear(in.pooled_projections, w.vector_in.weight, w.vector_in.bias, buf_.hidden, Activation::Silu);
+  be.linear(buf_.hidden, w.vector_out.weight, w.vector_out.bias, buf_.emb_part, Activation::None);
+  be.add(buf_.temb, buf_.emb_part);
+  be.silu(buf_.temb, buf_.temb_silu);
+}
+
+void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
+  const int64_t B = in.hidden_states.size(0), Ni = in.hidden_states.size(1);
+  const int64_t Nt = in.encoder_hidden_states.size(1), D = config_.inner_dim();
+  if (in.hidden_states.size(2) != config_.in_channels)
+    throw Error("hidden_states has " + std::to_string(in.hidden_states.size(2)) + " channels, expected in_channels " +
+                std::to_string(config_.in_channels));
+  if (in.encoder_hidden_states.size(2) != config_.joint_attention_dim)
+    throw Error("encoder_hidden_states has width " + std::to_string(in.encoder_hidden_states.size(2)) +
+                ", expected joint_attention_dim " + std::to_string(config_.joint_attention_dim));
+  if (in.pooled_projections.size(1) != config_.pooled_projection_dim)
+    throw Error("pooled_projections has width " + std::to_string(in.pooled_projections.size(1)) +
+                ", expected pooled_projection_dim " + std::to_string(config_.pooled_projection_dim));
+  if (in.rope.size(0) != Nt + Ni) throw Error("rope table covers " + std::to_string(in.rope.size(0)) +
+                                              " positions, expected text + image tokens = " + std::to_string(Nt + Ni));
+  prepare(B, Ni, Nt);
+  Backend& be = backend_;
+
+  embed_conditioning(in);
+  be.linear(in.hidden_states, weights_.img_in.weight, weights_.img_in.bias, rows(buf_.stream, Nt, Ni),
+            Activation::None);
+  be.linear(in.encoder_hidden_states, weights_.txt_in.weight, weights_.txt_in.bias, rows(buf_.stream, 0, Nt),
+            Activation::None);
+
+  for (const auto& block : weights_.double_blocks) double_block(block, in.rope);
+  for (const auto& block : weights_.single_blocks) single_block(block, in.rope);
+
+  // Final AdaLN on the image tokens, then the projection back to latent channels.
+  Tensor mod = buf_.mod_img.narrow(1, 0, 2 * D);
+  be.linear(buf_.temb_silu, weights_.final_mod.weight, weights_.final_mod.bias, mod, Activation::None);
+  Tensor img = rows(buf_.stream, Nt, Ni), normed = rows(buf_.normed, Nt, Ni);
+  be.layer_norm_modulate(img, chunk(mod, 0, D), chunk(mod, 1, D), normed);
+  be.linear(normed, weights_.final_linear.weight, weights_.final_linear.bias, out, Activation::None);
+}
+
+void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& rope) {
+  Backend& be = backend_;
+  const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), Nt = Nt_, Ni = Ni_;
+  be.linear(buf_.temb_silu, w.img_mod.weight, w.img_mod.bias, buf_.mod_img, Activation::None);
+  be.linear(buf_.temb_silu, w.txt_mod.weight, w.txt_mod.bias, buf_.mod_txt, Activation::None);
+
+  // Each stream's views: residual, normed input, projection output, qkv, MLP activations.
+  struct Stream {
+    Tensor x, normed, branch, qkv, mlp, attn;
+    const Tensor& mod;
+  };
+  Stream txt{rows(buf_.stream, 0, Nt), rows(buf_.normed, 0, Nt), rows(buf_.branch, 0, Nt),
+             cols(rows(buf_.proj_in, 0, Nt), 0, 3 * D), cols(rows(buf_.proj_in, 0, Nt), 3 * D, M),
+             cols(rows(buf_.attn_mlp, 0, Nt), 0, D), buf_.mod_txt};
+  Stream img{rows(buf_.stream, Nt, Ni), rows(buf_.normed, Nt, Ni), rows(buf_.branch, Nt, Ni),
+             cols(rows(buf_.proj_in, Nt, Ni), 0, 3 * D), cols(rows(buf_.proj_in, Nt, Ni), 3 * D, M),
+             cols(rows(buf_.attn_mlp, Nt, Ni), 0, D), buf_.mod_img};
+
+  // Joint attention over text and image tokens; each stream has its own projections and norms.
+  be.layer_norm_modulate(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed);
+  be.layer_norm_modulate(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed);
+  be.linear(txt.normed, w.txt_qkv.weight, w.txt_qkv.bias, txt.qkv, Activation::None);
+  be.linear(img.normed, w.img_qkv.weight, w.img_qkv.bias, img.qkv, Activation::None);
+  be.qk_norm_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
+  be.qk_norm_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, buf_.q, buf_.k, buf_.v);
+  be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
+  be.linear(txt.attn, w.txt_proj.weight, w.txt_proj.bias, txt.branch, Activation::None);
+  be.gated_residual(txt.x, chunk(txt.mod, 2, D), txt.branch);
+  be.linear(img.attn, w.img_proj.weight, w.img_proj.bias, img.branch, Activation::None);
+  be.gated_residual(img.x, chunk(img.mod, 2, D), img.branch);
+
+  // Feed-forward, per stream.
+  for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
+                                    std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
+    be.layer_norm_modulate(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed);
+    be.linear(s->normed, mlp_in->weight, mlp_in->bias, s->mlp, Activation::GeluTanh);
+    be.linear(s->mlp, mlp_out->weight, mlp_out->bias, s->branch, Activation::None);
+    be.gated_residual(s->x, chunk(s->mod, 5, D), s->branch);
+  }
+}
+
+void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& rope) {
+  Backend& be = backend_;
+  const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
+  Tensor mod = buf_.mod_img.narrow(1, 0, 3 * D);
+  be.linear(buf_.temb_silu, w.modulation.weight, w.modulation.bias, mod, Activation::None);
+  be.layer_norm_modulate(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed);
+
+  // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues.
+  Tensor qkv = cols(buf_.proj_in, 0, 3 * D);
+  Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
+  be.linear(buf_.normed, qkv_proj.weight, qkv_proj.bias, qkv, Activation::None);
+  be.linear(buf_.normed, mlp_in.weight, mlp_in.bias, cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
+  be.qk_norm_rope(qkv, w.q_norm, w.k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
+  be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
+
+  // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
+  be.linear(buf_.attn_mlp, w.linear2.weight, w.linear2.bias, buf_.branch, Activation::None);
+  be.gated_residual(buf_.stream, chunk(mod, 2, D), buf_.branch);
+}
+
+}  // namespace fluxswap

@@ -1,0 +1,67 @@
+#pragma once
+// The FLUX.1 transformer (FluxTransformer2DModel / BFL's Flux), written once against the Backend ops.
+//
+// The residual stream is one [B, Nt + Ni, D] buffer, text tokens first: the double-stream blocks work on its
+// text and image halves as views, and the single-stream blocks on the whole of it, so the concatenation the
+// reference does between the two kinds of block costs nothing here.
+#include <cstdint>
+
+#include "backend/backend.h"
+#include "model/flux_config.h"
+#include "model/flux_weights.h"
+
+namespace fluxswap {
+
+struct FluxInputs {
+  Tensor hidden_states;          // [B, Ni, in_channels] packed latents, compute dtype
+  Tensor encoder_hidden_states;  // [B, Nt, joint_attention_dim], compute dtype
+  Tensor pooled_projections;     // [B, pooled_projection_dim], compute dtype
+  Tensor timestep;               // [B] float32 in 0..1 (multiplied by 1000 inside, as the reference does)
+  Tensor guidance;               // [B] float32, multiplied by 1000 inside; undefined for schnell models
+  Tensor rope;                   // [Nt + Ni, head_dim / 2, 2] float32 (cos, sin), from flux_rope_table()
+};
+
+// RoPE angles for the text ids followed by the image ids ([N, 3] float: (index, row, col)); host float32
+// [Nt + Ni, head_dim / 2, 2], computed in float64 as the reference does.
+Tensor flux_rope_table(const FluxConfig& config, const Tensor& txt_ids, const Tensor& img_ids);
+
+class FluxTransformer {
+ public:
+  FluxTransformer(const FluxConfig& config, FluxWeights weights, Backend& backend);
+
+  // Allocates the activation buffers for a batch and token counts; kept while the shape stays the same.
+  void prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens);
+  // One forward pass; `out` is [B, Ni, in_channels] in the backend's compute dtype. Issues device work only.
+  void forward(const FluxInputs& in, const Tensor& out);
+
+  const FluxConfig& config() const { return config_; }
+  FluxWeights& weights() { return weights_; }
+  Backend& backend() { return backend_; }
+
+ private:
+  void embed_conditioning(const FluxInputs& in);
+  void double_block(const DoubleBlockWeights& w, const Tensor& rope);
+  void single_block(const SingleBlockWeights& w, const Tensor& rope);
+
+  FluxConfig config_;
+  FluxWeights weights_;
+  Backend& backend_;
+
+  int64_t B_ = 0, Ni_ = 0, Nt_ = 0;
+  struct Buffers {
+    Tensor t_freq;       // [B, 256] sinusoidal timestep / guidance features
+    Tensor hidden;       // [B, D] embedder hidden layer
+    Tensor emb_part;     // [B, D]
+    Tensor temb;         // [B, D] conditioning vector
+    Tensor temb_silu;    // [B, D] SiLU(temb), the input of every modulation
+    Tensor mod_img, mod_txt;  // [B, 6D]
+    Tensor stream;       // [B, S, D] residual stream, text first
+    Tensor normed;       // [B, S, D]
+    Tensor branch;       // [B, S, D] output of a projection before its gated residual add
+    Tensor proj_in;      // [B, S, 3D + M] qkv (and, in single blocks, the MLP input)
+    Tensor q, k, v;      // [B, H, S, head_dim]
+    Tensor attn_mlp;     // [B, S, D + M] attention output, then the MLP activations (linear2's input)
+  } buf_;
+};
+
+}  // namespace fluxswap

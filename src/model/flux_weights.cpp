@@ -1,0 +1,121 @@
+#include "model/flux_weights.h"
+
+#include <set>
+
+#include "core/error.h"
+#include "model/flux_weight_map.h"
+
+namespace fluxswap {
+
+namespace {
+
+Tensor take(std::map<std::string, Tensor>& m, const std::string& name) {
+  auto it = m.find(name);
+  if (it == m.end()) throw Error("internal weight '" + name + "' missing");
+  return it->second;
+}
+
+Linear take_linear(std::map<std::string, Tensor>& m, const std::string& module) {
+  return {take(m, module + ".weight"), take(m, module + ".bias")};
+}
+
+// Fills rows of `dst` (host, dst dtype) from the checkpoint according to `spec`.
+void assemble(const FluxCheckpoint& ck, const WeightSpec& spec, Tensor& dst, std::set<std::string>& used) {
+  const int64_t cols = spec.shape.size() == 2 ? spec.shape[1] : 1;
+  int64_t rows_filled = 0;
+  for (const WeightPart& part : spec.parts) {
+    const std::string key = ck.prefix + part.key;
+    if (!ck.weights.contains(key))
+      throw Error(ck.weights_path + ": tensor '" + key + "' is missing (needed for " + spec.name + ")");
+    used.insert(key);
+    Tensor src = ck.weights.tensor(key);
+    if (!dtype_is_float(src.dtype()))
+      throw Error(ck.weights_path + ": tensor '" + key + "' has dtype " + std::string(dtype_name(src.dtype())) +
+                  ", expected a float type");
+    const int64_t src_cols = src.ndim() == 2 ? src.size(1) : 1;
+    const bool rank_ok = src.ndim() == int(spec.shape.size());
+    if (!rank_ok || src_cols != cols || part.src_row + part.rows > src.size(0))
+      throw Error(ck.weights_path + ": tensor '" + key + "' has shape " + shape_str(src.shape()) +
+                  ", expected " + std::to_string(part.src_row + part.rows) + " rows" +
+                  (cols > 1 || spec.shape.size() == 2 ? " of " + std::to_string(cols) : std::string()) +
+                  " for " + spec.name + " of config " + ck.config_source);
+    const size_t es = dtype_size(src.dtype()), des = dtype_size(dst.dtype());
+    convert(src.dtype(), static_cast<const char*>(src.data()) + part.src_row * cols * es, dst.dtype(),
+            static_cast<char*>(dst.data()) + part.row * cols * des, size_t(part.rows * cols));
+    rows_filled += part.rows;
+  }
+  if (rows_filled != spec.shape[0])
+    throw Error(ck.weights_path + ": internal error assembling " + spec.name);
+}
+
+}  // namespace
+
+FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string, Tensor> m) {
+  FluxWeights w;
+  w.img_in = take_linear(m, "img_in");
+  w.txt_in = take_linear(m, "txt_in");
+  w.time_in = take_linear(m, "time_in.in_layer");
+  w.time_out = take_linear(m, "time_in.out_layer");
+  w.vector_in = take_linear(m, "vector_in.in_layer");
+  w.vector_out = take_linear(m, "vector_in.out_layer");
+  if (config.guidance_embeds) {
+    w.guidance_in = take_linear(m, "guidance_in.in_layer");
+    w.guidance_out = take_linear(m, "guidance_in.out_layer");
+  }
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    const std::string p = "double_blocks." + std::to_string(i) + ".";
+    DoubleBlockWeights b;
+    b.img_mod = take_linear(m, p + "img_mod.lin");
+    b.txt_mod = take_linear(m, p + "txt_mod.lin");
+    b.img_qkv = take_linear(m, p + "img_attn.qkv");
+    b.txt_qkv = take_linear(m, p + "txt_attn.qkv");
+    b.img_q_norm = take(m, p + "img_attn.norm.query_norm.scale");
+    b.img_k_norm = take(m, p + "img_attn.norm.key_norm.scale");
+    b.txt_q_norm = take(m, p + "txt_attn.norm.query_norm.scale");
+    b.txt_k_norm = take(m, p + "txt_attn.norm.key_norm.scale");
+    b.img_proj = take_linear(m, p + "img_attn.proj");
+    b.txt_proj = take_linear(m, p + "txt_attn.proj");
+    b.img_mlp_in = take_linear(m, p + "img_mlp.0");
+    b.img_mlp_out = take_linear(m, p + "img_mlp.2");
+    b.txt_mlp_in = take_linear(m, p + "txt_mlp.0");
+    b.txt_mlp_out = take_linear(m, p + "txt_mlp.2");
+    w.double_blocks.push_back(std::move(b));
+  }
+  for (int64_t i = 0; i < config.num_single_layers; ++i) {
+    const std::string p = "single_blocks." + std::to_string(i) + ".";
+    SingleBlockWeights b;
+    b.modulation = take_linear(m, p + "modulation.lin");
+    b.linear1 = take_linear(m, p + "linear1");
+    b.linear2 = take_linear(m, p + "linear2");
+    b.q_norm = take(m, p + "norm.query_norm.scale");
+    b.k_norm = take(m, p + "norm.key_norm.scale");
+    w.single_blocks.push_back(std::move(b));
+  }
+  w.final_mod = take_linear(m, "final_layer.adaLN_modulation.1");
+  w.final_linear = take_linear(m, "final_layer.linear");
+  w.by_name = std::move(m);
+  return w;
+}
+
+FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, WeightLoadReport* report) {
+  std::map<std::string, Tensor> m;
+  std::set<std::string> used;
+  size_t bytes = 0;
+  for (const WeightSpec& spec : flux_weight_specs(ck.config, ck.naming)) {
+    Tensor host = Tensor::empty(backend.compute_dtype(), spec.shape);
+    assemble(ck, spec, host, used);
+    Tensor dev = backend.upload_weight(host);
+    bytes += dev.nbytes();
+    m.emplace(spec.name, std::move(dev));
+  }
+  if (report) {
+    report->tensors_loaded = m.size();
+    report->bytes_on_device = bytes;
+    report->unused_keys.clear();
+    for (const auto& k : ck.weights.keys())
+      if (k.compare(0, ck.prefix.size(), ck.prefix) == 0 && !used.count(k)) report->unused_keys.push_back(k);
+  }
+  return flux_weights_from_map(ck.config, std::move(m));
+}
+
+}  // namespace fluxswap

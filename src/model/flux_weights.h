@@ -1,0 +1,59 @@
+#pragma once
+// The transformer's weights on a backend, in the internal (fused, BFL-named) layout of flux_weight_map.h.
+#include <map>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/flux_checkpoint.h"
+
+namespace fluxswap {
+
+struct Linear {
+  Tensor weight;  // [out, in]
+  Tensor bias;    // [out]
+};
+
+struct DoubleBlockWeights {
+  Linear img_mod, txt_mod;    // [6D, D]: shift, scale, gate (attention), shift, scale, gate (MLP)
+  Linear img_qkv, txt_qkv;    // [3D, D]
+  Tensor img_q_norm, img_k_norm, txt_q_norm, txt_k_norm;  // [head_dim]
+  Linear img_proj, txt_proj;  // [D, D]
+  Linear img_mlp_in, txt_mlp_in;    // [M, D]
+  Linear img_mlp_out, txt_mlp_out;  // [D, M]
+};
+
+struct SingleBlockWeights {
+  Linear modulation;  // [3D, D]: shift, scale, gate
+  Linear linear1;     // [3D + M, D]: q, k, v, MLP in
+  Tensor q_norm, k_norm;
+  Linear linear2;     // [D, D + M]: attention out and MLP out fused
+};
+
+struct FluxWeights {
+  Linear img_in, txt_in;
+  Linear time_in, time_out, vector_in, vector_out;
+  Linear guidance_in, guidance_out;  // undefined when the model has no guidance embedder (schnell)
+  std::vector<DoubleBlockWeights> double_blocks;
+  std::vector<SingleBlockWeights> single_blocks;
+  Linear final_mod;    // [2D, D]: shift, scale
+  Linear final_linear; // [C_out, D]
+
+  // Every tensor by internal name (the same memory as the fields above).
+  std::map<std::string, Tensor> by_name;
+};
+
+struct WeightLoadReport {
+  size_t tensors_loaded = 0;
+  size_t bytes_on_device = 0;
+  std::vector<std::string> unused_keys;  // checkpoint keys under the prefix that no internal tensor reads
+};
+
+// Reads, converts, fuses and uploads every weight. Throws Error naming the file and key on a missing tensor or a
+// shape that does not match the config.
+FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend, WeightLoadReport* report = nullptr);
+
+// Builds the struct view from a complete by_name map (used by loaders and by tests that make weights directly).
+FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string, Tensor> by_name);
+
+}  // namespace fluxswap
