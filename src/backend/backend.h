@@ -9,6 +9,8 @@
 //  - per-sample vectors (modulation shift/scale/gate) are [B, C] views with any batch stride.
 //  - attention inputs q, k, v are contiguous [B, H, S, head_dim]; the attention output is rows [B, S, H*head_dim].
 //  - outputs are passed as const handles: a Tensor is a view, and the op writes the memory it points to.
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -17,6 +19,13 @@
 namespace fluxswap {
 
 enum class Activation { None, GeluTanh, Silu };
+
+// Device work recorded once and replayed (a CUDA graph on the CUDA backend; a plain re-run on the CPU).
+class RecordedWork {
+ public:
+  virtual ~RecordedWork() = default;
+  virtual void replay() = 0;
+};
 
 class Backend {
  public:
@@ -36,6 +45,20 @@ class Backend {
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   virtual void synchronize() = 0;
+  // Fills t (any float dtype) with normal(mean, std) values from a counter-based generator keyed by seed.
+  virtual void fill_normal(const Tensor& t, uint64_t seed, float mean, float std) = 0;
+
+  // Records the device work that fn issues (fn runs once, during the recording) for cheap replays. The tensors
+  // fn uses must stay allocated while the recording lives; the backend never allocates inside fn's ops.
+  virtual std::unique_ptr<RecordedWork> record(const std::function<void()>& fn) = 0;
+
+  // Per-op timing for benchmarks: while on, each op is timed on the device and its time added under the op's
+  // name ("linear", "attention", ...). Off by default; never on while recording.
+  virtual void set_profiling(bool on) = 0;
+  virtual std::map<std::string, double> profile_ms() const = 0;  // accumulated since set_profiling(true)
+  // Device memory this backend holds now and at most so far (bytes).
+  virtual size_t memory_in_use() const = 0;
+  virtual size_t peak_memory() const = 0;
 
   // y = act(x @ w^T + bias).  x rows [B, N, K]; w [Nout, K] contiguous; bias [Nout] or undefined; y rows [B, N, Nout].
   virtual void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) = 0;

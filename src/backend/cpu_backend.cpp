@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/counter_rng.h"
 #include "core/error.h"
 
 namespace fluxswap {
@@ -71,6 +72,29 @@ class CpuBackend final : public Backend {
   }
   Tensor to_host_f32(const Tensor& src) override { return src.to_f32(); }
   void synchronize() override {}
+
+  void fill_normal(const Tensor& t, uint64_t seed, float mean, float std) override {
+    if (!t.is_contiguous()) throw Error("fill_normal: tensor must be contiguous");
+    std::vector<float> v(size_t(t.numel()));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = mean + std * normal_from_counter(seed, i);
+    convert_from_f32(v.data(), t.dtype(), t.data(), v.size());
+  }
+
+  std::unique_ptr<RecordedWork> record(const std::function<void()>& fn) override {
+    struct Rerun final : RecordedWork {
+      std::function<void()> fn;
+      void replay() override { fn(); }
+    };
+    fn();
+    auto r = std::make_unique<Rerun>();
+    r->fn = fn;
+    return r;
+  }
+
+  void set_profiling(bool) override {}
+  std::map<std::string, double> profile_ms() const override { return {}; }
+  size_t memory_in_use() const override { return 0; }
+  size_t peak_memory() const override { return 0; }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     Rows X = rows_of(x, "linear input"), Y = rows_of(y, "linear output");

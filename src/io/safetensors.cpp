@@ -99,38 +99,33 @@ std::string json_type(const json& j) {
 }
 
 // Parses JSON, rejecting duplicate object keys (nlohmann keeps the last silently) and absurd nesting.
-// `what` names the document in messages ("<path>: header" or "<path>").
-json parse_json_strict(std::string_view text, const std::string& what, bool tensor_header) {
-  struct Frame {
-    bool object;
-    std::set<std::string> keys;
-  };
-  std::vector<Frame> stack;
+// `tensor_header` picks the wording: a safetensors header (tensor names) or an index file (plain keys).
+json parse_json_strict(std::string_view text, const std::string& path, bool tensor_header) {
+  const std::string doc = path + (tensor_header ? ": header" : "");
+  std::vector<std::set<std::string>> keys_seen;  // one set per open object or array
   std::string top_key;
   auto cb = [&](int, json::parse_event_t ev, json& parsed) {
     switch (ev) {
       case json::parse_event_t::object_start:
       case json::parse_event_t::array_start:
-        if (stack.size() >= kMaxJsonDepth)
-          throw Error(what + " nests deeper than " + std::to_string(kMaxJsonDepth) +
+        if (keys_seen.size() >= kMaxJsonDepth)
+          throw Error(doc + " nests deeper than " + std::to_string(kMaxJsonDepth) +
                       " levels, expected a flat JSON object");
-        stack.push_back({ev == json::parse_event_t::object_start, {}});
+        keys_seen.emplace_back();
         break;
       case json::parse_event_t::object_end:
       case json::parse_event_t::array_end:
-        if (!stack.empty()) stack.pop_back();
+        if (!keys_seen.empty()) keys_seen.pop_back();
         break;
       case json::parse_event_t::key: {
         std::string key = parsed.get<std::string>();
-        if (stack.size() == 1) top_key = key;
-        if (!stack.empty() && !stack.back().keys.insert(key).second) {
-          if (stack.size() == 1)
-            throw Error(what + ": key " + quote(key) + " appears more than once, expected unique " +
-                        (tensor_header ? "tensor names" : "keys"));
-          throw Error(what + ": " + (tensor_header ? "tensor " : "key ") + quote(top_key) + ": field " +
-                      quote(key) + " appears more than once, expected unique fields");
-        }
-        break;
+        if (keys_seen.size() == 1) top_key = key;
+        if (keys_seen.empty() || keys_seen.back().insert(key).second) break;
+        const std::string kind = tensor_header ? "tensor " : "key ";
+        if (keys_seen.size() == 1)
+          throw Error(path + ": " + kind + quote(key) + " appears more than once, expected unique names");
+        throw Error(path + ": " + kind + quote(top_key) + ": field " + quote(key) +
+                    " appears more than once, expected unique fields");
       }
       case json::parse_event_t::value:
         break;
@@ -140,7 +135,7 @@ json parse_json_strict(std::string_view text, const std::string& what, bool tens
   try {
     return json::parse(text.begin(), text.end(), cb);
   } catch (const json::exception& e) {
-    throw Error(what + " is not valid JSON (" + e.what() + "), expected a JSON object");
+    throw Error(doc + " is not valid JSON (" + e.what() + "), expected a JSON object");
   }
 }
 
@@ -317,7 +312,8 @@ void SafetensorsFile::parse() {
                 std::to_string(kMaxHeaderBytes) + " bytes (not a safetensors file?)");
   if (n > size_ - 8)
     throw Error(p + ": header length " + std::to_string(n) + " is larger than the " + std::to_string(size_ - 8) +
-                " bytes that follow it (file truncated or not a safetensors file?)");
+                " bytes that follow it in the " + std::to_string(size_) +
+                "-byte file, expected at most that (file truncated or not a safetensors file?)");
   const std::string_view header(reinterpret_cast<const char*>(bytes_ + 8), size_t(n));
   data_ = bytes_ + 8 + n;
   const uint64_t data_size = size_ - 8 - n;
@@ -331,7 +327,7 @@ void SafetensorsFile::parse() {
                 "), expected UTF-8 tensor names and metadata");
   }
 
-  const json root = parse_json_strict(header, p + ": header", true);
+  const json root = parse_json_strict(header, p, true);
   if (!root.is_object())
     throw Error(p + ": header is " + json_type(root) +
                 ", expected a JSON object of tensor name -> {dtype, shape, data_offsets}");
@@ -549,6 +545,8 @@ void write_tensor_bytes(const Tensor& t, const Sink& sink) {
   }
 }
 
+// Data follows in the given order without per-tensor padding, so a tensor placed after odd-sized ones is not
+// naturally aligned in the file; the reference writer avoids that by ordering tensors by descending dtype size.
 void emit(const std::vector<std::pair<std::string, Tensor>>& tensors, const std::map<std::string, std::string>& metadata,
           const std::string& what, const Sink& sink) {
   const std::string header = build_header(tensors, metadata, what);

@@ -62,7 +62,7 @@ void FlowMatchEulerScheduler::set_timesteps(int steps, int image_seq_len) {
     const float s = float(lin);
     float shifted;
     if (config_.use_dynamic_shifting) {
-      const float e = std::exp(float(mu));
+      const float e = float(std::exp(mu));  // exp in float64, as Python's math.exp, then float32 math
       shifted = e / (e + (1.0f / s - 1.0f));
     } else {
       const float k = float(config_.shift);

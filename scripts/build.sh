@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Configures and builds everything into build/ (CUDA included when nvcc exists: compile-only without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/cuda/bin:$PATH"
+CUDA=OFF
+command -v nvcc >/dev/null 2>&1 && CUDA=ON
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXSWAP_CUDA=${FLUXSWAP_CUDA:-$CUDA} >/dev/null
+ninja -C build -j"${JOBS:-2}"
