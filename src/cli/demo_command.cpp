@@ -82,15 +82,7 @@ void run(const std::string& device) {
   } else {
     std::printf("demo     no fixtures found (../shared/fixtures): running a tiny FLUX transformer with RANDOM "
                 "weights made in memory\n");
-    FluxConfig c;
-    c.num_layers = 2;
-    c.num_single_layers = 2;
-    c.num_attention_heads = 2;
-    c.attention_head_dim = 16;
-    c.axes_dims_rope = {4, 6, 6};
-    c.in_channels = 16;
-    c.joint_attention_dim = 40;
-    c.pooled_projection_dim = 24;
+    const FluxConfig c = FluxConfig::tiny();
     FluxTransformer tr(c, random_flux_weights(c, *backend, 1), *backend);
     print_stats(run_flux_transformer(tr, random_inputs(c, 6, 5, 7)));
   }

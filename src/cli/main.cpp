@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   fluxswap::register_demo_command(app);
   fluxswap::register_transformer_command(app);
+  fluxswap::register_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -18,6 +18,19 @@ FluxConfig FluxConfig::flux1_schnell() {
   return c;
 }
 
+FluxConfig FluxConfig::tiny() {
+  FluxConfig c;
+  c.num_layers = 2;
+  c.num_single_layers = 2;
+  c.num_attention_heads = 2;
+  c.attention_head_dim = 16;
+  c.axes_dims_rope = {4, 6, 6};
+  c.in_channels = 16;
+  c.joint_attention_dim = 40;
+  c.pooled_projection_dim = 24;
+  return c;
+}
+
 namespace {
 template <typename T>
 void read_field(const json& j, const char* key, T& out, const std::string& path) {

@@ -29,6 +29,8 @@ struct FluxConfig {
 
   static FluxConfig flux1_dev();
   static FluxConfig flux1_schnell();
+  // The fixtures' tiny FLUX.1-dev architecture (2+2 blocks, 2 heads of 16): demos and try-outs on a CPU.
+  static FluxConfig tiny();
 
   // Parses a diffusers FluxTransformer2DModel config.json; `path` is for messages.
   static FluxConfig from_json_text(const std::string& text, const std::string& path);

@@ -1,6 +1,7 @@
 #pragma once
-// Random transformer weights in the internal layout, for the demo without a checkpoint and for tests. Values are
-// never zero: scaled normals with the fan-in scaling real checkpoints roughly have, norm scales near 1.
+// Random transformer weights in the internal layout, generated on the backend's device: for the demo without a
+// checkpoint, tests, and benchmarks at FLUX.1-dev size. Never zeros (zeros hide bugs and run faster than real data):
+// normals with 1/sqrt(fan-in) scale, norm scales near 1.
 #include <cstdint>
 
 #include "backend/backend.h"

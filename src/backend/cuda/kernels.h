@@ -1,0 +1,47 @@
+#pragma once
+// Launchers for the backend's own kernels. They take plain strided views (bf16 elements unless stated), enqueue
+// on `stream` without synchronising, and throw Error naming `op` when a launch fails.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fluxswap::cuda {
+
+// Rows [B, N, C] with the last dimension contiguous (a 2-D [B, C] tensor is B rows of one batch).
+struct RowsView {
+  __nv_bfloat16* p;
+  int64_t B, N, C, sb, sn;
+};
+
+// Per-sample vectors [B, C] with any batch stride.
+struct VecsView {
+  const __nv_bfloat16* p;
+  int64_t B, C, sb;
+};
+
+void launch_silu(const RowsView& x, const RowsView& y, cudaStream_t stream, const char* op);
+void launch_add(const RowsView& y, const RowsView& x, cudaStream_t stream);
+void launch_gated_residual(const RowsView& x, const VecsView& gate, const RowsView& y, cudaStream_t stream);
+// t: float32 [rows of out]; out: one row per sample.
+void launch_timestep_embedding(const float* t, float t_scale, const RowsView& out, cudaStream_t stream);
+void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
+                                cudaStream_t stream);
+
+struct QkvHeads {
+  __nv_bfloat16 *q, *k, *v;  // contiguous [B, H, S, D]
+  int64_t H, S, D;
+};
+void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const __nv_bfloat16* k_norm,
+                         const float* rope, int64_t seq_offset, const QkvHeads& out, cudaStream_t stream);
+
+// n contiguous elements, float32 or bf16.
+void launch_fill_normal(void* p, bool bf16, int64_t n, uint64_t seed, float mean, float std, cudaStream_t stream);
+
+// softmax(q k^T / sqrt(D)) v for contiguous bf16 q, k, v [B, H, S, D] (D <= 128); out rows [B, S, H*D].
+void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t B,
+                            int64_t H, int64_t S, int64_t D, const RowsView& out, cudaStream_t stream);
+// Raises the shared-memory limit of the attention kernels; called once per device before any launch.
+void prepare_flash_attention();
+
+}  // namespace fluxswap::cuda
