@@ -87,6 +87,17 @@ class Backend {
 
   // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
   virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
+
+  // LoRA support. These have throwing defaults only while a backend is being brought up; every shipped backend
+  // overrides them.
+  // dst = src, same shape, both contiguous on this device.
+  virtual void copy(const Tensor& src, const Tensor& dst);
+  // out = base + up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
+  virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out);
+  // y = act(x @ w^T + bias + (x @ down^T) @ up^T): a linear with a runtime LoRA slot. down [R, K] and up [Nout, R]
+  // contiguous (up may be a row range of a taller slot); scratch rows [B, N, >= R] receive x @ down^T.
+  virtual void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
+                           const Tensor& scratch, const Tensor& y, Activation act);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -96,6 +96,42 @@ class CpuBackend final : public Backend {
   size_t memory_in_use() const override { return 0; }
   size_t peak_memory() const override { return 0; }
 
+  void copy(const Tensor& src, const Tensor& dst) override {
+    if (src.shape() != dst.shape() || !src.is_contiguous() || !dst.is_contiguous() || src.dtype() != dst.dtype())
+      throw Error("cpu backend: copy " + shape_str(src.shape()) + " -> " + shape_str(dst.shape()));
+    std::memmove(dst.data(), src.data(), src.nbytes());
+  }
+
+  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) override {
+    const int64_t M = out.size(0), K = out.size(1), R = down.size(0);
+    if (base.shape() != out.shape() || up.size(0) != M || up.size(1) != R || down.size(1) != K ||
+        !up.is_contiguous() || !down.is_contiguous() || !out.is_contiguous())
+      throw Error("cpu backend: add_matmul " + shape_str(up.shape()) + " @ " + shape_str(down.shape()) + " + " +
+                  shape_str(base.shape()));
+    if (base.data() != out.data()) copy(base, out);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(K), int(R), 1.0f, up.ptr<float>(), int(R),
+                down.ptr<float>(), int(K), 1.0f, out.ptr<float>(), int(K));
+  }
+
+  void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
+                   const Tensor& scratch, const Tensor& y, Activation act) override {
+    const int64_t R = down.size(0);
+    Tensor t = scratch.narrow(-1, 0, R);
+    linear(x, down, Tensor(), t, Activation::None);
+    linear(x, w, bias, y, Activation::None);
+    Rows T = rows_of(t, "lora scratch"), Y = rows_of(y, "lora_linear output");
+    for (int64_t b = 0; b < Y.B; ++b) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Y.N), int(Y.C), int(R), 1.0f, T.row(b, 0), int(T.sn),
+                  up.ptr<float>(), int(up.stride(0)), 1.0f, Y.row(b, 0), int(Y.sn));
+      if (act == Activation::None) continue;
+      for (int64_t n = 0; n < Y.N; ++n)
+        for (int64_t j = 0; j < Y.C; ++j) {
+          float& v = Y.row(b, n)[j];
+          v = act == Activation::GeluTanh ? gelu_tanh(v) : silu_f(v);
+        }
+    }
+  }
+
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     Rows X = rows_of(x, "linear input"), Y = rows_of(y, "linear output");
     if (w.ndim() != 2 || !w.is_contiguous() || w.dtype() != DType::F32)

@@ -7,6 +7,8 @@
 #include "cli/commands.h"
 #include "core/compare.h"
 #include "core/error.h"
+#include "lora/lora_argument.h"
+#include "lora/lora_controller.h"
 #include "model/flux_transformer_io.h"
 
 namespace fluxswap {
@@ -14,7 +16,9 @@ namespace fluxswap {
 namespace {
 
 struct TransformerOptions {
-  std::string model, inputs, out, device = "cpu", check;
+  std::string model, inputs, out, device = "cpu", check, lora_mode = "merged";
+  std::vector<std::string> loras;
+  int64_t lora_max_rank = 64;
   double tolerance = 1e-4;
 };
 
@@ -38,6 +42,24 @@ void run(const TransformerOptions& o) {
   auto file = SafetensorsFile::open(o.inputs);
   FluxHostInputs in = read_flux_inputs(*file);
   FluxTransformer transformer(ck.config, std::move(weights), *backend);
+  std::unique_ptr<LoraController> lora;
+  if (!o.loras.empty()) {
+    lora = std::make_unique<LoraController>(transformer, lora_mode_from_name(o.lora_mode), o.lora_max_rank);
+    std::vector<ActiveLora> active;
+    for (const auto& arg : o.loras) {
+      LoraArgument a = parse_lora_argument(arg);
+      auto adapter = std::make_shared<LoraAdapter>(load_lora_adapter(a.path, ck.config));
+      std::printf("lora     %s: %s format, %zu LoRA tensors -> %zu low-rank updates, weight %g\n", a.path.c_str(),
+                  adapter->format.c_str(), adapter->tensors_used, adapter->pairs.size(), double(a.weight));
+      if (!adapter->ignored_keys.empty())
+        std::printf("warning  %zu tensors not applied (e.g. '%s': text-encoder LoRA is not supported yet)\n",
+                    adapter->ignored_keys.size(), adapter->ignored_keys.front().c_str());
+      active.push_back({adapter, a.weight});
+    }
+    LoraApplyReport r = lora->set_adapters(active);
+    std::printf("lora     %s mode: %zu LoRA tensors applied to %zu layers in %.1f ms\n", o.lora_mode.c_str(),
+                r.tensors, r.modules, r.seconds * 1e3);
+  }
   const auto t2 = std::chrono::steady_clock::now();
   Tensor out = run_flux_transformer(transformer, in);
   const auto t3 = std::chrono::steady_clock::now();
@@ -72,6 +94,10 @@ void register_transformer_command(CLI::App& app) {
   cmd->add_option("--device", opts->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--check", opts->check, "compare the output with this tensor of the inputs file (e.g. out.base)");
   cmd->add_option("--tolerance", opts->tolerance, "max|a-b|/max|b| allowed by --check");
+  cmd->add_option("--lora", opts->loras, "LoRA file[:weight], repeatable (any order)");
+  cmd->add_option("--lora-mode", opts->lora_mode, "merged (default) or runtime")
+      ->check(CLI::IsMember({"merged", "runtime"}));
+  cmd->add_option("--lora-max-rank", opts->lora_max_rank, "runtime mode: slot rank per projection");
   cmd->callback([opts] { run(*opts); });
 }
 

@@ -12,7 +12,8 @@ Tensor chunk(const Tensor& mod, int64_t i, int64_t d) { return mod.narrow(1, i *
 Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(1, start, n); }
 Tensor cols(const Tensor& t, int64_t start, int64_t n) { return t.narrow(2, start, n); }
 Linear out_rows(const Linear& l, int64_t start, int64_t n) {
-  return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n)};
+  return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n), l.lora_down,
+          l.lora_up.defined() ? l.lora_up.narrow(0, start, n) : Tensor()};
 }
 }  // namespace
 
@@ -45,8 +46,20 @@ FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, 
   config_.validate("transformer config");
 }
 
+void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
+
+void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act) {
+  if (!l.lora_down.defined()) {
+    backend_.linear(x, l.weight, l.bias, y, act);
+    return;
+  }
+  // The scratch rows must have x's layout: [B, N, R] for token rows, [B, R] for per-sample vectors.
+  const Tensor scratch = x.ndim() == 2 ? buf_.lora_scratch.select(1, 0) : buf_.lora_scratch.narrow(1, 0, x.size(1));
+  backend_.lora_linear(x, l.weight, l.bias, l.lora_down, l.lora_up, scratch, y, act);
+}
+
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
-  if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_) return;
+  if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_ && lora_rank_ == prepared_lora_rank_) return;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), S = img_tokens + txt_tokens;
   const int64_t H = config_.num_attention_heads, hd = config_.attention_head_dim;
   const DType dt = backend_.compute_dtype();
@@ -67,6 +80,8 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.k = e({batch, H, S, hd});
   buf_.v = e({batch, H, S, hd});
   buf_.attn_mlp = e({batch, S, D + M});
+  if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
+  prepared_lora_rank_ = lora_rank_;
   B_ = batch;
   Ni_ = img_tokens;
   Nt_ = txt_tokens;
@@ -76,17 +91,17 @@ void FluxTransformer::embed_conditioning(const FluxInputs& in) {
   Backend& be = backend_;
   const FluxWeights& w = weights_;
   be.timestep_embedding(in.timestep, 1000.0f, buf_.t_freq);
-  be.linear(buf_.t_freq, w.time_in.weight, w.time_in.bias, buf_.hidden, Activation::Silu);
-  be.linear(buf_.hidden, w.time_out.weight, w.time_out.bias, buf_.temb, Activation::None);
+  linear(buf_.t_freq, w.time_in, buf_.hidden, Activation::Silu);
+  linear(buf_.hidden, w.time_out, buf_.temb);
   if (config_.guidance_embeds) {
     if (!in.guidance.data()) throw Error("this model has a guidance embedder (FLUX.1-dev style): guidance is required");
     be.timestep_embedding(in.guidance, 1000.0f, buf_.t_freq);
-    be.linear(buf_.t_freq, w.guidance_in.weight, w.guidance_in.bias, buf_.hidden, Activation::Silu);
-    be.linear(buf_.hidden, w.guidance_out.weight, w.guidance_out.bias, buf_.emb_part, Activation::None);
+    linear(buf_.t_freq, w.guidance_in, buf_.hidden, Activation::Silu);
+    linear(buf_.hidden, w.guidance_out, buf_.emb_part);
     be.add(buf_.temb, buf_.emb_part);
   }
-  be.linear(in.pooled_projections, w.vector_in.weight, w.vector_in.bias, buf_.hidden, Activation::Silu);
-  be.linear(buf_.hidden, w.vector_out.weight, w.vector_out.bias, buf_.emb_part, Activation::None);
+  linear(in.pooled_projections, w.vector_in, buf_.hidden, Activation::Silu);
+  linear(buf_.hidden, w.vector_out, buf_.emb_part);
   be.add(buf_.temb, buf_.emb_part);
   be.silu(buf_.temb, buf_.temb_silu);
 }
@@ -109,27 +124,25 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   Backend& be = backend_;
 
   embed_conditioning(in);
-  be.linear(in.hidden_states, weights_.img_in.weight, weights_.img_in.bias, rows(buf_.stream, Nt, Ni),
-            Activation::None);
-  be.linear(in.encoder_hidden_states, weights_.txt_in.weight, weights_.txt_in.bias, rows(buf_.stream, 0, Nt),
-            Activation::None);
+  linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
+  linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
 
   for (const auto& block : weights_.double_blocks) double_block(block, in.rope);
   for (const auto& block : weights_.single_blocks) single_block(block, in.rope);
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
   Tensor mod = buf_.mod_img.narrow(1, 0, 2 * D);
-  be.linear(buf_.temb_silu, weights_.final_mod.weight, weights_.final_mod.bias, mod, Activation::None);
+  linear(buf_.temb_silu, weights_.final_mod, mod);
   Tensor img = rows(buf_.stream, Nt, Ni), normed = rows(buf_.normed, Nt, Ni);
   be.layer_norm_modulate(img, chunk(mod, 0, D), chunk(mod, 1, D), normed);
-  be.linear(normed, weights_.final_linear.weight, weights_.final_linear.bias, out, Activation::None);
+  linear(normed, weights_.final_linear, out);
 }
 
 void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& rope) {
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), Nt = Nt_, Ni = Ni_;
-  be.linear(buf_.temb_silu, w.img_mod.weight, w.img_mod.bias, buf_.mod_img, Activation::None);
-  be.linear(buf_.temb_silu, w.txt_mod.weight, w.txt_mod.bias, buf_.mod_txt, Activation::None);
+  linear(buf_.temb_silu, w.img_mod, buf_.mod_img);
+  linear(buf_.temb_silu, w.txt_mod, buf_.mod_txt);
 
   // Each stream's views: residual, normed input, projection output, qkv, MLP activations.
   struct Stream {
@@ -146,22 +159,22 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   // Joint attention over text and image tokens; each stream has its own projections and norms.
   be.layer_norm_modulate(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed);
   be.layer_norm_modulate(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed);
-  be.linear(txt.normed, w.txt_qkv.weight, w.txt_qkv.bias, txt.qkv, Activation::None);
-  be.linear(img.normed, w.img_qkv.weight, w.img_qkv.bias, img.qkv, Activation::None);
+  linear(txt.normed, w.txt_qkv, txt.qkv);
+  linear(img.normed, w.img_qkv, img.qkv);
   be.qk_norm_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
   be.qk_norm_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, buf_.q, buf_.k, buf_.v);
   be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
-  be.linear(txt.attn, w.txt_proj.weight, w.txt_proj.bias, txt.branch, Activation::None);
+  linear(txt.attn, w.txt_proj, txt.branch);
   be.gated_residual(txt.x, chunk(txt.mod, 2, D), txt.branch);
-  be.linear(img.attn, w.img_proj.weight, w.img_proj.bias, img.branch, Activation::None);
+  linear(img.attn, w.img_proj, img.branch);
   be.gated_residual(img.x, chunk(img.mod, 2, D), img.branch);
 
   // Feed-forward, per stream.
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
                                     std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
     be.layer_norm_modulate(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed);
-    be.linear(s->normed, mlp_in->weight, mlp_in->bias, s->mlp, Activation::GeluTanh);
-    be.linear(s->mlp, mlp_out->weight, mlp_out->bias, s->branch, Activation::None);
+    linear(s->normed, *mlp_in, s->mlp, Activation::GeluTanh);
+    linear(s->mlp, *mlp_out, s->branch);
     be.gated_residual(s->x, chunk(s->mod, 5, D), s->branch);
   }
 }
@@ -170,19 +183,19 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
   Tensor mod = buf_.mod_img.narrow(1, 0, 3 * D);
-  be.linear(buf_.temb_silu, w.modulation.weight, w.modulation.bias, mod, Activation::None);
+  linear(buf_.temb_silu, w.modulation, mod);
   be.layer_norm_modulate(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed);
 
   // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues.
   Tensor qkv = cols(buf_.proj_in, 0, 3 * D);
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
-  be.linear(buf_.normed, qkv_proj.weight, qkv_proj.bias, qkv, Activation::None);
-  be.linear(buf_.normed, mlp_in.weight, mlp_in.bias, cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
+  linear(buf_.normed, qkv_proj, qkv);
+  linear(buf_.normed, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
   be.qk_norm_rope(qkv, w.q_norm, w.k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
   be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
 
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
-  be.linear(buf_.attn_mlp, w.linear2.weight, w.linear2.bias, buf_.branch, Activation::None);
+  linear(buf_.attn_mlp, w.linear2, buf_.branch);
   be.gated_residual(buf_.stream, chunk(mod, 2, D), buf_.branch);
 }
 

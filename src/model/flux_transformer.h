@@ -34,12 +34,17 @@ class FluxTransformer {
   // One forward pass; `out` is [B, Ni, in_channels] in the backend's compute dtype. Issues device work only.
   void forward(const FluxInputs& in, const Tensor& out);
 
+  // Rank of the runtime LoRA slots (0: none); the scratch buffer for x @ down^T is sized by it.
+  void set_lora_slot_rank(int64_t rank);
+
   const FluxConfig& config() const { return config_; }
   FluxWeights& weights() { return weights_; }
   Backend& backend() { return backend_; }
 
  private:
   void embed_conditioning(const FluxInputs& in);
+  // y = act(x W^T + b), plus the module's runtime LoRA branch when it has a slot.
+  void linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act = Activation::None);
   void double_block(const DoubleBlockWeights& w, const Tensor& rope);
   void single_block(const SingleBlockWeights& w, const Tensor& rope);
 
@@ -47,7 +52,7 @@ class FluxTransformer {
   FluxWeights weights_;
   Backend& backend_;
 
-  int64_t B_ = 0, Ni_ = 0, Nt_ = 0;
+  int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
   struct Buffers {
     Tensor t_freq;       // [B, 256] sinusoidal timestep / guidance features
     Tensor hidden;       // [B, D] embedder hidden layer
@@ -61,6 +66,7 @@ class FluxTransformer {
     Tensor proj_in;      // [B, S, 3D + M] qkv (and, in single blocks, the MLP input)
     Tensor q, k, v;      // [B, H, S, head_dim]
     Tensor attn_mlp;     // [B, S, D + M] attention output, then the MLP activations (linear2's input)
+    Tensor lora_scratch; // [B, S, R] x @ down^T of runtime LoRA slots; undefined without slots
   } buf_;
 };
 

@@ -97,6 +97,52 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
   return w;
 }
 
+Linear& FluxWeights::linear(const std::string& module) {
+  static const std::map<std::string, Linear FluxWeights::*> global = {
+      {"img_in", &FluxWeights::img_in},
+      {"txt_in", &FluxWeights::txt_in},
+      {"time_in.in_layer", &FluxWeights::time_in},
+      {"time_in.out_layer", &FluxWeights::time_out},
+      {"vector_in.in_layer", &FluxWeights::vector_in},
+      {"vector_in.out_layer", &FluxWeights::vector_out},
+      {"guidance_in.in_layer", &FluxWeights::guidance_in},
+      {"guidance_in.out_layer", &FluxWeights::guidance_out},
+      {"final_layer.adaLN_modulation.1", &FluxWeights::final_mod},
+      {"final_layer.linear", &FluxWeights::final_linear}};
+  static const std::map<std::string, Linear DoubleBlockWeights::*> in_double = {
+      {"img_mod.lin", &DoubleBlockWeights::img_mod},         {"txt_mod.lin", &DoubleBlockWeights::txt_mod},
+      {"img_attn.qkv", &DoubleBlockWeights::img_qkv},        {"txt_attn.qkv", &DoubleBlockWeights::txt_qkv},
+      {"img_attn.proj", &DoubleBlockWeights::img_proj},      {"txt_attn.proj", &DoubleBlockWeights::txt_proj},
+      {"img_mlp.0", &DoubleBlockWeights::img_mlp_in},        {"img_mlp.2", &DoubleBlockWeights::img_mlp_out},
+      {"txt_mlp.0", &DoubleBlockWeights::txt_mlp_in},        {"txt_mlp.2", &DoubleBlockWeights::txt_mlp_out}};
+  static const std::map<std::string, Linear SingleBlockWeights::*> in_single = {
+      {"modulation.lin", &SingleBlockWeights::modulation},
+      {"linear1", &SingleBlockWeights::linear1},
+      {"linear2", &SingleBlockWeights::linear2}};
+
+  auto bad = [&] { return Error("'" + module + "' is not a linear module of this transformer"); };
+  if (auto it = global.find(module); it != global.end()) {
+    Linear& l = this->*(it->second);
+    if (!l.weight.defined()) throw bad();
+    return l;
+  }
+  // "<blocks>.<index>.<member>"
+  auto block_member = [&](const std::string& prefix, size_t count) -> std::pair<size_t, std::string> {
+    if (module.rfind(prefix, 0) != 0) return {count, ""};
+    const size_t dot = module.find('.', prefix.size());
+    if (dot == std::string::npos) return {count, ""};
+    const std::string index = module.substr(prefix.size(), dot - prefix.size());
+    if (index.empty() || index.find_first_not_of("0123456789") != std::string::npos || index.size() > 6)
+      return {count, ""};
+    return {std::stoul(index), module.substr(dot + 1)};
+  };
+  if (auto [i, member] = block_member("double_blocks.", double_blocks.size()); i < double_blocks.size())
+    if (auto it = in_double.find(member); it != in_double.end()) return double_blocks[i].*(it->second);
+  if (auto [i, member] = block_member("single_blocks.", single_blocks.size()); i < single_blocks.size())
+    if (auto it = in_single.find(member); it != in_single.end()) return single_blocks[i].*(it->second);
+  throw bad();
+}
+
 FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, WeightLoadReport* report) {
   std::map<std::string, Tensor> m;
   std::set<std::string> used;

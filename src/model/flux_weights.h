@@ -12,6 +12,8 @@ namespace fluxswap {
 struct Linear {
   Tensor weight;  // [out, in]
   Tensor bias;    // [out]
+  // A runtime LoRA slot, undefined unless LoRA runtime mode gave this module one: down [R, in], up [out, R].
+  Tensor lora_down, lora_up;
 };
 
 struct DoubleBlockWeights {
@@ -41,6 +43,10 @@ struct FluxWeights {
 
   // Every tensor by internal name (the same memory as the fields above).
   std::map<std::string, Tensor> by_name;
+
+  // The linear module with this internal name ("double_blocks.3.img_attn.qkv", "final_layer.linear", ...).
+  // Throws Error for a name that is not a linear module of this model.
+  Linear& linear(const std::string& module);
 };
 
 struct WeightLoadReport {

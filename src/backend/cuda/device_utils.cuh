@@ -1,0 +1,77 @@
+#pragma once
+// Device helpers shared by the backend's kernels: bf16 vector loads and stores (VEC = 8 uses one 16-byte access),
+// warp and block reductions, and the host-side test for when the 16-byte path is allowed.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace fluxswap::cuda {
+
+template <int VEC>
+__device__ inline void load_bf16(const __nv_bfloat16* p, float (&v)[VEC]) {
+  if constexpr (VEC == 8) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = __bfloat162float(p[i]);
+  }
+}
+
+template <int VEC>
+__device__ inline void store_bf16(__nv_bfloat16* p, const float (&v)[VEC]) {
+  if constexpr (VEC == 8) {
+    uint4 raw;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = __float2bfloat16_rn(v[i]);
+  }
+}
+
+__device__ inline float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total. `scratch` holds 32
+// floats; the trailing barrier lets the caller reuse it immediately.
+__device__ inline float block_sum(float v, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
+  v = warp_sum(v);
+  __syncthreads();
+  return v;
+}
+
+__device__ inline __nv_bfloat16* row_ptr(const RowsView& r, int64_t b, int64_t n) { return r.p + b * r.sb + n * r.sn; }
+
+// Whether every row of a view starts on a 16-byte boundary and holds whole 8-element chunks.
+inline bool vec8_ok(const void* p, int64_t C, int64_t sb, int64_t sn) {
+  return C % 8 == 0 && sb % 8 == 0 && sn % 8 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+inline bool vec8_ok(const RowsView& r) { return vec8_ok(r.p, r.C, r.sb, r.sn); }
+inline bool vec8_ok(const VecsView& v) { return vec8_ok(v.p, v.C, v.sb, 0); }
+
+// A grid for `work` independent items at `threads` per block, capped so a grid-stride loop covers the rest.
+inline unsigned grid_for(int64_t work, int threads) {
+  const int64_t blocks = (work + threads - 1) / threads;
+  return unsigned(blocks < 1 ? 1 : blocks > (1 << 20) ? (1 << 20) : blocks);
+}
+
+}  // namespace fluxswap::cuda

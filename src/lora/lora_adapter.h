@@ -1,0 +1,43 @@
+#pragma once
+// A LoRA file, whatever its format, parsed into the engine's internal (fused, BFL-named) layout: a list of
+// low-rank updates, each on a row range of one internal linear module. Merging and runtime slots work from this
+// alone; nothing downstream knows which format a file was in.
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/safetensors.h"
+#include "model/flux_config.h"
+
+namespace fluxswap {
+
+// Rows [row, row + rows) of internal module `module` ("double_blocks.0.img_attn.qkv", "single_blocks.3.linear1",
+// "final_layer.adaLN_modulation.1", ...) get  dW = scale * up @ down  (and  db = scale * up_bias  when present).
+struct LoraPair {
+  std::string module;
+  int64_t row = 0;
+  int64_t rows = 0;
+  Tensor down;     // [r, in_features] float32, host
+  Tensor up;       // [rows, r] float32, host
+  Tensor up_bias;  // [rows] float32, host; undefined unless the file has one (PEFT lora_B.bias)
+  float scale = 1.0f;  // alpha / r as the format defines it (the user's weight multiplies it later)
+  std::string source;  // the file's key stem, for messages
+};
+
+struct LoraAdapter {
+  std::string path;
+  std::string format;  // "peft", "kohya", "comfyui", "xlabs", "onetrainer", "bfl-lora", "fal-kontext"
+  std::vector<LoraPair> pairs;
+  size_t tensors_used = 0;                // file tensors that went into pairs
+  std::vector<std::string> ignored_keys;  // recognised but not applied (text-encoder LoRA, dora_scale): reported
+  std::map<std::string, std::string> metadata;
+};
+
+// Detects the format, maps every key onto the internal layout and validates shapes against `config` and values
+// (NaN/Inf). Throws Error naming the file and key(s): unmatched keys are listed, never silently dropped.
+LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& config);
+LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config);
+
+}  // namespace fluxswap

@@ -1,0 +1,53 @@
+#pragma once
+// Applies a set of weighted LoRA adapters to a loaded transformer, in one of two modes:
+//  - Merged: W = W_base + up @ down written into the working weights; the base of every touched module is kept
+//    (on the device) so a swap re-merges from it and an unload restores it bit for bit. No per-step cost.
+//  - Runtime: every slotted linear computes W x + up (down x) from fixed-size slots; a swap only rewrites slot
+//    contents, so buffers, pointers and any recorded CUDA graph stay valid.
+// set_adapters() is all-or-nothing: on any error the model is left as it was.
+#include <set>
+#include <string>
+#include <vector>
+
+#include "lora/lora_stack.h"
+#include "model/flux_transformer.h"
+
+namespace fluxswap {
+
+enum class LoraMode { Merged, Runtime };
+
+struct LoraApplyReport {
+  size_t adapters = 0;
+  size_t pairs = 0;    // low-rank updates applied
+  size_t tensors = 0;  // LoRA file tensors they came from
+  size_t modules = 0;  // internal linear modules changed
+  double seconds = 0;
+};
+
+class LoraController {
+ public:
+  // Runtime mode gives each module in `slot_modules` (default: every linear module) a slot of rank
+  // max_rank x (number of separately-adaptable projections fused in it: 3 for qkv, 4 for linear1), so a rank
+  // max_rank LoRA fits whether it targets the fused module or its q/k/v parts.
+  LoraController(FluxTransformer& transformer, LoraMode mode, int64_t max_rank = 64,
+                 std::vector<std::string> slot_modules = {});
+
+  LoraApplyReport set_adapters(const std::vector<ActiveLora>& active);
+  void clear() { set_adapters({}); }
+
+  LoraMode mode() const { return mode_; }
+  int64_t slot_rank(const std::string& module) const;
+
+ private:
+  void apply_merged(const std::map<std::string, StackedLora>& stacked);
+  void apply_runtime(const std::map<std::string, StackedLora>& stacked);
+
+  FluxTransformer& tr_;
+  LoraMode mode_;
+  std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
+  std::set<std::string> changed_;                          // modules that currently differ from the base
+};
+
+LoraMode lora_mode_from_name(const std::string& name);  // "merged" | "runtime"
+
+}  // namespace fluxswap

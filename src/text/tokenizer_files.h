@@ -1,0 +1,20 @@
+#pragma once
+// Reading the files of a tokenizer folder (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
+// spiece.model): every failure is an Error that names the file and what was expected of it.
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+namespace fluxswap::detail {
+
+// The whole file; Error "cannot read <path> (<what>)" when it is missing or unreadable.
+std::string read_tokenizer_file(const std::string& path, const char* what);
+// Parsed JSON; Error naming the file and the parser's complaint when it is not JSON.
+nlohmann::json read_tokenizer_json(const std::string& path, const char* what);
+// A special token as the HF configs spell it: a plain string, or an AddedToken object {"content": ...}.
+// nullopt when the key is absent or null; Error naming `path` and `key` for any other shape.
+std::optional<std::string> special_token_field(const nlohmann::json& object, const std::string& key,
+                                               const std::string& path);
+bool file_exists(const std::string& path);
+
+}  // namespace fluxswap::detail
