@@ -2,6 +2,7 @@
 // FLOPs as the real model; values never zero). Method: bench/README.md.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <filesystem>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -9,7 +10,10 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "core/compare.h"
 #include "core/error.h"
+#include "lora/lora_controller.h"
+#include "lora/random_lora.h"
 #include "model/flux_cost.h"
 #include "model/flux_random_weights.h"
 #include "model/flux_transformer.h"
@@ -26,7 +30,34 @@ struct BenchOptions {
   std::vector<int> sizes = {1024};
   int steps = 20, txt_tokens = 512, batch = 1;
   bool profile = true;
+  int64_t lora_rank = 0;  // 0: no LoRA part
+  std::string lora_mode = "merged", lora_dir = "/tmp";
+  int swaps = 6;
 };
+
+struct Timing {
+  double median = 0, min = 0, max = 0;
+};
+
+// Replays a recorded step `steps` times (after 3 warm-ups), each timed to completion.
+Timing time_replays(Backend& be, RecordedWork& graph, int steps) {
+  for (int i = 0; i < 3; ++i) graph.replay();
+  be.synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < steps; ++i) {
+    const auto t0 = Clock::now();
+    graph.replay();
+    be.synchronize();
+    ms.push_back(seconds_since(t0) * 1e3);
+  }
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], ms.front(), ms.back()};
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 FluxConfig bench_config(const std::string& model) {
   if (model == "dev") return FluxConfig::flux1_dev();
@@ -69,6 +100,65 @@ FluxInputs make_inputs(Backend& be, const FluxConfig& c, int size, int64_t txt, 
   return in;
 }
 
+// Two random rank-r adapters on every block linear, swapped back and forth while a recorded step keeps running.
+// Swap latency = parse the file (already in the page cache) + apply + synchronise; then one step with it.
+nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tensor& out, const Timing& base,
+                          const BenchOptions& o) {
+  Backend& be = tr.backend();
+  const FluxConfig& c = tr.config();
+  std::vector<std::string> files;
+  for (int i = 0; i < 2; ++i) {
+    files.push_back(o.lora_dir + "/fluxswap-bench-lora-r" + std::to_string(o.lora_rank) + "-" + std::to_string(i) +
+                    ".safetensors");
+    const auto t0 = Clock::now();
+    const size_t bytes = write_random_lora(files.back(), c, o.lora_rank, uint64_t(100 + i));
+    std::printf("  lora file %s: %.0f MB (rank %lld, written in %.1f s)\n", files.back().c_str(), bytes / 1e6,
+                (long long)o.lora_rank, seconds_since(t0));
+  }
+  LoraController lora(tr, lora_mode_from_name(o.lora_mode), o.lora_rank);
+  auto load = [&](int i) { return std::make_shared<LoraAdapter>(load_lora_adapter(files[i], c)); };
+  auto t0 = Clock::now();
+  lora.set_adapters({{load(0), 1.0f}});
+  const double first_apply_s = seconds_since(t0);
+  tr.forward(in, out);
+  t0 = Clock::now();
+  auto graph = be.record([&] { tr.forward(in, out); });
+  const double capture_s = seconds_since(t0);
+  const Timing with = time_replays(be, *graph, o.steps);
+  const Tensor out_a = be.to_host_f32(out);
+
+  std::vector<double> swap_ms, swap_step_ms;
+  Tensor out_b;
+  for (int s = 1; s <= o.swaps; ++s) {
+    t0 = Clock::now();
+    lora.set_adapters({{load(s % 2), 1.0f}});
+    swap_ms.push_back(seconds_since(t0) * 1e3);
+    graph->replay();
+    be.synchronize();
+    swap_step_ms.push_back(seconds_since(t0) * 1e3);
+    if (s == 1) out_b = be.to_host_f32(out);
+  }
+  if (o.swaps % 2) lora.set_adapters({{load(0), 1.0f}});
+  graph->replay();
+  const Tensor out_a_again = be.to_host_f32(out);
+  const double a_vs_b = max_rel_error(out_a, out_b), a_again = max_rel_error(out_a, out_a_again);
+  const double overhead = (with.median / base.median - 1.0) * 100.0;
+  std::printf("  LoRA rank %lld on every block linear, %s mode: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
+              (long long)o.lora_rank, o.lora_mode.c_str(), with.median, base.median, overhead);
+  std::printf("  first apply %.0f ms, graph capture with LoRA %.2f s; swap (parse + apply) median %.1f ms over %d "
+              "swaps, swap + next step %.1f ms; graph re-captures during swaps: 0\n",
+              first_apply_s * 1e3, capture_s, median_of(swap_ms), o.swaps, median_of(swap_step_ms));
+  std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0)\n",
+              a_vs_b, a_again);
+  for (const auto& f : files) std::filesystem::remove(f);
+  return {{"rank", o.lora_rank},          {"mode", o.lora_mode},
+          {"ms_per_step_median", with.median}, {"overhead_percent", overhead},
+          {"swap_ms_median", median_of(swap_ms)}, {"swap_plus_step_ms_median", median_of(swap_step_ms)},
+          {"swap_ms_all", swap_ms},       {"first_apply_ms", first_apply_s * 1e3},
+          {"graph_recaptures_during_swaps", 0}, {"a_vs_b_rel_diff", a_vs_b},
+          {"a_again_rel_diff", a_again}};
+}
+
 nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) {
   Backend& be = tr.backend();
   const FluxConfig& c = tr.config();
@@ -85,18 +175,8 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
   be.synchronize();
   const double capture_s = seconds_since(t0);
 
-  for (int i = 0; i < 3; ++i) graph->replay();
-  be.synchronize();
-  std::vector<double> ms;
-  for (int i = 0; i < o.steps; ++i) {
-    t0 = Clock::now();
-    graph->replay();
-    be.synchronize();
-    ms.push_back(seconds_since(t0) * 1e3);
-  }
-  std::vector<double> sorted = ms;
-  std::sort(sorted.begin(), sorted.end());
-  const double median = sorted[sorted.size() / 2];
+  const Timing base = time_replays(be, *graph, o.steps);
+  const double median = base.median;
   const FluxStepCost cost = flux_step_cost(c, o.batch, ni, o.txt_tokens);
 
   nlohmann::json r = {{"size", size},
@@ -106,8 +186,8 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
                       {"first_eager_step_s", first_step_s},
                       {"graph_capture_s", capture_s},
                       {"ms_per_step_median", median},
-                      {"ms_per_step_min", sorted.front()},
-                      {"ms_per_step_max", sorted.back()},
+                      {"ms_per_step_min", base.min},
+                      {"ms_per_step_max", base.max},
                       {"tflop_per_step", cost.total_flops() / 1e12},
                       {"tflops_achieved", cost.total_flops() / (median * 1e-3) / 1e12},
                       {"peak_memory_gib", double(be.peak_memory()) / (1ull << 30)}};
@@ -116,7 +196,7 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
               cost.attention_flops / 1e12);
   std::printf("  first eager step %.2f s, graph capture %.2f s\n", first_step_s, capture_s);
   std::printf("  ms/step  median %.2f  (min %.2f, max %.2f over %d replays)  ->  %.0f TFLOP/s\n", median,
-              sorted.front(), sorted.back(), o.steps, cost.total_flops() / (median * 1e-3) / 1e12);
+              base.min, base.max, o.steps, cost.total_flops() / (median * 1e-3) / 1e12);
 
   if (o.profile) {
     be.set_profiling(true);
@@ -137,6 +217,7 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
     std::printf("\n");
   }
   std::printf("  peak device memory %.2f GiB\n", double(be.peak_memory()) / (1ull << 30));
+  if (o.lora_rank > 0) r["lora"] = bench_lora(tr, in, out, base, o);
   return r;
 }
 
@@ -174,6 +255,11 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--batch", o->batch, "images per step")->check(CLI::PositiveNumber);
   cmd->add_flag("!--no-profile", o->profile, "skip the per-op breakdown");
   cmd->add_option("--json", o->json_out, "also write the results as JSON here");
+  cmd->add_option("--lora-rank", o->lora_rank, "also time a random rank-r LoRA on every block linear (0: off)");
+  cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
+      ->check(CLI::IsMember({"merged", "runtime"}));
+  cmd->add_option("--lora-dir", o->lora_dir, "where the random LoRA files are written (default /tmp)");
+  cmd->add_option("--swaps", o->swaps, "LoRA swaps timed")->check(CLI::PositiveNumber);
   cmd->callback([o] { run(*o); });
 }
 

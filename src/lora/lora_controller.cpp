@@ -37,6 +37,21 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
   tr_.set_lora_slot_rank(widest);
 }
 
+LoraController::~LoraController() {
+  try {
+    clear();
+  } catch (const std::exception&) {
+    // Only device failures get here; the model is unusable then anyway.
+  }
+  if (mode_ != LoraMode::Runtime) return;
+  for (const auto& a : flux_diffusers_aliases(tr_.config())) {
+    Linear& l = tr_.weights().linear(a.module);
+    l.lora_down = Tensor();
+    l.lora_up = Tensor();
+  }
+  tr_.set_lora_slot_rank(0);
+}
+
 int64_t LoraController::slot_rank(const std::string& module) const {
   const Linear& l = tr_.weights().linear(module);
   return l.lora_down.defined() ? l.lora_down.size(0) : 0;

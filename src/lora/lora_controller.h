@@ -31,6 +31,10 @@ class LoraController {
   // max_rank LoRA fits whether it targets the fused module or its q/k/v parts.
   LoraController(FluxTransformer& transformer, LoraMode mode, int64_t max_rank = 64,
                  std::vector<std::string> slot_modules = {});
+  // Gives the model back as it was: merged weights restored, runtime slots removed (record a new graph after).
+  ~LoraController();
+  LoraController(const LoraController&) = delete;
+  LoraController& operator=(const LoraController&) = delete;
 
   LoraApplyReport set_adapters(const std::vector<ActiveLora>& active);
   void clear() { set_adapters({}); }

@@ -1,6 +1,7 @@
 #include "lora/lora_key_mapping.h"
 
 #include <algorithm>
+#include <string_view>
 
 #include "core/error.h"
 
@@ -13,10 +14,8 @@ std::string underscored(std::string s) {
   return s;
 }
 
-bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-
 // Prefixes that wrap dotted module paths in LoRA files (fal Kontext, ComfyUI, PEFT).
-constexpr const char* kDottedPrefixes[] = {"base_model.model.", "diffusion_model.", "transformer."};
+constexpr std::string_view kDottedPrefixes[] = {"base_model.model.", "diffusion_model.", "transformer."};
 
 }  // namespace
 
@@ -34,15 +33,12 @@ const char* lora_format_name(LoraFormat f) {
 }
 
 LoraKeyMapper::LoraKeyMapper(const FluxConfig& config) : inner_dim_(config.inner_dim()) {
-  const std::string weight = ".weight";
   for (const auto& spec : flux_weight_specs(config, FluxNaming::BFL)) {
-    const bool is_linear_weight = spec.shape.size() == 2 && spec.name.size() > weight.size() &&
-                                  spec.name.compare(spec.name.size() - weight.size(), weight.size(), weight) == 0;
-    if (is_linear_weight) {
-      const std::string module = spec.name.substr(0, spec.name.size() - weight.size());
+    if (spec.shape.size() == 2 && spec.name.ends_with(".weight")) {
+      const std::string module = spec.name.substr(0, spec.name.size() - 7);
       modules_[module] = {spec.shape[0], spec.shape[1]};
       kohya_names_[underscored(module)] = module;
-    } else if (spec.shape.size() == 1 && spec.name.find("norm.") != std::string::npos) {
+    } else if (spec.shape.size() == 1 && spec.name.ends_with(".scale")) {
       norm_scales_.insert(spec.name);
     }
   }
@@ -61,8 +57,8 @@ LoraKeyMapper::LoraKeyMapper(const FluxConfig& config) : inner_dim_(config.inner
 
 bool LoraKeyMapper::is_norm_scale(const std::string& name) const {
   if (norm_scales_.count(name)) return true;
-  for (const char* p : kDottedPrefixes)
-    if (starts_with(name, p) && norm_scales_.count(name.substr(std::char_traits<char>::length(p)))) return true;
+  for (std::string_view p : kDottedPrefixes)
+    if (name.starts_with(p) && norm_scales_.count(name.substr(p.size()))) return true;
   return false;
 }
 
@@ -99,9 +95,9 @@ std::optional<LoraTarget> LoraKeyMapper::kohya_module(const std::string& undersc
   for (;;) {
     auto it = kohya_names_.find(rest);
     if (it != kohya_names_.end()) return whole_module(it->second);
-    if (starts_with(rest, "model_")) {
+    if (rest.starts_with("model_")) {
       rest = rest.substr(6);
-    } else if (starts_with(rest, "diffusion_model_")) {
+    } else if (rest.starts_with("diffusion_model_")) {
       rest = rest.substr(16);
     } else {
       return std::nullopt;
@@ -119,11 +115,11 @@ std::optional<LoraTarget> LoraKeyMapper::xlabs_module(const std::string& name) c
                                                              {"qkv_lora2", "txt_attn.qkv"},
                                                              {"proj_lora1", "img_attn.proj"},
                                                              {"proj_lora2", "txt_attn.proj"}};
-  if (starts_with(block, "double_blocks.")) {
+  if (block.starts_with("double_blocks.")) {
     auto it = kDouble.find(proc);
     return it == kDouble.end() ? std::nullopt : whole_module(block + "." + it->second);
   }
-  if (starts_with(block, "single_blocks.")) {
+  if (block.starts_with("single_blocks.")) {
     if (proc == "proj_lora") return whole_module(block + ".linear2");
     if (proc != "qkv_lora") return std::nullopt;
     auto t = whole_module(block + ".linear1");
@@ -138,7 +134,7 @@ std::optional<LoraTarget> LoraKeyMapper::xlabs_module(const std::string& name) c
 
 std::optional<LoraTarget> LoraKeyMapper::target(LoraFormat format, const std::string& stem) const {
   auto strip = [&](const std::string& prefix) -> std::optional<std::string> {
-    if (!starts_with(stem, prefix)) return std::nullopt;
+    if (!stem.starts_with(prefix)) return std::nullopt;
     return stem.substr(prefix.size());
   };
   std::optional<std::string> rest;

@@ -26,7 +26,7 @@ void check_cudnn(cudnnStatus_t status, const char* call) {
   if (status != CUDNN_STATUS_SUCCESS) fail("attention", call, cudnnGetErrorString(status));
 }
 
-void check_fe(const fe::error_t& status, const char* call) {
+void check_fe(fe::error_t status, const char* call) {
   if (status.is_bad()) fail("attention", call, status.get_message());
 }
 

@@ -1,0 +1,312 @@
+// Reading a LoRA file of any supported format into a LoraAdapter: split every key into (stem, role), detect the
+// format in the order LORA_FORMATS.md gives, place each stem on the internal layout (lora_key_mapping), then
+// validate and convert each down/up pair. Every key ends up in a pair, in ignored_keys, or in an Error.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "core/error.h"
+#include "lora/lora_adapter.h"
+#include "lora/lora_key_mapping.h"
+#include "lora/lora_scaling.h"
+
+namespace fluxswap {
+
+namespace {
+
+enum class Role { Down, Up, Alpha, UpBias };
+
+const char* role_name(Role r) {
+  switch (r) {
+    case Role::Down: return "down (lora_down/lora_A) tensor";
+    case Role::Up: return "up (lora_up/lora_B) tensor";
+    case Role::Alpha: return "alpha";
+    case Role::UpBias: return "up bias (lora_B.bias)";
+  }
+  return "?";
+}
+
+// The suffixes that give a tensor its role; `partner` is the other half of its down/up pair in the same spelling,
+// so a message can name the key that is missing.
+struct Suffix {
+  std::string_view text;
+  Role role;
+  std::string_view partner;
+};
+constexpr Suffix kSuffixes[] = {
+    {".lora_down.weight", Role::Down, ".lora_up.weight"},
+    {".lora_up.weight", Role::Up, ".lora_down.weight"},
+    {".lora_A.weight", Role::Down, ".lora_B.weight"},
+    {".lora_B.weight", Role::Up, ".lora_A.weight"},
+    {".lora_B.bias", Role::UpBias, ""},
+    {".alpha", Role::Alpha, ""},
+    {".down.weight", Role::Down, ".up.weight"},  // XLabs
+    {".up.weight", Role::Up, ".down.weight"},
+};
+
+const Suffix* suffix_of(const std::string& key) {
+  for (const Suffix& s : kSuffixes)
+    if (key.size() > s.text.size() && key.ends_with(s.text)) return &s;
+  return nullptr;
+}
+
+// The file keys that make up one LoRA (one stem).
+struct StemKeys {
+  std::string down, up, alpha, up_bias;  // empty when absent
+
+  std::string& slot(Role r) {
+    switch (r) {
+      case Role::Down: return down;
+      case Role::Up: return up;
+      case Role::Alpha: return alpha;
+      case Role::UpBias: return up_bias;
+    }
+    return down;
+  }
+  std::vector<std::string> present() const {
+    std::vector<std::string> out;
+    for (const std::string* k : {&down, &up, &alpha, &up_bias})
+      if (!k->empty()) out.push_back(*k);
+    return out;
+  }
+};
+
+// Recognised but not applied yet: text-encoder LoRAs and LyCORIS DoRA scales. The caller reports them.
+bool is_ignored(const std::string& key) {
+  static constexpr std::string_view kTextEncoder[] = {"lora_te_",      "lora_te1_",       "lora_te2_",     "lora_te3_",
+                                                      "text_encoder.", "text_encoder_2.", "text_encoders."};
+  for (std::string_view p : kTextEncoder)
+    if (key.starts_with(p)) return true;
+  return key.ends_with(".dora_scale");
+}
+
+// Tensors we recognise but cannot apply yet: never dropped, never mistaken for "unmatched".
+void reject_unsupported(const std::string& path, const std::string& key, const LoraKeyMapper& mapper) {
+  const std::string where = path + ": '" + key + "': ";
+  if (key.ends_with(".diff") || key.ends_with(".diff_b"))
+    throw Error(where + "full weight/bias deltas (ComfyUI .diff/.diff_b) are not supported yet");
+  if (key.ends_with(".lora_magnitude_vector"))
+    throw Error(where + "DoRA (PEFT lora_magnitude_vector) is not supported yet");
+  if (key.find(".lokr_") != std::string::npos || key.find(".hada_") != std::string::npos)
+    throw Error(where + "LyCORIS LoKr/LoHa tensors are not supported yet");
+  if (mapper.is_norm_scale(key))
+    throw Error(where + "a full norm-scale tensor that replaces the base weight (BFL Control LoRA style); "
+                        "norm-scale replacement is not supported yet");
+}
+
+bool any_of_stems(const std::map<std::string, StemKeys>& stems, const std::function<bool(const std::string&)>& f) {
+  return std::any_of(stems.begin(), stems.end(), [&](const auto& s) { return f(s.first); });
+}
+
+// diffusers' order: `.lora_down.weight` anywhere → the kohya family (kohya / ComfyUI / OneTrainer, told apart
+// by the prefix most stems carry); "processor" → XLabs; then the lora_A/lora_B namings by their prefix.
+LoraFormat detect_format(const std::vector<std::string>& keys, const std::map<std::string, StemKeys>& stems,
+                         const LoraKeyMapper& mapper) {
+  const bool kohya_family =
+      std::any_of(keys.begin(), keys.end(), [](const std::string& k) { return k.ends_with(".lora_down.weight"); });
+  if (kohya_family) {
+    const std::pair<std::string_view, LoraFormat> kFamily[] = {
+        {"lora_unet_", LoraFormat::Kohya}, {"diffusion_model.", LoraFormat::ComfyUI},
+        {"lora_transformer_", LoraFormat::OneTrainer}};
+    LoraFormat best = LoraFormat::Kohya;
+    size_t best_count = 0;
+    for (const auto& [prefix, format] : kFamily) {
+      const size_t n = size_t(std::count_if(stems.begin(), stems.end(),
+                                            [&](const auto& s) { return s.first.starts_with(prefix); }));
+      if (n > best_count) best = format, best_count = n;
+    }
+    return best;
+  }
+  auto prefixed = [&](std::string_view p) { return any_of_stems(stems, [&](const std::string& s) { return s.starts_with(p); }); };
+  if (any_of_stems(stems, [](const std::string& s) { return s.find(".processor.") != std::string::npos; }))
+    return LoraFormat::XLabs;
+  if (prefixed("base_model.model.")) return LoraFormat::FalKontext;
+  if (prefixed("diffusion_model.")) return LoraFormat::ComfyUI;
+  if (prefixed("transformer.")) return LoraFormat::Peft;
+  if (any_of_stems(stems, [&](const std::string& s) { return mapper.is_bfl_module(s); })) return LoraFormat::BflLora;
+  return LoraFormat::Peft;
+}
+
+std::string unmatched_error(const std::string& path, LoraFormat format, std::vector<std::string> keys,
+                            const FluxConfig& config) {
+  std::sort(keys.begin(), keys.end());
+  constexpr size_t kShown = 10;
+  std::string msg = path + ": " + std::to_string(keys.size()) + " key(s) of this " + lora_format_name(format) +
+                    "-format LoRA match no module of the FLUX transformer (" + std::to_string(config.num_layers) +
+                    " double, " + std::to_string(config.num_single_layers) + " single blocks): ";
+  for (size_t i = 0; i < keys.size() && i < kShown; ++i) msg += (i ? ", '" : "'") + keys[i] + "'";
+  if (keys.size() > kShown) msg += ", ... (" + std::to_string(keys.size() - kShown) + " more)";
+  return msg;
+}
+
+// The tensor as float32, after checking it is a float type and finite everywhere (one bad value would poison
+// every image made with the LoRA).
+Tensor finite_f32(const SafetensorsFile& file, const std::string& key) {
+  Tensor t = file.tensor(key);
+  if (!dtype_is_float(t.dtype()))
+    throw Error(file.path() + ": '" + key + "' has dtype " + std::string(dtype_name(t.dtype())) +
+                ", expected a float type (F32, F16, BF16, F8...)");
+  Tensor f = t.to_f32();
+  const float* v = f.ptr<float>();
+  for (int64_t i = 0; i < f.numel(); ++i)
+    if (!std::isfinite(v[i]))
+      throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(v[i]) ? "NaN" : "an infinity") +
+                  " at element " + std::to_string(i) + ", expected finite values");
+  return f;
+}
+
+// Reorders the leading dimension of `x` from the file's row order into the internal one (see LoraTarget).
+Tensor to_internal_rows(Tensor x, const LoraTarget& t) {
+  if (t.blocks.size() == 1 && t.blocks[0].src_row == 0) return x;
+  Tensor out = Tensor::empty(DType::F32, x.shape());
+  const int64_t width = x.numel() / x.size(0);
+  for (const LoraRowBlock& b : t.blocks)
+    std::memcpy(out.ptr<float>() + (b.row - t.row) * width, x.ptr<float>() + b.src_row * width,
+                size_t(b.rows * width) * sizeof(float));
+  return out;
+}
+
+std::string module_rows(const LoraTarget& t) {
+  return "'" + t.module + "' rows [" + std::to_string(t.row) + ", " + std::to_string(t.row + t.rows) + ")";
+}
+
+LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const StemKeys& k, const LoraTarget& t,
+                    LoraFormat format, const PeftScaling& peft) {
+  const std::string& path = file.path();
+  if (k.down.empty() && k.up.empty())
+    throw Error(path + ": '" + k.present().front() + "' belongs to no LoRA: '" + stem +
+                "' has no down/up tensors, expected both");
+  if (k.down.empty() || k.up.empty()) {
+    const std::string& have = k.down.empty() ? k.up : k.down;
+    const Suffix* s = suffix_of(have);
+    const std::string partner = have.substr(0, have.size() - s->text.size()) + std::string(s->partner);
+    throw Error(path + ": '" + have + "' has no matching " + role_name(k.down.empty() ? Role::Down : Role::Up) +
+                " '" + partner + "', expected both halves of the pair");
+  }
+  const Shape& ds = file.find(k.down)->shape;
+  const Shape& us = file.find(k.up)->shape;
+  const std::string down_is = path + ": '" + k.down + "' has shape " + shape_str(ds);
+  const std::string up_is = path + ": '" + k.up + "' has shape " + shape_str(us);
+  if (ds.size() != 2) throw Error(down_is + ", expected a 2-D [rank, in_features] matrix");
+  if (us.size() != 2) throw Error(up_is + ", expected a 2-D [out_features, rank] matrix");
+  const int64_t rank = ds[0];
+  if (rank == 0) throw Error(down_is + ": rank 0, expected at least one row");
+  if (ds[1] != t.in_features) {
+    std::string msg = down_is + ": " + std::to_string(ds[1]) + " input columns, but '" + t.module + "' takes " +
+                      std::to_string(t.in_features) + " inputs";
+    if (t.module == "img_in" && ds[1] > t.in_features)
+      msg += " (a control LoRA that widens img_in's input: zero-padding the base img_in is not supported yet)";
+    throw Error(msg);
+  }
+  if (us[1] != rank)
+    throw Error(up_is + ": rank " + std::to_string(us[1]) + ", but '" + k.down + "' has rank " +
+                std::to_string(rank) + " (shape " + shape_str(ds) + "), expected the same rank");
+  if (us[0] != t.rows)
+    throw Error(up_is + ": " + std::to_string(us[0]) + " output rows, expected " + std::to_string(t.rows) +
+                " for " + module_rows(t));
+  if (!k.up_bias.empty() && file.find(k.up_bias)->shape != Shape{t.rows})
+    throw Error(path + ": '" + k.up_bias + "' has shape " + shape_str(file.find(k.up_bias)->shape) + ", expected [" +
+                std::to_string(t.rows) + "] for " + module_rows(t));
+
+  std::optional<double> alpha;
+  if (!k.alpha.empty()) {
+    const Tensor a = finite_f32(file, k.alpha);
+    if (a.numel() != 1)
+      throw Error(path + ": '" + k.alpha + "' has shape " + shape_str(a.shape()) + ", expected a scalar alpha");
+    alpha = a.ptr<float>()[0];
+  }
+  LoraPair p;
+  p.module = t.module;
+  p.row = t.row;
+  p.rows = t.rows;
+  p.down = finite_f32(file, k.down);
+  p.up = to_internal_rows(finite_f32(file, k.up), t);
+  if (!k.up_bias.empty()) p.up_bias = to_internal_rows(finite_f32(file, k.up_bias), t);
+  p.scale = lora_pair_scale(format, t, rank, alpha, peft, path, k.down);
+  p.source = stem;
+  return p;
+}
+
+// Two LoRAs of one file on the same rows (a module named twice, e.g. with and without a wrapper prefix) would
+// be applied twice; a file means each once.
+void check_no_overlap(const std::string& path, const std::vector<LoraPair>& pairs) {
+  std::vector<const LoraPair*> sorted;
+  for (const auto& p : pairs) sorted.push_back(&p);
+  std::sort(sorted.begin(), sorted.end(),
+            [](const LoraPair* a, const LoraPair* b) { return std::tie(a->module, a->row) < std::tie(b->module, b->row); });
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    const LoraPair& a = *sorted[i - 1];
+    const LoraPair& b = *sorted[i];
+    if (a.module == b.module && a.row + a.rows > b.row)
+      throw Error(path + ": '" + a.source + "' and '" + b.source + "' both target '" + b.module + "' rows [" +
+                  std::to_string(b.row) + ", " + std::to_string(std::min(a.row + a.rows, b.row + b.rows)) +
+                  "), expected each module row range at most once");
+  }
+}
+
+}  // namespace
+
+LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& config) {
+  const std::string& path = file.path();
+  const std::vector<std::string> keys = file.keys();
+  if (std::none_of(keys.begin(), keys.end(), [](const std::string& k) { return k.find("lora") != std::string::npos; }))
+    throw Error(path + ": no LoRA tensors: none of its " + std::to_string(keys.size()) + " keys contains 'lora'" +
+                (keys.empty() ? "" : " (first: '" + keys.front() + "')") + "; expected a LoRA file");
+
+  const LoraKeyMapper mapper(config);
+  LoraAdapter adapter;
+  adapter.path = path;
+  adapter.metadata = file.metadata();
+  std::map<std::string, StemKeys> stems;
+  std::vector<std::string> unmatched;
+  for (const std::string& key : keys) {
+    if (is_ignored(key)) {
+      adapter.ignored_keys.push_back(key);
+      continue;
+    }
+    reject_unsupported(path, key, mapper);
+    const Suffix* s = suffix_of(key);
+    if (!s) {
+      unmatched.push_back(key);
+      continue;
+    }
+    const std::string stem = key.substr(0, key.size() - s->text.size());
+    std::string& slot = stems[stem].slot(s->role);
+    if (!slot.empty())
+      throw Error(path + ": '" + slot + "' and '" + key + "' are both the " + role_name(s->role) + " of '" + stem +
+                  "', expected one");
+    slot = key;
+  }
+
+  const LoraFormat format = detect_format(keys, stems, mapper);
+  adapter.format = lora_format_name(format);
+  std::vector<std::pair<const std::string*, LoraTarget>> targets;
+  for (const auto& [stem, k] : stems) {
+    if (auto t = mapper.target(format, stem)) {
+      targets.emplace_back(&stem, std::move(*t));
+    } else {
+      for (const std::string& key : k.present()) unmatched.push_back(key);
+    }
+  }
+  if (!unmatched.empty()) throw Error(unmatched_error(path, format, unmatched, config));
+
+  const PeftScaling peft = format == LoraFormat::Peft ? PeftScaling::from_metadata(file) : PeftScaling{};
+  for (const auto& [stem, t] : targets) {
+    const StemKeys& k = stems.at(*stem);
+    adapter.pairs.push_back(build_pair(file, *stem, k, t, format, peft));
+    adapter.tensors_used += k.present().size();
+  }
+  check_no_overlap(path, adapter.pairs);
+  return adapter;
+}
+
+LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config) {
+  return parse_lora_adapter(*SafetensorsFile::open(path), config);
+}
+
+}  // namespace fluxswap
