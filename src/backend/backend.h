@@ -18,7 +18,7 @@
 
 namespace fluxswap {
 
-enum class Activation { None, GeluTanh, Silu };
+enum class Activation { None, GeluTanh, Silu, QuickGelu /* x * sigmoid(1.702 x), CLIP */ };
 
 // Device work recorded once and replayed (a CUDA graph on the CUDA backend; a plain re-run on the CPU).
 class RecordedWork {
@@ -90,7 +90,7 @@ class Backend {
 
   // LoRA support. These have throwing defaults only while a backend is being brought up; every shipped backend
   // overrides them.
-  // dst = src, same shape, both contiguous on this device.
+  // dst = src, same shape and dtype; contiguous tensors, or rows views ([B, N, C] / [B, C]) on both sides.
   virtual void copy(const Tensor& src, const Tensor& dst);
   // out = base + up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
   virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out);
@@ -98,6 +98,36 @@ class Backend {
   // contiguous (up may be a row range of a taller slot); scratch rows [B, N, >= R] receive x @ down^T.
   virtual void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
                            const Tensor& scratch, const Tensor& y, Activation act);
+
+  // Text encoders (CLIP-L, T5). Throwing defaults until each backend implements them.
+  // y = LayerNorm(x, eps) * weight + bias; x, y rows.
+  virtual void layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, const Tensor& y);
+  // y = x / sqrt(mean(x^2) + eps) * weight (T5's norm: no mean subtraction, no bias); x, y rows.
+  virtual void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y);
+  // out[b, s] = table[ids[b, s]] (+ positions[s] when defined). ids I32 [B, S]; table [V, C]; positions [>=S, C];
+  // out rows [B, S, C].
+  virtual void embedding(const Tensor& ids, const Tensor& table, const Tensor& positions, const Tensor& out);
+  // Rows [B, S, H*D] -> contiguous [B, H, S, D].
+  virtual void split_heads(const Tensor& x, const Tensor& out);
+  // out = softmax(scale * q k^T + bias [+ causal mask]) v per batch and head; bias float32 [H, S, S] or
+  // undefined; out rows [B, S, H*D]. (T5: scale 1 with its relative position bias; CLIP: causal.)
+  virtual void attention_ex(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& bias,
+                            bool causal, const Tensor& out);
+  // y = act(x) elementwise; x, y rows.
+  virtual void activation(const Tensor& x, Activation act, const Tensor& y);
+  // y *= x elementwise; x, y rows (T5's gated GELU).
+  virtual void mul(const Tensor& y, const Tensor& x);
+
+  // VAE decoder, NCHW contiguous tensors. Throwing defaults until each backend implements them.
+  // y = conv2d(x, w) + bias, stride 1, zero padding `pad`; x [B, Cin, H, W], w [Cout, Cin, kh, kw].
+  virtual void conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, int pad, const Tensor& y);
+  // GroupNorm over (C / groups, H, W) per sample, affine weight/bias [C], then SiLU when `silu`.
+  virtual void group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int groups, float eps, bool silu,
+                          const Tensor& y);
+  // y [B, C, 2H, 2W] = nearest-neighbour upsampling of x [B, C, H, W].
+  virtual void upsample_nearest2x(const Tensor& x, const Tensor& y);
+  // y [B, N, C] = x [B, C, N] transposed (and back): the VAE's attention works on token rows.
+  virtual void transpose_last2(const Tensor& x, const Tensor& y);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

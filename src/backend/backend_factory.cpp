@@ -12,6 +12,38 @@ void Backend::lora_linear(const Tensor&, const Tensor&, const Tensor&, const Ten
   throw Error("lora_linear is not implemented by the " + name() + " backend");
 }
 
+void Backend::layer_norm(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&) {
+  throw Error("layer_norm is not implemented by the " + name() + " backend");
+}
+void Backend::rms_norm(const Tensor&, const Tensor&, float, const Tensor&) {
+  throw Error("rms_norm is not implemented by the " + name() + " backend");
+}
+void Backend::embedding(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("embedding is not implemented by the " + name() + " backend");
+}
+void Backend::split_heads(const Tensor&, const Tensor&) {
+  throw Error("split_heads is not implemented by the " + name() + " backend");
+}
+void Backend::attention_ex(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&, bool, const Tensor&) {
+  throw Error("attention_ex is not implemented by the " + name() + " backend");
+}
+void Backend::activation(const Tensor&, Activation, const Tensor&) {
+  throw Error("activation is not implemented by the " + name() + " backend");
+}
+void Backend::mul(const Tensor&, const Tensor&) { throw Error("mul is not implemented by the " + name() + " backend"); }
+void Backend::conv2d(const Tensor&, const Tensor&, const Tensor&, int, const Tensor&) {
+  throw Error("conv2d is not implemented by the " + name() + " backend");
+}
+void Backend::group_norm(const Tensor&, const Tensor&, const Tensor&, int, float, bool, const Tensor&) {
+  throw Error("group_norm is not implemented by the " + name() + " backend");
+}
+void Backend::upsample_nearest2x(const Tensor&, const Tensor&) {
+  throw Error("upsample_nearest2x is not implemented by the " + name() + " backend");
+}
+void Backend::transpose_last2(const Tensor&, const Tensor&) {
+  throw Error("transpose_last2 is not implemented by the " + name() + " backend");
+}
+
 #ifndef FLUXSWAP_HAVE_CUDA
 std::unique_ptr<Backend> make_cuda_backend(int) {
   throw Error("this build of fluxswap has no CUDA backend (configure with -DFLUXSWAP_CUDA=ON where nvcc exists)");

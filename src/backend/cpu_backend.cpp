@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu_ops.h"
 #include "core/counter_rng.h"
 #include "core/error.h"
 
@@ -52,6 +53,15 @@ float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
 }
 float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
+float apply_activation(float v, Activation act) {
+  switch (act) {
+    case Activation::None: return v;
+    case Activation::GeluTanh: return gelu_tanh(v);
+    case Activation::Silu: return silu_f(v);
+    case Activation::QuickGelu: return v / (1.0f + std::exp(-1.702f * v));
+  }
+  return v;
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -91,15 +101,45 @@ class CpuBackend final : public Backend {
     return r;
   }
 
+  void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, const Tensor& y) override {
+    cpu_ops::layer_norm(x, w, b, eps, y);
+  }
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, const Tensor& y) override { cpu_ops::rms_norm(x, w, eps, y); }
+  void embedding(const Tensor& ids, const Tensor& table, const Tensor& pos, const Tensor& out) override {
+    cpu_ops::embedding(ids, table, pos, out);
+  }
+  void split_heads(const Tensor& x, const Tensor& out) override { cpu_ops::split_heads(x, out); }
+  void attention_ex(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& bias, bool causal,
+                    const Tensor& out) override {
+    cpu_ops::attention_ex(q, k, v, scale, bias, causal, out);
+  }
+  void activation(const Tensor& x, Activation act, const Tensor& y) override { cpu_ops::activation(x, act, y); }
+  void mul(const Tensor& y, const Tensor& x) override { cpu_ops::mul(y, x); }
+  void conv2d(const Tensor& x, const Tensor& w, const Tensor& b, int pad, const Tensor& y) override {
+    cpu_ops::conv2d(x, w, b, pad, y);
+  }
+  void group_norm(const Tensor& x, const Tensor& w, const Tensor& b, int groups, float eps, bool silu,
+                  const Tensor& y) override {
+    cpu_ops::group_norm(x, w, b, groups, eps, silu, y);
+  }
+  void upsample_nearest2x(const Tensor& x, const Tensor& y) override { cpu_ops::upsample_nearest2x(x, y); }
+  void transpose_last2(const Tensor& x, const Tensor& y) override { cpu_ops::transpose_last2(x, y); }
+
   void set_profiling(bool) override {}
   std::map<std::string, double> profile_ms() const override { return {}; }
   size_t memory_in_use() const override { return 0; }
   size_t peak_memory() const override { return 0; }
 
   void copy(const Tensor& src, const Tensor& dst) override {
-    if (src.shape() != dst.shape() || !src.is_contiguous() || !dst.is_contiguous() || src.dtype() != dst.dtype())
+    if (src.shape() != dst.shape() || src.dtype() != dst.dtype())
       throw Error("cpu backend: copy " + shape_str(src.shape()) + " -> " + shape_str(dst.shape()));
-    std::memmove(dst.data(), src.data(), src.nbytes());
+    if (src.is_contiguous() && dst.is_contiguous()) {
+      std::memmove(dst.data(), src.data(), src.nbytes());
+      return;
+    }
+    Rows S = rows_of(src, "copy source"), D = rows_of(dst, "copy destination");
+    for (int64_t b = 0; b < S.B; ++b)
+      for (int64_t n = 0; n < S.N; ++n) std::memmove(D.row(b, n), S.row(b, n), size_t(S.C) * 4);
   }
 
   void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) override {
@@ -125,10 +165,7 @@ class CpuBackend final : public Backend {
                   up.ptr<float>(), int(up.stride(0)), 1.0f, Y.row(b, 0), int(Y.sn));
       if (act == Activation::None) continue;
       for (int64_t n = 0; n < Y.N; ++n)
-        for (int64_t j = 0; j < Y.C; ++j) {
-          float& v = Y.row(b, n)[j];
-          v = act == Activation::GeluTanh ? gelu_tanh(v) : silu_f(v);
-        }
+        for (int64_t j = 0; j < Y.C; ++j) Y.row(b, n)[j] = apply_activation(Y.row(b, n)[j], act);
     }
   }
 
@@ -147,8 +184,7 @@ class CpuBackend final : public Backend {
       for (int64_t n = 0; n < X.N; ++n) {
         float* r = Y.row(b, n);
         for (int64_t j = 0; j < nout; ++j) {
-          float v = r[j] + (bp ? bp[j] : 0.0f);
-          r[j] = act == Activation::GeluTanh ? gelu_tanh(v) : act == Activation::Silu ? silu_f(v) : v;
+          r[j] = apply_activation(r[j] + (bp ? bp[j] : 0.0f), act);
         }
       }
     }

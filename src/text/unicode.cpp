@@ -113,8 +113,18 @@ bool hangul_joins(Hangul prev, Hangul next) {
 
 constexpr char32_t kZwj = 0x200D;
 
+// Prepended_Concatenation_Mark: format characters that attach to what follows (GB9b) instead of breaking.
+bool is_prepend(char32_t cp) {
+  return (cp >= 0x600 && cp <= 0x605) || cp == 0x6DD || cp == 0x70F || cp == 0x890 || cp == 0x891 ||
+         cp == 0x8E2 || cp == 0x110BD || cp == 0x110CD;
+}
+
+// Grapheme_Cluster_Break Control: breaks on both sides. Cc, line/paragraph separators, and format characters
+// other than ZWNJ/ZWJ (Extend), the tag characters (Extend) and the prepended marks.
 bool is_control_break(char32_t cp) {
-  return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029;
+  if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0x2028 || cp == 0x2029) return true;
+  if (cp < 0xAD || cp == 0x200C || cp == kZwj || (cp >= 0xE0020 && cp <= 0xE007F) || is_prepend(cp)) return false;
+  return in_ranges(data::kFormats, data::kFormatsCount, cp);
 }
 
 bool is_regional_indicator(char32_t cp) { return cp >= 0x1F1E6 && cp <= 0x1F1FF; }
@@ -316,6 +326,11 @@ size_t grapheme_end(std::u32string_view text, size_t begin) {
   while (i < n) {
     const char32_t c = text[i];
     if (is_control_break(c)) break;
+    if (is_prepend(text[i - 1])) {
+      prev = hangul_type(c);
+      ++i;
+      continue;
+    }
     if (is_extend(c)) {
       prev = Hangul::kNone;
       ++i;

@@ -32,9 +32,10 @@ std::u32string to_lowercase(std::u32string_view text);
 // Canonical composition (Unicode normalization form C): decompose, order combining marks, recompose.
 std::u32string nfc(std::u32string_view text);
 
-// End (exclusive) of the extended grapheme cluster starting at `begin`. Covers what matters for tokenisation:
-// CR LF, combining / spacing marks, ZWJ and variation selectors, emoji modifiers and ZWJ sequences, regional
-// indicator pairs and Hangul syllable sequences; it does not implement the Prepend rule.
+// End (exclusive) of the extended grapheme cluster starting at `begin` (UAX #29), approximating the break
+// properties by general category: CR LF, controls and format characters, prepended marks, combining / spacing
+// marks, ZWJ and variation selectors, emoji modifiers and ZWJ sequences, regional indicator pairs and Hangul
+// syllable sequences.
 size_t grapheme_end(std::u32string_view text, size_t begin);
 
 }  // namespace fluxswap::unicode

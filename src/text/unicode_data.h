@@ -36,6 +36,8 @@ extern const CodeRange kNumbers[];
 extern const size_t kNumbersCount;
 extern const CodeRange kMarks[];
 extern const size_t kMarksCount;
+extern const CodeRange kFormats[];
+extern const size_t kFormatsCount;
 extern const CaseRun kLowercaseRuns[];
 extern const size_t kLowercaseRunsCount;
 

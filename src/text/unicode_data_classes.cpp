@@ -1,7 +1,7 @@
 // GENERATED from Python 3.11.7's unicodedata (Unicode 14.0.0); do not edit by hand.
-// Letter (L*), number (N*) and mark (M*) general categories as ranges, and the one-to-one
+// Letter (L*), number (N*), mark (M*) and format (Cf) general categories as ranges, and the one-to-one
 // lowercase mappings of str.lower() as runs (first, last, delta, stride).
-// Regenerate: ranges of code points whose unicodedata.category() starts with L / N / M; runs of the c
+// Regenerate: ranges of code points whose unicodedata.category() starts with L / N / M or is Cf; runs of the c
 // with len(chr(c).lower()) == 1 and chr(c).lower() != chr(c), grouped where the delta is equal and the code
 // points step by 1 or 2 (U+0130, the one code point lowering to two, is handled in unicode.cpp).
 #include "text/unicode_data.h"
@@ -207,6 +207,14 @@ const CodeRange kMarks[] = {
     {0x1E2AE, 0x1E2AE}, {0x1E2EC, 0x1E2EF}, {0x1E8D0, 0x1E8D6}, {0x1E944, 0x1E94A}, {0xE0100, 0xE01EF},
 };
 const size_t kMarksCount = sizeof(kMarks) / sizeof(kMarks[0]);
+
+const CodeRange kFormats[] = {
+    {0xAD, 0xAD}, {0x600, 0x605}, {0x61C, 0x61C}, {0x6DD, 0x6DD}, {0x70F, 0x70F}, {0x890, 0x891}, {0x8E2, 0x8E2},
+    {0x180E, 0x180E}, {0x200B, 0x200F}, {0x202A, 0x202E}, {0x2060, 0x2064}, {0x2066, 0x206F}, {0xFEFF, 0xFEFF},
+    {0xFFF9, 0xFFFB}, {0x110BD, 0x110BD}, {0x110CD, 0x110CD}, {0x13430, 0x13438}, {0x1BCA0, 0x1BCA3},
+    {0x1D173, 0x1D17A}, {0xE0001, 0xE0001}, {0xE0020, 0xE007F},
+};
+const size_t kFormatsCount = sizeof(kFormats) / sizeof(kFormats[0]);
 
 const CaseRun kLowercaseRuns[] = {
     {0x41, 0x5A, 32, 1}, {0xC0, 0xD6, 32, 1}, {0xD8, 0xDE, 32, 1}, {0x100, 0x12E, 1, 2}, {0x132, 0x136, 1, 2},
