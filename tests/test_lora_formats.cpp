@@ -3,12 +3,14 @@
 // tensors; and each kind of malformed file fails with a message naming the file, the key and the problem.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
+#include <tuple>
 
-#include "core/compare.h"
 #include "core/error.h"
 #include "lora/lora_adapter.h"
 #include "test_support.h"
@@ -27,7 +29,8 @@ std::string error_of(const std::function<void()>& fn) {
   return "(no error)";
 }
 
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
+#define EXPECT_HAS(msg, part) \
+  EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
 
 std::string lora_path(const std::string& dir, const std::string& name) {
   return test::fixtures_dir() + "/" + dir + "/lora_" + name + ".safetensors";
@@ -121,6 +124,32 @@ std::vector<double> dense_delta(const Tensor& up32, const Tensor& down32, double
   return d;
 }
 
+// Tests run on the tiny fixture unless they say otherwise; `kohya` is its kohya LoRA, ready to edit.
+class LoraFormats : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    FLUXSWAP_REQUIRE_FIXTURES();
+    config = config_of("tiny");
+    kohya = read_all(lora_path("tiny", "c_kohya"));
+  }
+  // Writes `t` as bad.safetensors and returns the parse error ("(no error)" if it parsed).
+  std::string parse_error(const Tensors& t, const std::map<std::string, std::string>& metadata = {}) {
+    write_safetensors(path(), t, metadata);
+    const std::string msg = error_of([&] { load_lora_adapter(path(), config); });
+    EXPECT_HAS(msg, path());
+    return msg;
+  }
+  std::string path() const { return tmp / "bad.safetensors"; }
+  Tensors without(const std::string& key) const {
+    return renamed(kohya, [&](const std::string& k) { return k == key ? "" : k; });
+  }
+
+  test::TempDir tmp;
+  FluxConfig config;
+  Tensors kohya;
+  const std::string qkv = "lora_unet_double_blocks_0_img_attn_qkv";
+};
+
 // ---- the fixture LoRAs ----
 
 struct FixtureCase {
@@ -138,8 +167,7 @@ const FixtureCase kFixtureCases[] = {
     {"d_xlabs", "xlabs", 1.0f, 4, 4, 0, 0},
 };
 
-TEST(LoraFormats, EveryFixtureParsesWithItsFormatPairsScaleAndTensorCount) {
-  FLUXSWAP_REQUIRE_FIXTURES();
+TEST_F(LoraFormats, EveryFixtureParsesWithItsFormatPairsScaleAndTensorCount) {
   for (const std::string dir : {"tiny", "small", "tiny_schnell"}) {
     const FluxConfig c = config_of(dir);
     for (const auto& fc : kFixtureCases) {
@@ -162,9 +190,8 @@ TEST(LoraFormats, EveryFixtureParsesWithItsFormatPairsScaleAndTensorCount) {
   }
 }
 
-TEST(LoraFormats, PeftSplitProjectionsLandOnTheirFusedRows) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, PeftSplitProjectionsLandOnTheirFusedRows) {
+  const FluxConfig& c = config;
   const int64_t D = c.inner_dim(), M = c.mlp_dim();
   const std::string path = lora_path("tiny", "a_peft");
   const LoraAdapter a = load_lora_adapter(path, c);
@@ -187,15 +214,16 @@ TEST(LoraFormats, PeftSplitProjectionsLandOnTheirFusedRows) {
   EXPECT_EQ(pair_from(a, "transformer.single_transformer_blocks.0.proj_out").module, "single_blocks.0.linear2");
   EXPECT_EQ(pair_from(a, "transformer.proj_out").module, "final_layer.linear");
   EXPECT_EQ(pair_from(a, "transformer.x_embedder").module, "img_in");
-  EXPECT_EQ(pair_from(a, "transformer.transformer_blocks.0.norm1_context.linear").module, "double_blocks.0.txt_mod.lin");
+  EXPECT_EQ(pair_from(a, "transformer.transformer_blocks.0.norm1_context.linear").module,
+            "double_blocks.0.txt_mod.lin");
 }
 
-TEST(LoraFormats, NormOutSwapsOnlyTheOutputRowHalves) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, NormOutSwapsOnlyTheOutputRowHalves) {
+  const FluxConfig& c = config;
   const int64_t D = c.inner_dim();
   const std::string path = lora_path("tiny", "a_peft");
-  const LoraPair& p = pair_from(load_lora_adapter(path, c), "transformer.norm_out.linear");
+  const LoraAdapter a = load_lora_adapter(path, c);
+  const LoraPair& p = pair_from(a, "transformer.norm_out.linear");
   auto f = SafetensorsFile::open(path);
   const Tensor up = f->tensor("transformer.norm_out.linear.lora_B.weight");
   EXPECT_EQ(p.module, "final_layer.adaLN_modulation.1");
@@ -207,9 +235,8 @@ TEST(LoraFormats, NormOutSwapsOnlyTheOutputRowHalves) {
   EXPECT_TRUE(bitwise_equal(p.up.narrow(0, D, D).to_f32(), up.narrow(0, 0, D).to_f32()));
 }
 
-TEST(LoraFormats, DenseDeltaMatchesTheDiffusersTensorsDirectly) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, DenseDeltaMatchesTheDiffusersTensorsDirectly) {
+  const FluxConfig& c = config;
   const int64_t D = c.inner_dim(), M = c.mlp_dim();
   const std::string path = lora_path("tiny", "a_peft");
   const LoraAdapter a = load_lora_adapter(path, c);
@@ -229,17 +256,24 @@ TEST(LoraFormats, DenseDeltaMatchesTheDiffusersTensorsDirectly) {
   };
   const std::string sb = "transformer.single_transformer_blocks.1.";
   const Case cases[] = {
-      {"single_blocks.1.linear1", 3 * D + M, D,
-       {{sb + "attn.to_q", 0, 0, D}, {sb + "attn.to_k", D, 0, D}, {sb + "attn.to_v", 2 * D, 0, D},
+      {"single_blocks.1.linear1",
+       3 * D + M,
+       D,
+       {{sb + "attn.to_q", 0, 0, D},
+        {sb + "attn.to_k", D, 0, D},
+        {sb + "attn.to_v", 2 * D, 0, D},
         {sb + "proj_mlp", 3 * D, 0, M}}},
-      {"final_layer.adaLN_modulation.1", 2 * D, D,
+      {"final_layer.adaLN_modulation.1",
+       2 * D,
+       D,
        {{"transformer.norm_out.linear", 0, D, D}, {"transformer.norm_out.linear", D, 0, D}}},
   };
   for (const Case& cs : cases) {
     SCOPED_TRACE(cs.module);
     std::vector<double> expected(size_t(cs.out * cs.in), 0.0), got(expected.size(), 0.0);
     for (const Part& part : cs.parts) {
-      const auto d = dense_delta(f->tensor(part.diffusers + ".lora_B.weight"), f->tensor(part.diffusers + ".lora_A.weight"), s);
+      const auto d =
+          dense_delta(f->tensor(part.diffusers + ".lora_B.weight"), f->tensor(part.diffusers + ".lora_A.weight"), s);
       for (int64_t r = 0; r < part.rows; ++r)
         for (int64_t i = 0; i < cs.in; ++i)
           expected[size_t((part.row + r) * cs.in + i)] += d[size_t((part.src_row + r) * cs.in + i)];
@@ -259,8 +293,7 @@ TEST(LoraFormats, DenseDeltaMatchesTheDiffusersTensorsDirectly) {
   }
 }
 
-TEST(LoraFormats, KohyaAndComfyUiFilesGiveIdenticalPairs) {
-  FLUXSWAP_REQUIRE_FIXTURES();
+TEST_F(LoraFormats, KohyaAndComfyUiFilesGiveIdenticalPairs) {
   for (const std::string dir : {"tiny", "small", "tiny_schnell"}) {
     SCOPED_TRACE(dir);
     const FluxConfig c = config_of(dir);
@@ -275,9 +308,8 @@ TEST(LoraFormats, KohyaAndComfyUiFilesGiveIdenticalPairs) {
   }
 }
 
-TEST(LoraFormats, XLabsProcessorsMapToBothStreams) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, XLabsProcessorsMapToBothStreams) {
+  const FluxConfig& c = config;
   const LoraAdapter a = load_lora_adapter(lora_path("tiny", "d_xlabs"), c);
   const std::pair<std::string, std::string> expected[] = {
       {"double_blocks.1.processor.qkv_lora1", "double_blocks.1.img_attn.qkv"},
@@ -295,25 +327,26 @@ TEST(LoraFormats, XLabsProcessorsMapToBothStreams) {
 
 // ---- the same LoRA under every other supported naming ----
 
-TEST(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  test::TempDir tmp;
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
+  const FluxConfig& c = config;
   const LoraAdapter ref = load_lora_adapter(lora_path("tiny", "c_kohya"), c);
   const Tensors comfy = read_all(lora_path("tiny", "c_comfy"));
-  const Tensors kohya = read_all(lora_path("tiny", "c_kohya"));
   auto lora_ab = [](std::string k) {
     return swap_suffix(swap_suffix(k, ".lora_down.weight", ".lora_A.weight"), ".lora_up.weight", ".lora_B.weight");
   };
   const std::string bare = "diffusion_model.";
   const std::vector<std::tuple<std::string, std::string, Tensors>> variants = {
-      {"doubled", "kohya", renamed(kohya, [](const std::string& k) {
-         return "lora_unet_model_diffusion_model_" + k.substr(std::string("lora_unet_").size()); })},
+      {"doubled", "kohya",
+       renamed(kohya,
+               [](const std::string& k) {
+                 return "lora_unet_model_diffusion_model_" + k.substr(std::string("lora_unet_").size());
+               })},
       {"comfy_ab", "comfyui", renamed(comfy, lora_ab)},
       {"bfl", "bfl-lora", renamed(comfy, [&](const std::string& k) { return lora_ab(k.substr(bare.size())); })},
       {"fal", "fal-kontext",
        renamed(comfy, [&](const std::string& k) { return "base_model.model." + lora_ab(k.substr(bare.size())); })},
-      {"te", "kohya", [&] {
+      {"te", "kohya",
+       [&] {
          Tensors t = kohya;
          t.emplace_back("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", scalar(1));
          t.emplace_back("lora_unet_double_blocks_0_img_attn_qkv.dora_scale", scalar(1));
@@ -330,10 +363,8 @@ TEST(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
   }
 }
 
-TEST(LoraFormats, EveryNamingOfThePeftLoraGivesTheSamePairs) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  test::TempDir tmp;
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, EveryNamingOfThePeftLoraGivesTheSamePairs) {
+  const FluxConfig& c = config;
   const std::string path = lora_path("tiny", "a_peft");
   const LoraAdapter ref = load_lora_adapter(path, c);
   const Tensors peft = read_all(path);
@@ -355,17 +386,15 @@ TEST(LoraFormats, EveryNamingOfThePeftLoraGivesTheSamePairs) {
   expect_same_pairs(ref, ot);
 
   // No `transformer.` prefix: diffusers would drop these silently; we place them.
-  write_safetensors(tmp / "bare.safetensors", renamed(peft, [&](const std::string& k) { return k.substr(prefix.size()); }),
-                    metadata);
+  write_safetensors(tmp / "bare.safetensors",
+                    renamed(peft, [&](const std::string& k) { return k.substr(prefix.size()); }), metadata);
   const LoraAdapter bare = load_lora_adapter(tmp / "bare.safetensors", c);
   EXPECT_EQ(bare.format, "peft");
   expect_same_pairs(ref, bare);
 }
 
-TEST(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  test::TempDir tmp;
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
+  const FluxConfig& c = config;
   const Tensors peft = read_all(lora_path("tiny", "b_peft"));  // rank 8
   const std::string to_k = "transformer.transformer_blocks.0.attn.to_k";
 
@@ -377,7 +406,7 @@ TEST(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
   write_safetensors(tmp / "alpha.safetensors", with_alpha);
   const LoraAdapter aa = load_lora_adapter(tmp / "alpha.safetensors", c);
   EXPECT_EQ(pair_from(aa, to_k).scale, 0.25f);
-  EXPECT_EQ(pair_from(aa, to_k + "").module, "double_blocks.0.img_attn.qkv");
+  EXPECT_EQ(pair_from(aa, to_k).module, "double_blocks.0.img_attn.qkv");
   EXPECT_EQ(aa.tensors_used, with_alpha.size());
 
   // PEFT patterns match the end of the module path; the first matching key wins.
@@ -395,10 +424,8 @@ TEST(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
     EXPECT_FLOAT_EQ(p.scale, float(4.0 / std::sqrt(8.0)));
 }
 
-TEST(LoraFormats, PeftUpBiasFollowsTheOutputRows) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  test::TempDir tmp;
-  const FluxConfig c = config_of("tiny");
+TEST_F(LoraFormats, PeftUpBiasFollowsTheOutputRows) {
+  const FluxConfig& c = config;
   const int64_t D = c.inner_dim();
   Tensors t = read_all(lora_path("tiny", "a_peft"));
   Tensor bias = Tensor::empty(DType::F32, {2 * D});
@@ -415,32 +442,7 @@ TEST(LoraFormats, PeftUpBiasFollowsTheOutputRows) {
 
 // ---- malformed files: each message names the file, the key and what was expected ----
 
-class LoraFormatsErrors : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!test::have_fixtures()) GTEST_SKIP() << "no fixtures at " << test::fixtures_dir();
-    config = config_of("tiny");
-    kohya = read_all(lora_path("tiny", "c_kohya"));
-  }
-  // Writes `t` and returns the parse error ("(no error)" if it parsed).
-  std::string parse_error(const Tensors& t, const std::map<std::string, std::string>& metadata = {}) {
-    write_safetensors(path(), t, metadata);
-    const std::string msg = error_of([&] { load_lora_adapter(path(), config); });
-    EXPECT_HAS(msg, path());
-    return msg;
-  }
-  std::string path() const { return tmp / "bad.safetensors"; }
-  Tensors without(const std::string& key) const {
-    return renamed(kohya, [&](const std::string& k) { return k == key ? "" : k; });
-  }
-
-  test::TempDir tmp;
-  FluxConfig config;
-  Tensors kohya;
-  const std::string qkv = "lora_unet_double_blocks_0_img_attn_qkv";
-};
-
-TEST_F(LoraFormatsErrors, UpWithoutDownAndDownWithoutUp) {
+TEST_F(LoraFormats, UpWithoutDownAndDownWithoutUp) {
   std::string msg = parse_error(without(qkv + ".lora_up.weight"));
   EXPECT_HAS(msg, "'" + qkv + ".lora_down.weight' has no matching up");
   EXPECT_HAS(msg, "'" + qkv + ".lora_up.weight'");
@@ -452,28 +454,28 @@ TEST_F(LoraFormatsErrors, UpWithoutDownAndDownWithoutUp) {
   EXPECT_HAS(msg, "'" + qkv + ".alpha' belongs to no LoRA");
 }
 
-TEST_F(LoraFormatsErrors, RankMismatchBetweenUpAndDown) {
+TEST_F(LoraFormats, RankMismatchBetweenUpAndDown) {
   tensor_of(kohya, qkv + ".lora_up.weight") = tensor_of(kohya, qkv + ".lora_up.weight").narrow(1, 0, 7);
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".lora_up.weight' has shape [96, 7]: rank 7");
   EXPECT_HAS(msg, "has rank 8");
 }
 
-TEST_F(LoraFormatsErrors, DownColumnsMustBeTheModuleInputs) {
+TEST_F(LoraFormats, DownColumnsMustBeTheModuleInputs) {
   tensor_of(kohya, qkv + ".lora_down.weight") = tensor_of(kohya, qkv + ".lora_down.weight").narrow(1, 0, 30);
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".lora_down.weight' has shape [8, 30]: 30 input columns");
   EXPECT_HAS(msg, "'double_blocks.0.img_attn.qkv' takes 32 inputs");
 }
 
-TEST_F(LoraFormatsErrors, UpRowsMustBeTheTargetRows) {
+TEST_F(LoraFormats, UpRowsMustBeTheTargetRows) {
   tensor_of(kohya, qkv + ".lora_up.weight") = tensor_of(kohya, qkv + ".lora_up.weight").narrow(0, 0, 64);
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".lora_up.weight' has shape [64, 8]: 64 output rows, expected 96");
   EXPECT_HAS(msg, "'double_blocks.0.img_attn.qkv' rows [0, 96)");
 }
 
-TEST_F(LoraFormatsErrors, NanAndInfinityAnywhereAreRejected) {
+TEST_F(LoraFormats, NanAndInfinityAnywhereAreRejected) {
   const std::string key = "lora_unet_single_blocks_1_linear2.lora_up.weight";
   Tensor bad = tensor_of(kohya, key).to_f32();
   bad.ptr<float>()[bad.numel() - 1] = std::numeric_limits<float>::quiet_NaN();
@@ -485,7 +487,7 @@ TEST_F(LoraFormatsErrors, NanAndInfinityAnywhereAreRejected) {
   EXPECT_HAS(msg, "'" + key + "' holds an infinity");
 }
 
-TEST_F(LoraFormatsErrors, UnknownKeysAreListedWithTheirCountAndFormat) {
+TEST_F(LoraFormats, UnknownKeysAreListedWithTheirCountAndFormat) {
   for (int i = 0; i < 6; ++i) {
     const std::string stem = "lora_unet_double_blocks_" + std::to_string(7 + i) + "_img_attn_qkv";
     kohya.emplace_back(stem + ".lora_down.weight", tensor_of(kohya, qkv + ".lora_down.weight"));
@@ -500,26 +502,26 @@ TEST_F(LoraFormatsErrors, UnknownKeysAreListedWithTheirCountAndFormat) {
   EXPECT_HAS(msg, "(3 more)");
 }
 
-TEST_F(LoraFormatsErrors, RankZero) {
+TEST_F(LoraFormats, RankZero) {
   tensor_of(kohya, qkv + ".lora_down.weight") = Tensor::empty(DType::F32, {0, 32});
   tensor_of(kohya, qkv + ".lora_up.weight") = Tensor::empty(DType::F32, {96, 0});
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".lora_down.weight' has shape [0, 32]: rank 0");
 }
 
-TEST_F(LoraFormatsErrors, AlphaMustBeAScalar) {
+TEST_F(LoraFormats, AlphaMustBeAScalar) {
   tensor_of(kohya, qkv + ".alpha") = Tensor::zeros(DType::F32, {2});
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".alpha' has shape [2], expected a scalar alpha");
 }
 
-TEST_F(LoraFormatsErrors, NonFloatTensorsAreRejected) {
+TEST_F(LoraFormats, NonFloatTensorsAreRejected) {
   tensor_of(kohya, qkv + ".lora_down.weight") = Tensor::zeros(DType::I32, {8, 32});
   const std::string msg = parse_error(kohya);
   EXPECT_HAS(msg, "'" + qkv + ".lora_down.weight' has dtype I32, expected a float type");
 }
 
-TEST_F(LoraFormatsErrors, FullDeltasAreNotSupportedYet) {
+TEST_F(LoraFormats, FullDeltasAreNotSupportedYet) {
   Tensors comfy = read_all(lora_path("tiny", "c_comfy"));
   comfy.emplace_back("diffusion_model.double_blocks.0.img_attn.proj.diff_b", Tensor::zeros(DType::F32, {32}));
   const std::string msg = parse_error(comfy);
@@ -527,7 +529,7 @@ TEST_F(LoraFormatsErrors, FullDeltasAreNotSupportedYet) {
   EXPECT_HAS(msg, "not supported yet");
 }
 
-TEST_F(LoraFormatsErrors, ControlLoraNormScalesAndImgInPaddingAreNotSupportedYet) {
+TEST_F(LoraFormats, ControlLoraNormScalesAndImgInPaddingAreNotSupportedYet) {
   const Tensors bfl = renamed(read_all(lora_path("tiny", "c_comfy")), [](const std::string& k) {
     return swap_suffix(swap_suffix(k.substr(16), ".lora_down.weight", ".lora_A.weight"), ".lora_up.weight",
                        ".lora_B.weight");
@@ -546,7 +548,7 @@ TEST_F(LoraFormatsErrors, ControlLoraNormScalesAndImgInPaddingAreNotSupportedYet
   EXPECT_HAS(msg, "zero-padding the base img_in is not supported yet");
 }
 
-TEST_F(LoraFormatsErrors, OneModuleTargetedTwice) {
+TEST_F(LoraFormats, OneModuleTargetedTwice) {
   kohya.emplace_back("lora_unet_model_diffusion_model_double_blocks_0_img_attn_qkv.lora_down.weight",
                      tensor_of(kohya, qkv + ".lora_down.weight"));
   kohya.emplace_back("lora_unet_model_diffusion_model_double_blocks_0_img_attn_qkv.lora_up.weight",
@@ -556,29 +558,31 @@ TEST_F(LoraFormatsErrors, OneModuleTargetedTwice) {
   EXPECT_HAS(msg, "'double_blocks.0.img_attn.qkv' rows [0, 96)");
 }
 
-TEST_F(LoraFormatsErrors, PeftMetadataRankMustMatchTheTensors) {
+TEST_F(LoraFormats, PeftMetadataRankMustMatchTheTensors) {
   const Tensors peft = read_all(lora_path("tiny", "b_peft"));
-  const std::string msg = parse_error(peft, {{"lora_adapter_metadata", R"({"transformer.r": 16, "transformer.lora_alpha": 4})"}});
+  const std::string msg =
+      parse_error(peft, {{"lora_adapter_metadata", R"({"transformer.r": 16, "transformer.lora_alpha": 4})"}});
   EXPECT_HAS(msg, "'transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight' has rank 8");
   EXPECT_HAS(msg, "declares r = 16");
   const std::string bad_json = parse_error(peft, {{"lora_adapter_metadata", "{oops"}});
   EXPECT_HAS(bad_json, "metadata 'lora_adapter_metadata' is not valid JSON");
 }
 
-TEST_F(LoraFormatsErrors, PeftDoraIsNotSupportedYet) {
+TEST_F(LoraFormats, PeftDoraIsNotSupportedYet) {
   Tensors peft = read_all(lora_path("tiny", "b_peft"));
-  peft.emplace_back("transformer.transformer_blocks.0.attn.to_k.lora_magnitude_vector", Tensor::zeros(DType::F32, {32}));
+  peft.emplace_back("transformer.transformer_blocks.0.attn.to_k.lora_magnitude_vector",
+                    Tensor::zeros(DType::F32, {32}));
   const std::string msg = parse_error(peft);
   EXPECT_HAS(msg, "'transformer.transformer_blocks.0.attn.to_k.lora_magnitude_vector': DoRA");
 }
 
-TEST_F(LoraFormatsErrors, NoLoraTensorsAtAll) {
+TEST_F(LoraFormats, NoLoraTensorsAtAll) {
   const std::string base = test::fixtures_dir() + "/tiny/transformer_bfl.safetensors";
   const std::string msg = error_of([&] { load_lora_adapter(base, config); });
   EXPECT_HAS(msg, base + ": no LoRA tensors");
 }
 
-TEST_F(LoraFormatsErrors, TextEncoderOnlyFileParsesWithEveryKeyReportedAsIgnored) {
+TEST_F(LoraFormats, TextEncoderOnlyFileParsesWithEveryKeyReportedAsIgnored) {
   const Tensors te = {
       {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", Tensor::zeros(DType::F32, {4, 24})},
       {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", Tensor::zeros(DType::F32, {24, 4})},

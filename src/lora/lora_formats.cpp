@@ -1,6 +1,8 @@
 // Reading a LoRA file of any supported format into a LoraAdapter: split every key into (stem, role), detect the
 // format in the order LORA_FORMATS.md gives, place each stem on the internal layout (lora_key_mapping), then
 // validate and convert each down/up pair. Every key ends up in a pair, in ignored_keys, or in an Error.
+#include "lora/lora_adapter.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,7 +13,6 @@
 #include <tuple>
 
 #include "core/error.h"
-#include "lora/lora_adapter.h"
 #include "lora/lora_key_mapping.h"
 #include "lora/lora_scaling.h"
 
@@ -95,8 +96,9 @@ void reject_unsupported(const std::string& path, const std::string& key, const L
   if (key.find(".lokr_") != std::string::npos || key.find(".hada_") != std::string::npos)
     throw Error(where + "LyCORIS LoKr/LoHa tensors are not supported yet");
   if (mapper.is_norm_scale(key))
-    throw Error(where + "a full norm-scale tensor that replaces the base weight (BFL Control LoRA style); "
-                        "norm-scale replacement is not supported yet");
+    throw Error(where +
+                "a full norm-scale tensor that replaces the base weight (BFL Control LoRA style); "
+                "norm-scale replacement is not supported yet");
 }
 
 bool any_of_stems(const std::map<std::string, StemKeys>& stems, const std::function<bool(const std::string&)>& f) {
@@ -110,19 +112,21 @@ LoraFormat detect_format(const std::vector<std::string>& keys, const std::map<st
   const bool kohya_family =
       std::any_of(keys.begin(), keys.end(), [](const std::string& k) { return k.ends_with(".lora_down.weight"); });
   if (kohya_family) {
-    const std::pair<std::string_view, LoraFormat> kFamily[] = {
-        {"lora_unet_", LoraFormat::Kohya}, {"diffusion_model.", LoraFormat::ComfyUI},
-        {"lora_transformer_", LoraFormat::OneTrainer}};
+    const std::pair<std::string_view, LoraFormat> kFamily[] = {{"lora_unet_", LoraFormat::Kohya},
+                                                               {"diffusion_model.", LoraFormat::ComfyUI},
+                                                               {"lora_transformer_", LoraFormat::OneTrainer}};
     LoraFormat best = LoraFormat::Kohya;
     size_t best_count = 0;
     for (const auto& [prefix, format] : kFamily) {
-      const size_t n = size_t(std::count_if(stems.begin(), stems.end(),
-                                            [&](const auto& s) { return s.first.starts_with(prefix); }));
+      const size_t n =
+          size_t(std::count_if(stems.begin(), stems.end(), [&](const auto& s) { return s.first.starts_with(prefix); }));
       if (n > best_count) best = format, best_count = n;
     }
     return best;
   }
-  auto prefixed = [&](std::string_view p) { return any_of_stems(stems, [&](const std::string& s) { return s.starts_with(p); }); };
+  auto prefixed = [&](std::string_view p) {
+    return any_of_stems(stems, [&](const std::string& s) { return s.starts_with(p); });
+  };
   if (any_of_stems(stems, [](const std::string& s) { return s.find(".processor.") != std::string::npos; }))
     return LoraFormat::XLabs;
   if (prefixed("base_model.model.")) return LoraFormat::FalKontext;
@@ -155,8 +159,8 @@ Tensor finite_f32(const SafetensorsFile& file, const std::string& key) {
   const float* v = f.ptr<float>();
   for (int64_t i = 0; i < f.numel(); ++i)
     if (!std::isfinite(v[i]))
-      throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(v[i]) ? "NaN" : "an infinity") +
-                  " at element " + std::to_string(i) + ", expected finite values");
+      throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(v[i]) ? "NaN" : "an infinity") + " at element " +
+                  std::to_string(i) + ", expected finite values");
   return f;
 }
 
@@ -185,8 +189,8 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
     const std::string& have = k.down.empty() ? k.up : k.down;
     const Suffix* s = suffix_of(have);
     const std::string partner = have.substr(0, have.size() - s->text.size()) + std::string(s->partner);
-    throw Error(path + ": '" + have + "' has no matching " + role_name(k.down.empty() ? Role::Down : Role::Up) +
-                " '" + partner + "', expected both halves of the pair");
+    throw Error(path + ": '" + have + "' has no matching " + role_name(k.down.empty() ? Role::Down : Role::Up) + " '" +
+                partner + "', expected both halves of the pair");
   }
   const Shape& ds = file.find(k.down)->shape;
   const Shape& us = file.find(k.up)->shape;
@@ -204,11 +208,11 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
     throw Error(msg);
   }
   if (us[1] != rank)
-    throw Error(up_is + ": rank " + std::to_string(us[1]) + ", but '" + k.down + "' has rank " +
-                std::to_string(rank) + " (shape " + shape_str(ds) + "), expected the same rank");
+    throw Error(up_is + ": rank " + std::to_string(us[1]) + ", but '" + k.down + "' has rank " + std::to_string(rank) +
+                " (shape " + shape_str(ds) + "), expected the same rank");
   if (us[0] != t.rows)
-    throw Error(up_is + ": " + std::to_string(us[0]) + " output rows, expected " + std::to_string(t.rows) +
-                " for " + module_rows(t));
+    throw Error(up_is + ": " + std::to_string(us[0]) + " output rows, expected " + std::to_string(t.rows) + " for " +
+                module_rows(t));
   if (!k.up_bias.empty() && file.find(k.up_bias)->shape != Shape{t.rows})
     throw Error(path + ": '" + k.up_bias + "' has shape " + shape_str(file.find(k.up_bias)->shape) + ", expected [" +
                 std::to_string(t.rows) + "] for " + module_rows(t));
@@ -237,8 +241,9 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
 void check_no_overlap(const std::string& path, const std::vector<LoraPair>& pairs) {
   std::vector<const LoraPair*> sorted;
   for (const auto& p : pairs) sorted.push_back(&p);
-  std::sort(sorted.begin(), sorted.end(),
-            [](const LoraPair* a, const LoraPair* b) { return std::tie(a->module, a->row) < std::tie(b->module, b->row); });
+  std::stable_sort(sorted.begin(), sorted.end(), [](const LoraPair* a, const LoraPair* b) {
+    return std::tie(a->module, a->row) < std::tie(b->module, b->row);
+  });
   for (size_t i = 1; i < sorted.size(); ++i) {
     const LoraPair& a = *sorted[i - 1];
     const LoraPair& b = *sorted[i];

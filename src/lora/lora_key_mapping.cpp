@@ -145,8 +145,7 @@ std::optional<LoraTarget> LoraKeyMapper::target(LoraFormat format, const std::st
       return diffusers_module(strip("transformer.").value_or(stem));
     case LoraFormat::OneTrainer:
       if (!(rest = strip("lora_transformer_"))) return std::nullopt;
-      if (auto it = onetrainer_names_.find(*rest); it != onetrainer_names_.end())
-        return diffusers_module(it->second);
+      if (auto it = onetrainer_names_.find(*rest); it != onetrainer_names_.end()) return diffusers_module(it->second);
       return std::nullopt;
     case LoraFormat::Kohya:
       if (!(rest = strip("lora_unet_"))) return std::nullopt;
@@ -157,10 +156,8 @@ std::optional<LoraTarget> LoraKeyMapper::target(LoraFormat format, const std::st
     case LoraFormat::FalKontext:
       if (!(rest = strip("base_model.model."))) return std::nullopt;
       return whole_module(*rest);
-    case LoraFormat::BflLora:
-      return whole_module(stem);
-    case LoraFormat::XLabs:
-      return xlabs_module(strip("diffusion_model.").value_or(stem));
+    case LoraFormat::BflLora: return whole_module(stem);
+    case LoraFormat::XLabs: return xlabs_module(strip("diffusion_model.").value_or(stem));
   }
   return std::nullopt;
 }

@@ -63,11 +63,11 @@ class LoraKeyMapper {
   std::optional<LoraTarget> xlabs_module(const std::string& name) const;
 
   int64_t inner_dim_ = 0;
-  std::map<std::string, Linear> modules_;                          // internal linear modules
-  std::map<std::string, std::vector<ModuleAlias>> diffusers_;      // diffusers module -> its internal rows
-  std::map<std::string, std::string> kohya_names_;                 // "double_blocks_0_img_attn_qkv" -> module
-  std::map<std::string, std::string> onetrainer_names_;            // "transformer_blocks_0_attn_to_q" -> diffusers
-  std::set<std::string> norm_scales_;                              // both namings
+  std::map<std::string, Linear> modules_;                      // internal linear modules
+  std::map<std::string, std::vector<ModuleAlias>> diffusers_;  // diffusers module -> its internal rows
+  std::map<std::string, std::string> kohya_names_;             // "double_blocks_0_img_attn_qkv" -> module
+  std::map<std::string, std::string> onetrainer_names_;        // "transformer_blocks_0_attn_to_q" -> diffusers
+  std::set<std::string> norm_scales_;                          // both namings
 };
 
 }  // namespace fluxswap

@@ -30,8 +30,8 @@ T typed(const json& value, const std::string& what, const std::string& path) {
   try {
     return value.get<T>();
   } catch (const json::exception&) {
-    throw Error(path + ": metadata '" + kMetadataKey + "': " + what + " is " + value.dump() +
-                ", expected a " + (std::is_same_v<T, bool> ? "boolean" : "number"));
+    throw Error(path + ": metadata '" + kMetadataKey + "': " + what + " is " + value.dump() + ", expected a " +
+                (std::is_same_v<T, bool> ? "boolean" : "number"));
   }
 }
 
