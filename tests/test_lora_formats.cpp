@@ -191,10 +191,9 @@ TEST_F(LoraFormats, EveryFixtureParsesWithItsFormatPairsScaleAndTensorCount) {
 }
 
 TEST_F(LoraFormats, PeftSplitProjectionsLandOnTheirFusedRows) {
-  const FluxConfig& c = config;
-  const int64_t D = c.inner_dim(), M = c.mlp_dim();
+  const int64_t D = config.inner_dim(), M = config.mlp_dim();
   const std::string path = lora_path("tiny", "a_peft");
-  const LoraAdapter a = load_lora_adapter(path, c);
+  const LoraAdapter a = load_lora_adapter(path, config);
   auto f = SafetensorsFile::open(path);
 
   const LoraPair& k = pair_from(a, "transformer.transformer_blocks.0.attn.to_k");
@@ -219,10 +218,9 @@ TEST_F(LoraFormats, PeftSplitProjectionsLandOnTheirFusedRows) {
 }
 
 TEST_F(LoraFormats, NormOutSwapsOnlyTheOutputRowHalves) {
-  const FluxConfig& c = config;
-  const int64_t D = c.inner_dim();
+  const int64_t D = config.inner_dim();
   const std::string path = lora_path("tiny", "a_peft");
-  const LoraAdapter a = load_lora_adapter(path, c);
+  const LoraAdapter a = load_lora_adapter(path, config);
   const LoraPair& p = pair_from(a, "transformer.norm_out.linear");
   auto f = SafetensorsFile::open(path);
   const Tensor up = f->tensor("transformer.norm_out.linear.lora_B.weight");
@@ -236,10 +234,9 @@ TEST_F(LoraFormats, NormOutSwapsOnlyTheOutputRowHalves) {
 }
 
 TEST_F(LoraFormats, DenseDeltaMatchesTheDiffusersTensorsDirectly) {
-  const FluxConfig& c = config;
-  const int64_t D = c.inner_dim(), M = c.mlp_dim();
+  const int64_t D = config.inner_dim(), M = config.mlp_dim();
   const std::string path = lora_path("tiny", "a_peft");
-  const LoraAdapter a = load_lora_adapter(path, c);
+  const LoraAdapter a = load_lora_adapter(path, config);
   auto f = SafetensorsFile::open(path);
   const double s = 8.0 / 4.0;  // the fixture's lora_alpha / r
 
@@ -309,8 +306,7 @@ TEST_F(LoraFormats, KohyaAndComfyUiFilesGiveIdenticalPairs) {
 }
 
 TEST_F(LoraFormats, XLabsProcessorsMapToBothStreams) {
-  const FluxConfig& c = config;
-  const LoraAdapter a = load_lora_adapter(lora_path("tiny", "d_xlabs"), c);
+  const LoraAdapter a = load_lora_adapter(lora_path("tiny", "d_xlabs"), config);
   const std::pair<std::string, std::string> expected[] = {
       {"double_blocks.1.processor.qkv_lora1", "double_blocks.1.img_attn.qkv"},
       {"double_blocks.1.processor.qkv_lora2", "double_blocks.1.txt_attn.qkv"},
@@ -322,14 +318,13 @@ TEST_F(LoraFormats, XLabsProcessorsMapToBothStreams) {
     EXPECT_EQ(p.module, module);
     EXPECT_EQ(p.row, 0);
   }
-  EXPECT_EQ(pair_from(a, "double_blocks.1.processor.qkv_lora1").rows, 3 * c.inner_dim());
+  EXPECT_EQ(pair_from(a, "double_blocks.1.processor.qkv_lora1").rows, 3 * config.inner_dim());
 }
 
 // ---- the same LoRA under every other supported naming ----
 
 TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
-  const FluxConfig& c = config;
-  const LoraAdapter ref = load_lora_adapter(lora_path("tiny", "c_kohya"), c);
+  const LoraAdapter ref = load_lora_adapter(lora_path("tiny", "c_kohya"), config);
   const Tensors comfy = read_all(lora_path("tiny", "c_comfy"));
   auto lora_ab = [](std::string k) {
     return swap_suffix(swap_suffix(k, ".lora_down.weight", ".lora_A.weight"), ".lora_up.weight", ".lora_B.weight");
@@ -356,7 +351,7 @@ TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
   for (const auto& [name, format, tensors] : variants) {
     SCOPED_TRACE(name);
     write_safetensors(tmp / (name + ".safetensors"), tensors);
-    const LoraAdapter a = load_lora_adapter(tmp / (name + ".safetensors"), c);
+    const LoraAdapter a = load_lora_adapter(tmp / (name + ".safetensors"), config);
     EXPECT_EQ(a.format, format);
     expect_same_pairs(ref, a);
     EXPECT_EQ(a.tensors_used + a.ignored_keys.size(), tensors.size());
@@ -364,9 +359,8 @@ TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
 }
 
 TEST_F(LoraFormats, EveryNamingOfThePeftLoraGivesTheSamePairs) {
-  const FluxConfig& c = config;
   const std::string path = lora_path("tiny", "a_peft");
-  const LoraAdapter ref = load_lora_adapter(path, c);
+  const LoraAdapter ref = load_lora_adapter(path, config);
   const Tensors peft = read_all(path);
   const auto metadata = SafetensorsFile::open(path)->metadata();
   const std::string prefix = "transformer.";
@@ -381,30 +375,29 @@ TEST_F(LoraFormats, EveryNamingOfThePeftLoraGivesTheSamePairs) {
     if (is_a) onetrainer.emplace_back(stem + ".alpha", scalar(8));
   }
   write_safetensors(tmp / "onetrainer.safetensors", onetrainer);
-  const LoraAdapter ot = load_lora_adapter(tmp / "onetrainer.safetensors", c);
+  const LoraAdapter ot = load_lora_adapter(tmp / "onetrainer.safetensors", config);
   EXPECT_EQ(ot.format, "onetrainer");
   expect_same_pairs(ref, ot);
 
   // No `transformer.` prefix: diffusers would drop these silently; we place them.
   write_safetensors(tmp / "bare.safetensors",
                     renamed(peft, [&](const std::string& k) { return k.substr(prefix.size()); }), metadata);
-  const LoraAdapter bare = load_lora_adapter(tmp / "bare.safetensors", c);
+  const LoraAdapter bare = load_lora_adapter(tmp / "bare.safetensors", config);
   EXPECT_EQ(bare.format, "peft");
   expect_same_pairs(ref, bare);
 }
 
 TEST_F(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
-  const FluxConfig& c = config;
   const Tensors peft = read_all(lora_path("tiny", "b_peft"));  // rank 8
   const std::string to_k = "transformer.transformer_blocks.0.attn.to_k";
 
   write_safetensors(tmp / "plain.safetensors", peft);
-  for (const auto& p : load_lora_adapter(tmp / "plain.safetensors", c).pairs) EXPECT_EQ(p.scale, 1.0f) << p.source;
+  for (const auto& p : load_lora_adapter(tmp / "plain.safetensors", config).pairs) EXPECT_EQ(p.scale, 1.0f) << p.source;
 
   Tensors with_alpha = peft;
   with_alpha.emplace_back(to_k + ".alpha", scalar(2));
   write_safetensors(tmp / "alpha.safetensors", with_alpha);
-  const LoraAdapter aa = load_lora_adapter(tmp / "alpha.safetensors", c);
+  const LoraAdapter aa = load_lora_adapter(tmp / "alpha.safetensors", config);
   EXPECT_EQ(pair_from(aa, to_k).scale, 0.25f);
   EXPECT_EQ(pair_from(aa, to_k).module, "double_blocks.0.img_attn.qkv");
   EXPECT_EQ(aa.tensors_used, with_alpha.size());
@@ -413,26 +406,25 @@ TEST_F(LoraFormats, PeftScaleFallsBackFromMetadataToAlphaTensorsToOne) {
   write_safetensors(tmp / "pattern.safetensors", with_alpha,
                     {{"lora_adapter_metadata", R"({"transformer.r": 8, "transformer.lora_alpha": 16,
                        "transformer.alpha_pattern": {"transformer_blocks.0.attn.to_k": 4, "to_k": 32}})"}});
-  const LoraAdapter pa = load_lora_adapter(tmp / "pattern.safetensors", c);
+  const LoraAdapter pa = load_lora_adapter(tmp / "pattern.safetensors", config);
   EXPECT_EQ(pair_from(pa, to_k).scale, 0.5f);
   EXPECT_EQ(pair_from(pa, "transformer.transformer_blocks.1.attn.to_k").scale, 4.0f);
   EXPECT_EQ(pair_from(pa, "transformer.transformer_blocks.1.attn.to_q").scale, 2.0f);
 
   write_safetensors(tmp / "rslora.safetensors", peft,
                     {{"lora_adapter_metadata", R"({"transformer.lora_alpha": 4, "transformer.use_rslora": true})"}});
-  for (const auto& p : load_lora_adapter(tmp / "rslora.safetensors", c).pairs)
+  for (const auto& p : load_lora_adapter(tmp / "rslora.safetensors", config).pairs)
     EXPECT_FLOAT_EQ(p.scale, float(4.0 / std::sqrt(8.0)));
 }
 
 TEST_F(LoraFormats, PeftUpBiasFollowsTheOutputRows) {
-  const FluxConfig& c = config;
-  const int64_t D = c.inner_dim();
+  const int64_t D = config.inner_dim();
   Tensors t = read_all(lora_path("tiny", "a_peft"));
   Tensor bias = Tensor::empty(DType::F32, {2 * D});
   for (int64_t i = 0; i < 2 * D; ++i) bias.ptr<float>()[i] = float(i);
   t.emplace_back("transformer.norm_out.linear.lora_B.bias", bias);
   write_safetensors(tmp / "bias.safetensors", t);
-  const LoraAdapter a = load_lora_adapter(tmp / "bias.safetensors", c);
+  const LoraAdapter a = load_lora_adapter(tmp / "bias.safetensors", config);
   const LoraPair& p = pair_from(a, "transformer.norm_out.linear");
   ASSERT_TRUE(p.up_bias.defined());
   EXPECT_EQ(p.up_bias.ptr<float>()[0], float(D));

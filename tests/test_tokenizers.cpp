@@ -28,9 +28,8 @@ constexpr size_t kGoldenT5Length = 64;  // goldens.json pads T5 to 64
 std::string tokenizers_dir() { return fixtures_dir() + "/tokenizers"; }
 std::string pipeline_dir() { return fixtures_dir() + "/tiny/pipeline"; }
 
-#define REQUIRE_TOKENIZER_FIXTURES()                                            \
-  if (!fs::exists(tokenizers_dir() + "/goldens.json"))                          \
-  GTEST_SKIP() << "no tokenizer fixtures at " << tokenizers_dir()
+#define REQUIRE_TOKENIZER_FIXTURES() \
+  if (!fs::exists(tokenizers_dir() + "/goldens.json")) GTEST_SKIP() << "no tokenizer fixtures at " << tokenizers_dir()
 
 struct Golden {
   std::string prompt;
@@ -67,14 +66,14 @@ std::string long_prompt() {
 }
 
 // Runs `stmt`, expecting a fluxswap::Error whose message contains `part`.
-#define EXPECT_ERROR_MENTIONS(stmt, part)                                                      \
-  do {                                                                                         \
-    try {                                                                                      \
-      stmt;                                                                                    \
-      ADD_FAILURE() << "expected fluxswap::Error from: " #stmt;                                \
-    } catch (const fluxswap::Error& e_) {                                                      \
-      EXPECT_NE(std::string(e_.what()).find(part), std::string::npos) << e_.what();            \
-    }                                                                                          \
+#define EXPECT_ERROR_MENTIONS(stmt, part)                                           \
+  do {                                                                              \
+    try {                                                                           \
+      stmt;                                                                         \
+      ADD_FAILURE() << "expected fluxswap::Error from: " #stmt;                     \
+    } catch (const fluxswap::Error& e_) {                                           \
+      EXPECT_NE(std::string(e_.what()).find(part), std::string::npos) << e_.what(); \
+    }                                                                               \
   } while (0)
 
 void expect_clip_goldens(const ClipTokenizer& tok, const char* loader) {
@@ -166,7 +165,8 @@ TEST(ClipTokenizer, NormalisesCaseWhitespaceAndComposition) {
   const auto tok = ClipTokenizer::from_folder(tokenizers_dir() + "/clip");
   EXPECT_EQ(tok.tokenize("A  CAT\t\nHolding"), tok.tokenize("a cat holding"));
   EXPECT_EQ(tok.tokenize("Cafe\xCC\x81"), tok.tokenize("caf\xC3\xA9"));  // e + combining acute == é (NFC)
-  EXPECT_EQ(tok.tokenize("\xCE\xA3\xCE\x9F\xCE\xA6\xCE\x99\xCE\x91"), tok.tokenize("\xCF\x83\xCE\xBF\xCF\x86\xCE\xB9\xCE\xB1"));
+  EXPECT_EQ(tok.tokenize("\xCE\xA3\xCE\x9F\xCE\xA6\xCE\x99\xCE\x91"),
+            tok.tokenize("\xCF\x83\xCE\xBF\xCF\x86\xCE\xB9\xCE\xB1"));
   // Digits are single tokens; contractions split off.
   EXPECT_EQ(tok.tokenize("1024").size(), 4u);
   EXPECT_EQ(tok.tokenize("it's"), (std::vector<int32_t>{585, 568}));
@@ -231,9 +231,9 @@ TEST(ClipTokenizer, MalformedFilesAreErrors) {
                         "expected model.type \"BPE\"");
   write_file(dir / "tokenizer_config.json", "{\"pad_token\": 5}");
   fs::copy_file(merges, dir / "real_merges.txt");
-  EXPECT_ERROR_MENTIONS(ClipTokenizer::from_vocab_merges(dir / "real_vocab.json", dir / "real_merges.txt",
-                                                         dir / "tokenizer_config.json"),
-                        "pad_token");
+  EXPECT_ERROR_MENTIONS(
+      ClipTokenizer::from_vocab_merges(dir / "real_vocab.json", dir / "real_merges.txt", dir / "tokenizer_config.json"),
+      "pad_token");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ TEST(T5Tokenizer, LoadersAgreeBeyondGoldens) {
       "   ",
       "Hello,   World!\n\tNew line",
       "\xEF\xBC\xA8\xEF\xBD\x85\xEF\xBD\x8C\xEF\xBD\x8C\xEF\xBD\x8F \xEF\xBC\x91\xEF\xBC\x92",  // fullwidth
-      "\xEF\xAC\x81nance \xE2\x84\xA2 \xC2\xBD cup",                                         // ﬁ ™ ½ (NFKC)
+      "\xEF\xAC\x81nance \xE2\x84\xA2 \xC2\xBD cup",                                            // ﬁ ™ ½ (NFKC)
       "\xCE\x9A\xCE\xB1\xCE\xBB\xCE\xB7\xCE\xBC\xCE\xAD\xCF\x81\xCE\xB1 \xD0\x9C\xD0\xB8\xD1\x80",
       "a <extra_id_0> b </s> c <pad><unk>",
       "price: $15.99 (approx.) -- 50% off!!!",
@@ -378,14 +378,14 @@ TEST(TokenizerFactory, PicksLoaderFromPipelineFolders) {
 TEST(TextUnicode, NormalisationPrimitives) {
   using namespace fluxswap::unicode;
   EXPECT_EQ(nfc(U"e\u0301"), U"\u00E9");
-  EXPECT_EQ(nfc(U"\u1100\u1161\u11A8"), U"\uAC01");                // Hangul L V T
-  EXPECT_EQ(nfc(U"a\u0323\u0302"), U"\u1EAD");                     // ậ: marks reordered, both composed
-  EXPECT_EQ(nfc(U"\u212B"), U"\u00C5");                            // Angstrom sign is a singleton
+  EXPECT_EQ(nfc(U"\u1100\u1161\u11A8"), U"\uAC01");  // Hangul L V T
+  EXPECT_EQ(nfc(U"a\u0323\u0302"), U"\u1EAD");       // ậ: marks reordered, both composed
+  EXPECT_EQ(nfc(U"\u212B"), U"\u00C5");              // Angstrom sign is a singleton
   EXPECT_EQ(to_lowercase(U"\u0130STANBUL \u03A3\u0394"), U"i\u0307stanbul \u03C3\u03B4");
   EXPECT_TRUE(is_letter(U'\u6771') && is_letter(U'\u0416') && is_number(U'\u0663') && !is_letter(U'\u0663'));
   EXPECT_TRUE(is_whitespace(U'\u3000') && !is_whitespace(U'\u200B'));
   EXPECT_EQ(decode_utf8("a\xFF\xC3"), U"a\uFFFD\uFFFD");
-  const std::u32string emoji = U"\U0001F431\u200D\U0001F464x";     // cat ZWJ bust: one cluster, then x
+  const std::u32string emoji = U"\U0001F431\u200D\U0001F464x";  // cat ZWJ bust: one cluster, then x
   EXPECT_EQ(grapheme_end(emoji, 0), 3u);
-  EXPECT_EQ(grapheme_end(U"\uFEFF\u0301", 0), 1u);                 // format characters break like controls
+  EXPECT_EQ(grapheme_end(U"\uFEFF\u0301", 0), 1u);  // format characters break like controls
 }

@@ -88,6 +88,9 @@ class Backend {
   // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
   virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
 
+  // y += alpha * x in float32 math (the sampler's Euler step on latents); rows, dtypes may differ.
+  virtual void axpy(const Tensor& y, float alpha, const Tensor& x);
+
   // LoRA support. These have throwing defaults only while a backend is being brought up; every shipped backend
   // overrides them.
   // dst = src, same shape and dtype; contiguous tensors, or rows views ([B, N, C] / [B, C]) on both sides.

@@ -3,6 +3,9 @@
 
 namespace fluxswap {
 
+void Backend::axpy(const Tensor&, float, const Tensor&) {
+  throw Error("axpy is not implemented by the " + name() + " backend");
+}
 void Backend::copy(const Tensor&, const Tensor&) { throw Error("copy is not implemented by the " + name() + " backend"); }
 void Backend::add_matmul(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
   throw Error("add_matmul is not implemented by the " + name() + " backend");

@@ -130,6 +130,14 @@ class CpuBackend final : public Backend {
   size_t memory_in_use() const override { return 0; }
   size_t peak_memory() const override { return 0; }
 
+  void axpy(const Tensor& y, float alpha, const Tensor& x) override {
+    Rows Y = rows_of(y, "axpy output"), X = rows_of(x, "axpy input");
+    check_same_rows(X, Y, "axpy");
+    for (int64_t b = 0; b < X.B; ++b)
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) Y.row(b, n)[c] += alpha * X.row(b, n)[c];
+  }
+
   void copy(const Tensor& src, const Tensor& dst) override {
     if (src.shape() != dst.shape() || src.dtype() != dst.dtype())
       throw Error("cpu backend: copy " + shape_str(src.shape()) + " -> " + shape_str(dst.shape()));

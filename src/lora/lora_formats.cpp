@@ -1,8 +1,6 @@
 // Reading a LoRA file of any supported format into a LoraAdapter: split every key into (stem, role), detect the
 // format in the order LORA_FORMATS.md gives, place each stem on the internal layout (lora_key_mapping), then
 // validate and convert each down/up pair. Every key ends up in a pair, in ignored_keys, or in an Error.
-#include "lora/lora_adapter.h"
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,6 +11,7 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "lora/lora_adapter.h"
 #include "lora/lora_key_mapping.h"
 #include "lora/lora_scaling.h"
 
@@ -244,13 +243,13 @@ void check_no_overlap(const std::string& path, const std::vector<LoraPair>& pair
   std::stable_sort(sorted.begin(), sorted.end(), [](const LoraPair* a, const LoraPair* b) {
     return std::tie(a->module, a->row) < std::tie(b->module, b->row);
   });
-  for (size_t i = 1; i < sorted.size(); ++i) {
-    const LoraPair& a = *sorted[i - 1];
-    const LoraPair& b = *sorted[i];
-    if (a.module == b.module && a.row + a.rows > b.row)
-      throw Error(path + ": '" + a.source + "' and '" + b.source + "' both target '" + b.module + "' rows [" +
-                  std::to_string(b.row) + ", " + std::to_string(std::min(a.row + a.rows, b.row + b.rows)) +
+  const LoraPair* reach = nullptr;  // of the pairs so far on this module, the one that ends last
+  for (const LoraPair* b : sorted) {
+    if (reach && reach->module == b->module && reach->row + reach->rows > b->row)
+      throw Error(path + ": '" + reach->source + "' and '" + b->source + "' both target '" + b->module + "' rows [" +
+                  std::to_string(b->row) + ", " + std::to_string(std::min(reach->row + reach->rows, b->row + b->rows)) +
                   "), expected each module row range at most once");
+    if (!reach || reach->module != b->module || b->row + b->rows > reach->row + reach->rows) reach = b;
   }
 }
 

@@ -1,5 +1,7 @@
 #include "text/byte_level_bpe.h"
 
+#include <functional>
+#include <queue>
 
 #include "core/error.h"
 #include "text/unicode.h"
@@ -50,8 +52,8 @@ ByteLevelBpe::ByteLevelBpe(std::unordered_map<std::string, int32_t> vocab,
       throw Error(source + ": merge " + std::to_string(rank + 1) + " \"" + a + " " + b + "\": \"" + missing +
                   "\" is not in the vocabulary");
     }
-    // A repeated pair keeps its first (best) rank, as a rank table built front to back would.
-    merges_.emplace(pair_key(ia->second, ib->second), Merge{int32_t(rank), im->second});
+    // A repeated pair takes its last rank: both references build the table as a dict, later entries winning.
+    merges_.insert_or_assign(pair_key(ia->second, ib->second), Merge{int32_t(rank), im->second});
   }
 }
 
@@ -62,38 +64,53 @@ std::optional<int32_t> ByteLevelBpe::token_id(std::string_view token) const {
 }
 
 std::vector<int32_t> ByteLevelBpe::merge_word(std::string_view word) const {
-  std::vector<int32_t> symbols;
-  symbols.reserve(word.size());
-  for (size_t i = 0; i < word.size(); ++i) {
-    const auto b = static_cast<unsigned char>(word[i]);
-    symbols.push_back(i + 1 == word.size() ? byte_eow_ids_[b] : byte_ids_[b]);
+  // Symbols form a linked list; candidate pairs wait in a min-heap by (rank, position), so a word costs
+  // O(n log n) rather than a rescan per merge (a prompt may hold one enormous "word"). Applying the lowest rank,
+  // leftmost first, equals the reference's merge-every-occurrence loop for trained merge lists, where a merge
+  // never creates a pair ranked below itself.
+  struct Symbol {
+    int32_t id;
+    int32_t prev, next;  // -1 at the ends; a merged-away symbol has id -1
+  };
+  struct Candidate {
+    int32_t rank;
+    int32_t left;  // position of the left symbol
+    int32_t left_id, right_id, merged_id;
+    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+  };
+  const int32_t n = static_cast<int32_t>(word.size());
+  std::vector<Symbol> symbols(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) {
+    const auto b = static_cast<unsigned char>(word[size_t(i)]);
+    symbols[size_t(i)] = {i + 1 == n ? byte_eow_ids_[b] : byte_ids_[b], i - 1, i + 1 < n ? i + 1 : -1};
   }
-  std::vector<int32_t> next;
-  while (symbols.size() > 1) {
-    const Merge* best = nullptr;
-    uint64_t best_key = 0;
-    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
-      auto it = merges_.find(pair_key(symbols[i], symbols[i + 1]));
-      if (it != merges_.end() && (best == nullptr || it->second.rank < best->rank)) {
-        best = &it->second;
-        best_key = it->first;
-      }
-    }
-    if (best == nullptr) break;
-    // Merge every occurrence of the best pair, left to right without overlaps.
-    next.clear();
-    for (size_t i = 0; i < symbols.size();) {
-      if (i + 1 < symbols.size() && pair_key(symbols[i], symbols[i + 1]) == best_key) {
-        next.push_back(best->merged_id);
-        i += 2;
-      } else {
-        next.push_back(symbols[i]);
-        ++i;
-      }
-    }
-    symbols.swap(next);
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<>> heap;
+  auto push_pair = [&](int32_t left) {
+    if (left < 0) return;
+    const int32_t right = symbols[size_t(left)].next;
+    if (right < 0) return;
+    const int32_t a = symbols[size_t(left)].id, b = symbols[size_t(right)].id;
+    auto it = merges_.find(pair_key(a, b));
+    if (it != merges_.end()) heap.push({it->second.rank, left, a, b, it->second.merged_id});
+  };
+  for (int32_t i = 0; i + 1 < n; ++i) push_pair(i);
+  while (!heap.empty()) {
+    const Candidate c = heap.top();
+    heap.pop();
+    Symbol& left = symbols[size_t(c.left)];
+    // Stale entries: either symbol changed since the pair was queued.
+    if (left.id != c.left_id || left.next < 0 || symbols[size_t(left.next)].id != c.right_id) continue;
+    Symbol& right = symbols[size_t(left.next)];
+    left.id = c.merged_id;
+    right.id = -1;
+    left.next = right.next;
+    if (right.next >= 0) symbols[size_t(right.next)].prev = c.left;
+    push_pair(left.prev);
+    push_pair(c.left);
   }
-  return symbols;
+  std::vector<int32_t> ids;
+  for (int32_t i = 0; i >= 0 && i < n; i = symbols[size_t(i)].next) ids.push_back(symbols[size_t(i)].id);
+  return ids;
 }
 
 void ByteLevelBpe::encode_word(std::string_view word, std::vector<int32_t>& out) const {

@@ -45,8 +45,8 @@ std::vector<std::pair<std::string, std::string>> parse_merges_txt(const std::str
     const size_t space = line.find(' ');
     if (space == 0 || space == std::string::npos || space + 1 == line.size() ||
         line.find(' ', space + 1) != std::string::npos) {
-      throw Error(path + " (merges.txt): line " + std::to_string(line_no) + ": expected two tokens separated by one space, got \"" +
-                  line + "\"");
+      throw Error(path + " (merges.txt): line " + std::to_string(line_no) +
+                  ": expected two tokens separated by one space, got \"" + line + "\"");
     }
     merges.emplace_back(line.substr(0, space), line.substr(space + 1));
   }
@@ -71,7 +71,8 @@ std::vector<std::pair<std::string, std::string>> parse_json_merges(const json& m
       out.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
       continue;
     }
-    throw Error(source + ": model.merges[" + std::to_string(i) + "] must be \"a b\" or [\"a\", \"b\"], got " + m.dump());
+    throw Error(source + ": model.merges[" + std::to_string(i) + "] must be \"a b\" or [\"a\", \"b\"], got " +
+                m.dump());
   }
   return out;
 }
@@ -83,8 +84,8 @@ bool starts_with_at(std::u32string_view s, size_t i, std::u32string_view prefix)
 // Length of the match of the CLIP pre-tokenisation pattern at s[i] (s[i] is not whitespace). The alternatives
 // are tried in the pattern's order, as a backtracking regex engine does, so e.g. "'s" wins over punctuation.
 size_t clip_piece_length(std::u32string_view s, size_t i) {
-  static constexpr std::u32string_view kFixed[] = {U"<|startoftext|>", U"<|endoftext|>", U"'s", U"'t", U"'re",
-                                                   U"'ve", U"'m", U"'ll", U"'d"};
+  static constexpr std::u32string_view kFixed[] = {
+      U"<|startoftext|>", U"<|endoftext|>", U"'s", U"'t", U"'re", U"'ve", U"'m", U"'ll", U"'d"};
   for (std::u32string_view fixed : kFixed) {
     if (starts_with_at(s, i, fixed)) return fixed.size();
   }

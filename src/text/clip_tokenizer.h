@@ -53,8 +53,8 @@ class ClipTokenizer : public TextTokenizer {
     std::optional<std::string> unk;  // defaults to eos
   };
 
-  ClipTokenizer(ByteLevelBpe bpe, std::vector<std::pair<std::string, int32_t>> added_tokens,
-                const SpecialNames& names, const std::string& source);
+  ClipTokenizer(ByteLevelBpe bpe, std::vector<std::pair<std::string, int32_t>> added_tokens, const SpecialNames& names,
+                const std::string& source);
   static void apply_config(SpecialNames& names, const std::string& tokenizer_config_json);
   void tokenize_text(std::string_view text, std::vector<int32_t>& out) const;
 

@@ -48,7 +48,8 @@ PrecompiledCharsmap PrecompiledCharsmap::from_base64(std::string_view base64, co
 }
 
 PrecompiledCharsmap::PrecompiledCharsmap(std::string_view blob, const std::string& label) {
-  if (blob.size() < 4) throw Error(label + ": precompiled_charsmap is " + std::to_string(blob.size()) + " bytes: too short");
+  if (blob.size() < 4)
+    throw Error(label + ": precompiled_charsmap is " + std::to_string(blob.size()) + " bytes: too short");
   const auto* b = reinterpret_cast<const unsigned char*>(blob.data());
   const uint32_t trie_bytes = uint32_t(b[0]) | uint32_t(b[1]) << 8 | uint32_t(b[2]) << 16 | uint32_t(b[3]) << 24;
   if (trie_bytes % 4 != 0 || trie_bytes == 0 || trie_bytes > blob.size() - 4) {

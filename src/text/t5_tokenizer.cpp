@@ -76,7 +76,8 @@ void parse_normalizer(const json& n, const std::string& source, std::vector<Text
     const json& map = n.value("precompiled_charsmap", json());
     if (map.is_null()) return;  // a Precompiled normaliser without a map is the identity
     if (!map.is_string()) throw Error(source + ": normalizer.precompiled_charsmap must be a base64 string");
-    auto charsmap = std::make_shared<PrecompiledCharsmap>(PrecompiledCharsmap::from_base64(map.get<std::string>(), source));
+    auto charsmap =
+        std::make_shared<PrecompiledCharsmap>(PrecompiledCharsmap::from_base64(map.get<std::string>(), source));
     steps.push_back([charsmap](std::string s) { return charsmap->normalize(s); });
   } else if (type == "Replace") {
     const json& pattern = n.value("pattern", json());
@@ -144,8 +145,8 @@ void whitespace_split(std::vector<std::string>& pieces) {
 
 // HF Metaspace: spaces become the replacement ("▁"), a replacement is prepended to a piece that lacks one
 // (always, or only to the first piece), and with `split` each piece is cut before every replacement.
-void metaspace(std::vector<std::string>& pieces, const std::string& replacement, bool prepend_all,
-               bool prepend_first, bool split) {
+void metaspace(std::vector<std::string>& pieces, const std::string& replacement, bool prepend_all, bool prepend_first,
+               bool split) {
   std::vector<std::string> out;
   for (size_t p = 0; p < pieces.size(); ++p) {
     std::string s = replace_all(pieces[p], " ", replacement);
@@ -274,9 +275,11 @@ T5Tokenizer T5Tokenizer::from_tokenizer_json(const std::string& tokenizer_json) 
   }
   const json& model = root["model"];
   const std::string type = model.value("type", std::string());
-  if (type != "Unigram") throw Error(source + ": expected model.type \"Unigram\" for a T5 tokenizer, got \"" + type + "\"");
+  if (type != "Unigram")
+    throw Error(source + ": expected model.type \"Unigram\" for a T5 tokenizer, got \"" + type + "\"");
   const json& vocab = model.value("vocab", json());
-  if (!vocab.is_array() || vocab.empty()) throw Error(source + ": model.vocab must be a non-empty array of [piece, score]");
+  if (!vocab.is_array() || vocab.empty())
+    throw Error(source + ": model.vocab must be a non-empty array of [piece, score]");
   std::vector<std::pair<std::string, double>> pieces;
   pieces.reserve(vocab.size());
   for (size_t i = 0; i < vocab.size(); ++i) {
@@ -310,8 +313,9 @@ T5Tokenizer T5Tokenizer::from_tokenizer_json(const std::string& tokenizer_json) 
   std::vector<SplitStep> pre_tokenizers;
   parse_normalizer(root.value("normalizer", json()), source, normalizers);
   parse_pre_tokenizer(root.value("pre_tokenizer", json()), source, pre_tokenizers);
-  t.backend_ = std::make_unique<TokenizerJsonBackend>(std::move(normalizers), std::move(pre_tokenizers),
-                                                      UnigramModel(std::move(pieces), t.unk_id_, byte_fallback, source));
+  t.backend_ =
+      std::make_unique<TokenizerJsonBackend>(std::move(normalizers), std::move(pre_tokenizers),
+                                             UnigramModel(std::move(pieces), t.unk_id_, byte_fallback, source));
 
   const auto eos = t.token_id("</s>");
   if (!eos) throw Error(source + ": no \"</s>\" token: expected T5's end-of-sequence token");

@@ -102,12 +102,16 @@ Hangul hangul_type(char32_t cp) {
 
 bool hangul_joins(Hangul prev, Hangul next) {
   switch (prev) {
-    case Hangul::kL: return next != Hangul::kNone && next != Hangul::kT;
+    case Hangul::kL:
+      return next != Hangul::kNone && next != Hangul::kT;
     case Hangul::kV:
-    case Hangul::kLV: return next == Hangul::kV || next == Hangul::kT;
+    case Hangul::kLV:
+      return next == Hangul::kV || next == Hangul::kT;
     case Hangul::kT:
-    case Hangul::kLVT: return next == Hangul::kT;
-    default: return false;
+    case Hangul::kLVT:
+      return next == Hangul::kT;
+    default:
+      return false;
   }
 }
 
@@ -115,8 +119,8 @@ constexpr char32_t kZwj = 0x200D;
 
 // Prepended_Concatenation_Mark: format characters that attach to what follows (GB9b) instead of breaking.
 bool is_prepend(char32_t cp) {
-  return (cp >= 0x600 && cp <= 0x605) || cp == 0x6DD || cp == 0x70F || cp == 0x890 || cp == 0x891 ||
-         cp == 0x8E2 || cp == 0x110BD || cp == 0x110CD;
+  return (cp >= 0x600 && cp <= 0x605) || cp == 0x6DD || cp == 0x70F || cp == 0x890 || cp == 0x891 || cp == 0x8E2 ||
+         cp == 0x110BD || cp == 0x110CD;
 }
 
 // Grapheme_Cluster_Break Control: breaks on both sides. Cc, line/paragraph separators, and format characters
@@ -235,8 +239,8 @@ bool is_mark(char32_t cp) { return cp >= 0x300 && in_ranges(data::kMarks, data::
 
 bool is_whitespace(char32_t cp) {
   if (cp < 0x80) return cp == ' ' || (cp >= 0x09 && cp <= 0x0D);
-  return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 ||
-         cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
+  return cp == 0x85 || cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 ||
+         cp == 0x202F || cp == 0x205F || cp == 0x3000;
 }
 
 void append_lowercase(std::u32string& out, char32_t cp) {

@@ -1,0 +1,106 @@
+#pragma once
+// FLUX's second text encoder: the T5 v1.1 encoder (transformers' T5EncoderModel, FLUX ships T5-XXL), written once
+// against the Backend ops. Pre-RMSNorm blocks of unscaled self-attention with a learned relative position bias
+// (computed by the first layer, shared by all) and a gated feed-forward, then a final RMSNorm. As in the FLUX
+// pipeline, no attention mask is applied, so padding tokens are attended.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/safetensors.h"
+
+namespace fluxswap {
+
+struct T5EncoderConfig {
+  int64_t vocab_size = 32128;
+  int64_t d_model = 4096;
+  int64_t d_kv = 64;
+  int64_t num_heads = 64;
+  int64_t d_ff = 10240;
+  int64_t num_layers = 24;
+  int64_t relative_attention_num_buckets = 32;
+  int64_t relative_attention_max_distance = 128;
+  float layer_norm_epsilon = 1e-6f;
+  // Applied to the gate half of the gated feed-forward ("gated-gelu" means the tanh approximation, gelu_new).
+  Activation dense_act = Activation::GeluTanh;
+
+  int64_t inner_dim() const { return d_kv * num_heads; }
+
+  // Parses a transformers T5Config config.json (a diffusers `text_encoder_2/config.json`); `path` is for messages.
+  // Error for a feed-forward the backends cannot compute (non-gated ones, exact erf GELU).
+  static T5EncoderConfig from_json_text(const std::string& text, const std::string& path);
+  static T5EncoderConfig from_json_file(const std::string& path);
+  // Throws Error naming `what` if a value is out of range or inconsistent.
+  void validate(const std::string& what) const;
+};
+
+// The bidirectional relative position bucket of T5's encoder for relative_position = key - query: exact buckets
+// for short distances, logarithmic ones up to max_distance, half of them for keys after the query.
+int64_t t5_relative_position_bucket(int64_t relative_position, int64_t num_buckets, int64_t max_distance);
+
+// The attention bias of a sequence: host float32 [H, S, S] with bias[h, i, j] = table[bucket(j - i), h], from the
+// float32 host table [num_buckets, H] (the first layer's relative_attention_bias.weight).
+Tensor t5_position_bias(const Tensor& table, int64_t seq_len, int64_t max_distance);
+
+struct T5LayerWeights {
+  Tensor attn_norm;  // [D]
+  Tensor qkv;        // [3 * inner, D]: q | k | v projections fused into one GEMM (T5 linears have no bias)
+  Tensor o;          // [D, inner]
+  Tensor ff_norm;    // [D]
+  Tensor wi;         // [2 * d_ff, D]: wi_0 (the activated gate) | wi_1 (the linear half), one GEMM
+  Tensor wo;         // [D, d_ff]
+};
+
+struct T5EncoderWeights {
+  Tensor embedding;  // [V, D] (`shared.weight`)
+  // Host float32 [num_buckets, H]: read on the host to build the per-length bias, never by a device op.
+  Tensor relative_attention_bias;
+  std::vector<T5LayerWeights> layers;
+  Tensor final_norm;  // [D]
+};
+
+// Reads, fuses and uploads every weight. Throws Error naming the file and key on a missing tensor or a shape the
+// config does not imply.
+T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, const T5EncoderConfig& config,
+                                         Backend& backend);
+
+class T5Encoder {
+ public:
+  T5Encoder(const T5EncoderConfig& config, T5EncoderWeights weights, Backend& backend);
+  // A diffusers `text_encoder_2/` folder: config.json beside model.safetensors (or model.safetensors.index.json,
+  // as FLUX.1's sharded T5-XXL ships).
+  static T5Encoder from_folder(const std::string& dir, Backend& backend);
+
+  // Allocates the activation buffers for a batch and sequence length, and builds and uploads the position bias
+  // when the length changes; kept while the shape stays the same.
+  void prepare(int64_t batch, int64_t seq_len);
+  // ids: int32 [B, S] on the backend's device. Writes out rows [B, S, d_model] (after the final RMSNorm) in the
+  // compute dtype. Issues device work only.
+  void encode(const Tensor& ids, const Tensor& out);
+
+  const T5EncoderConfig& config() const { return config_; }
+  Backend& backend() { return backend_; }
+
+ private:
+  void layer(const T5LayerWeights& w);
+
+  T5EncoderConfig config_;
+  T5EncoderWeights weights_;
+  Backend& backend_;
+
+  int64_t B_ = 0, S_ = 0;
+  Tensor position_bias_;  // float32 [H, S_, S_] on the device; depends on S only, so kept across batch sizes
+  int64_t bias_len_ = 0;
+  struct Buffers {
+    Tensor hidden;   // [B, S, D] residual stream
+    Tensor normed;   // [B, S, D] RMSNorm output, the input of each block's branch
+    Tensor qkv;      // [B, S, 3 * inner]
+    Tensor q, k, v;  // [B, H, S, d_kv]
+    Tensor attn;     // [B, S, inner] attention output, heads concatenated
+    Tensor branch;   // [B, S, D] output projection of a branch, before its residual add
+    Tensor ff;       // [B, S, 2 * d_ff] gate | linear halves of the feed-forward
+  } buf_;
+};
+
+}  // namespace fluxswap
