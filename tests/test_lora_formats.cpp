@@ -294,14 +294,14 @@ TEST_F(LoraFormats, KohyaAndComfyUiFilesGiveIdenticalPairs) {
   for (const std::string dir : {"tiny", "small", "tiny_schnell"}) {
     SCOPED_TRACE(dir);
     const FluxConfig c = config_of(dir);
-    const LoraAdapter kohya = load_lora_adapter(lora_path(dir, "c_kohya"), c);
-    expect_same_pairs(kohya, load_lora_adapter(lora_path(dir, "c_comfy"), c));
+    const LoraAdapter k = load_lora_adapter(lora_path(dir, "c_kohya"), c);
+    expect_same_pairs(k, load_lora_adapter(lora_path(dir, "c_comfy"), c));
     // A fused module takes one pair over all its rows.
-    const LoraPair& l1 = pair_from(kohya, "lora_unet_single_blocks_0_linear1");
+    const LoraPair& l1 = pair_from(k, "lora_unet_single_blocks_0_linear1");
     EXPECT_EQ(l1.module, "single_blocks.0.linear1");
     EXPECT_EQ(l1.row, 0);
     EXPECT_EQ(l1.rows, 3 * c.inner_dim() + c.mlp_dim());
-    EXPECT_EQ(pair_from(kohya, "lora_unet_double_blocks_0_txt_mod_lin").module, "double_blocks.0.txt_mod.lin");
+    EXPECT_EQ(pair_from(k, "lora_unet_double_blocks_0_txt_mod_lin").module, "double_blocks.0.txt_mod.lin");
   }
 }
 

@@ -169,7 +169,7 @@ TEST(CpuTextOps, MulInPlaceOnColumnViews) {
   expect_values(ff, {10, 21, 5, 7});
 }
 
-// ---- Encoders against the pipeline goldens ----
+// ---- Encoder helpers: the fixture pipelines' models and tokenizers, prompts from the goldens' metadata ----
 
 std::string pipeline_dir(const std::string& model) { return test::fixtures_dir() + "/" + model + "/pipeline"; }
 
@@ -177,14 +177,21 @@ std::shared_ptr<SafetensorsFile> pipeline_goldens(const std::string& model) {
   return SafetensorsFile::open(test::fixtures_dir() + "/" + model + "/pipeline_goldens.safetensors");
 }
 
-std::vector<std::string> golden_prompts(const SafetensorsFile& goldens) {
-  return {goldens.metadata().at("prompt0"), goldens.metadata().at("prompt1")};
+std::string prompt(const SafetensorsFile& goldens, int i) { return goldens.metadata().at("prompt" + std::to_string(i)); }
+
+size_t max_sequence_length(const SafetensorsFile& goldens) {
+  return std::stoul(goldens.metadata().at("max_sequence_length"));
 }
 
-// Pooled CLIP outputs [B, C] for the prompts, tokenized as the FLUX pipeline does (77 tokens).
-Tensor clip_pooled(const std::string& model, const std::vector<std::string>& prompts) {
-  auto be = make_cpu_backend();
-  ClipTextModel clip = ClipTextModel::from_folder(pipeline_dir(model) + "/text_encoder", *be);
+const char* const kPipelines[] = {"tiny", "tiny_schnell"};
+
+struct ClipIds {
+  Tensor ids;                // int32 [B, 77]
+  std::vector<int64_t> eos;  // per sample
+};
+
+// The prompts tokenized as the FLUX pipeline does for CLIP (77 tokens).
+ClipIds clip_ids(const std::string& model, const std::vector<std::string>& prompts) {
   const ClipTokenizer tok = ClipTokenizer::from_folder(pipeline_dir(model) + "/tokenizer");
   std::vector<std::vector<int32_t>> ids;
   std::vector<int64_t> eos;
@@ -193,55 +200,68 @@ Tensor clip_pooled(const std::string& model, const std::vector<std::string>& pro
     ids.push_back(enc.ids);
     eos.push_back(int64_t(enc.eos_index));
   }
+  return {ids_tensor(ids), eos};
+}
+
+// Pooled CLIP outputs [B, C] for the prompts.
+Tensor clip_pooled(const std::string& model, const std::vector<std::string>& prompts) {
+  auto be = make_cpu_backend();
+  ClipTextModel clip = ClipTextModel::from_folder(pipeline_dir(model) + "/text_encoder", *be);
+  const ClipIds in = clip_ids(model, prompts);
   Tensor pooled = be->empty(DType::F32, {int64_t(prompts.size()), clip.config().hidden_size});
-  clip.encode(ids_tensor(ids), eos, pooled);
+  clip.encode(in.ids, in.eos, pooled);
   return pooled;
 }
 
-// T5 outputs [B, S, D] for the prompts at the goldens' max_sequence_length.
-Tensor t5_embeds(const std::string& model, const std::vector<std::string>& prompts, size_t max_length) {
-  auto be = make_cpu_backend();
-  T5Encoder t5 = T5Encoder::from_folder(pipeline_dir(model) + "/text_encoder_2", *be);
+// T5 outputs [B, S, D] for the prompts, tokenized to max_length as the pipeline does.
+Tensor t5_encode(T5Encoder& t5, const std::string& model, const std::vector<std::string>& prompts,
+                 size_t max_length) {
   const T5Tokenizer tok = T5Tokenizer::from_folder(pipeline_dir(model) + "/tokenizer_2");
   std::vector<std::vector<int32_t>> ids;
   for (const auto& p : prompts) ids.push_back(tok.encode(p, max_length).ids);
-  Tensor out = be->empty(DType::F32, {int64_t(prompts.size()), int64_t(max_length), t5.config().d_model});
+  Tensor out = t5.backend().empty(DType::F32, {int64_t(prompts.size()), int64_t(max_length), t5.config().d_model});
   t5.encode(ids_tensor(ids), out);
   return out;
 }
 
-class TextEncoderGolden : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(TextEncoderGolden, ClipPooledMatchesPipeline) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  auto goldens = pipeline_goldens(GetParam());
-  const Tensor pooled = clip_pooled(GetParam(), {goldens->metadata().at("prompt0")});
-  EXPECT_LE(max_rel_error(pooled, goldens->tensor("pooled_prompt_embeds")), kTolerance);
+Tensor t5_embeds(const std::string& model, const std::vector<std::string>& prompts, size_t max_length) {
+  auto be = make_cpu_backend();
+  T5Encoder t5 = T5Encoder::from_folder(pipeline_dir(model) + "/text_encoder_2", *be);
+  return t5_encode(t5, model, prompts, max_length);
 }
-
-TEST_P(TextEncoderGolden, T5EmbedsMatchPipeline) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  auto goldens = pipeline_goldens(GetParam());
-  const size_t max_length = std::stoul(goldens->metadata().at("max_sequence_length"));
-  const Tensor embeds = t5_embeds(GetParam(), {goldens->metadata().at("prompt0")}, max_length);
-  EXPECT_LE(max_rel_error(embeds, goldens->tensor("prompt_embeds")), kTolerance);
-}
-
-// Batched, each sample is encoded on its own: prompt0 first in a batch of two still matches its golden.
-TEST_P(TextEncoderGolden, BatchOfTwoMatchesForTheFirstPrompt) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  auto goldens = pipeline_goldens(GetParam());
-  const Tensor pooled = clip_pooled(GetParam(), golden_prompts(*goldens));
-  EXPECT_LE(max_rel_error(pooled.narrow(0, 0, 1), goldens->tensor("pooled_prompt_embeds")), kTolerance);
-  EXPECT_GT(max_rel_error(pooled.narrow(0, 1, 1), goldens->tensor("pooled_prompt_embeds")), kTolerance);
-  const size_t max_length = std::stoul(goldens->metadata().at("max_sequence_length"));
-  const Tensor embeds = t5_embeds(GetParam(), golden_prompts(*goldens), max_length);
-  EXPECT_LE(max_rel_error(embeds.narrow(0, 0, 1), goldens->tensor("prompt_embeds")), kTolerance);
-}
-
-INSTANTIATE_TEST_SUITE_P(Fixtures, TextEncoderGolden, ::testing::Values("tiny", "tiny_schnell"));
 
 // ---- CLIP ----
+
+TEST(ClipTextModel, PooledOutputMatchesPipelineGoldens) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  for (const std::string model : kPipelines) {
+    auto goldens = pipeline_goldens(model);
+    const Tensor pooled = clip_pooled(model, {prompt(*goldens, 0)});
+    EXPECT_LE(max_rel_error(pooled, goldens->tensor("pooled_prompt_embeds")), kTolerance) << model;
+  }
+}
+
+// In a batch each sample is encoded on its own: prompt0 first in a batch of two still matches its golden.
+TEST(ClipTextModel, BatchOfTwoMatchesForTheFirstPrompt) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto goldens = pipeline_goldens("tiny");
+  const Tensor pooled = clip_pooled("tiny", {prompt(*goldens, 0), prompt(*goldens, 1)});
+  EXPECT_LE(max_rel_error(pooled.narrow(0, 0, 1), goldens->tensor("pooled_prompt_embeds")), kTolerance);
+  EXPECT_GT(max_rel_error(pooled.narrow(0, 1, 1), goldens->tensor("pooled_prompt_embeds")), kTolerance);
+}
+
+TEST(ClipTextModel, PooledIsTheLastHiddenStateAtTheFirstEos) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  ClipTextModel clip = ClipTextModel::from_folder(pipeline_dir("tiny") + "/text_encoder", *be);
+  auto goldens = pipeline_goldens("tiny");
+  const ClipIds in = clip_ids("tiny", {prompt(*goldens, 0)});
+  const int64_t C = clip.config().hidden_size;
+  Tensor pooled = be->empty(DType::F32, {1, C}), last = be->empty(DType::F32, {1, 77, C});
+  clip.encode(in.ids, in.eos, pooled, last);
+  EXPECT_EQ(max_rel_error(pooled, last.select(1, in.eos[0])), 0.0);
+  EXPECT_THROW(clip.encode(in.ids, {77}, pooled), Error);  // the eos position must lie in the sequence
+}
 
 TEST(ClipTextModel, ReadsFixtureConfig) {
   FLUXSWAP_REQUIRE_FIXTURES();
@@ -280,6 +300,34 @@ TEST(ClipTextModel, MissingWeightIsNamed) {
 }
 
 // ---- T5 ----
+
+TEST(T5Encoder, EmbedsMatchPipelineGoldens) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  for (const std::string model : kPipelines) {
+    auto goldens = pipeline_goldens(model);
+    const Tensor embeds = t5_embeds(model, {prompt(*goldens, 0)}, max_sequence_length(*goldens));
+    EXPECT_LE(max_rel_error(embeds, goldens->tensor("prompt_embeds")), kTolerance) << model;
+  }
+}
+
+TEST(T5Encoder, BatchOfTwoMatchesForTheFirstPrompt) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto goldens = pipeline_goldens("tiny");
+  const Tensor embeds = t5_embeds("tiny", {prompt(*goldens, 0), prompt(*goldens, 1)}, max_sequence_length(*goldens));
+  EXPECT_LE(max_rel_error(embeds.narrow(0, 0, 1), goldens->tensor("prompt_embeds")), kTolerance);
+  EXPECT_GT(max_rel_error(embeds.narrow(0, 1, 1), goldens->tensor("prompt_embeds")), kTolerance);
+}
+
+// The position bias depends on the sequence length: a second length rebuilds it.
+TEST(T5Encoder, ChangingTheSequenceLengthRebuildsThePositionBias) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  T5Encoder t5 = T5Encoder::from_folder(pipeline_dir("tiny") + "/text_encoder_2", *be);
+  auto goldens = pipeline_goldens("tiny");
+  t5_encode(t5, "tiny", {prompt(*goldens, 0)}, 24);
+  const Tensor embeds = t5_encode(t5, "tiny", {prompt(*goldens, 0)}, max_sequence_length(*goldens));
+  EXPECT_LE(max_rel_error(embeds, goldens->tensor("prompt_embeds")), kTolerance);
+}
 
 TEST(T5Encoder, RelativePositionBucketsFollowTheFormula) {
   // 32 buckets, max distance 128: 16 per direction, 8 exact, then 8 + floor(log(n / 8) / log(16) * 8), capped at

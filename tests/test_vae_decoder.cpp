@@ -83,7 +83,7 @@ INSTANTIATE_TEST_SUITE_P(
     CpuImageOps, CpuImageOpsConv,
     ::testing::Values(ConvCase{2, 3, 5, 7, 9, 3, 3, 1, true},     // 3x3, "same" padding, odd sizes
                       ConvCase{2, 3, 5, 7, 9, 3, 3, 0, true},     // 3x3, no padding
-                      ConvCase{1, 6, 4, 5, 3, 1, 1, 0, true},     // 1x1 (the pointwise path)
+                      ConvCase{2, 6, 4, 5, 3, 1, 1, 0, true},     // 1x1 (the pointwise path)
                       ConvCase{1, 6, 4, 5, 3, 1, 1, 1, false},    // 1x1 with padding: a zero border
                       ConvCase{1, 2, 3, 6, 5, 2, 3, 1, true},     // a non-square kernel
                       ConvCase{1, 1, 1, 1, 1, 3, 3, 1, true},     // a single pixel
@@ -230,12 +230,12 @@ TEST(VaeDecoder, ConfigFromPipelineFolder) {
 }
 
 // Copies the tiny VAE into a temporary folder with its tensors and config edited.
-std::string edited_vae(const test::TempDir& tmp, const std::function<void(std::vector<std::pair<std::string, Tensor>>&)>&
-                                                     edit_tensors,
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+std::string edited_vae(const test::TempDir& tmp, const std::function<void(NamedTensors&)>& edit_tensors,
                        const std::string& config_patch = "") {
   const std::string src = test::fixtures_dir() + "/tiny/pipeline/vae";
   auto file = SafetensorsFile::open(src + "/diffusion_pytorch_model.safetensors");
-  std::vector<std::pair<std::string, Tensor>> tensors;
+  NamedTensors tensors;
   for (const auto& key : file->keys()) tensors.emplace_back(key, file->tensor(key));
   edit_tensors(tensors);
   write_safetensors(tmp / "diffusion_pytorch_model.safetensors", tensors);
@@ -362,12 +362,14 @@ TEST(VaeDecoder, PostprocessRoundsLikeNumpy) {
   Tensor u8 = postprocess_u8(image);
   ASSERT_EQ(u8.shape(), (Shape{1, 1, 2, 3}));
   ASSERT_EQ(u8.dtype(), DType::U8);
-  const std::vector<int> expected = {0, 128 /* 127.5 rounds to even */, 255, 0, 255, 0};
+  const std::vector<int> expected = {0, 128 /* 127.5 */, 255, 0, 255, 0};
   for (int i = 0; i < 6; ++i) EXPECT_EQ(int(u8.ptr<uint8_t>()[i]), expected[i]) << i;
-  // 0.01 -> 0.505 * 255 = 128.775 -> 129; -0.01 -> 0.495 * 255 = 126.225 -> 126.
-  Tensor near = postprocess_u8(from_values({1, 1, 1, 2}, {0.01f, -0.01f}));
+  // 0.01 -> 0.505 * 255 = 128.775 -> 129; -0.01 -> 0.495 * 255 = 126.225 -> 126; 65279/65536 gives exactly
+  // 254.5 in float32, which numpy rounds to the even 254 (rounding half up would give 255).
+  Tensor near = postprocess_u8(from_values({1, 1, 1, 3}, {0.01f, -0.01f, 65279.0f / 65536.0f}));
   EXPECT_EQ(int(near.ptr<uint8_t>()[0]), 129);
   EXPECT_EQ(int(near.ptr<uint8_t>()[1]), 126);
+  EXPECT_EQ(int(near.ptr<uint8_t>()[2]), 254);
 }
 
 }  // namespace

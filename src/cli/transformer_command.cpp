@@ -51,6 +51,9 @@ void run(const TransformerOptions& o) {
       auto adapter = std::make_shared<LoraAdapter>(load_lora_adapter(a.path, ck.config));
       std::printf("lora     %s: %s format, %zu LoRA tensors -> %zu low-rank updates, weight %g\n", a.path.c_str(),
                   adapter->format.c_str(), adapter->tensors_used, adapter->pairs.size(), double(a.weight));
+      if (adapter->pairs.empty())
+        throw Error(a.path + ": no transformer LoRA tensors (" + std::to_string(adapter->ignored_keys.size()) +
+                    " text-encoder tensors, which are not supported yet): it would change nothing");
       if (!adapter->ignored_keys.empty())
         std::printf("warning  %zu tensors not applied (e.g. '%s': text-encoder LoRA is not supported yet)\n",
                     adapter->ignored_keys.size(), adapter->ignored_keys.front().c_str());

@@ -30,8 +30,6 @@ void read_field(const json& j, const char* key, T& out, const std::string& path)
   }
 }
 
-std::string list_str(const std::vector<int64_t>& v) { return shape_str(v); }
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -86,11 +84,11 @@ VaeConfig VaeConfig::from_json_file(const std::string& path) {
 void VaeConfig::validate(const std::string& what) const {
   auto fail = [&](const std::string& m) { throw Error(what + ": " + m); };
   if (block_out_channels.empty() || block_out_channels.size() > 8)
-    fail("block_out_channels must list 1 to 8 widths, got " + list_str(block_out_channels));
+    fail("block_out_channels must list 1 to 8 widths, got " + shape_str(block_out_channels));
   if (norm_num_groups <= 0) fail("norm_num_groups must be positive");
   for (int64_t c : block_out_channels)
     if (c <= 0 || c % norm_num_groups != 0)
-      fail("block_out_channels " + list_str(block_out_channels) + " must be positive multiples of norm_num_groups " +
+      fail("block_out_channels " + shape_str(block_out_channels) + " must be positive multiples of norm_num_groups " +
            std::to_string(norm_num_groups));
   if (layers_per_block < 0) fail("layers_per_block must not be negative");
   if (latent_channels <= 0 || out_channels <= 0) fail("latent_channels and out_channels must be positive");
@@ -214,20 +212,24 @@ Tensor VaeDecoder::shaped(const Tensor& arena, const Shape& shape) {
 
 void VaeDecoder::prepare(int64_t batch, int64_t height, int64_t width) {
   if (batch == B_ && height == h_ && width == w_) return;
-  const std::vector<int64_t>& widths = config_.block_out_channels;
-  // The largest activation: a block's input and output at its resolution, and each upsampled output.
-  int64_t area = height * width, channels = widths.back();
+  // The arenas must hold the largest activation: each up block's input and output at its resolution, and its
+  // upsampled output at twice the resolution.
+  const std::vector<int64_t> widths(config_.block_out_channels.rbegin(), config_.block_out_channels.rend());
+  int64_t area = height * width, channels = widths.front();
   int64_t most = std::max(config_.latent_channels, channels) * area;
-  for (auto it = widths.rbegin(); it != widths.rend(); ++it) {
-    most = std::max(most, std::max(channels, *it) * area);
-    channels = *it;
-    if (it + 1 != widths.rend()) most = std::max(most, channels * (area *= 4));
+  for (size_t i = 0; i < widths.size(); ++i) {
+    most = std::max(most, std::max(channels, widths[i]) * area);
+    channels = widths[i];
+    if (i + 1 == widths.size()) break;
+    area *= 4;
+    most = std::max(most, channels * area);
   }
   const DType dt = backend_.compute_dtype();
-  const int64_t top = widths.back(), tokens = height * width, up = config_.upscale();
+  const int64_t up = config_.upscale(), tokens = height * width;
   buf_ = Buffers{};
   for (Tensor* arena : {&buf_.cur, &buf_.a, &buf_.b}) *arena = backend_.empty(dt, {batch * most});
-  for (Tensor* t : {&buf_.q, &buf_.k, &buf_.v, &buf_.attn}) *t = backend_.empty(dt, {batch, tokens, top});
+  if (config_.mid_block_add_attention)
+    for (Tensor* t : {&buf_.q, &buf_.k, &buf_.v, &buf_.attn}) *t = backend_.empty(dt, {batch, tokens, widths[0]});
   buf_.latents_in = backend_.empty(dt, {batch, config_.latent_channels, height, width});
   buf_.image_out = backend_.empty(dt, {batch, config_.out_channels, height * up, width * up});
   B_ = batch;

@@ -58,7 +58,8 @@ cuda::RowsView rows_of(const Tensor& t, const char* op, const char* what) {
 
 cuda::VecsView vecs_of(const Tensor& t, const char* op, const char* what) {
   check_cuda_tensor(t, op, what, DType::BF16);
-  if (t.ndim() != 2 || t.stride(1) != 1) bad(op, std::string(what) + " must be a [B, C] view, got " + shape_str(t.shape()));
+  if (t.ndim() != 2 || t.stride(1) != 1)
+    bad(op, std::string(what) + " must be a [B, C] view, got " + shape_str(t.shape()));
   return {t.ptr<__nv_bfloat16>(), t.size(0), t.size(1), t.stride(0)};
 }
 
@@ -204,8 +205,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<RecordedWork> record(const std::function<void()>& fn) override {
     const char* op = "record";
     if (capturing_) bad(op, "recordings do not nest");
-    // Relaxed mode: the libraries' own harmless calls (attribute queries) must not invalidate the capture; this
-    // backend's allocations are refused by capturing_ instead.
+    // Relaxed mode, so that host-side calls inside cuBLASLt or cuDNN that are not stream work cannot invalidate the
+    // capture; this backend refuses its own allocations through capturing_ instead.
     check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeRelaxed), op, "cudaStreamBeginCapture");
     capturing_ = true;
     cudaGraph_t graph = nullptr;

@@ -15,7 +15,8 @@ namespace fluxswap::cuda {
 }
 
 inline void check(cudaError_t status, const char* op, const char* call) {
-  if (status != cudaSuccess) fail(op, call, std::string(cudaGetErrorName(status)) + " (" + cudaGetErrorString(status) + ")");
+  if (status != cudaSuccess)
+    fail(op, call, std::string(cudaGetErrorName(status)) + " (" + cudaGetErrorString(status) + ")");
 }
 
 inline void check(cublasStatus_t status, const char* op, const char* call) {

@@ -242,7 +242,8 @@ void prepare_flash_attention() {
 
 void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t B,
                             int64_t H, int64_t S, int64_t D, const RowsView& out, cudaStream_t stream) {
-  if (D < 1 || D > 128) fail("attention", "flash_attention_kernel", "head_dim must be 1..128, got " + std::to_string(D));
+  if (D < 1 || D > 128)
+    fail("attention", "flash_attention_kernel", "head_dim must be 1..128, got " + std::to_string(D));
   if (B * H == 0 || S == 0) return;
   if (B * H > 65535) fail("attention", "flash_attention_kernel", "batch x heads must be at most 65535");
   const bool pairs = D % 2 == 0 && out.sb % 2 == 0 && out.sn % 2 == 0 && reinterpret_cast<uintptr_t>(out.p) % 4 == 0;
