@@ -277,6 +277,25 @@ TEST(ClipTextModel, RejectsAnActivationTheBackendsLack) {
   EXPECT_THROW(ClipTextConfig::from_json_text(R"({"hidden_act": "gelu"})", "config.json"), Error);
 }
 
+// transformers 4.x (FLUX.1's own text_encoder/) writes every key under `text_model.`.
+TEST(ClipTextModel, ReadsTextModelPrefixedKeys) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string src = pipeline_dir("tiny") + "/text_encoder";
+  std::filesystem::copy_file(src + "/config.json", tmp / "config.json");
+  auto file = SafetensorsFile::open(src + "/model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> prefixed;
+  for (const auto& key : file->keys()) prefixed.emplace_back("text_model." + key, file->tensor(key));
+  write_safetensors(tmp / "model.safetensors", prefixed);
+  auto be = make_cpu_backend();
+  ClipTextModel clip = ClipTextModel::from_folder(tmp.path().string(), *be);
+  auto goldens = pipeline_goldens("tiny");
+  const ClipIds in = clip_ids("tiny", {prompt(*goldens, 0)});
+  Tensor pooled = be->empty(DType::F32, {1, clip.config().hidden_size});
+  clip.encode(in.ids, in.eos, pooled);
+  EXPECT_LE(max_rel_error(pooled, goldens->tensor("pooled_prompt_embeds")), kTolerance);
+}
+
 TEST(ClipTextModel, MissingWeightIsNamed) {
   FLUXSWAP_REQUIRE_FIXTURES();
   test::TempDir tmp;
