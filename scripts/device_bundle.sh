@@ -21,11 +21,22 @@ for exe in .device/bin/*; do
 done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so|/libcu|/libnv' |
   while read -r lib; do cp -L "$lib" .device/lib/; done
 
+# Only what the device tests read: the carried tree must stay under 64 MiB.
 FIX=${FIXTURES:-../shared/fixtures}
 if [ -d "$FIX" ]; then
-  for d in tiny small tiny_schnell scheduler; do cp -r "$FIX/$d" .device/fixtures/; done
+  for d in tiny small tiny_schnell; do
+    mkdir -p ".device/fixtures/$d"
+    cp "$FIX/$d"/{config.json,transformer_bfl.safetensors,transformer_goldens.safetensors} "$FIX/$d"/lora_*.safetensors \
+      ".device/fixtures/$d/"
+    [ -f "$FIX/$d/pipeline_goldens.safetensors" ] && cp "$FIX/$d/pipeline_goldens.safetensors" ".device/fixtures/$d/"
+    [ -d "$FIX/$d/pipeline" ] && cp -r "$FIX/$d/pipeline" ".device/fixtures/$d/"
+  done
 fi
+# OpenBLAS alone is 36 MB: the payload travels xz-compressed and env.sh unpacks it on the device.
+tar -C .device -cJf .device/payload.tar.xz bin lib fixtures
+rm -rf .device/bin .device/lib .device/fixtures
 cat > .device/env.sh <<'ENV'
+[ -d .device/bin ] || tar -C .device -xJf .device/payload.tar.xz
 export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export FLUXSWAP_FIXTURES="$PWD/.device/fixtures"
 export PATH="$PWD/.device/bin:$PATH"

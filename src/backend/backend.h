@@ -40,7 +40,8 @@ class Backend {
   virtual Tensor empty(DType dtype, const Shape& shape) = 0;
   // A copy of a host tensor (any float dtype) on the device in compute_dtype().
   virtual Tensor upload_weight(const Tensor& host) = 0;
-  // Host -> device copy into an existing tensor; converts from any float dtype to dst's dtype.
+  // Host -> device copy into an existing tensor; converts from any float dtype to dst's dtype. Integer tensors
+  // (token ids) are copied as they are and need matching dtypes.
   virtual void copy_from_host(const Tensor& host, const Tensor& dst) = 0;
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;

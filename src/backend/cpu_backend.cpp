@@ -76,8 +76,15 @@ class CpuBackend final : public Backend {
   void copy_from_host(const Tensor& host, const Tensor& dst) override {
     if (host.shape() != dst.shape())
       throw Error("copy_from_host: shape " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
-    Tensor f = host.to_f32();
     if (!dst.is_contiguous()) throw Error("copy_from_host: destination must be contiguous");
+    if (!dtype_is_float(host.dtype()) || !dtype_is_float(dst.dtype())) {
+      if (host.dtype() != dst.dtype() || !host.is_contiguous())
+        throw Error("copy_from_host: integer tensors are copied as they are, " +
+                    std::string(dtype_name(host.dtype())) + " into " + std::string(dtype_name(dst.dtype())));
+      std::memcpy(dst.data(), host.data(), host.nbytes());
+      return;
+    }
+    Tensor f = host.to_f32();
     convert_from_f32(f.ptr<float>(), dst.dtype(), dst.data(), size_t(f.numel()));
   }
   Tensor to_host_f32(const Tensor& src) override { return src.to_f32(); }

@@ -293,6 +293,7 @@ Tensor VaeDecoder::resnet(const VaeResnetWeights& w, const Tensor& x) {
   const int groups = int(config_.norm_num_groups);
   const int64_t B = x.size(0), Cout = w.conv1.weight.size(0), H = x.size(2), W = x.size(3);
   const Shape out_shape = {B, Cout, H, W};
+  // Each intermediate result overwrites the scratch arena whose contents are no longer read.
   const auto [s, t] = scratch_besides(x);
   Tensor h = shaped(s, x.shape()), h1 = shaped(t, out_shape), h2 = shaped(s, out_shape);
   be.group_norm(x, w.norm1.weight, w.norm1.bias, groups, kNormEps, true, h);
