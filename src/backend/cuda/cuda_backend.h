@@ -1,0 +1,421 @@
+#pragma once
+// The CUDA backend: bf16 activations and weights, float32 math inside every kernel, one stream, no host
+// synchronisation inside ops and no allocation while a CUDA graph is being captured. GEMMs run on cuBLASLt,
+// attention on cuDNN's fused SDPA (with a built-in flash-attention kernel as the fallback), the rest on the
+// kernels in this folder.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cublaslt_linear.h"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/cudnn_attention.h"
+#include "backend/cuda/device_memory.h"
+#include "backend/cuda/kernels.h"
+#include "backend/cuda/op_profiler.h"
+
+namespace fluxswap::cuda {
+
+enum class AttentionMode { Auto, Cudnn, Naive };
+
+inline AttentionMode attention_mode_from_env() {
+  const char* env = std::getenv("FLUXSWAP_ATTENTION");
+  if (!env || !*env || !std::strcmp(env, "auto")) return AttentionMode::Auto;
+  if (!std::strcmp(env, "cudnn")) return AttentionMode::Cudnn;
+  if (!std::strcmp(env, "naive")) return AttentionMode::Naive;
+  throw Error(std::string("FLUXSWAP_ATTENTION='") + env + "': expected auto, cudnn or naive");
+}
+
+[[noreturn]] inline void bad(const char* op, const std::string& what) {
+  throw Error(std::string("cuda backend: ") + op + ": " + what);
+}
+
+inline void check_cuda_tensor(const Tensor& t, const char* op, const char* what, DType dtype) {
+  if (!t.defined()) bad(op, std::string(what) + " is undefined");
+  if (t.device() != Device::CUDA) bad(op, std::string(what) + " must be a CUDA tensor");
+  if (t.dtype() != dtype)
+    bad(op, std::string(what) + " must be " + std::string(dtype_name(dtype)) + ", got " +
+                std::string(dtype_name(t.dtype())));
+}
+
+// A rows view [B, N, C] (a 2-D [B, C] tensor is B rows of one batch), as the CPU reference reads them.
+inline RowsView rows_of(const Tensor& t, const char* op, const char* what) {
+  check_cuda_tensor(t, op, what, DType::BF16);
+  if (t.stride(-1) != 1) bad(op, std::string(what) + " needs a contiguous last dimension");
+  auto* p = t.ptr<__nv_bfloat16>();
+  if (t.ndim() == 3) return {p, t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+  if (t.ndim() == 2) return {p, 1, t.size(0), t.size(1), 0, t.stride(0)};
+  bad(op, std::string(what) + " must be 2-D or 3-D, got " + shape_str(t.shape()));
+}
+
+inline VecsView vecs_of(const Tensor& t, const char* op, const char* what) {
+  check_cuda_tensor(t, op, what, DType::BF16);
+  if (t.ndim() != 2 || t.stride(1) != 1)
+    bad(op, std::string(what) + " must be a [B, C] view, got " + shape_str(t.shape()));
+  return {t.ptr<__nv_bfloat16>(), t.size(0), t.size(1), t.stride(0)};
+}
+
+inline void check_same_rows(const cuda::RowsView& a, const cuda::RowsView& b, const char* op) {
+  if (a.B != b.B || a.N != b.N || a.C != b.C) bad(op, "shape mismatch");
+}
+
+inline void check_vecs_fit(const cuda::VecsView& v, const cuda::RowsView& r, const char* op, const char* what) {
+  if (v.B < r.B || v.C != r.C) bad(op, std::string(what) + " does not match the rows it modulates");
+}
+
+inline void check_contiguous(const Tensor& t, const char* op, const char* what) {
+  if (!t.is_contiguous()) bad(op, std::string(what) + " must be contiguous");
+}
+
+// The stream is shared with recordings, which may outlive the backend.
+struct StreamHolder {
+  int device;
+  cudaStream_t stream = nullptr;
+  ~StreamHolder() {
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
+class CudaRecording final : public RecordedWork {
+ public:
+  CudaRecording(std::shared_ptr<StreamHolder> stream, cudaGraphExec_t exec) : stream_(std::move(stream)), exec_(exec) {}
+  ~CudaRecording() override { cudaGraphExecDestroy(exec_); }
+  void replay() override { check(cudaGraphLaunch(exec_, stream_->stream), "replay", "cudaGraphLaunch"); }
+
+ private:
+  std::shared_ptr<StreamHolder> stream_;
+  cudaGraphExec_t exec_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : memory_(device), attention_mode_(attention_mode_from_env()) {
+    check(cudaSetDevice(device), "init", "cudaSetDevice");
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, device), "init", "cudaGetDeviceProperties");
+    if (prop.major < 8)
+      bad("init", std::string(prop.name) + " has compute capability " + std::to_string(prop.major) + "." +
+                      std::to_string(prop.minor) + "; bf16 tensor cores need 8.0 or newer");
+    name_ = "cuda:" + std::to_string(device) + " (" + prop.name + ", bf16)";
+    stream_ = std::make_shared<StreamHolder>();
+    stream_->device = device;
+    check(cudaStreamCreateWithFlags(&stream_->stream, cudaStreamNonBlocking), "init", "cudaStreamCreateWithFlags");
+    cuda::prepare_flash_attention();
+    gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_);
+  }
+
+  ~CudaBackend() override { cudaStreamSynchronize(stream()); }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return name_; }
+  DType compute_dtype() const override { return DType::BF16; }
+
+  Tensor empty(DType dtype, const Shape& shape) override {
+    if (capturing_) bad("empty", "allocation while recording; allocate buffers before record()");
+    for (int64_t d : shape)
+      if (d < 0) bad("empty", "negative dimension in shape " + shape_str(shape));
+    auto owner = memory_.allocate(size_t(shape_numel(shape)) * dtype_size(dtype), "empty");
+    void* p = owner.get();
+    return Tensor::borrow(p, dtype, shape, Device::CUDA, std::move(owner));
+  }
+
+  Tensor upload_weight(const Tensor& host) override {
+    if (host.device() != Device::CPU || !dtype_is_float(host.dtype()))
+      bad("upload_weight", "expects a host tensor of a float dtype");
+    Tensor dev = empty(DType::BF16, host.shape());
+    copy_from_host(host, dev);
+    return dev;
+  }
+
+  void copy_from_host(const Tensor& host, const Tensor& dst) override {
+    const char* op = "copy_from_host";
+    if (host.shape() != dst.shape()) bad(op, "shape " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
+    if (host.device() != Device::CPU || !dtype_is_float(host.dtype())) bad(op, "source must be a float host tensor");
+    if (dst.device() != Device::CUDA || (dst.dtype() != DType::F32 && dst.dtype() != DType::BF16))
+      bad(op, "destination must be a float32 or bf16 CUDA tensor");
+    check_contiguous(dst, op, "destination");
+    const void* src = host.data();
+    std::vector<unsigned char> staged;
+    if (host.dtype() != dst.dtype() || !host.is_contiguous()) {
+      Tensor f = host.to_f32();
+      staged.resize(dst.nbytes());
+      convert_from_f32(f.ptr<float>(), dst.dtype(), staged.data(), size_t(f.numel()));
+      src = staged.data();
+    }
+    // From pageable memory the call returns once the source has been staged, so `staged` may go right after.
+    check(cudaMemcpyAsync(dst.data(), src, dst.nbytes(), cudaMemcpyHostToDevice, stream()), op, "cudaMemcpyAsync");
+  }
+
+  Tensor to_host_f32(const Tensor& src) override {
+    const char* op = "to_host_f32";
+    if (src.device() != Device::CUDA || (src.dtype() != DType::F32 && src.dtype() != DType::BF16))
+      bad(op, "source must be a float32 or bf16 CUDA tensor");
+    if (src.numel() == 0) return Tensor::empty(DType::F32, src.shape());
+    // Copy the span the view covers, then gather on the host.
+    int64_t span = 1;
+    for (int d = 0; d < src.ndim(); ++d) {
+      if (src.stride(d) < 0) bad(op, "negative strides are not supported");
+      span += (src.size(d) - 1) * src.stride(d);
+    }
+    const size_t es = dtype_size(src.dtype());
+    Tensor raw = Tensor::empty(src.dtype(), {span});
+    check(cudaMemcpyAsync(raw.data(), src.data(), size_t(span) * es, cudaMemcpyDeviceToHost, stream()), op,
+          "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(stream()), op, "cudaStreamSynchronize");
+    Tensor out = Tensor::empty(DType::F32, src.shape());
+    if (src.is_contiguous()) {
+      convert_to_f32(src.dtype(), raw.data(), out.ptr<float>(), size_t(src.numel()));
+      return out;
+    }
+    const int nd = src.ndim();
+    std::vector<int64_t> idx(size_t(nd), 0);
+    const auto* base = static_cast<const unsigned char*>(raw.data());
+    for (int64_t i = 0; i < src.numel(); ++i) {
+      int64_t off = 0;
+      for (int d = 0; d < nd; ++d) off += idx[size_t(d)] * src.stride(d);
+      convert_to_f32(src.dtype(), base + off * int64_t(es), out.ptr<float>() + i, 1);
+      for (int d = nd - 1; d >= 0; --d) {
+        if (++idx[size_t(d)] < src.size(d)) break;
+        idx[size_t(d)] = 0;
+      }
+    }
+    return out;
+  }
+
+  void synchronize() override { check(cudaStreamSynchronize(stream()), "synchronize", "cudaStreamSynchronize"); }
+
+  void fill_normal(const Tensor& t, uint64_t seed, float mean, float std) override {
+    const char* op = "fill_normal";
+    if (t.device() != Device::CUDA || (t.dtype() != DType::F32 && t.dtype() != DType::BF16))
+      bad(op, "tensor must be a float32 or bf16 CUDA tensor");
+    check_contiguous(t, op, "tensor");
+    cuda::launch_fill_normal(t.data(), t.dtype() == DType::BF16, t.numel(), seed, mean, std, stream());
+  }
+
+  // Captures fn's device work into a CUDA graph. As on the CPU backend, the work has also run once when this
+  // returns (the graph is launched once right after instantiation).
+  std::unique_ptr<RecordedWork> record(const std::function<void()>& fn) override {
+    const char* op = "record";
+    if (capturing_) bad(op, "recordings do not nest");
+    // Relaxed mode, so that host-side calls inside cuBLASLt or cuDNN that are not stream work cannot invalidate the
+    // capture; this backend refuses its own allocations through capturing_ instead.
+    check(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeRelaxed), op, "cudaStreamBeginCapture");
+    capturing_ = true;
+    cudaGraph_t graph = nullptr;
+    try {
+      fn();
+    } catch (...) {
+      capturing_ = false;
+      if (cudaStreamEndCapture(stream(), &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      throw;
+    }
+    capturing_ = false;
+    check(cudaStreamEndCapture(stream(), &graph), op, "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(inst, op, "cudaGraphInstantiate");
+    auto work = std::make_unique<CudaRecording>(stream_, exec);
+    work->replay();
+    return work;
+  }
+
+  void set_profiling(bool on) override { profiler_.set_enabled(on); }
+  std::map<std::string, double> profile_ms() const override { return profiler_.totals(); }
+  size_t memory_in_use() const override { return memory_.in_use(); }
+  size_t peak_memory() const override { return memory_.peak(); }
+
+  void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
+    const char* op = "linear";
+    const cuda::RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output");
+    check_cuda_tensor(w, op, "weight", DType::BF16);
+    if (w.ndim() != 2 || !w.is_contiguous()) bad(op, "weight must be a contiguous [Nout, K] tensor");
+    const int64_t nout = w.size(0), k = w.size(1);
+    if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
+      bad(op, shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(y.shape()));
+    if (bias.defined()) {
+      check_cuda_tensor(bias, op, "bias", DType::BF16);
+      if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
+    }
+    const bool gelu = act == Activation::GeluTanh;
+    const cuda::GemmEpilogue epilogue =
+        bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
+                       : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
+    timed(op, [&] {
+      gemm_->run({X.p, X.B, X.N, X.sb, X.sn}, w.data(), bias.data(), {Y.p, Y.B, Y.N, Y.sb, Y.sn}, k, nout, epilogue,
+                 capturing_, stream());
+      if (act == Activation::Silu) cuda::launch_silu(Y, Y, stream(), op);
+    });
+  }
+
+  void silu(const Tensor& x, const Tensor& y) override {
+    const cuda::RowsView X = rows_of(x, "silu", "input"), Y = rows_of(y, "silu", "output");
+    check_same_rows(X, Y, "silu");
+    timed("silu", [&] { cuda::launch_silu(X, Y, stream(), "silu"); });
+  }
+
+  void timestep_embedding(const Tensor& t, float t_scale, const Tensor& out) override {
+    const char* op = "timestep_embedding";
+    const cuda::RowsView O = rows_of(out, op, "output");
+    check_cuda_tensor(t, op, "t", DType::F32);
+    if (t.ndim() != 1 || !t.is_contiguous() || t.size(0) != O.B * O.N) bad(op, "t must be [B] with one entry per row");
+    timed(op, [&] { cuda::launch_timestep_embedding(t.ptr<float>(), t_scale, O, stream()); });
+  }
+
+  void add(const Tensor& y, const Tensor& x) override {
+    const cuda::RowsView Y = rows_of(y, "add", "output"), X = rows_of(x, "add", "input");
+    check_same_rows(X, Y, "add");
+    timed("add", [&] { cuda::launch_add(Y, X, stream()); });
+  }
+
+  void layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& y) override {
+    const char* op = "layer_norm_modulate";
+    const cuda::RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output");
+    const cuda::VecsView Sh = vecs_of(shift, op, "shift"), Sc = vecs_of(scale, op, "scale");
+    check_same_rows(X, Y, op);
+    check_vecs_fit(Sh, X, op, "shift");
+    check_vecs_fit(Sc, X, op, "scale");
+    timed(op, [&] { cuda::launch_layer_norm_modulate(X, Sh, Sc, Y, stream()); });
+  }
+
+  void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                    int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
+    const char* op = "qk_norm_rope";
+    const cuda::RowsView X = rows_of(qkv, op, "qkv");
+    for (const Tensor* t : {&q, &k, &v}) {
+      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
+      check_contiguous(*t, op, "q, k, v");
+      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
+    }
+    const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
+    if (X.C != 3 * H * D || seq_offset < 0 || seq_offset + X.N > S || q.size(0) != X.B)
+      bad(op, "qkv " + shape_str(qkv.shape()) + " does not fit q " + shape_str(q.shape()) + " at offset " +
+                  std::to_string(seq_offset));
+    for (const Tensor* t : {&q_norm, &k_norm}) {
+      check_cuda_tensor(*t, op, "norm weight", DType::BF16);
+      if (t->ndim() != 1 || t->size(0) != D || !t->is_contiguous()) bad(op, "norm weights must be [head_dim]");
+    }
+    check_cuda_tensor(rope, op, "rope", DType::F32);
+    check_contiguous(rope, op, "rope");
+    if (rope.ndim() != 3 || rope.size(0) < seq_offset + X.N || rope.size(1) != D / 2 || rope.size(2) != 2)
+      bad(op, "rope table " + shape_str(rope.shape()) + " does not cover the positions");
+    const cuda::QkvHeads heads{q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), H, S, D};
+    timed(op, [&] {
+      cuda::launch_qk_norm_rope(X, q_norm.ptr<__nv_bfloat16>(), k_norm.ptr<__nv_bfloat16>(), rope.ptr<float>(),
+                                seq_offset, heads, stream());
+    });
+  }
+
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
+    const char* op = "attention";
+    for (const Tensor* t : {&q, &k, &v}) {
+      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
+      check_contiguous(*t, op, "q, k, v");
+      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
+    }
+    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+    const cuda::RowsView O = rows_of(out, op, "output");
+    if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match q");
+    const cuda::AttentionShape shape{B, H, S, D, O.sb, O.sn};
+    const bool use_cudnn = cudnn_ready(shape);
+    timed(op, [&] {
+      if (use_cudnn)
+        cudnn_->run(shape, q.data(), k.data(), v.data(), O.p);
+      else
+        cuda::launch_flash_attention(q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), B, H,
+                                     S, D, O, stream());
+    });
+  }
+
+  void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {
+    const char* op = "gated_residual";
+    const cuda::RowsView X = rows_of(x, op, "residual"), Y = rows_of(y, op, "gated branch");
+    const cuda::VecsView G = vecs_of(gate, op, "gate");
+    check_same_rows(X, Y, op);
+    check_vecs_fit(G, X, op, "gate");
+    timed(op, [&] { cuda::launch_gated_residual(X, G, Y, stream()); });
+  }
+
+  // Defined in cuda_lora_ops.cpp.
+  void axpy(const Tensor& y, float alpha, const Tensor& x) override;
+  void copy(const Tensor& src, const Tensor& dst) override;
+  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) override;
+  void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
+                   const Tensor& scratch, const Tensor& y, Activation act) override;
+
+  // Defined in cuda_text_ops.cpp.
+  void layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, const Tensor& y) override;
+  void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) override;
+  void embedding(const Tensor& ids, const Tensor& table, const Tensor& positions, const Tensor& out) override;
+  void split_heads(const Tensor& x, const Tensor& out) override;
+  void attention_ex(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& bias, bool causal,
+                    const Tensor& out) override;
+  void activation(const Tensor& x, Activation act, const Tensor& y) override;
+  void mul(const Tensor& y, const Tensor& x) override;
+
+  // Defined in cuda_image_ops.cpp.
+  void conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, int pad, const Tensor& y) override;
+  void group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int groups, float eps, bool silu,
+                  const Tensor& y) override;
+  void upsample_nearest2x(const Tensor& x, const Tensor& y) override;
+  void transpose_last2(const Tensor& x, const Tensor& y) override;
+
+ private:
+  // Runs one op's launches, between an event pair while profiling (never inside a recording).
+  template <class F>
+  void timed(const char* op, F&& launch) {
+    if (!profiler_.enabled() || capturing_) {
+      launch();
+      return;
+    }
+    profiler_.begin(op, stream());
+    try {
+      launch();
+    } catch (...) {
+      profiler_.cancel();
+      throw;
+    }
+    profiler_.end(stream());
+  }
+
+  cudaStream_t stream() const { return stream_->stream; }
+
+  // Whether this attention runs on cuDNN: creates the handle and builds the shape's graph on first use. In auto
+  // mode a failure falls back to the built-in kernel (said once on stderr); with FLUXSWAP_ATTENTION=cudnn it throws.
+  bool cudnn_ready(const cuda::AttentionShape& shape) {
+    if (attention_mode_ == AttentionMode::Naive || cudnn_unsupported_.count(shape)) return false;
+    if (cudnn_ && cudnn_->has_plan(shape)) return true;
+    if (capturing_)
+      bad("attention", "a new attention shape was first issued while recording; run the work once before record()");
+    try {
+      if (!cudnn_) cudnn_ = std::make_unique<cuda::CudnnAttention>(memory_, stream());
+      cudnn_->build(shape);
+      return true;
+    } catch (const Error& e) {
+      if (attention_mode_ == AttentionMode::Cudnn) throw;
+      std::fprintf(stderr, "fluxswap: cuDNN attention unavailable for B %lld H %lld S %lld D %lld (%s); using the "
+                   "built-in kernel\n", (long long)shape.B, (long long)shape.H, (long long)shape.S,
+                   (long long)shape.D, e.what());
+      cudnn_unsupported_.insert(shape);
+      return false;
+    }
+  }
+
+  std::string name_;
+  cuda::DeviceMemory memory_;
+  std::shared_ptr<StreamHolder> stream_;
+  std::unique_ptr<cuda::CublasLtLinear> gemm_;
+  AttentionMode attention_mode_;
+  std::unique_ptr<cuda::CudnnAttention> cudnn_;
+  std::set<cuda::AttentionShape> cudnn_unsupported_;
+  bool capturing_ = false;
+  mutable cuda::OpProfiler profiler_;
+};
+
+}  // namespace fluxswap::cuda
