@@ -1,0 +1,186 @@
+#include "pipeline/flux_pipeline.h"
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+
+#include "core/counter_rng.h"
+#include "core/error.h"
+#include "model/flux_checkpoint.h"
+#include "text/tokenizer_factory.h"
+
+namespace fluxswap {
+
+namespace fsys = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+Tensor host_scalars(int64_t n, float value) {
+  Tensor t = Tensor::empty(DType::F32, {n});
+  for (int64_t i = 0; i < n; ++i) t.ptr<float>()[i] = value;
+  return t;
+}
+}  // namespace
+
+Tensor flux_initial_noise(uint64_t seed, int64_t batch, int64_t channels, int64_t latent_h, int64_t latent_w) {
+  Tensor noise = Tensor::empty(DType::F32, {batch, channels, latent_h, latent_w});
+  for (int64_t i = 0; i < noise.numel(); ++i) noise.ptr<float>()[i] = normal_from_counter(seed, uint64_t(i));
+  return pack_flux_latents(noise);
+}
+
+std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& user_path, Backend& backend) {
+  const fsys::path dir = resolve_hf_cache_path(user_path);
+  if (!fsys::exists(dir / "model_index.json"))
+    throw Error(user_path + ": not a diffusers pipeline folder (no model_index.json)");
+  std::unique_ptr<FluxPipeline> p(new FluxPipeline(backend));
+  p->path_ = dir.string();
+  p->clip_tokenizer_ = load_tokenizer((dir / "tokenizer").string());
+  p->t5_tokenizer_ = load_tokenizer((dir / "tokenizer_2").string());
+  p->clip_ = std::make_unique<ClipTextModel>(ClipTextModel::from_folder((dir / "text_encoder").string(), backend));
+  p->t5_ = std::make_unique<T5Encoder>(T5Encoder::from_folder((dir / "text_encoder_2").string(), backend));
+  FluxCheckpoint ck = open_flux_checkpoint((dir / "transformer").string());
+  p->transformer_ = std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend), backend);
+  p->vae_ = std::make_unique<VaeDecoder>(open_vae_decoder((dir / "vae").string(), backend));
+  p->scheduler_config_ = FlowMatchSchedulerConfig::from_json_file((dir / "scheduler" / "scheduler_config.json").string());
+  const auto& tc = p->transformer_->config();
+  if (p->t5_->config().d_model != tc.joint_attention_dim || p->clip_->config().hidden_size != tc.pooled_projection_dim)
+    throw Error(user_path + ": the text encoders (T5 width " + std::to_string(p->t5_->config().d_model) +
+                ", CLIP width " + std::to_string(p->clip_->config().hidden_size) + ") do not fit the transformer (" +
+                std::to_string(tc.joint_attention_dim) + ", " + std::to_string(tc.pooled_projection_dim) + ")");
+  if (p->vae_->config().latent_channels * 4 != tc.in_channels)
+    throw Error(user_path + ": the VAE has " + std::to_string(p->vae_->config().latent_channels) +
+                " latent channels; the transformer expects " + std::to_string(tc.in_channels / 4));
+  return p;
+}
+
+int FluxPipeline::vae_scale_factor() const { return 1 << (int(vae_->config().block_out_channels.size()) - 1); }
+
+EncodedPrompts FluxPipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length) {
+  const int64_t B = int64_t(prompts.size());
+  const int64_t clip_len = clip_->config().max_position_embeddings;
+  Tensor clip_ids = Tensor::empty(DType::I32, {B, clip_len});
+  Tensor t5_ids = Tensor::empty(DType::I32, {B, max_sequence_length});
+  std::vector<int64_t> eos(size_t(B), 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TokenEncoding c = clip_tokenizer_->encode(prompts[size_t(b)], size_t(clip_len));
+    TokenEncoding t = t5_tokenizer_->encode(prompts[size_t(b)], size_t(max_sequence_length));
+    std::copy(c.ids.begin(), c.ids.end(), clip_ids.ptr<int32_t>() + b * clip_len);
+    std::copy(t.ids.begin(), t.ids.end(), t5_ids.ptr<int32_t>() + b * max_sequence_length);
+    eos[size_t(b)] = int64_t(c.eos_index);
+  }
+  const DType dt = backend_.compute_dtype();
+  Tensor clip_ids_dev = backend_.empty(DType::I32, clip_ids.shape()), t5_ids_dev = backend_.empty(DType::I32, t5_ids.shape());
+  backend_.copy_from_host(clip_ids, clip_ids_dev);
+  backend_.copy_from_host(t5_ids, t5_ids_dev);
+  EncodedPrompts e;
+  e.pooled = backend_.empty(dt, {B, clip_->config().hidden_size});
+  e.prompt_embeds = backend_.empty(dt, {B, int64_t(max_sequence_length), t5_->config().d_model});
+  clip_->encode(clip_ids_dev, eos, e.pooled);
+  t5_->encode(t5_ids_dev, e.prompt_embeds);
+  return e;
+}
+
+GenerateResult FluxPipeline::generate(const GenerateParams& p) {
+  const bool dev = is_guidance_distilled();
+  GenerateResult r;
+  r.steps = p.steps > 0 ? p.steps : (dev ? 28 : 4);
+  r.max_sequence_length = p.max_sequence_length > 0 ? p.max_sequence_length : (dev ? 512 : 256);
+  if (p.prompts.empty()) throw Error("generate: no prompt");
+  const int f = vae_scale_factor() * 2;  // pixels per packed latent token, per side
+  if (p.width < f || p.height < f || p.width % 16 || p.height % 16)
+    throw Error("width and height must be positive multiples of 16 (got " + std::to_string(p.width) + "x" +
+                std::to_string(p.height) + ")");
+  const int64_t B = int64_t(p.prompts.size());
+  const int64_t lat_h = 2 * (p.height / f), lat_w = 2 * (p.width / f), tokens = (lat_h / 2) * (lat_w / 2);
+  const FluxConfig& c = transformer_->config();
+
+  auto t0 = Clock::now();
+  EncodedPrompts text = encode_prompts(p.prompts, r.max_sequence_length);
+  backend_.synchronize();
+  r.encode_s = seconds_since(t0);
+
+  // Initial noise, RoPE positions, per-sample conditioning.
+  Tensor noise = p.latents.defined() ? p.latents.to_f32()
+                                     : flux_initial_noise(p.seed, B, c.in_channels / 4, lat_h, lat_w);
+  if (noise.shape() != Shape{B, tokens, c.in_channels})
+    throw Error("--latents has shape " + shape_str(noise.shape()) + ", expected " +
+                shape_str({B, tokens, c.in_channels}) + " for " + std::to_string(p.width) + "x" +
+                std::to_string(p.height));
+  Tensor img_ids = Tensor::zeros(DType::F32, {tokens, 3});
+  for (int64_t i = 0; i < tokens; ++i) {
+    img_ids.ptr<float>()[i * 3 + 1] = float(i / (lat_w / 2));
+    img_ids.ptr<float>()[i * 3 + 2] = float(i % (lat_w / 2));
+  }
+  Tensor txt_ids = Tensor::zeros(DType::F32, {int64_t(r.max_sequence_length), 3});
+  Tensor rope = flux_rope_table(c, txt_ids, img_ids);
+
+  FluxInputs in;
+  in.hidden_states = backend_.empty(backend_.compute_dtype(), noise.shape());
+  backend_.copy_from_host(noise, in.hidden_states);
+  in.encoder_hidden_states = text.prompt_embeds;
+  in.pooled_projections = text.pooled;
+  in.timestep = backend_.empty(DType::F32, {B});
+  if (dev) {
+    in.guidance = backend_.empty(DType::F32, {B});
+    backend_.copy_from_host(host_scalars(B, p.guidance), in.guidance);
+  }
+  in.rope = backend_.empty(DType::F32, rope.shape());
+  backend_.copy_from_host(rope, in.rope);
+  Tensor velocity = backend_.empty(backend_.compute_dtype(), noise.shape());
+
+  FlowMatchEulerScheduler scheduler(scheduler_config_);
+  scheduler.set_timesteps(r.steps, int(tokens));
+  t0 = Clock::now();
+  std::unique_ptr<RecordedWork> step_graph;
+  for (int i = 0; i < r.steps; ++i) {
+    const auto ts = Clock::now();
+    // The pipeline hands the transformer t / 1000 (float32), which it multiplies by 1000 again.
+    backend_.copy_from_host(host_scalars(B, scheduler.timesteps()[size_t(i)] / 1000.0f), in.timestep);
+    // The first step runs eagerly (it picks GEMM algorithms and attention plans); the second is recorded (and
+    // runs as it is recorded); the rest replay the recording.
+    if (i == 0)
+      transformer_->forward(in, velocity);
+    else if (!step_graph)
+      step_graph = backend_.record([&] { transformer_->forward(in, velocity); });
+    else
+      step_graph->replay();
+    backend_.axpy(in.hidden_states, scheduler.sigmas()[size_t(i) + 1] - scheduler.sigmas()[size_t(i)], velocity);
+    if (p.on_step) {
+      backend_.synchronize();
+      p.on_step(i, r.steps, seconds_since(ts));
+    }
+  }
+  r.latents = backend_.to_host_f32(in.hidden_states);
+  r.denoise_s = seconds_since(t0);
+
+  t0 = Clock::now();
+  Tensor image = vae_->decode_host(unscale_latents(unpack_flux_latents(r.latents, lat_h, lat_w), vae_->config()));
+  Tensor u8 = postprocess_u8(image);
+  r.decode_s = seconds_since(t0);
+  const int64_t H = u8.size(1), W = u8.size(2);
+  for (int64_t b = 0; b < B; ++b) {
+    Rgb8Image img;
+    img.width = int(W);
+    img.height = int(H);
+    const uint8_t* src = u8.ptr<uint8_t>() + b * H * W * 3;
+    img.pixels.assign(src, src + H * W * 3);
+    r.images.push_back(std::move(img));
+  }
+  return r;
+}
+
+std::string generation_parameters_text(const std::string& prompt, const GenerateParams& p, const GenerateResult& r,
+                                       const std::string& model_name, const std::string& loras) {
+  std::ostringstream o;
+  o << prompt << "\nSteps: " << r.steps << ", Sampler: Euler, Schedule type: Simple, CFG scale: 1";
+  if (p.guidance > 0) o << ", Distilled CFG Scale: " << p.guidance;
+  o << ", Seed: " << p.seed << ", Size: " << p.width << "x" << p.height << ", Model: " << model_name;
+  if (!loras.empty()) o << ", Lora: " << loras;
+  o << ", Max sequence length: " << r.max_sequence_length << ", Version: fluxswap 0.1.0";
+  return o.str();
+}
+
+}  // namespace fluxswap
