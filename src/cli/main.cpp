@@ -7,6 +7,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"fluxswap: FLUX.1 inference with instant LoRA hot-swapping"};
   app.require_subcommand(1);
+  fluxswap::register_generate_command(app);
   fluxswap::register_demo_command(app);
   fluxswap::register_transformer_command(app);
   fluxswap::register_bench_command(app);

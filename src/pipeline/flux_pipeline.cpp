@@ -83,9 +83,15 @@ EncodedPrompts FluxPipeline::encode_prompts(const std::vector<std::string>& prom
   return e;
 }
 
-GenerateResult FluxPipeline::generate(const GenerateParams& p) {
+GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   const bool dev = is_guidance_distilled();
+  GenerateParams p = params;
+  const int default_size = vae_scale_factor() >= 8 ? 1024 : 64 * vae_scale_factor();
+  if (p.width == 0) p.width = default_size;
+  if (p.height == 0) p.height = default_size;
   GenerateResult r;
+  r.width = p.width;
+  r.height = p.height;
   r.steps = p.steps > 0 ? p.steps : (dev ? 28 : 4);
   r.max_sequence_length = p.max_sequence_length > 0 ? p.max_sequence_length : (dev ? 512 : 256);
   if (p.prompts.empty()) throw Error("generate: no prompt");
@@ -177,7 +183,7 @@ std::string generation_parameters_text(const std::string& prompt, const Generate
   std::ostringstream o;
   o << prompt << "\nSteps: " << r.steps << ", Sampler: Euler, Schedule type: Simple, CFG scale: 1";
   if (p.guidance > 0) o << ", Distilled CFG Scale: " << p.guidance;
-  o << ", Seed: " << p.seed << ", Size: " << p.width << "x" << p.height << ", Model: " << model_name;
+  o << ", Seed: " << p.seed << ", Size: " << r.width << "x" << r.height << ", Model: " << model_name;
   if (!loras.empty()) o << ", Lora: " << loras;
   o << ", Max sequence length: " << r.max_sequence_length << ", Version: fluxswap 0.1.0";
   return o.str();

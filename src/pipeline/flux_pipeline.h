@@ -20,7 +20,7 @@ namespace fluxswap {
 
 struct GenerateParams {
   std::vector<std::string> prompts;  // one image per prompt
-  int width = 1024, height = 1024;
+  int width = 0, height = 0;        // 0: 1024, or 128 for the tiny test pipeline (its VAE upsamples 2x)
   int steps = 0;                     // 0: 28 for models with a guidance embedder (dev), 4 otherwise (schnell)
   int max_sequence_length = 0;       // 0: 512 with a guidance embedder, 256 otherwise
   float guidance = 3.5f;             // the distilled guidance of FLUX.1-dev; ignored by schnell models
@@ -39,7 +39,7 @@ struct EncodedPrompts {
 struct GenerateResult {
   std::vector<Rgb8Image> images;
   Tensor latents;  // final packed latents, host float32
-  int steps = 0, max_sequence_length = 0;
+  int width = 0, height = 0, steps = 0, max_sequence_length = 0;  // as resolved from the params' defaults
   double encode_s = 0, denoise_s = 0, decode_s = 0;
 };
 

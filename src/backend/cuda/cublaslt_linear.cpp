@@ -42,7 +42,7 @@ struct CublasLtLinear::Plan {
   }
 };
 
-CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : workspace_bytes_(kWorkspaceBytes) {
+CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : memory_(memory), workspace_bytes_(kWorkspaceBytes) {
   check(cublasLtCreate(&handle_), "linear", "cublasLtCreate");
   workspace_ = memory.allocate(workspace_bytes_, "linear workspace");
 }
@@ -52,18 +52,17 @@ CublasLtLinear::~CublasLtLinear() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias, bool capturing) {
+CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias, bool capturing, const char* op) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   if (capturing)
-    throw Error("cuda backend: linear: a GEMM of a new shape (m " + std::to_string(key.m) + ", n " +
+    throw Error(std::string("cuda backend: ") + op + ": a GEMM of a new shape (m " + std::to_string(key.m) + ", n " +
                 std::to_string(key.n) + ", k " + std::to_string(key.k) +
                 ") was first issued while recording; run the work once before record()");
   auto plan = std::make_unique<Plan>();
-  const char* op = "linear";
   check(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), op, "cublasLtMatmulDescCreate");
-  const cublasOperation_t trans = CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
-  check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)), op,
+  const cublasOperation_t trans_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, no_trans = CUBLAS_OP_N;
+  check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), op,
         "cublasLtMatmulDescSetAttribute(TRANSA)");
   check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), op,
         "cublasLtMatmulDescSetAttribute(TRANSB)");
@@ -71,17 +70,17 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias,
   check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)), op,
         "cublasLtMatmulDescSetAttribute(EPILOGUE)");
 
-  // A = w as column-major [k, m] (transposed by the op), B = x^T as [k, n], D = y^T as [m, n].
-  check(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, uint64_t(key.k), uint64_t(key.m), key.k), op,
+  const uint64_t a_rows = uint64_t(key.trans_a ? key.k : key.m), a_cols = uint64_t(key.trans_a ? key.m : key.k);
+  check(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16BF, a_rows, a_cols, key.lda), op,
         "cublasLtMatrixLayoutCreate(A)");
   check(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16BF, uint64_t(key.k), uint64_t(key.n), key.ldb), op,
         "cublasLtMatrixLayoutCreate(B)");
-  check(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, uint64_t(key.m), uint64_t(key.n), key.ldd), op,
-        "cublasLtMatrixLayoutCreate(D)");
+  check(cublasLtMatrixLayoutCreate(&plan->d, key.f32_out ? CUDA_R_32F : CUDA_R_16BF, uint64_t(key.m),
+                                   uint64_t(key.n), key.ldd),
+        op, "cublasLtMatrixLayoutCreate(D)");
   if (key.batch > 1) {
     const int32_t count = int32_t(key.batch);
-    const int64_t zero = 0;
-    for (auto [layout, stride] : {std::pair{plan->a, zero}, std::pair{plan->b, key.stride_b},
+    for (auto [layout, stride] : {std::pair{plan->a, key.stride_a}, std::pair{plan->b, key.stride_b},
                                   std::pair{plan->d, key.stride_d}}) {
       check(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)), op,
             "cublasLtMatrixLayoutSetAttribute(BATCH_COUNT)");
@@ -114,6 +113,7 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias,
   if (bias)
     check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
+  // C is always D (accumulation is in place), so one layout serves both and every algorithm qualifies.
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   check(cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b, plan->d, plan->d, pref, 1, &result,
@@ -122,45 +122,79 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias,
   if (found == 0)
     fail(op, "cublasLtMatmulAlgoGetHeuristic",
          "no algorithm for m " + std::to_string(key.m) + ", n " + std::to_string(key.n) + ", k " +
-             std::to_string(key.k) + ", ldb " + std::to_string(key.ldb) + ", ldd " + std::to_string(key.ldd));
+             std::to_string(key.k) + ", lda " + std::to_string(key.lda) + ", ldb " + std::to_string(key.ldb) +
+             ", ldd " + std::to_string(key.ldd));
   plan->algo = result.algo;
   return *plans_.emplace(key, std::move(plan)).first->second;
 }
 
-void CublasLtLinear::run(const GemmRows& x, const void* w, const void* bias, const GemmRows& y, int64_t K,
-                         int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream) {
-  if (x.B * x.N == 0 || nout == 0) return;
-  // One GEMM over all rows whenever the batch is a plain continuation of the rows; else strided-batched.
+void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op) {
+  if (mm.m == 0 || mm.n == 0 || mm.batch == 0) return;
+  if (mm.k <= 0) fail(op, "cublasLtMatmul", "the inner dimension must be positive");
+  if (mm.f32_out && (mm.epilogue != GemmEpilogue::None || mm.bias))
+    fail(op, "cublasLtMatmul", "float32 outputs take no epilogue");
   Key key{};
-  key.m = nout;
-  key.k = K;
-  key.batch = 1;
-  if (x.B == 1) {
-    key.n = x.N, key.ldb = x.sn, key.ldd = y.sn;
-  } else if (x.N == 1) {
-    key.n = x.B, key.ldb = x.sb, key.ldd = y.sb;
-  } else if (x.sb == x.N * x.sn && y.sb == y.N * y.sn) {
-    key.n = x.B * x.N, key.ldb = x.sn, key.ldd = y.sn;
-  } else {
-    key.n = x.N, key.ldb = x.sn, key.ldd = y.sn;
-    key.batch = x.B, key.stride_b = x.sb, key.stride_d = y.sb;
-  }
-  key.epilogue = int(epilogue);
-  key.align_a = alignment_of(w);
-  key.align_b = alignment_of(x.p);
-  key.align_d = alignment_of(y.p);
-  key.align_bias = bias ? alignment_of(bias) : 0;
-  if (key.ldb < key.k || key.ldd < key.m)
-    fail("linear", "cublasLtMatmul", "row strides smaller than the row widths");
-  Plan& plan = plan_for(key, bias, capturing);
-  const char* op = "linear";
-  if (bias)
-    check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
+  key.m = mm.m, key.n = mm.n, key.k = mm.k;
+  key.lda = mm.lda, key.ldb = mm.ldb, key.ldd = mm.ldd;
+  key.batch = mm.batch;
+  if (mm.batch > 1) key.stride_a = mm.stride_a, key.stride_b = mm.stride_b, key.stride_d = mm.stride_d;
+  key.trans_a = mm.trans_a;
+  key.f32_out = mm.f32_out;
+  key.epilogue = int(mm.epilogue);
+  key.align_a = alignment_of(mm.a);
+  key.align_b = alignment_of(mm.b);
+  key.align_d = alignment_of(mm.d);
+  key.align_bias = mm.bias ? alignment_of(mm.bias) : 0;
+  if (key.lda < (mm.trans_a ? key.k : key.m) || key.ldb < key.k || key.ldd < key.m)
+    fail(op, "cublasLtMatmul", "row strides smaller than the row widths");
+  Plan& plan = plan_for(key, mm.bias, capturing, op);
+  if (mm.bias)
+    check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-  const float alpha = 1.0f, beta = 0.0f;
-  check(cublasLtMatmul(handle_, plan.op, &alpha, w, plan.a, x.p, plan.b, &beta, y.p, plan.d, y.p, plan.d, &plan.algo,
-                       workspace_.get(), workspace_bytes_, stream),
+  const float beta = mm.accumulate ? 1.0f : 0.0f;
+  check(cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, mm.d, plan.d, mm.d, plan.d,
+                       &plan.algo, workspace_.get(), workspace_bytes_, stream),
         op, "cublasLtMatmul");
+}
+
+void CublasLtLinear::run(const GemmRows& x, const void* w, const void* bias, const GemmRows& y, int64_t K,
+                         int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream, bool accumulate,
+                         const char* op) {
+  if (x.B * x.N == 0 || nout == 0) return;
+  // A = w as column-major [k, m] (transposed by the op), B = x^T as [k, n], D = y^T as [m, n]. One GEMM over all
+  // rows whenever the batch is a plain continuation of the rows; else strided-batched (w shared: stride 0).
+  Matmul mm;
+  mm.trans_a = true;
+  mm.m = nout, mm.k = K;
+  mm.a = w, mm.lda = K;
+  mm.b = x.p, mm.d = y.p;
+  mm.accumulate = accumulate;
+  mm.epilogue = epilogue;
+  mm.bias = bias;
+  if (x.B == 1) {
+    mm.n = x.N, mm.ldb = x.sn, mm.ldd = y.sn;
+  } else if (x.N == 1) {
+    mm.n = x.B, mm.ldb = x.sb, mm.ldd = y.sb;
+  } else if (x.sb == x.N * x.sn && y.sb == y.N * y.sn) {
+    mm.n = x.B * x.N, mm.ldb = x.sn, mm.ldd = y.sn;
+  } else {
+    mm.n = x.N, mm.ldb = x.sn, mm.ldd = y.sn;
+    mm.batch = x.B, mm.stride_b = x.sb, mm.stride_d = y.sb;
+  }
+  matmul(mm, capturing, stream, op);
+}
+
+void* CublasLtLinear::scratch(size_t bytes, bool capturing, const char* op) {
+  if (bytes <= scratch_bytes_) return scratch_.back().get();
+  if (capturing)
+    throw Error(std::string("cuda backend: ") + op + ": needs " + std::to_string(bytes) +
+                " bytes of scratch, first asked for while recording; run the work once before record()");
+  // Powers of two, so the buffers kept for recordings add up to less than twice the largest.
+  size_t size = size_t(1) << 20;
+  while (size < bytes) size *= 2;
+  scratch_.push_back(memory_.allocate(size, op));
+  scratch_bytes_ = size;
+  return scratch_.back().get();
 }
 
 }  // namespace fluxswap::cuda

@@ -1,0 +1,158 @@
+// `fluxswap generate`: prompt(s) to PNG(s), with LoRAs, a progress line per step and a timing summary. Without
+// --model it takes FLUX.1 from the Hugging Face cache when present, else the tiny fixture pipeline (random weights).
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <unistd.h>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "lora/lora_argument.h"
+#include "lora/lora_controller.h"
+#include "pipeline/flux_pipeline.h"
+
+namespace fluxswap {
+
+namespace {
+
+namespace fsys = std::filesystem;
+
+struct GenerateOptions {
+  std::string model, out = "fluxswap.png", device = "auto", lora_mode = "merged", latents;
+  std::vector<std::string> prompts, loras;
+  GenerateParams params;
+  int64_t lora_max_rank = 64;
+};
+
+std::string hf_hub_dir() {
+  if (const char* c = std::getenv("HF_HUB_CACHE")) return c;
+  if (const char* h = std::getenv("HF_HOME")) return std::string(h) + "/hub";
+  if (const char* home = std::getenv("HOME")) return std::string(home) + "/.cache/huggingface/hub";
+  return "";
+}
+
+// The model a bare `fluxswap generate` uses, and how to describe it.
+std::pair<std::string, std::string> default_model() {
+  for (const char* repo : {"models--black-forest-labs--FLUX.1-dev", "models--black-forest-labs--FLUX.1-schnell"}) {
+    const fsys::path p = fsys::path(hf_hub_dir()) / repo;
+    if (!hf_hub_dir().empty() && fsys::is_directory(p / "snapshots")) return {p.string(), "Hugging Face cache"};
+  }
+  for (const char* p : {"../shared/fixtures/tiny/pipeline", "../../shared/fixtures/tiny/pipeline"})
+    if (fsys::exists(fsys::path(p) / "model_index.json"))
+      return {p, "the tiny test pipeline (RANDOM weights: the image is noise-like by design)"};
+  throw Error("no --model given, no FLUX.1 in the Hugging Face cache (" + hf_hub_dir() +
+              "), and no tiny test pipeline in ../shared/fixtures: pass --model DIR");
+}
+
+std::string output_path(const std::string& out, size_t index, size_t count) {
+  if (count == 1) return out;
+  fsys::path p(out);
+  return (p.parent_path() / (p.stem().string() + "-" + std::to_string(index) + p.extension().string())).string();
+}
+
+// "FLUX.1-dev" for a Hugging Face cache entry, the folder name otherwise ("tiny/pipeline" for a nested one).
+std::string model_display_name(const std::string& path) {
+  const std::string s = fsys::path(path).lexically_normal().string();
+  if (auto at = s.find("models--"); at != std::string::npos) {
+    std::string repo = s.substr(at + 8);
+    repo = repo.substr(0, repo.find('/'));
+    return repo.substr(repo.rfind("--") == std::string::npos ? 0 : repo.rfind("--") + 2);
+  }
+  fsys::path p = fsys::path(s);
+  if (p.filename().empty()) p = p.parent_path();
+  const std::string leaf = p.filename().string();
+  return leaf == "pipeline" ? p.parent_path().filename().string() + "/" + leaf : leaf;
+}
+
+std::unique_ptr<Backend> backend_for(const std::string& device) {
+  if (device != "auto") return make_backend(device);
+  try {
+    return make_cuda_backend(0);
+  } catch (const Error& e) {
+    std::printf("device   no usable GPU (%s): running on the CPU reference backend\n", e.what());
+    return make_cpu_backend();
+  }
+}
+
+void run(GenerateOptions& o) {
+  auto backend = backend_for(o.device);
+  std::string model = o.model, origin = "--model";
+  if (model.empty()) std::tie(model, origin) = default_model();
+  std::printf("model    %s (%s)\n", model.c_str(), origin.c_str());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto pipe = FluxPipeline::from_pretrained(model, *backend);
+  std::printf("loaded   in %.2f s on %s\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), backend->name().c_str());
+
+  std::unique_ptr<LoraController> lora;
+  std::string lora_text;
+  if (!o.loras.empty()) {
+    lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(o.lora_mode), o.lora_max_rank);
+    std::vector<ActiveLora> active;
+    for (const auto& arg : o.loras) {
+      LoraArgument a = parse_lora_argument(arg);
+      auto adapter = std::make_shared<LoraAdapter>(load_lora_adapter(a.path, pipe->transformer().config()));
+      if (adapter->pairs.empty()) throw Error(a.path + ": no transformer LoRA tensors: it would change nothing");
+      active.push_back({adapter, a.weight});
+      lora_text += (lora_text.empty() ? "" : ", ") + fsys::path(a.path).stem().string() + ":" + std::to_string(a.weight);
+    }
+    LoraApplyReport r = lora->set_adapters(active);
+    std::printf("lora     %zu LoRA tensors applied to %zu layers (%s mode) in %.1f ms\n", r.tensors, r.modules,
+                o.lora_mode.c_str(), r.seconds * 1e3);
+  }
+
+  GenerateParams p = o.params;
+  p.prompts = o.prompts;
+
+  if (!pipe->is_guidance_distilled()) p.guidance = 0;
+  if (!o.latents.empty()) {
+    auto f = SafetensorsFile::open(o.latents);
+    const std::string key = f->contains("latents") ? "latents" : f->keys().empty() ? "" : f->keys().front();
+    if (key.empty()) throw Error(o.latents + ": no tensor in it");
+    p.latents = f->tensor(key).to_f32();
+  }
+  const bool tty = isatty(fileno(stdout));
+  p.on_step = [tty](int i, int n, double s) {
+    const int width = 30, done = (i + 1) * width / n;
+    std::printf("%sstep %3d/%-3d [%s%s] %7.1f ms%s", tty ? "\r" : "", i + 1, n, std::string(size_t(done), '#').c_str(),
+                std::string(size_t(width - done), '.').c_str(), s * 1e3, tty && i + 1 < n ? "" : "\n");
+    std::fflush(stdout);
+  };
+  GenerateResult r = pipe->generate(p);
+  for (size_t b = 0; b < r.images.size(); ++b) {
+    const std::string path = output_path(o.out, b, r.images.size());
+    write_png(path, r.images[b],
+              {{"parameters", generation_parameters_text(p.prompts[b], p, r, model_display_name(model), lora_text)}});
+    std::printf("wrote    %s (%dx%d)\n", path.c_str(), r.images[b].width, r.images[b].height);
+  }
+  std::printf("time     text encoders %.2f s, %d steps %.2f s (%.1f ms/step), VAE decode %.2f s\n", r.encode_s, r.steps,
+              r.denoise_s, r.denoise_s * 1e3 / r.steps, r.decode_s);
+}
+
+}  // namespace
+
+void register_generate_command(CLI::App& app) {
+  auto o = std::make_shared<GenerateOptions>();
+  CLI::App* cmd = app.add_subcommand("generate", "Generate images from text prompts");
+  cmd->add_option("--model", o->model, "diffusers FLUX.1 pipeline folder or Hugging Face cache entry");
+  cmd->add_option("--prompt,-p", o->prompts, "prompt (repeat for a batch)")->required();
+  cmd->add_option("-o,--out", o->out, "output PNG (batches get -0, -1, ... suffixes)");
+  cmd->add_option("--width", o->params.width, "pixels, multiple of 16 (default 1024; 128 for the tiny test model)");
+  cmd->add_option("--height", o->params.height, "pixels, multiple of 16 (default 1024; 128 for the tiny test model)");
+  cmd->add_option("--steps", o->params.steps, "denoising steps (default 28 dev, 4 schnell)");
+  cmd->add_option("--guidance", o->params.guidance, "distilled guidance scale (dev models)");
+  cmd->add_option("--seed", o->params.seed, "noise seed");
+  cmd->add_option("--max-sequence-length", o->params.max_sequence_length, "T5 tokens (default 512 dev, 256 schnell)");
+  cmd->add_option("--latents", o->latents, "safetensors file with exact packed initial noise (key 'latents')");
+  cmd->add_option("--lora", o->loras, "LoRA file[:weight], repeatable");
+  cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
+      ->check(CLI::IsMember({"merged", "runtime"}));
+  cmd->add_option("--lora-max-rank", o->lora_max_rank, "runtime mode: slot rank per projection");
+  cmd->add_option("--device", o->device, "auto (default: the GPU when there is one), cuda or cpu")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->callback([o] { run(*o); });
+}
+
+}  // namespace fluxswap

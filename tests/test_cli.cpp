@@ -1,0 +1,78 @@
+// The executable as a user runs it: exit codes, files written, and the message for a bad input.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+
+#include "core/compare.h"
+#include "io/safetensors.h"
+#include "pipeline/png_image.h"
+#include "test_support.h"
+
+namespace fluxswap {
+namespace {
+
+struct CommandResult {
+  int status;
+  std::string output;
+};
+
+CommandResult run_fluxswap(const std::string& args) {
+  const std::string cmd = std::string(FLUXSWAP_BINARY) + " " + args + " 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  CommandResult r{-1, ""};
+  if (!pipe) return r;
+  std::array<char, 4096> buf;
+  while (size_t n = fread(buf.data(), 1, buf.size(), pipe)) r.output.append(buf.data(), n);
+  r.status = pclose(pipe);
+  return r;
+}
+
+TEST(Cli, GenerateWritesAPngWithItsParameters) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string fx = test::fixtures_dir() + "/tiny";
+  CommandResult r = run_fluxswap("generate --device cpu --model " + fx + "/pipeline -p 'a red fox' --width 32 --height 48 --steps 2 "
+              "--seed 7 --lora " + fx + "/lora_a_peft.safetensors:0.5 -o " + (tmp / "fox.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("LoRA tensors applied"), std::string::npos) << r.output;
+  std::map<std::string, std::string> text;
+  Rgb8Image img = read_png(tmp / "fox.png", &text);
+  EXPECT_EQ(img.width, 32);
+  EXPECT_EQ(img.height, 48);
+  const std::string& params = text["parameters"];
+  EXPECT_EQ(params.rfind("a red fox\nSteps: 2, Sampler: Euler", 0), 0u) << params;
+  EXPECT_NE(params.find("Seed: 7"), std::string::npos) << params;
+  EXPECT_NE(params.find("Size: 32x48"), std::string::npos) << params;
+  EXPECT_NE(params.find("Lora: lora_a_peft:0.5"), std::string::npos) << params;
+}
+
+TEST(Cli, TransformerConformanceCommandReproducesTheGolden) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string fx = test::fixtures_dir() + "/small";
+  CommandResult r = run_fluxswap("transformer --model " + fx + "/transformer_bfl.safetensors --inputs " + fx +
+              "/transformer_goldens.safetensors --lora " + fx + "/lora_c_kohya.safetensors --out " + (tmp / "o.st"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  auto out = SafetensorsFile::open(tmp / "o.st");
+  auto golden = SafetensorsFile::open(fx + "/transformer_goldens.safetensors");
+  EXPECT_LE(max_rel_error(out->tensor("out"), golden->tensor("out.lora_c_kohya_scale1")), 1e-4);
+}
+
+TEST(Cli, BadInputsGiveAClearErrorAndExitCode1) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  std::ofstream(tmp / "broken.safetensors") << "\x10\x00\x00\x00\x00\x00\x00\x00{not json";
+  CommandResult r = run_fluxswap("transformer --model " + (tmp / "broken.safetensors") + " --inputs x");
+  EXPECT_EQ(WEXITSTATUS(r.status), 1) << r.output;
+  EXPECT_NE(r.output.find("error: "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("broken.safetensors"), std::string::npos) << r.output;
+  const std::string fx = test::fixtures_dir() + "/tiny";
+  r = run_fluxswap("generate --device cpu --model " + fx + "/pipeline -p x --width 30 -o " + (tmp / "x.png"));
+  EXPECT_EQ(WEXITSTATUS(r.status), 1) << r.output;
+  EXPECT_NE(r.output.find("multiples of 16"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace fluxswap
