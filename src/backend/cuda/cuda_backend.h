@@ -135,13 +135,19 @@ class CudaBackend final : public Backend {
   void copy_from_host(const Tensor& host, const Tensor& dst) override {
     const char* op = "copy_from_host";
     if (host.shape() != dst.shape()) bad(op, "shape " + shape_str(host.shape()) + " into " + shape_str(dst.shape()));
-    if (host.device() != Device::CPU || !dtype_is_float(host.dtype())) bad(op, "source must be a float host tensor");
-    if (dst.device() != Device::CUDA || (dst.dtype() != DType::F32 && dst.dtype() != DType::BF16))
-      bad(op, "destination must be a float32 or bf16 CUDA tensor");
+    if (host.device() != Device::CPU) bad(op, "source must be a host tensor");
+    if (dst.device() != Device::CUDA) bad(op, "destination must be a CUDA tensor");
     check_contiguous(dst, op, "destination");
     const void* src = host.data();
     std::vector<unsigned char> staged;
-    if (host.dtype() != dst.dtype() || !host.is_contiguous()) {
+    if (!dtype_is_float(host.dtype()) || !dtype_is_float(dst.dtype())) {
+      // Integer tensors (token ids) travel byte for byte.
+      if (host.dtype() != dst.dtype() || !host.is_contiguous())
+        bad(op, "integer tensors are copied as they are, contiguous " + std::string(dtype_name(host.dtype())) +
+                    " into " + std::string(dtype_name(dst.dtype())));
+    } else if (dst.dtype() != DType::F32 && dst.dtype() != DType::BF16) {
+      bad(op, "a float destination must be float32 or bf16");
+    } else if (host.dtype() != dst.dtype() || !host.is_contiguous()) {
       Tensor f = host.to_f32();
       staged.resize(dst.nbytes());
       convert_from_f32(f.ptr<float>(), dst.dtype(), staged.data(), size_t(f.numel()));
@@ -151,10 +157,12 @@ class CudaBackend final : public Backend {
     check(cudaMemcpyAsync(dst.data(), src, dst.nbytes(), cudaMemcpyHostToDevice, stream()), op, "cudaMemcpyAsync");
   }
 
+  // Float32 and bf16 tensors, and int32 ones (token ids; exact up to 2^24).
   Tensor to_host_f32(const Tensor& src) override {
     const char* op = "to_host_f32";
-    if (src.device() != Device::CUDA || (src.dtype() != DType::F32 && src.dtype() != DType::BF16))
-      bad(op, "source must be a float32 or bf16 CUDA tensor");
+    if (src.device() != Device::CUDA ||
+        (src.dtype() != DType::F32 && src.dtype() != DType::BF16 && src.dtype() != DType::I32))
+      bad(op, "source must be a float32, bf16 or int32 CUDA tensor");
     if (src.numel() == 0) return Tensor::empty(DType::F32, src.shape());
     // Copy the span the view covers, then gather on the host.
     int64_t span = 1;
@@ -167,9 +175,13 @@ class CudaBackend final : public Backend {
     check(cudaMemcpyAsync(raw.data(), src.data(), size_t(span) * es, cudaMemcpyDeviceToHost, stream()), op,
           "cudaMemcpyAsync");
     check(cudaStreamSynchronize(stream()), op, "cudaStreamSynchronize");
+    auto to_f32 = [&](const void* from, float* to, size_t n) {
+      if (src.dtype() != DType::I32) return convert_to_f32(src.dtype(), from, to, n);
+      for (size_t i = 0; i < n; ++i) to[i] = float(static_cast<const int32_t*>(from)[i]);
+    };
     Tensor out = Tensor::empty(DType::F32, src.shape());
     if (src.is_contiguous()) {
-      convert_to_f32(src.dtype(), raw.data(), out.ptr<float>(), size_t(src.numel()));
+      to_f32(raw.data(), out.ptr<float>(), size_t(src.numel()));
       return out;
     }
     const int nd = src.ndim();
@@ -178,7 +190,7 @@ class CudaBackend final : public Backend {
     for (int64_t i = 0; i < src.numel(); ++i) {
       int64_t off = 0;
       for (int d = 0; d < nd; ++d) off += idx[size_t(d)] * src.stride(d);
-      convert_to_f32(src.dtype(), base + off * int64_t(es), out.ptr<float>() + i, 1);
+      to_f32(base + off * int64_t(es), out.ptr<float>() + i, 1);
       for (int d = nd - 1; d >= 0; --d) {
         if (++idx[size_t(d)] < src.size(d)) break;
         idx[size_t(d)] = 0;
@@ -247,7 +259,11 @@ class CudaBackend final : public Backend {
     const cuda::GemmEpilogue epilogue =
         bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
                        : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
-    timed(op, [&] {
+    // While profiling, GEMMs are told apart by shape: the step's small ones (modulation, text stream) matter.
+    const std::string key = profiler_.enabled() ? "linear " + std::to_string(X.B * X.N) + "x" + std::to_string(nout) +
+                                                      "x" + std::to_string(k)
+                                                : std::string(op);
+    timed(key.c_str(), [&] {
       gemm_->run({X.p, X.B, X.N, X.sb, X.sn}, w.data(), bias.data(), {Y.p, Y.B, Y.N, Y.sb, Y.sn}, k, nout, epilogue,
                  capturing_, stream());
       if (act == Activation::Silu) cuda::launch_silu(Y, Y, stream(), op);

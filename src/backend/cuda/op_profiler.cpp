@@ -31,14 +31,14 @@ cudaEvent_t OpProfiler::take_event() {
   return e;
 }
 
-void OpProfiler::begin(const char* op, cudaStream_t stream) {
-  Pending p{op, take_event(), take_event()};
+void OpProfiler::begin(std::string op, cudaStream_t stream) {
+  Pending p{std::move(op), take_event(), take_event()};
   pending_.push_back(p);
-  check(cudaEventRecord(p.start, stream), op, "cudaEventRecord");
+  check(cudaEventRecord(p.start, stream), p.op.c_str(), "cudaEventRecord");
 }
 
 void OpProfiler::end(cudaStream_t stream) {
-  check(cudaEventRecord(pending_.back().stop, stream), pending_.back().op, "cudaEventRecord");
+  check(cudaEventRecord(pending_.back().stop, stream), pending_.back().op.c_str(), "cudaEventRecord");
 }
 
 void OpProfiler::cancel() {

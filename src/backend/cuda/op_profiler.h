@@ -20,7 +20,7 @@ class OpProfiler {
   void set_enabled(bool on);
 
   // Records the start and the end of one op on `stream`.
-  void begin(const char* op, cudaStream_t stream);
+  void begin(std::string op, cudaStream_t stream);
   void end(cudaStream_t stream);
   // Drops the op begun last (it failed before its launches were issued).
   void cancel();
@@ -30,7 +30,7 @@ class OpProfiler {
 
  private:
   struct Pending {
-    const char* op;
+    std::string op;
     cudaEvent_t start, stop;
   };
   cudaEvent_t take_event();
