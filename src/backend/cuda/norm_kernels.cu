@@ -1,4 +1,4 @@
-// layer_norm_modulate (one block per row, float32 two-pass statistics) and qk_norm_rope (one warp per token and
+// layer_norm_modulate (one block per row, float32 two-pass statistics; FLUX's widths from registers) and qk_norm_rope (one warp per token and
 // head: RMSNorm of q and k in float32, RoPE on pairs (2j, 2j+1), v copied, all written head-major).
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device_utils.cuh"
@@ -42,6 +42,44 @@ __global__ void __launch_bounds__(kNormThreads)
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = (v[i] - mean) * inv * (1.0f + s[i]) + h[i];
     store_bf16<VEC>(yr + c, v);
+  }
+}
+
+// Rows of exactly CHUNKS * 1024 elements (FLUX: 3072): the row is read once into registers, so the statistics
+// and the output cost no second pass through the caches.
+template <int CHUNKS>
+__global__ void __launch_bounds__(kNormThreads)
+    layer_norm_modulate_regs_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y) {
+  __shared__ float scratch[32];
+  const int64_t b = blockIdx.x / x.N, n = blockIdx.x - b * x.N;
+  constexpr int C = CHUNKS * kNormThreads * 8;
+  const __nv_bfloat16* xr = row_ptr(x, b, n);
+  float v[CHUNKS][8];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    load_bf16<8>(xr + (i * kNormThreads + threadIdx.x) * 8, v[i]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += v[i][e];
+  }
+  const float mean = block_sum(sum, scratch) / float(C);
+  float sq = 0.0f;
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sq += (v[i][e] - mean) * (v[i][e] - mean);
+  const float inv = rsqrtf(block_sum(sq, scratch) / float(C) + 1e-6f);
+  const __nv_bfloat16 *sh = shift.p + b * shift.sb, *sc = scale.p + b * scale.sb;
+  __nv_bfloat16* yr = row_ptr(y, b, n);
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int64_t c = (i * kNormThreads + threadIdx.x) * 8;
+    float h[8], k[8];
+    load_bf16<8>(sh + c, h);
+    load_bf16<8>(sc + c, k);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[i][e] = (v[i][e] - mean) * inv * (1.0f + k[e]) + h[e];
+    store_bf16<8>(yr + c, v[i]);
   }
 }
 
@@ -96,6 +134,42 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_kernel(RopeParam
   }
 }
 
+// head_dim 128 (FLUX): lane l owns elements 4l .. 4l+3 (pairs 2l and 2l+1) of q, k and v, so each warp moves a
+// head with one 8-byte access per lane and tensor, all three loads in flight before the first reduction.
+__global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(RopeParams p) {
+  constexpr int D = 128;
+  const int lane = threadIdx.x % 32;
+  const int64_t item = blockIdx.x * int64_t(kRopeWarps) + threadIdx.x / 32;
+  const int64_t H = p.out.H;
+  if (item >= p.qkv.B * p.qkv.N * H) return;
+  const int64_t h = item % H, row = item / H;
+  const int64_t b = row / p.qkv.N, n = row - b * p.qkv.N, s = p.seq_offset + n;
+  const __nv_bfloat16* src = row_ptr(p.qkv, b, n) + h * D + 4 * lane;
+  const int64_t dst_off = ((b * H + h) * p.out.S + s) * D + 4 * lane;
+
+  const uint2 q_raw = *reinterpret_cast<const uint2*>(src);
+  const uint2 k_raw = *reinterpret_cast<const uint2*>(src + H * D);
+  const uint2 v_raw = *reinterpret_cast<const uint2*>(src + 2 * H * D);
+  const float4 cs = *reinterpret_cast<const float4*>(p.rope + (s * (D / 2) + 2 * lane) * 2);  // (cos, sin) x 2
+  *reinterpret_cast<uint2*>(p.out.v + dst_off) = v_raw;
+
+  auto rotate = [&](uint2 raw, const __nv_bfloat16* norm, __nv_bfloat16* out) {
+    const float2 x0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    const float inv = rsqrtf(warp_sum(x0.x * x0.x + x0.y * x0.y + x1.x * x1.x + x1.y * x1.y) / float(D) + 1e-6f);
+    const uint2 w_raw = *reinterpret_cast<const uint2*>(norm + 4 * lane);
+    const float2 w0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w_raw.x));
+    const float2 w1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w_raw.y));
+    const float a0 = x0.x * inv * w0.x, c0 = x0.y * inv * w0.y, a1 = x1.x * inv * w1.x, c1 = x1.y * inv * w1.y;
+    uint2 o;
+    *reinterpret_cast<__nv_bfloat162*>(&o.x) = __floats2bfloat162_rn(a0 * cs.x - c0 * cs.y, c0 * cs.x + a0 * cs.y);
+    *reinterpret_cast<__nv_bfloat162*>(&o.y) = __floats2bfloat162_rn(a1 * cs.z - c1 * cs.w, c1 * cs.z + a1 * cs.w);
+    *reinterpret_cast<uint2*>(out + dst_off) = o;
+  };
+  rotate(q_raw, p.q_norm, p.out.q);
+  rotate(k_raw, p.k_norm, p.out.k);
+}
+
 }  // namespace
 
 void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
@@ -103,7 +177,12 @@ void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const 
   const int64_t rows = x.B * x.N;
   if (rows == 0) return;
   if (rows > int64_t(INT32_MAX)) fail("layer_norm_modulate", "launch", "too many rows");
-  if (vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale) && vec8_ok(y))
+  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale) && vec8_ok(y);
+  if (vec8 && x.C == 3 * kNormThreads * 8)
+    layer_norm_modulate_regs_kernel<3><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
+  else if (vec8 && x.C == 4 * kNormThreads * 8)
+    layer_norm_modulate_regs_kernel<4><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
+  else if (vec8)
     layer_norm_modulate_kernel<8><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
   else
     layer_norm_modulate_kernel<1><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
@@ -120,8 +199,15 @@ void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const
   const int64_t items = qkv.B * qkv.N * out.H;
   if (items == 0) return;
   const int64_t blocks = (items + kRopeWarps - 1) / kRopeWarps;
-  qk_norm_rope_kernel<<<unsigned(blocks), kRopeWarps * 32, 0, stream>>>(
-      RopeParams{qkv, q_norm, k_norm, rope, seq_offset, out});
+  const RopeParams params{qkv, q_norm, k_norm, rope, seq_offset, out};
+  // The 8-byte path needs every head to start on an 8-byte boundary.
+  const bool d128 = out.D == 128 && qkv.sb % 4 == 0 && qkv.sn % 4 == 0 && reinterpret_cast<uintptr_t>(qkv.p) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(q_norm) % 8 == 0 && reinterpret_cast<uintptr_t>(k_norm) % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(rope) % 16 == 0;
+  if (d128)
+    qk_norm_rope_d128_kernel<<<unsigned(blocks), kRopeWarps * 32, 0, stream>>>(params);
+  else
+    qk_norm_rope_kernel<<<unsigned(blocks), kRopeWarps * 32, 0, stream>>>(params);
   check_launch("qk_norm_rope", "qk_norm_rope_kernel");
 }
 
