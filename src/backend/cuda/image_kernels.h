@@ -40,8 +40,8 @@ struct ConvArgs {
   const __nv_bfloat16 *x, *w, *bias;
   __nv_bfloat16* y;
   int64_t B, Cin, H, W, Cout, kh, kw, pad;
-  int64_t Ho() const { return H + 2 * pad - kh + 1; }
-  int64_t Wo() const { return W + 2 * pad - kw + 1; }
+  __host__ __device__ int64_t Ho() const { return H + 2 * pad - kh + 1; }
+  __host__ __device__ int64_t Wo() const { return W + 2 * pad - kw + 1; }
 };
 void launch_direct_conv(const ConvArgs& args, cudaStream_t stream);
 
