@@ -15,21 +15,9 @@ namespace fluxswap {
 
 namespace {
 
-// A rows view: [B, N, C] (a 2-D [B, C] tensor is read as B rows of one batch).
-struct Rows {
-  float* p;
-  int64_t B, N, C, sb, sn;
-  float* row(int64_t b, int64_t n) const { return p + b * sb + n * sn; }
-};
-
-Rows rows_of(const Tensor& t, const char* what) {
-  if (t.dtype() != DType::F32 || t.device() != Device::CPU)
-    throw Error(std::string("cpu backend: ") + what + " must be a float32 host tensor");
-  if (t.stride(-1) != 1) throw Error(std::string("cpu backend: ") + what + " needs a contiguous last dimension");
-  if (t.ndim() == 3) return {t.ptr<float>(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
-  if (t.ndim() == 2) return {t.ptr<float>(), 1, t.size(0), t.size(1), 0, t.stride(0)};
-  throw Error(std::string("cpu backend: ") + what + " must be 2-D or 3-D, got " + shape_str(t.shape()));
-}
+using cpu_ops::check_same_rows;
+using cpu_ops::Rows;
+using cpu_ops::rows_of;
 
 // Per-sample vectors [B, C] with any batch stride.
 struct Vecs {
@@ -42,25 +30,6 @@ Vecs vecs_of(const Tensor& t, const char* what) {
   if (t.ndim() != 2 || t.stride(1) != 1 || t.dtype() != DType::F32)
     throw Error(std::string("cpu backend: ") + what + " must be a float32 [B, C] view, got " + shape_str(t.shape()));
   return {t.ptr<float>(), t.size(0), t.size(1), t.stride(0)};
-}
-
-void check_same_rows(const Rows& a, const Rows& b, const char* op) {
-  if (a.B != b.B || a.N != b.N || a.C != b.C) throw Error(std::string("cpu backend: ") + op + ": shape mismatch");
-}
-
-float gelu_tanh(float x) {
-  const float k = 0.7978845608028654f;  // sqrt(2/pi)
-  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
-}
-float silu_f(float x) { return x / (1.0f + std::exp(-x)); }
-float apply_activation(float v, Activation act) {
-  switch (act) {
-    case Activation::None: return v;
-    case Activation::GeluTanh: return gelu_tanh(v);
-    case Activation::Silu: return silu_f(v);
-    case Activation::QuickGelu: return v / (1.0f + std::exp(-1.702f * v));
-  }
-  return v;
 }
 
 class CpuBackend final : public Backend {
@@ -138,7 +107,7 @@ class CpuBackend final : public Backend {
   size_t peak_memory() const override { return 0; }
 
   void axpy(const Tensor& y, float alpha, const Tensor& x) override {
-    Rows Y = rows_of(y, "axpy output"), X = rows_of(x, "axpy input");
+    Rows Y = rows_of(y, "axpy", "output"), X = rows_of(x, "axpy", "input");
     check_same_rows(X, Y, "axpy");
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n)
@@ -152,7 +121,7 @@ class CpuBackend final : public Backend {
       std::memmove(dst.data(), src.data(), src.nbytes());
       return;
     }
-    Rows S = rows_of(src, "copy source"), D = rows_of(dst, "copy destination");
+    Rows S = rows_of(src, "copy", "source"), D = rows_of(dst, "copy", "destination");
     for (int64_t b = 0; b < S.B; ++b)
       for (int64_t n = 0; n < S.N; ++n) std::memmove(D.row(b, n), S.row(b, n), size_t(S.C) * 4);
   }
@@ -174,18 +143,18 @@ class CpuBackend final : public Backend {
     Tensor t = scratch.narrow(-1, 0, R);
     linear(x, down, Tensor(), t, Activation::None);
     linear(x, w, bias, y, Activation::None);
-    Rows T = rows_of(t, "lora scratch"), Y = rows_of(y, "lora_linear output");
+    Rows T = rows_of(t, "lora_linear", "scratch"), Y = rows_of(y, "lora_linear", "output");
     for (int64_t b = 0; b < Y.B; ++b) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Y.N), int(Y.C), int(R), 1.0f, T.row(b, 0), int(T.sn),
                   up.ptr<float>(), int(up.stride(0)), 1.0f, Y.row(b, 0), int(Y.sn));
       if (act == Activation::None) continue;
       for (int64_t n = 0; n < Y.N; ++n)
-        for (int64_t j = 0; j < Y.C; ++j) Y.row(b, n)[j] = apply_activation(Y.row(b, n)[j], act);
+        for (int64_t j = 0; j < Y.C; ++j) Y.row(b, n)[j] = cpu_ops::activate(Y.row(b, n)[j], act);
     }
   }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
-    Rows X = rows_of(x, "linear input"), Y = rows_of(y, "linear output");
+    Rows X = rows_of(x, "linear", "input"), Y = rows_of(y, "linear", "output");
     if (w.ndim() != 2 || !w.is_contiguous() || w.dtype() != DType::F32)
       throw Error("cpu backend: linear weight must be a contiguous float32 [Nout, K] tensor");
     const int64_t nout = w.size(0), k = w.size(1);
@@ -199,22 +168,22 @@ class CpuBackend final : public Backend {
       for (int64_t n = 0; n < X.N; ++n) {
         float* r = Y.row(b, n);
         for (int64_t j = 0; j < nout; ++j) {
-          r[j] = apply_activation(r[j] + (bp ? bp[j] : 0.0f), act);
+          r[j] = cpu_ops::activate(r[j] + (bp ? bp[j] : 0.0f), act);
         }
       }
     }
   }
 
   void silu(const Tensor& x, const Tensor& y) override {
-    Rows X = rows_of(x, "silu input"), Y = rows_of(y, "silu output");
+    Rows X = rows_of(x, "silu", "input"), Y = rows_of(y, "silu", "output");
     check_same_rows(X, Y, "silu");
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n)
-        for (int64_t c = 0; c < X.C; ++c) Y.row(b, n)[c] = silu_f(X.row(b, n)[c]);
+        for (int64_t c = 0; c < X.C; ++c) Y.row(b, n)[c] = cpu_ops::silu(X.row(b, n)[c]);
   }
 
   void timestep_embedding(const Tensor& t, float t_scale, const Tensor& out) override {
-    Rows O = rows_of(out, "timestep embedding");
+    Rows O = rows_of(out, "timestep_embedding", "output");
     const int64_t half = O.C / 2;
     for (int64_t b = 0; b < O.N; ++b) {
       const double tv = double(t.ptr<float>()[b]) * t_scale;
@@ -230,7 +199,7 @@ class CpuBackend final : public Backend {
   }
 
   void add(const Tensor& y, const Tensor& x) override {
-    Rows Y = rows_of(y, "add output"), X = rows_of(x, "add input");
+    Rows Y = rows_of(y, "add", "output"), X = rows_of(x, "add", "input");
     check_same_rows(X, Y, "add");
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n)
@@ -238,27 +207,21 @@ class CpuBackend final : public Backend {
   }
 
   void layer_norm_modulate(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& y) override {
-    Rows X = rows_of(x, "layer_norm input"), Y = rows_of(y, "layer_norm output");
+    Rows X = rows_of(x, "layer_norm_modulate", "input"), Y = rows_of(y, "layer_norm_modulate", "output");
     Vecs Sh = vecs_of(shift, "shift"), Sc = vecs_of(scale, "scale");
     check_same_rows(X, Y, "layer_norm_modulate");
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n) {
         const float* r = X.row(b, n);
-        double mean = 0, var = 0;
-        for (int64_t c = 0; c < X.C; ++c) mean += r[c];
-        mean /= double(X.C);
-        for (int64_t c = 0; c < X.C; ++c) var += (r[c] - mean) * (r[c] - mean);
-        var /= double(X.C);
-        const float inv = float(1.0 / std::sqrt(var + 1e-6));
+        const cpu_ops::NormStats st = cpu_ops::norm_stats(r, X.C, 1e-6);
         float* o = Y.row(b, n);
-        for (int64_t c = 0; c < X.C; ++c)
-          o[c] = (r[c] - float(mean)) * inv * (1.0f + Sc.at(b)[c]) + Sh.at(b)[c];
+        for (int64_t c = 0; c < X.C; ++c) o[c] = (r[c] - st.mean) * st.inv * (1.0f + Sc.at(b)[c]) + Sh.at(b)[c];
       }
   }
 
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                     int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
-    Rows X = rows_of(qkv, "qkv");
+    Rows X = rows_of(qkv, "qk_norm_rope", "qkv");
     const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
     if (X.C != 3 * H * D || seq_offset + X.N > S || q.size(0) != X.B)
       throw Error("cpu backend: qk_norm_rope: qkv " + shape_str(qkv.shape()) + " does not fit q " +
@@ -277,9 +240,7 @@ class CpuBackend final : public Backend {
               std::memcpy(dst, src, size_t(D) * 4);
               continue;
             }
-            double ss = 0;
-            for (int64_t d = 0; d < D; ++d) ss += double(src[d]) * src[d];
-            const float inv = float(1.0 / std::sqrt(ss / double(D) + 1e-6));
+            const float inv = cpu_ops::inv_rms(src, D, 1e-6);
             for (int64_t j = 0; j < D / 2; ++j) {
               const float a = src[2 * j] * inv * norms[part][2 * j];
               const float c = src[2 * j + 1] * inv * norms[part][2 * j + 1];
@@ -292,34 +253,12 @@ class CpuBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
-    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-    Rows O = rows_of(out, "attention output");
-    if (O.B != B || O.N != S || O.C != H * D) throw Error("cpu backend: attention output shape mismatch");
-    std::vector<float> p(size_t(S * S));
-    const float scale = 1.0f / std::sqrt(float(D));
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qp = q.ptr<float>() + (b * H + h) * S * D;
-        const float* kp = k.ptr<float>() + (b * H + h) * S * D;
-        const float* vp = v.ptr<float>() + (b * H + h) * S * D;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(S), int(S), int(D), scale, qp, int(D), kp, int(D),
-                    0.0f, p.data(), int(S));
-        for (int64_t i = 0; i < S; ++i) {
-          float* r = p.data() + i * S;
-          float m = r[0];
-          for (int64_t j = 1; j < S; ++j) m = std::max(m, r[j]);
-          double sum = 0;
-          for (int64_t j = 0; j < S; ++j) sum += (r[j] = std::exp(r[j] - m));
-          const float inv = float(1.0 / sum);
-          for (int64_t j = 0; j < S; ++j) r[j] *= inv;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(S), int(D), int(S), 1.0f, p.data(), int(S), vp,
-                    int(D), 0.0f, O.row(b, 0) + h * D, int(O.sn));
-      }
+    if (q.ndim() != 4) throw Error("cpu backend: attention: q must be [B, H, S, D], got " + shape_str(q.shape()));
+    cpu_ops::attention_ex(q, k, v, 1.0f / std::sqrt(float(q.size(3))), Tensor(), /*causal=*/false, out);
   }
 
   void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {
-    Rows X = rows_of(x, "residual"), Y = rows_of(y, "gated branch");
+    Rows X = rows_of(x, "gated_residual", "residual"), Y = rows_of(y, "gated_residual", "gated branch");
     Vecs G = vecs_of(gate, "gate");
     check_same_rows(X, Y, "gated_residual");
     for (int64_t b = 0; b < X.B; ++b)

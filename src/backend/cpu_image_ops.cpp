@@ -35,8 +35,6 @@ void check_vector(const Tensor& t, int64_t n, const char* op, const char* what) 
               shape_str(y.shape()) + " do not fit");
 }
 
-float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
 // The columns of output rows [r0, r0 + rows) of one sample: col[(ci * kh + ky) * kw + kx][r * Wo + ox] is the input
 // pixel that kernel tap (ky, kx) sees for output (r0 + r, ox), zero outside the image.
 void im2col(const float* x, int64_t Cin, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad, int64_t Wo,
@@ -121,12 +119,7 @@ void group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int g
       const int64_t offset = (b * C + g * cg) * plane;
       const float* xs = x.ptr<float>() + offset;
       // Two passes in double: the groups of a 1024x1024 decode hold millions of values.
-      double mean = 0, var = 0;
-      for (int64_t i = 0; i < n; ++i) mean += xs[i];
-      mean /= double(n);
-      for (int64_t i = 0; i < n; ++i) var += (xs[i] - mean) * (xs[i] - mean);
-      var /= double(n);
-      const float m = float(mean), inv = float(1.0 / std::sqrt(var + double(eps)));
+      const auto [m, inv] = norm_stats(xs, n, double(eps));
       // Statistics are complete before any write, so y may alias x.
       float* ys = y.ptr<float>() + offset;
       for (int64_t c = 0; c < cg; ++c) {

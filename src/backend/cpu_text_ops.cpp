@@ -14,49 +14,12 @@ namespace fluxswap::cpu_ops {
 
 namespace {
 
-[[noreturn]] void fail(const char* op, const std::string& why) {
-  throw Error(std::string("cpu backend: ") + op + ": " + why);
-}
-
-// A rows view: [B, N, C] with the last dimension contiguous ([B, C] is read as B rows of one batch).
-struct Rows {
-  float* p;
-  int64_t B, N, C, sb, sn;
-  float* row(int64_t b, int64_t n) const { return p + b * sb + n * sn; }
-};
-
-Rows rows_of(const Tensor& t, const char* op, const char* what) {
-  if (t.dtype() != DType::F32 || t.device() != Device::CPU)
-    fail(op, std::string(what) + " must be a float32 host tensor");
-  if (t.ndim() != 2 && t.ndim() != 3) fail(op, std::string(what) + " must be 2-D or 3-D, got " + shape_str(t.shape()));
-  if (t.stride(-1) != 1) fail(op, std::string(what) + " needs a contiguous last dimension");
-  if (t.ndim() == 3) return {t.ptr<float>(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
-  return {t.ptr<float>(), 1, t.size(0), t.size(1), 0, t.stride(0)};
-}
-
-void check_same_rows(const Rows& a, const Rows& b, const char* op) {
-  if (a.B != b.B || a.N != b.N || a.C != b.C) fail(op, "input and output shapes differ");
-}
-
 // A contiguous float32 host tensor of exactly `shape` (weights, attention inputs, the T5 bias).
 float* contiguous_f32(const Tensor& t, const Shape& shape, const char* op, const char* what) {
   if (t.dtype() != DType::F32 || t.device() != Device::CPU || !t.is_contiguous() || t.shape() != shape)
     fail(op, std::string(what) + " must be a contiguous float32 host tensor of shape " + shape_str(shape) + ", got " +
                  shape_str(t.shape()));
   return t.ptr<float>();
-}
-
-float activate(float v, Activation act) {
-  switch (act) {
-    case Activation::None: return v;
-    case Activation::GeluTanh: {
-      const float k = 0.7978845608028654f;  // sqrt(2/pi)
-      return 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
-    }
-    case Activation::Silu: return v / (1.0f + std::exp(-v));
-    case Activation::QuickGelu: return v / (1.0f + std::exp(-1.702f * v));
-  }
-  return v;
 }
 
 }  // namespace
@@ -70,14 +33,9 @@ void layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float
   for (int64_t b = 0; b < X.B; ++b)
     for (int64_t n = 0; n < X.N; ++n) {
       const float* r = X.row(b, n);
-      double mean = 0, var = 0;
-      for (int64_t c = 0; c < X.C; ++c) mean += r[c];
-      mean /= double(X.C);
-      for (int64_t c = 0; c < X.C; ++c) var += (r[c] - mean) * (r[c] - mean);
-      var /= double(X.C);
-      const float inv = float(1.0 / std::sqrt(var + double(eps)));
+      const NormStats st = norm_stats(r, X.C, double(eps));
       float* o = Y.row(b, n);  // may alias r: each element is read before it is written
-      for (int64_t c = 0; c < X.C; ++c) o[c] = (r[c] - float(mean)) * inv * w[c] + (bs ? bs[c] : 0.0f);
+      for (int64_t c = 0; c < X.C; ++c) o[c] = (r[c] - st.mean) * st.inv * w[c] + (bs ? bs[c] : 0.0f);
     }
 }
 
@@ -89,9 +47,7 @@ void rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y)
   for (int64_t b = 0; b < X.B; ++b)
     for (int64_t n = 0; n < X.N; ++n) {
       const float* r = X.row(b, n);
-      double ss = 0;
-      for (int64_t c = 0; c < X.C; ++c) ss += double(r[c]) * r[c];
-      const float inv = float(1.0 / std::sqrt(ss / double(X.C) + double(eps)));
+      const float inv = inv_rms(r, X.C, double(eps));
       float* o = Y.row(b, n);
       // T5LayerNorm's order: normalise first, then scale by the weight.
       for (int64_t c = 0; c < X.C; ++c) o[c] = (r[c] * inv) * w[c];

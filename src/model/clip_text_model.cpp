@@ -2,11 +2,11 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/error.h"
+#include "io/json_config.h"
+#include "model/component_weights.h"
 
 namespace fluxswap {
 
@@ -14,17 +14,6 @@ using nlohmann::json;
 namespace fsys = std::filesystem;
 
 namespace {
-
-template <typename T>
-void read_field(const json& j, const char* key, T& out, const std::string& path) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  try {
-    out = it->get<T>();
-  } catch (const json::exception&) {
-    throw Error(path + ": field '" + key + "' has the wrong type (" + it->dump() + ")");
-  }
-}
 
 Activation parse_hidden_act(const std::string& name, const std::string& path) {
   if (name == "quick_gelu") return Activation::QuickGelu;  // CLIP-L, as FLUX ships it
@@ -34,40 +23,10 @@ Activation parse_hidden_act(const std::string& name, const std::string& path) {
               "'gelu' has no backend activation yet)");
 }
 
-// Reads `keys` (each of shape `part`) and stacks them along the first dimension in the backend's compute dtype.
-Tensor load_stacked(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
-                    Backend& backend) {
-  Shape shape = part;
-  shape[0] *= int64_t(keys.size());
-  Tensor host = Tensor::empty(backend.compute_dtype(), shape);
-  const size_t part_elems = size_t(shape_numel(part)), part_bytes = part_elems * dtype_size(host.dtype());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (!file.contains(keys[i])) throw Error(file.path() + ": tensor '" + keys[i] + "' is missing");
-    Tensor src = file.tensor(keys[i]);
-    if (src.shape() != part || !dtype_is_float(src.dtype()))
-      throw Error(file.path() + ": tensor '" + keys[i] + "' is " + std::string(dtype_name(src.dtype())) + " " +
-                  shape_str(src.shape()) + ", expected a float tensor of shape " + shape_str(part));
-    convert(src.dtype(), src.data(), host.dtype(), static_cast<char*>(host.data()) + i * part_bytes, part_elems);
-  }
-  return backend.upload_weight(host);
-}
-
-std::string weights_in_folder(const fsys::path& dir) {
-  for (const char* name : {"model.safetensors.index.json", "model.safetensors"})
-    if (fsys::exists(dir / name)) return (dir / name).string();
-  throw Error(dir.string() + ": no model.safetensors (or model.safetensors.index.json) in this folder");
-}
-
 }  // namespace
 
 ClipTextConfig ClipTextConfig::from_json_text(const std::string& text, const std::string& path) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(path + ": not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  const json j = parse_json_object(text, path);
   ClipTextConfig c;
   read_field(j, "vocab_size", c.vocab_size, path);
   read_field(j, "hidden_size", c.hidden_size, path);
@@ -84,11 +43,7 @@ ClipTextConfig ClipTextConfig::from_json_text(const std::string& text, const std
 }
 
 ClipTextConfig ClipTextConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return from_json_text(ss.str(), path);
+  return from_json_text(read_text_file(path), path);
 }
 
 void ClipTextConfig::validate(const std::string& what) const {
@@ -141,7 +96,7 @@ ClipTextModel::ClipTextModel(const ClipTextConfig& config, ClipTextWeights weigh
 
 ClipTextModel ClipTextModel::from_folder(const std::string& dir, Backend& backend) {
   const ClipTextConfig config = ClipTextConfig::from_json_file((fsys::path(dir) / "config.json").string());
-  const SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(dir));
+  const SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(dir, kTransformersWeightFiles));
   return ClipTextModel(config, load_clip_text_weights(file, config, backend), backend);
 }
 

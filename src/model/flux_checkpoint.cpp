@@ -1,10 +1,11 @@
 #include "model/flux_checkpoint.h"
 
 #include <filesystem>
-#include <fstream>
 #include <set>
 
 #include "core/error.h"
+#include "io/json_config.h"
+#include "model/component_weights.h"
 
 namespace fluxswap {
 
@@ -12,23 +13,13 @@ namespace fsys = std::filesystem;
 
 namespace {
 
-std::string read_text(const fsys::path& p) {
-  std::ifstream f(p);
-  std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  return s;
-}
-
-// The weights inside a transformer folder: sharded index first (real FLUX.1 folders are sharded).
-std::string weights_in_folder(const fsys::path& dir) {
-  for (const char* name : {"diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
-                           "model.safetensors.index.json", "model.safetensors"})
-    if (fsys::exists(dir / name)) return (dir / name).string();
-  std::vector<fsys::path> found;
-  for (auto& e : fsys::directory_iterator(dir))
-    if (e.path().extension() == ".safetensors") found.push_back(e.path());
-  if (found.size() == 1) return found[0].string();
-  throw Error(dir.string() + ": no diffusion_pytorch_model.safetensors (or .index.json) in this folder" +
-              (found.empty() ? std::string() : ", and several other .safetensors files: name one"));
+// The weights inside a transformer folder: sharded index first (real FLUX.1 folders are sharded), else its only
+// .safetensors file.
+std::string transformer_weights_in_folder(const fsys::path& dir) {
+  return weights_in_folder(dir.string(),
+                           {"diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                            "model.safetensors.index.json", "model.safetensors"},
+                           /*or_only_safetensors=*/true);
 }
 
 // Detects the naming and key prefix from a key that exists only in one naming.
@@ -58,7 +49,7 @@ std::string resolve_hf_cache_path(const std::string& path) {
   if (!fsys::is_directory(p / "snapshots")) return path;
   std::string rev;
   if (fsys::exists(p / "refs" / "main")) {
-    rev = read_text(p / "refs" / "main");
+    rev = read_text_file((p / "refs" / "main").string());
     while (!rev.empty() && (rev.back() == '\n' || rev.back() == ' ')) rev.pop_back();
   }
   if (!rev.empty() && fsys::is_directory(p / "snapshots" / rev)) return (p / "snapshots" / rev).string();
@@ -81,10 +72,10 @@ FluxCheckpoint open_flux_checkpoint(const std::string& user_path) {
   if (fsys::is_directory(p)) {
     if (fsys::exists(p / "model_index.json") || fsys::is_directory(p / "transformer")) p = p / "transformer";
     if (!fsys::is_directory(p)) throw Error(user_path + ": pipeline folder without a transformer/ folder");
-    ck.weights_path = weights_in_folder(p);
+    ck.weights_path = transformer_weights_in_folder(p);
     config_path = p / "config.json";
   } else if (p.filename() == "config.json") {
-    ck.weights_path = weights_in_folder(p.parent_path());
+    ck.weights_path = transformer_weights_in_folder(p.parent_path());
     config_path = p;
   } else {
     ck.weights_path = p.string();

@@ -1,10 +1,9 @@
 #include "model/flux_config.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "core/error.h"
+#include "io/json_config.h"
 
 namespace fluxswap {
 
@@ -31,27 +30,8 @@ FluxConfig FluxConfig::tiny() {
   return c;
 }
 
-namespace {
-template <typename T>
-void read_field(const json& j, const char* key, T& out, const std::string& path) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  try {
-    out = it->get<T>();
-  } catch (const json::exception&) {
-    throw Error(path + ": field '" + key + "' has the wrong type (" + it->dump() + ")");
-  }
-}
-}  // namespace
-
 FluxConfig FluxConfig::from_json_text(const std::string& text, const std::string& path) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(path + ": not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  const json j = parse_json_object(text, path);
   FluxConfig c;
   read_field(j, "in_channels", c.in_channels, path);
   read_field(j, "num_layers", c.num_layers, path);
@@ -69,13 +49,7 @@ FluxConfig FluxConfig::from_json_text(const std::string& text, const std::string
   return c;
 }
 
-FluxConfig FluxConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return from_json_text(ss.str(), path);
-}
+FluxConfig FluxConfig::from_json_file(const std::string& path) { return from_json_text(read_text_file(path), path); }
 
 std::string FluxConfig::to_json() const {
   json j = {{"_class_name", "FluxTransformer2DModel"},

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "model/component_weights.h"
 #include "model/flux_weight_map.h"
 
 namespace fluxswap {
@@ -25,13 +26,8 @@ void assemble(const FluxCheckpoint& ck, const WeightSpec& spec, Tensor& dst, std
   int64_t rows_filled = 0;
   for (const WeightPart& part : spec.parts) {
     const std::string key = ck.prefix + part.key;
-    if (!ck.weights.contains(key))
-      throw Error(ck.weights_path + ": tensor '" + key + "' is missing (needed for " + spec.name + ")");
+    Tensor src = float_tensor(ck.weights, key, "needed for " + spec.name);
     used.insert(key);
-    Tensor src = ck.weights.tensor(key);
-    if (!dtype_is_float(src.dtype()))
-      throw Error(ck.weights_path + ": tensor '" + key + "' has dtype " + std::string(dtype_name(src.dtype())) +
-                  ", expected a float type");
     const int64_t src_cols = src.ndim() == 2 ? src.size(1) : 1;
     const bool rank_ok = src.ndim() == int(spec.shape.size());
     if (!rank_ok || src_cols != cols || part.src_row + part.rows > src.size(0))

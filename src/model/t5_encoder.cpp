@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <utility>
 
 #include "core/error.h"
+#include "io/json_config.h"
+#include "model/component_weights.h"
 
 namespace fluxswap {
 
@@ -16,17 +16,6 @@ using nlohmann::json;
 namespace fsys = std::filesystem;
 
 namespace {
-
-template <typename T>
-void read_field(const json& j, const char* key, T& out, const std::string& path) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  try {
-    out = it->get<T>();
-  } catch (const json::exception&) {
-    throw Error(path + ": field '" + key + "' has the wrong type (" + it->dump() + ")");
-  }
-}
 
 Activation parse_dense_act(const std::string& name, const std::string& path) {
   if (name == "gelu_new" || name == "gelu_pytorch_tanh") return Activation::GeluTanh;
@@ -36,46 +25,10 @@ Activation parse_dense_act(const std::string& name, const std::string& path) {
               "and relu have no backend activation yet)");
 }
 
-// The tensor under `key`, checked to be a float tensor of `shape`.
-Tensor checked(const SafetensorsCollection& file, const std::string& key, const Shape& shape) {
-  if (!file.contains(key)) throw Error(file.path() + ": tensor '" + key + "' is missing");
-  Tensor t = file.tensor(key);
-  if (t.shape() != shape || !dtype_is_float(t.dtype()))
-    throw Error(file.path() + ": tensor '" + key + "' is " + std::string(dtype_name(t.dtype())) + " " +
-                shape_str(t.shape()) + ", expected a float tensor of shape " + shape_str(shape));
-  return t;
-}
-
-// Reads `keys` (each of shape `part`) and stacks them along the first dimension in the backend's compute dtype.
-Tensor load_stacked(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
-                    Backend& backend) {
-  Shape shape = part;
-  shape[0] *= int64_t(keys.size());
-  Tensor host = Tensor::empty(backend.compute_dtype(), shape);
-  const size_t part_elems = size_t(shape_numel(part)), part_bytes = part_elems * dtype_size(host.dtype());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const Tensor src = checked(file, keys[i], part);
-    convert(src.dtype(), src.data(), host.dtype(), static_cast<char*>(host.data()) + i * part_bytes, part_elems);
-  }
-  return backend.upload_weight(host);
-}
-
-std::string weights_in_folder(const fsys::path& dir) {
-  for (const char* name : {"model.safetensors.index.json", "model.safetensors"})
-    if (fsys::exists(dir / name)) return (dir / name).string();
-  throw Error(dir.string() + ": no model.safetensors (or model.safetensors.index.json) in this folder");
-}
-
 }  // namespace
 
 T5EncoderConfig T5EncoderConfig::from_json_text(const std::string& text, const std::string& path) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(path + ": not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  const json j = parse_json_object(text, path);
   T5EncoderConfig c;
   read_field(j, "vocab_size", c.vocab_size, path);
   read_field(j, "d_model", c.d_model, path);
@@ -104,11 +57,7 @@ T5EncoderConfig T5EncoderConfig::from_json_text(const std::string& text, const s
 }
 
 T5EncoderConfig T5EncoderConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return from_json_text(ss.str(), path);
+  return from_json_text(read_text_file(path), path);
 }
 
 void T5EncoderConfig::validate(const std::string& what) const {
@@ -166,7 +115,7 @@ T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, cons
                                 : "encoder.embed_tokens.weight";
   w.embedding = one(embed, {c.vocab_size, D});
   w.relative_attention_bias =
-      checked(file, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      checked_tensor(file, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
               {c.relative_attention_num_buckets, c.num_heads})
           .to_f32();
   for (int64_t i = 0; i < c.num_layers; ++i) {
@@ -193,7 +142,7 @@ T5Encoder::T5Encoder(const T5EncoderConfig& config, T5EncoderWeights weights, Ba
 
 T5Encoder T5Encoder::from_folder(const std::string& dir, Backend& backend) {
   const T5EncoderConfig config = T5EncoderConfig::from_json_file((fsys::path(dir) / "config.json").string());
-  const SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(dir));
+  const SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(dir, kTransformersWeightFiles));
   return T5Encoder(config, load_t5_encoder_weights(file, config, backend), backend);
 }
 

@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "core/error.h"
+#include "io/json_config.h"
+#include "model/component_weights.h"
 
 namespace fluxswap {
 
@@ -16,19 +16,6 @@ namespace {
 
 // diffusers builds every GroupNorm of the decoder (resnets, attention, conv_norm_out) with eps 1e-6.
 constexpr float kNormEps = 1e-6f;
-
-using nlohmann::json;
-
-template <typename T>
-void read_field(const json& j, const char* key, T& out, const std::string& path) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return;
-  try {
-    out = it->get<T>();
-  } catch (const json::exception&) {
-    throw Error(path + ": field '" + key + "' has the wrong type (" + it->dump() + ")");
-  }
-}
 
 }  // namespace
 
@@ -38,13 +25,7 @@ void read_field(const json& j, const char* key, T& out, const std::string& path)
 VaeConfig VaeConfig::flux1() { return VaeConfig{}; }
 
 VaeConfig VaeConfig::from_json_text(const std::string& text, const std::string& path) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(path + ": not valid JSON: " + e.what());
-  }
-  if (!j.is_object()) throw Error(path + ": expected a JSON object");
+  const nlohmann::json j = parse_json_object(text, path);
   // diffusers' AutoencoderKL defaults stand for absent fields.
   VaeConfig c;
   c.block_out_channels = {64};
@@ -73,13 +54,7 @@ VaeConfig VaeConfig::from_json_text(const std::string& text, const std::string& 
   return c;
 }
 
-VaeConfig VaeConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return from_json_text(ss.str(), path);
-}
+VaeConfig VaeConfig::from_json_file(const std::string& path) { return from_json_text(read_text_file(path), path); }
 
 void VaeConfig::validate(const std::string& what) const {
   auto fail = [&](const std::string& m) { throw Error(what + ": " + m); };
@@ -107,14 +82,7 @@ class DecoderTensors {
   DecoderTensors(const SafetensorsCollection& file, Backend& backend) : file_(file), backend_(backend) {}
 
   Tensor get(const std::string& key, const Shape& shape) {
-    if (!file_.contains(key)) throw Error(file_.path() + ": tensor '" + key + "' is missing (VAE decoder)");
-    Tensor t = file_.tensor(key);
-    if (!dtype_is_float(t.dtype()))
-      throw Error(file_.path() + ": tensor '" + key + "' has dtype " + std::string(dtype_name(t.dtype())) +
-                  ", expected a float type");
-    if (t.shape() != shape)
-      throw Error(file_.path() + ": tensor '" + key + "' has shape " + shape_str(t.shape()) + ", expected " +
-                  shape_str(shape) + " for the VAE config");
+    Tensor t = checked_tensor(file_, key, shape, "VAE decoder, per the VAE config");
     used_.insert(key);
     return backend_.upload_weight(t);
   }
@@ -191,10 +159,8 @@ VaeDecoder open_vae_decoder(const std::string& path, Backend& backend) {
   if (!fs::exists(dir / "config.json"))
     throw Error(path + ": not a diffusers VAE folder (no config.json) nor a pipeline folder with vae/");
   VaeConfig config = VaeConfig::from_json_file((dir / "config.json").string());
-  fs::path weights = dir / "diffusion_pytorch_model.safetensors";
-  if (!fs::exists(weights)) weights += ".index.json";
-  if (!fs::exists(weights)) throw Error(dir.string() + ": no diffusion_pytorch_model.safetensors");
-  SafetensorsCollection file = SafetensorsCollection::open(weights.string());
+  SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(
+      dir.string(), {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"}));
   return VaeDecoder(config, load_vae_decoder_weights(file, config, backend), backend);
 }
 

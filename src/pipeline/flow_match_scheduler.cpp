@@ -1,10 +1,10 @@
 #include "pipeline/flow_match_scheduler.h"
 
 #include <cmath>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_config.h"
 
 namespace fluxswap {
 
@@ -16,30 +16,15 @@ FlowMatchSchedulerConfig FlowMatchSchedulerConfig::flux1_schnell() {
 }
 
 FlowMatchSchedulerConfig FlowMatchSchedulerConfig::from_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw Error(path + ": cannot open");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(path + ": not valid JSON: " + e.what());
-  }
+  const nlohmann::json j = read_json_object_file(path);
   FlowMatchSchedulerConfig c;
-  auto read = [&](const char* key, auto& out) {
-    if (!j.contains(key) || j[key].is_null()) return;
-    try {
-      out = j[key].get<std::decay_t<decltype(out)>>();
-    } catch (const nlohmann::json::exception&) {
-      throw Error(path + ": field '" + key + "' has the wrong type (" + j[key].dump() + ")");
-    }
-  };
-  read("num_train_timesteps", c.num_train_timesteps);
-  read("shift", c.shift);
-  read("use_dynamic_shifting", c.use_dynamic_shifting);
-  read("base_shift", c.base_shift);
-  read("max_shift", c.max_shift);
-  read("base_image_seq_len", c.base_image_seq_len);
-  read("max_image_seq_len", c.max_image_seq_len);
+  read_field(j, "num_train_timesteps", c.num_train_timesteps, path);
+  read_field(j, "shift", c.shift, path);
+  read_field(j, "use_dynamic_shifting", c.use_dynamic_shifting, path);
+  read_field(j, "base_shift", c.base_shift, path);
+  read_field(j, "max_shift", c.max_shift, path);
+  read_field(j, "base_image_seq_len", c.base_image_seq_len, path);
+  read_field(j, "max_image_seq_len", c.max_image_seq_len, path);
   if (c.max_image_seq_len == c.base_image_seq_len) throw Error(path + ": max_image_seq_len equals base_image_seq_len");
   return c;
 }

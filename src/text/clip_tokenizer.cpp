@@ -101,9 +101,7 @@ size_t clip_piece_length(std::u32string_view s, size_t i) {
 
 std::optional<int32_t> lookup(const std::unordered_map<std::string, int32_t>& vocab,
                               const std::vector<std::pair<std::string, int32_t>>& added, const std::string& token) {
-  for (const auto& [content, id] : added) {
-    if (content == token) return id;
-  }
+  if (auto id = detail::special_token_id(added, token)) return id;
   auto it = vocab.find(token);
   if (it == vocab.end()) return std::nullopt;
   return it->second;
@@ -168,13 +166,8 @@ ClipTokenizer ClipTokenizer::from_vocab_merges(const std::string& vocab_json, co
 ClipTokenizer ClipTokenizer::from_tokenizer_json(const std::string& tokenizer_json,
                                                  const std::string& tokenizer_config_json) {
   const std::string source = tokenizer_json + " (tokenizer.json)";
-  const json root = detail::read_tokenizer_json(tokenizer_json, "tokenizer.json");
-  if (!root.is_object() || !root.contains("model") || !root["model"].is_object()) {
-    throw Error(source + ": expected an object with a \"model\" object");
-  }
+  const json root = detail::read_tokenizer_json_model(tokenizer_json, "BPE", "CLIP");
   const json& model = root["model"];
-  const std::string type = model.value("type", std::string());
-  if (type != "BPE") throw Error(source + ": expected model.type \"BPE\" for a CLIP tokenizer, got \"" + type + "\"");
   if (model.contains("continuing_subword_prefix") && model["continuing_subword_prefix"].is_string() &&
       !model["continuing_subword_prefix"].get<std::string>().empty()) {
     throw Error(source + ": model.continuing_subword_prefix is not supported: expected CLIP's byte-level BPE");
@@ -186,18 +179,7 @@ ClipTokenizer ClipTokenizer::from_tokenizer_json(const std::string& tokenizer_js
     suffix = model["end_of_word_suffix"].get<std::string>();
   }
 
-  std::vector<std::pair<std::string, int32_t>> added;
-  if (root.contains("added_tokens")) {
-    const json& list = root["added_tokens"];
-    if (!list.is_array()) throw Error(source + ": added_tokens must be an array");
-    for (const json& t : list) {
-      if (!t.is_object() || !t.contains("content") || !t["content"].is_string() || !t.contains("id") ||
-          !t["id"].is_number_integer()) {
-        throw Error(source + ": added_tokens entries need a string \"content\" and an integer \"id\", got " + t.dump());
-      }
-      added.emplace_back(t["content"].get<std::string>(), t["id"].get<int32_t>());
-    }
-  }
+  std::vector<std::pair<std::string, int32_t>> added = detail::parse_added_tokens(root, source);
 
   SpecialNames names;
   // The post-processor frames the sequence: RobertaProcessing's cls/sep are CLIP's start/end tokens.
@@ -223,9 +205,7 @@ ClipTokenizer::ClipTokenizer(ByteLevelBpe bpe, std::vector<std::pair<std::string
                              const SpecialNames& names, const std::string& source)
     : bpe_(std::move(bpe)), added_tokens_(std::move(added_tokens)) {
   auto resolve = [&](const std::string& token, const char* role) {
-    for (const auto& [content, id] : added_tokens_) {
-      if (content == token) return id;
-    }
+    if (auto id = detail::special_token_id(added_tokens_, token)) return *id;
     if (auto id = bpe_.token_id(token)) return *id;
     throw Error(source + ": the " + std::string(role) + " token \"" + token + "\" is not in the vocabulary");
   };
@@ -241,9 +221,7 @@ ClipTokenizer::ClipTokenizer(ByteLevelBpe bpe, std::vector<std::pair<std::string
 }
 
 std::optional<int32_t> ClipTokenizer::token_id(std::string_view token) const {
-  for (const auto& [content, id] : added_tokens_) {
-    if (content == token) return id;
-  }
+  if (auto id = detail::special_token_id(added_tokens_, token)) return id;
   return bpe_.token_id(token);
 }
 
@@ -274,15 +252,8 @@ void ClipTokenizer::tokenize_text(std::string_view text, std::vector<int32_t>& o
 }
 
 std::vector<int32_t> ClipTokenizer::tokenize(const std::string& prompt) const {
-  std::vector<int32_t> ids;
-  for (const auto& segment : detail::split_special_tokens(prompt, added_tokens_)) {
-    if (segment.special_id >= 0) {
-      ids.push_back(segment.special_id);
-    } else {
-      tokenize_text(segment.text, ids);
-    }
-  }
-  return ids;
+  return detail::tokenize_with_specials(
+      prompt, added_tokens_, [this](std::string_view text, std::vector<int32_t>& ids) { tokenize_text(text, ids); });
 }
 
 TokenEncoding ClipTokenizer::encode(const std::string& prompt, size_t max_length) const {

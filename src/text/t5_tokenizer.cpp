@@ -269,14 +269,8 @@ T5Tokenizer T5Tokenizer::from_spiece_model(const std::string& spiece_model, int 
 
 T5Tokenizer T5Tokenizer::from_tokenizer_json(const std::string& tokenizer_json) {
   const std::string source = tokenizer_json + " (tokenizer.json)";
-  const json root = detail::read_tokenizer_json(tokenizer_json, "tokenizer.json");
-  if (!root.is_object() || !root.contains("model") || !root["model"].is_object()) {
-    throw Error(source + ": expected an object with a \"model\" object");
-  }
+  const json root = detail::read_tokenizer_json_model(tokenizer_json, "Unigram", "T5");
   const json& model = root["model"];
-  const std::string type = model.value("type", std::string());
-  if (type != "Unigram")
-    throw Error(source + ": expected model.type \"Unigram\" for a T5 tokenizer, got \"" + type + "\"");
   const json& vocab = model.value("vocab", json());
   if (!vocab.is_array() || vocab.empty())
     throw Error(source + ": model.vocab must be a non-empty array of [piece, score]");
@@ -296,18 +290,8 @@ T5Tokenizer T5Tokenizer::from_tokenizer_json(const std::string& tokenizer_json) 
   T5Tokenizer t;
   t.unk_id_ = unk.get<int32_t>();
   t.vocab_size_ = pieces.size();
-  if (root.contains("added_tokens")) {
-    const json& list = root["added_tokens"];
-    if (!list.is_array()) throw Error(source + ": added_tokens must be an array");
-    for (const json& a : list) {
-      if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || !a.contains("id") ||
-          !a["id"].is_number_integer() || a["id"].get<int64_t>() < 0) {
-        throw Error(source + ": added_tokens entries need a string \"content\" and an integer \"id\", got " + a.dump());
-      }
-      t.special_tokens_.emplace_back(a["content"].get<std::string>(), a["id"].get<int32_t>());
-      t.vocab_size_ = std::max(t.vocab_size_, size_t(a["id"].get<int32_t>()) + 1);
-    }
-  }
+  t.special_tokens_ = detail::parse_added_tokens(root, source);
+  for (const auto& added : t.special_tokens_) t.vocab_size_ = std::max(t.vocab_size_, size_t(added.second) + 1);
 
   std::vector<TextStep> normalizers;
   std::vector<SplitStep> pre_tokenizers;
@@ -332,22 +316,15 @@ T5Tokenizer T5Tokenizer::from_tokenizer_json(const std::string& tokenizer_json) 
 }
 
 std::optional<int32_t> T5Tokenizer::token_id(std::string_view token) const {
-  for (const auto& [content, id] : special_tokens_) {
-    if (content == token) return id;
-  }
+  if (auto id = detail::special_token_id(special_tokens_, token)) return id;
   return backend_->piece_id(token);
 }
 
 std::vector<int32_t> T5Tokenizer::tokenize(const std::string& prompt) const {
-  std::vector<int32_t> ids;
-  for (const auto& segment : detail::split_special_tokens(prompt, special_tokens_)) {
-    if (segment.special_id >= 0) {
-      ids.push_back(segment.special_id);
-    } else {
-      backend_->encode_text(segment.text, ids);
-    }
-  }
-  return ids;
+  return detail::tokenize_with_specials(prompt, special_tokens_,
+                                        [this](std::string_view text, std::vector<int32_t>& ids) {
+                                          backend_->encode_text(text, ids);
+                                        });
 }
 
 TokenEncoding T5Tokenizer::encode(const std::string& prompt, size_t max_length) const {

@@ -51,4 +51,12 @@ std::vector<PromptSegment> split_special_tokens(std::string_view prompt,
   return out;
 }
 
+std::optional<int32_t> special_token_id(const std::vector<std::pair<std::string, int32_t>>& specials,
+                                        std::string_view token) {
+  for (const auto& [content, id] : specials) {
+    if (content == token) return id;
+  }
+  return std::nullopt;
+}
+
 }  // namespace fluxswap::detail

@@ -3,6 +3,7 @@
 // way the diffusers FLUX pipelines call their tokenizers (padding="max_length", truncation=True).
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -45,6 +46,27 @@ struct PromptSegment {
 // normalising: a special token typed into a prompt becomes its id, never text.
 std::vector<PromptSegment> split_special_tokens(std::string_view prompt,
                                                 const std::vector<std::pair<std::string, int32_t>>& specials);
+
+// The id of `token` when it is one of `specials` (matched as a whole).
+std::optional<int32_t> special_token_id(const std::vector<std::pair<std::string, int32_t>>& specials,
+                                        std::string_view token);
+
+// The ids of a prompt: its special tokens (split out first) as their ids, the text between them appended by
+// encode_text(std::string_view text, std::vector<int32_t>& ids).
+template <typename EncodeText>
+std::vector<int32_t> tokenize_with_specials(std::string_view prompt,
+                                            const std::vector<std::pair<std::string, int32_t>>& specials,
+                                            EncodeText&& encode_text) {
+  std::vector<int32_t> ids;
+  for (const PromptSegment& segment : split_special_tokens(prompt, specials)) {
+    if (segment.special_id >= 0) {
+      ids.push_back(segment.special_id);
+    } else {
+      encode_text(segment.text, ids);
+    }
+  }
+  return ids;
+}
 
 }  // namespace detail
 

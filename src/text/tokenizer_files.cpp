@@ -29,6 +29,36 @@ nlohmann::json read_tokenizer_json(const std::string& path, const char* what) {
   }
 }
 
+nlohmann::json read_tokenizer_json_model(const std::string& path, const char* model_type, const char* who) {
+  const std::string source = path + " (tokenizer.json)";
+  nlohmann::json root = read_tokenizer_json(path, "tokenizer.json");
+  if (!root.is_object() || !root.contains("model") || !root["model"].is_object()) {
+    throw Error(source + ": expected an object with a \"model\" object");
+  }
+  const std::string type = root["model"].value("type", std::string());
+  if (type != model_type) {
+    throw Error(source + ": expected model.type \"" + model_type + "\" for a " + who + " tokenizer, got \"" + type +
+                "\"");
+  }
+  return root;
+}
+
+std::vector<std::pair<std::string, int32_t>> parse_added_tokens(const nlohmann::json& root,
+                                                                const std::string& source) {
+  std::vector<std::pair<std::string, int32_t>> added;
+  if (!root.contains("added_tokens")) return added;
+  const nlohmann::json& list = root["added_tokens"];
+  if (!list.is_array()) throw Error(source + ": added_tokens must be an array");
+  for (const nlohmann::json& a : list) {
+    if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || !a.contains("id") ||
+        !a["id"].is_number_integer() || a["id"].get<int64_t>() < 0) {
+      throw Error(source + ": added_tokens entries need a string \"content\" and an integer \"id\", got " + a.dump());
+    }
+    added.emplace_back(a["content"].get<std::string>(), a["id"].get<int32_t>());
+  }
+  return added;
+}
+
 std::optional<std::string> special_token_field(const nlohmann::json& object, const std::string& key,
                                                const std::string& path) {
   if (!object.is_object()) return std::nullopt;
