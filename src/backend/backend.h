@@ -54,7 +54,8 @@ class Backend {
   virtual std::unique_ptr<RecordedWork> record(const std::function<void()>& fn) = 0;
 
   // Per-op timing for benchmarks: while on, each op is timed on the device and its time added under the op's
-  // name ("linear", "attention", ...). Off by default; never on while recording.
+  // name ("attention", ...; GEMMs as "linear MxNxK" where a backend tells shapes apart). Off by default; never on
+  // while recording.
   virtual void set_profiling(bool on) = 0;
   virtual std::map<std::string, double> profile_ms() const = 0;  // accumulated since set_profiling(true)
   // Device memory this backend holds now and at most so far (bytes).

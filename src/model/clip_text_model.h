@@ -24,6 +24,9 @@ struct ClipTextConfig {
 
   int64_t head_dim() const { return hidden_size / num_attention_heads; }
 
+  // FLUX.1's CLIP-L text model (openai/clip-vit-large-patch14, the defaults above).
+  static ClipTextConfig flux1() { return ClipTextConfig{}; }
+
   // Parses a transformers CLIPTextConfig config.json (a diffusers `text_encoder/config.json`); `path` is for
   // messages. Error for a hidden_act the backends cannot compute.
   static ClipTextConfig from_json_text(const std::string& text, const std::string& path);

@@ -27,6 +27,9 @@ struct T5EncoderConfig {
 
   int64_t inner_dim() const { return d_kv * num_heads; }
 
+  // FLUX.1's T5-XXL encoder (google/t5-v1_1-xxl, the defaults above).
+  static T5EncoderConfig flux1() { return T5EncoderConfig{}; }
+
   // Parses a transformers T5Config config.json (a diffusers `text_encoder_2/config.json`); `path` is for messages.
   // Error for a feed-forward the backends cannot compute (non-gated ones, exact erf GELU).
   static T5EncoderConfig from_json_text(const std::string& text, const std::string& path);

@@ -137,10 +137,13 @@ TEST(CudaProfiling, TimesEveryOpByName) {
   blk.run(*gpu);
   blk.run(*gpu);
   const auto ms = gpu->profile_ms();
-  for (const char* op : {"linear", "attention", "layer_norm_modulate", "qk_norm_rope", "gated_residual", "silu", "add",
-                         "timestep_embedding"}) {
-    ASSERT_TRUE(ms.count(op)) << op;
-    EXPECT_GT(ms.at(op), 0.0) << op;
+  // GEMMs are keyed by shape ("linear MxNxK"), every other op by its name.
+  for (const std::string op : {"linear", "attention", "layer_norm_modulate", "qk_norm_rope", "gated_residual", "silu",
+                               "add", "timestep_embedding"}) {
+    double total = 0;
+    for (const auto& [key, v] : ms)
+      if (key == op || key.rfind(op + " ", 0) == 0) total += v;
+    EXPECT_GT(total, 0.0) << op;
   }
   gpu->set_profiling(false);
   blk.run(*gpu);

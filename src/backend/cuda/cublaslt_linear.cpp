@@ -1,5 +1,6 @@
 #include "backend/cuda/cublaslt_linear.h"
 
+#include <algorithm>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -16,6 +17,13 @@ int alignment_of(const void* p) {
   int al = 256;
   while (al > 1 && a % al) al /= 2;
   return al;
+}
+
+// The alignment every matrix of a strided batch keeps: the first one's, capped by the stride's.
+int alignment_of(const void* p, int64_t batch, int64_t stride, size_t element_bytes) {
+  const int al = alignment_of(p);
+  if (batch <= 1) return al;
+  return std::min(al, alignment_of(reinterpret_cast<const void*>(uintptr_t(stride) * element_bytes)));
 }
 
 cublasLtEpilogue_t to_cublas(GemmEpilogue e) {
@@ -141,9 +149,9 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
   key.trans_a = mm.trans_a;
   key.f32_out = mm.f32_out;
   key.epilogue = int(mm.epilogue);
-  key.align_a = alignment_of(mm.a);
-  key.align_b = alignment_of(mm.b);
-  key.align_d = alignment_of(mm.d);
+  key.align_a = alignment_of(mm.a, mm.batch, mm.stride_a, 2);
+  key.align_b = alignment_of(mm.b, mm.batch, mm.stride_b, 2);
+  key.align_d = alignment_of(mm.d, mm.batch, mm.stride_d, mm.f32_out ? 4 : 2);
   key.align_bias = mm.bias ? alignment_of(mm.bias) : 0;
   if (key.lda < (mm.trans_a ? key.k : key.m) || key.ldb < key.k || key.ldd < key.m)
     fail(op, "cublasLtMatmul", "row strides smaller than the row widths");

@@ -18,6 +18,7 @@
 #include "backend/cuda/device_memory.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/op_profiler.h"
+#include "backend/cuda/text_kernels.h"
 
 namespace fluxswap::cuda {
 
@@ -266,7 +267,7 @@ class CudaBackend final : public Backend {
     timed(key.c_str(), [&] {
       gemm_->run({X.p, X.B, X.N, X.sb, X.sn}, w.data(), bias.data(), {Y.p, Y.B, Y.N, Y.sb, Y.sn}, k, nout, epilogue,
                  capturing_, stream());
-      if (act == Activation::Silu) cuda::launch_silu(Y, Y, stream(), op);
+      if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
     });
   }
 
