@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cli/component_bench.h"
 #include "core/compare.h"
 #include "core/error.h"
 #include "lora/lora_controller.h"
@@ -33,6 +34,7 @@ struct BenchOptions {
   int64_t lora_rank = 0;  // 0: no LoRA part
   std::string lora_mode = "merged", lora_dir = "/tmp";
   int swaps = 6;
+  bool components = false;  // also time the text encoders and the VAE decoder
 };
 
 struct Timing {
@@ -222,6 +224,12 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
 }
 
 void run(const BenchOptions& o) {
+  nlohmann::json all;
+  if (o.components) {
+    // Each on a fresh backend, so its peak memory is its own.
+    all["text_encoders"] = bench_text_encoders(*make_backend(o.device), o.steps);
+    all["vae"] = bench_vae_decode(*make_backend(o.device), 1024, o.steps);
+  }
   auto backend = make_backend(o.device);
   const FluxConfig c = bench_config(o.model);
   auto t0 = Clock::now();
@@ -234,7 +242,9 @@ void run(const BenchOptions& o) {
               o.model.c_str(), cost.weight_params / 1e9,
               cost.weight_params * double(dtype_size(backend->compute_dtype())) / 1e9,
               std::string(dtype_name(backend->compute_dtype())).c_str(), seconds_since(t0));
-  nlohmann::json all = {{"device", backend->name()}, {"model", o.model}, {"results", nlohmann::json::array()}};
+  all["device"] = backend->name();
+  all["model"] = o.model;
+  all["results"] = nlohmann::json::array();
   for (int size : o.sizes) all["results"].push_back(bench_size(tr, size, o));
   if (!o.json_out.empty()) {
     std::ofstream(o.json_out) << all.dump(1) << "\n";
@@ -260,6 +270,7 @@ void register_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-dir", o->lora_dir, "where the random LoRA files are written (default /tmp)");
   cmd->add_option("--swaps", o->swaps, "LoRA swaps timed")->check(CLI::PositiveNumber);
+  cmd->add_flag("--components", o->components, "also time CLIP-L, T5-XXL (512 tokens) and the VAE decoder (1024²)");
   cmd->callback([o] { run(*o); });
 }
 

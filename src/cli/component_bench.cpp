@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -59,7 +60,8 @@ std::string versus(double ms, double reference_ms) {
   if (reference_ms <= 0) return "";
   char s[96];
   const double ratio = reference_ms / ms;
-  std::snprintf(s, sizeof s, " vs diffusers %.1f ms -> %.2fx%s", reference_ms, ratio, ratio >= 1 ? " faster" : " (slower)");
+  std::snprintf(s, sizeof s, " vs diffusers %.1f ms -> %.2fx%s", reference_ms, ratio,
+                ratio >= 1 ? " faster" : " (slower)");
   return s;
 }
 
@@ -164,13 +166,32 @@ Tensor random_ids(Backend& be, int64_t tokens, int64_t vocab, uint64_t seed) {
   return dev;
 }
 
-// The block common to every component: header, timing, per-op breakdown, memory.
+// Random weights must still give numbers: a non-finite or constant output would mean the timed work is not what
+// real weights cost (an overflow taking a different path, a buffer never written).
+nlohmann::json check_output(Backend& be, const Tensor& out) {
+  const Tensor v = be.to_host_f32(out);
+  const float* p = v.ptr<float>();
+  int64_t non_finite = 0;
+  bool varied = false;
+  for (int64_t i = 0; i < v.numel(); ++i) {
+    non_finite += !std::isfinite(p[i]);
+    varied = varied || p[i] != p[0];
+  }
+  const std::string verdict = non_finite ? "has " + std::to_string(non_finite) + " non-finite values"
+                              : varied   ? "finite and varied"
+                                         : "is CONSTANT";
+  std::printf("  check: output %s %s\n", shape_str(out.shape()).c_str(), verdict.c_str());
+  return {{"output_non_finite", non_finite}, {"output_varied", varied}};
+}
+
+// The block common to every component: header, timing, per-op breakdown, output check, memory.
 nlohmann::json bench_forward(Backend& be, const std::string& header, const std::string& label, double reference_ms,
                              int runs, const MemoryWatch& memory, double weight_bytes, double build_s,
-                             const std::function<void()>& work) {
-  std::printf("\n%s, RANDOM weights made on the device in %.2f s\n", header.c_str(), build_s);
+                             const Tensor& output, const std::function<void()>& work) {
+  std::printf("\n%s, RANDOM weights made on the device in %.3f s\n", header.c_str(), build_s);
   nlohmann::json r = time_forward(be, label, reference_ms, runs, work);
   r["per_op_ms"] = profile_forward(be, work);
+  r.update(check_output(be, output));
   r.update(memory.report(weight_bytes));
   r["device"] = be.name();
   r["weights_build_s"] = build_s;
@@ -193,7 +214,7 @@ nlohmann::json bench_t5(Backend& be, int runs) {
   const Tensor out = be.empty(be.compute_dtype(), {1, tokens, c.d_model});
   nlohmann::json r = bench_forward(be, "T5-XXL encoder (google/t5-v1_1-xxl shapes, 24 layers, d_model 4096)",
                                    "T5-XXL encode, 512 tokens", kDiffusersT5Encode512Ms, runs, memory, weight_bytes,
-                                   build_s, [&] { t5.encode(ids, out); });
+                                   build_s, out, [&] { t5.encode(ids, out); });
   r["tokens"] = tokens;
   return r;
 }
@@ -212,7 +233,7 @@ nlohmann::json bench_clip(Backend& be, int runs) {
   const std::vector<int64_t> eos = {tokens - 1};
   nlohmann::json r = bench_forward(be, "CLIP-L text model (openai/clip-vit-large-patch14 shapes, 12 layers, width 768)",
                                    "CLIP-L encode, 77 tokens", 0.0, runs, memory, weight_bytes, build_s,
-                                   [&] { clip.encode(ids, eos, pooled); });
+                                   pooled, [&] { clip.encode(ids, eos, pooled); });
   r["tokens"] = tokens;
   return r;
 }
@@ -221,21 +242,21 @@ nlohmann::json bench_clip(Backend& be, int runs) {
 
 nlohmann::json bench_text_encoders(Backend& backend, int runs) {
   check_runs(runs);
-  // T5 first, then CLIP, each freed before the next is built.
+  // One model at a time, each freed before the next is built; the small one first, so that on a fresh backend the
+  // larger one sets a new high-water mark and both peaks are exact.
   nlohmann::json r;
-  r["t5"] = bench_t5(backend, runs);
   r["clip"] = bench_clip(backend, runs);
+  r["t5"] = bench_t5(backend, runs);
   return r;
 }
 
-nlohmann::json bench_vae_decode(Backend& backend, int size, int runs) {
+nlohmann::json bench_vae_decode(Backend& be, int size, int runs) {
   check_runs(runs);
   const VaeConfig c = VaeConfig::flux1();
   if (size <= 0 || size % c.upscale())
     throw Error("VAE bench: size " + std::to_string(size) + " is not a positive multiple of " +
                 std::to_string(c.upscale()));
   const int64_t h = size / c.upscale();
-  Backend& be = backend;
   MemoryWatch memory(be);
   const auto t0 = Clock::now();
   VaeDecoder vae(c, random_vae_decoder_weights(c, be, kWeightSeed), be);
@@ -247,7 +268,7 @@ nlohmann::json bench_vae_decode(Backend& backend, int size, int runs) {
   const std::string label = "VAE decode " + std::to_string(size) + "x" + std::to_string(size);
   nlohmann::json r = bench_forward(be, "FLUX.1 VAE decoder (16 latent channels, blocks 128/256/512/512)", label,
                                    size == 1024 ? kDiffusersVaeDecode1024Ms : 0.0, runs, memory, weight_bytes,
-                                   build_s, [&] { vae.decode(latents, image); });
+                                   build_s, image, [&] { vae.decode(latents, image); });
   r["size"] = size;
   r["latent_size"] = h;
   return r;

@@ -21,7 +21,9 @@ class RandomTensors {
     backend_.fill_normal(t, ++stream_, mean, std);
     return t;
   }
-  Tensor normal(const Shape& shape, float mean, float std) { return normal(shape, mean, std, backend_.compute_dtype()); }
+  Tensor normal(const Shape& shape, float mean, float std) {
+    return normal(shape, mean, std, backend_.compute_dtype());
+  }
 
   // [out, in] (fused layouts pass the stacked out); fan-in is `in`.
   Tensor linear(int64_t out, int64_t in) { return normal({out, in}, 0.0f, 1.0f / std::sqrt(float(in))); }
@@ -42,7 +44,9 @@ class RandomTensors {
 constexpr uint64_t kClipSalt = 1, kT5Salt = 2, kVaeSalt = 3;
 
 // The VAE's layer kinds, in the WeightBias pairs the decoder reads.
-WeightBias conv_layer(RandomTensors& r, int64_t out, int64_t in, int64_t k) { return {r.conv(out, in, k), r.bias(out)}; }
+WeightBias conv_layer(RandomTensors& r, int64_t out, int64_t in, int64_t k) {
+  return {r.conv(out, in, k), r.bias(out)};
+}
 WeightBias linear_layer(RandomTensors& r, int64_t out, int64_t in) { return {r.linear(out, in), r.bias(out)}; }
 WeightBias group_norm(RandomTensors& r, int64_t c) { return {r.norm_scale(c), r.bias(c)}; }
 
