@@ -23,7 +23,7 @@ namespace {
 // diffusers on an H100, bf16, eager (ms). CLIP-L has no reference: it is reported without a ratio.
 constexpr double kDiffusersT5Encode512Ms = 35.9;  // T5-XXL encode of 512 tokens
 constexpr double kDiffusersVaeDecode1024Ms = 91.8;  // VAE decode of a 1024x1024 image
-constexpr int kWarmups = 3;  // untimed runs before each timed series
+constexpr int kWarmupReplays = 3;
 constexpr uint64_t kWeightSeed = 1;
 
 using Clock = std::chrono::steady_clock;
@@ -65,30 +65,10 @@ std::string versus(double ms, double reference_ms) {
   return s;
 }
 
-struct Timing {
-  double median = 0, min = 0, max = 0;
-};
-
-// `runs` calls of `once`, each timed to completion, after a few untimed ones.
-Timing time_runs(Backend& be, const std::function<void()>& once, int runs) {
-  for (int i = 0; i < kWarmups; ++i) once();
-  be.synchronize();
-  std::vector<double> ms;
-  for (int i = 0; i < runs; ++i) {
-    const auto t0 = Clock::now();
-    once();
-    be.synchronize();
-    ms.push_back(seconds_since(t0) * 1e3);
-  }
-  std::sort(ms.begin(), ms.end());
-  return {ms[ms.size() / 2], ms.front(), ms.back()};
-}
-
 // Times `work` (a forward that issues device work only): one eager warm-up run, which also makes everything
 // recording refuses to set up (buffers, GEMM algorithms, conv and attention plans); then one recording whose
-// replays are the headline time, or, if recording fails (an op that allocates or synchronises), eager runs. Eager
-// runs are timed either way: diffusers' reference is eager, so both sides of that comparison are shown. Prints the
-// timing lines, the first `label: median ...`, and returns the numbers.
+// replays are timed, or, if recording fails (an op that allocates or synchronises), eager runs each followed by a
+// synchronise. Prints the timing line `label: median ...` and returns the numbers.
 nlohmann::json time_forward(Backend& be, const std::string& label, double reference_ms, int runs,
                             const std::function<void()>& work) {
   auto t0 = Clock::now();
@@ -106,27 +86,35 @@ nlohmann::json time_forward(Backend& be, const std::string& label, double refere
     record_error = e.what();
   }
   const double capture_s = seconds_since(t0);
-
-  const Timing eager = time_runs(be, work, runs);
-  const Timing best = recording ? time_runs(be, [&] { recording->replay(); }, runs) : eager;
-  const char* method = recording ? "graph replays" : "eager runs";
-  std::printf("  %s: median %.2f ms (min %.2f, max %.2f over %d %s)%s\n", label.c_str(), best.median, best.min,
-              best.max, runs, method, versus(best.median, reference_ms).c_str());
+  const std::function<void()> once = recording ? std::function<void()>([&] { recording->replay(); }) : work;
   if (recording)
-    std::printf("  eager (no graph): median %.2f ms%s; first eager run %.3f s, graph capture %.3f s\n", eager.median,
-                versus(eager.median, reference_ms).c_str(), first_s, capture_s);
+    std::printf("  first eager run %.3f s, graph capture %.3f s\n", first_s, capture_s);
   else
-    std::printf("  recording failed, so eager runs (each + synchronize) were timed: %s; first eager run %.3f s\n",
-                record_error.c_str(), first_s);
+    std::printf("  first eager run %.3f s; recording failed, timing eager runs (each + synchronize): %s\n", first_s,
+                record_error.c_str());
 
-  nlohmann::json r = {{"ms_median", best.median},     {"ms_min", best.min},     {"ms_max", best.max},
-                      {"runs", runs},                 {"timing", method},       {"eager_ms_median", eager.median},
-                      {"first_eager_run_s", first_s}, {"graph_capture_s", capture_s}};
+  for (int i = 0; i < kWarmupReplays; ++i) once();
+  be.synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < runs; ++i) {
+    t0 = Clock::now();
+    once();
+    be.synchronize();
+    ms.push_back(seconds_since(t0) * 1e3);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double median = ms[ms.size() / 2];
+  const char* method = recording ? "graph replays" : "eager runs";
+  std::printf("  %s: median %.2f ms (min %.2f, max %.2f over %d %s)%s\n", label.c_str(), median, ms.front(),
+              ms.back(), runs, method, versus(median, reference_ms).c_str());
+
+  nlohmann::json r = {{"ms_median", median},       {"ms_min", ms.front()},        {"ms_max", ms.back()},
+                      {"runs", runs},              {"timing", method},            {"first_eager_run_s", first_s},
+                      {"graph_capture_s", capture_s}};
   if (!recording) r["record_error"] = record_error;
   if (reference_ms > 0) {
     r["diffusers_ms"] = reference_ms;
-    r["speedup_vs_diffusers"] = reference_ms / best.median;
-    r["eager_speedup_vs_diffusers"] = reference_ms / eager.median;
+    r["speedup_vs_diffusers"] = reference_ms / median;
   }
   return r;
 }

@@ -1,7 +1,6 @@
 #include "backend/cuda/cublaslt_linear.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -11,8 +10,6 @@ namespace fluxswap::cuda {
 namespace {
 
 constexpr size_t kWorkspaceBytes = size_t(32) << 20;
-constexpr int kCandidates = 8;  // heuristic results timed per new GEMM shape
-constexpr int kTimedRuns = 3;
 
 // The alignment cuBLASLt may assume for a pointer: its largest power-of-two divisor, capped at 256 bytes.
 int alignment_of(const void* p) {
@@ -55,7 +52,6 @@ struct CublasLtLinear::Plan {
 
 CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : memory_(memory), workspace_bytes_(kWorkspaceBytes) {
   check(cublasLtCreate(&handle_), "linear", "cublasLtCreate");
-  if (const char* env = std::getenv("FLUXSWAP_GEMM_AUTOTUNE")) autotune_ = std::string(env) != "0";
   workspace_ = memory.allocate(workspace_bytes_, "linear workspace");
 }
 
@@ -64,9 +60,7 @@ CublasLtLinear::~CublasLtLinear() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const Matmul& mm, bool capturing, cudaStream_t stream,
-                                               const char* op) {
-  const void* bias = mm.bias;
+CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias, bool capturing, const char* op) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   if (capturing)
@@ -128,50 +122,18 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const Matmul& mm,
     check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   // C is always D (accumulation is in place), so one layout serves both and every algorithm qualifies.
-  cublasLtMatmulHeuristicResult_t results[kCandidates]{};
+  cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  check(cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b, plan->d, plan->d, pref, kCandidates,
-                                       results, &found),
+  check(cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b, plan->d, plan->d, pref, 1, &result,
+                                       &found),
         op, "cublasLtMatmulAlgoGetHeuristic");
   if (found == 0)
     fail(op, "cublasLtMatmulAlgoGetHeuristic",
          "no algorithm for m " + std::to_string(key.m) + ", n " + std::to_string(key.n) + ", k " +
              std::to_string(key.k) + ", lda " + std::to_string(key.lda) + ", ldb " + std::to_string(key.ldb) +
              ", ldd " + std::to_string(key.ldd));
-  // Accumulating GEMMs read their output, so trying candidates on the real operands would change the result.
-  plan->algo = autotune_ && !mm.accumulate && found > 1 ? fastest(*plan, mm, results, found, stream, op)
-                                                          : results[0].algo;
+  plan->algo = result.algo;
   return *plans_.emplace(key, std::move(plan)).first->second;
-}
-
-cublasLtMatmulAlgo_t CublasLtLinear::fastest(Plan& plan, const Matmul& mm,
-                                             const cublasLtMatmulHeuristicResult_t* candidates, int count,
-                                             cudaStream_t stream, const char* op) {
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), op, "cudaEventCreate");
-  check(cudaEventCreate(&stop), op, "cudaEventCreate");
-  const float beta = 0.0f;
-  auto launch = [&](const cublasLtMatmulAlgo_t& algo) {
-    return cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, mm.d, plan.d, mm.d, plan.d,
-                          &algo, workspace_.get(), workspace_bytes_, stream);
-  };
-  int best = -1;
-  float best_ms = 0;
-  for (int i = 0; i < count; ++i) {
-    if (candidates[i].state != CUBLAS_STATUS_SUCCESS || launch(candidates[i].algo) != CUBLAS_STATUS_SUCCESS) continue;
-    cudaEventRecord(start, stream);
-    bool ok = true;
-    for (int r = 0; r < kTimedRuns && ok; ++r) ok = launch(candidates[i].algo) == CUBLAS_STATUS_SUCCESS;
-    cudaEventRecord(stop, stream);
-    float ms = 0;
-    if (!ok || cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
-      continue;
-    if (best < 0 || ms < best_ms) best = i, best_ms = ms;
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  check(cudaGetLastError(), op, "GEMM algorithm timing");
-  return candidates[best < 0 ? 0 : best].algo;
 }
 
 void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op) {
@@ -193,7 +155,7 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
   key.align_bias = mm.bias ? alignment_of(mm.bias) : 0;
   if (key.lda < (mm.trans_a ? key.k : key.m) || key.ldb < key.k || key.ldd < key.m)
     fail(op, "cublasLtMatmul", "row strides smaller than the row widths");
-  Plan& plan = plan_for(key, mm, capturing, stream, op);
+  Plan& plan = plan_for(key, mm.bias, capturing, op);
   if (mm.bias)
     check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");

@@ -70,13 +70,9 @@ class CublasLtLinear {
     auto operator<=>(const Key&) const = default;
   };
   struct Plan;
-  Plan& plan_for(const Key& key, const Matmul& mm, bool capturing, cudaStream_t stream, const char* op);
-  // Times the heuristic's candidates on the real operands and returns the fastest (the first on any doubt).
-  cublasLtMatmulAlgo_t fastest(Plan& plan, const Matmul& mm, const cublasLtMatmulHeuristicResult_t* candidates,
-                               int count, cudaStream_t stream, const char* op);
+  Plan& plan_for(const Key& key, const void* bias, bool capturing, const char* op);
 
   DeviceMemory& memory_;
-  bool autotune_ = true;  // FLUXSWAP_GEMM_AUTOTUNE=0 keeps the heuristic's first choice
   cublasLtHandle_t handle_ = nullptr;
   std::shared_ptr<void> workspace_;
   size_t workspace_bytes_;
