@@ -97,8 +97,10 @@ class Backend {
   // overrides them.
   // dst = src, same shape and dtype; contiguous tensors, or rows views ([B, N, C] / [B, C]) on both sides.
   virtual void copy(const Tensor& src, const Tensor& dst);
-  // out = base + up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
-  virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out);
+  // out = base + alpha * up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
+  virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha);
+  // t = 0 (contiguous).
+  virtual void zero(const Tensor& t);
   // y = act(x @ w^T + bias + (x @ down^T) @ up^T): a linear with a runtime LoRA slot. down [R, K] and up [Nout, R]
   // contiguous (up may be a row range of a taller slot); scratch rows [B, N, >= R] receive x @ down^T.
   virtual void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,

@@ -7,9 +7,10 @@ void Backend::axpy(const Tensor&, float, const Tensor&) {
   throw Error("axpy is not implemented by the " + name() + " backend");
 }
 void Backend::copy(const Tensor&, const Tensor&) { throw Error("copy is not implemented by the " + name() + " backend"); }
-void Backend::add_matmul(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+void Backend::add_matmul(const Tensor&, const Tensor&, const Tensor&, const Tensor&, float) {
   throw Error("add_matmul is not implemented by the " + name() + " backend");
 }
+void Backend::zero(const Tensor&) { throw Error("zero is not implemented by the " + name() + " backend"); }
 void Backend::lora_linear(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           const Tensor&, Activation) {
   throw Error("lora_linear is not implemented by the " + name() + " backend");

@@ -126,15 +126,20 @@ class CpuBackend final : public Backend {
       for (int64_t n = 0; n < S.N; ++n) std::memmove(D.row(b, n), S.row(b, n), size_t(S.C) * 4);
   }
 
-  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) override {
+  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha) override {
     const int64_t M = out.size(0), K = out.size(1), R = down.size(0);
     if (base.shape() != out.shape() || up.size(0) != M || up.size(1) != R || down.size(1) != K ||
         !up.is_contiguous() || !down.is_contiguous() || !out.is_contiguous())
       throw Error("cpu backend: add_matmul " + shape_str(up.shape()) + " @ " + shape_str(down.shape()) + " + " +
                   shape_str(base.shape()));
     if (base.data() != out.data()) copy(base, out);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(K), int(R), 1.0f, up.ptr<float>(), int(R),
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(M), int(K), int(R), alpha, up.ptr<float>(), int(R),
                 down.ptr<float>(), int(K), 1.0f, out.ptr<float>(), int(K));
+  }
+
+  void zero(const Tensor& t) override {
+    if (!t.is_contiguous()) throw Error("cpu backend: zero needs a contiguous tensor");
+    std::memset(t.data(), 0, t.nbytes());
   }
 
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,

@@ -36,6 +36,10 @@ uint16_t f32_to_f16(float f);
 float f8_e4m3_to_f32(uint8_t v);
 float f8_e5m2_to_f32(uint8_t v);
 
+// Index of the first NaN or infinity among n elements of a float type (raw-bit test, split over threads for large
+// n), or -1 when all are finite.
+int64_t first_non_finite(DType type, const void* data, size_t n);
+
 // Converts n elements of any float type to float32.
 void convert_to_f32(DType src_type, const void* src, float* dst, size_t n);
 // Converts n float32 values to dst_type (F32, F16 or BF16).

@@ -272,7 +272,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
   f->size_ = size_t(st.st_size);
   if (f->size_ >= 8) {  // mmap of an empty file fails; short files are reported by parse()
-    void* m = ::mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    // MAP_POPULATE maps the whole (page-cached) file at once: one fault per page would cost more than reading it.
+    void* m = ::mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     if (m == MAP_FAILED) {
       const int err = errno;
       ::close(fd);

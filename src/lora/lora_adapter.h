@@ -19,9 +19,11 @@ struct LoraPair {
   std::string module;
   int64_t row = 0;
   int64_t rows = 0;
-  Tensor down;     // [r, in_features] float32, host
-  Tensor up;       // [rows, r] float32, host
-  Tensor up_bias;  // [rows] float32, host; undefined unless the file has one (PEFT lora_B.bias)
+  // Host tensors in the file's float dtype, views of the mapped file unless rows had to be reordered: nothing is
+  // converted on the host (uploads convert, and a bf16 file goes to a bf16 device as it is).
+  Tensor down;     // [r, in_features]
+  Tensor up;       // [rows, r]
+  Tensor up_bias;  // [rows]; undefined unless the file has one (PEFT lora_B.bias)
   float scale = 1.0f;  // alpha / r as the format defines it (the user's weight multiplies it later)
   std::string source;  // the file's key stem, for messages
 };

@@ -1,7 +1,6 @@
 #include "lora/lora_controller.h"
 
 #include <chrono>
-#include <cstring>
 
 #include "core/error.h"
 #include "model/flux_weight_map.h"
@@ -30,8 +29,8 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
     const int64_t r = max_rank * std::max<int64_t>(1, parts[module]);
     l.lora_down = be.empty(be.compute_dtype(), {r, l.weight.size(1)});
     l.lora_up = be.empty(be.compute_dtype(), {l.weight.size(0), r});
-    be.copy_from_host(Tensor::zeros(DType::F32, l.lora_down.shape()), l.lora_down);
-    be.copy_from_host(Tensor::zeros(DType::F32, l.lora_up.shape()), l.lora_up);
+    be.zero(l.lora_down);
+    be.zero(l.lora_up);
     widest = std::max(widest, r);
   }
   tr_.set_lora_slot_rank(widest);
@@ -59,45 +58,76 @@ int64_t LoraController::slot_rank(const std::string& module) const {
 
 LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& active) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto stacked = stack_loras(active, tr_.config());
-  if (mode_ == LoraMode::Runtime) {
-    for (const auto& [module, s] : stacked) {  // check everything before touching any slot
-      const int64_t cap = slot_rank(module);
-      if (cap == 0)
-        throw Error("LoRA targets '" + module + "', which has no runtime slot (use merged mode, or give it a slot)");
-      if (s.down.size(0) > cap)
-        throw Error("LoRA rank on '" + module + "' is " + std::to_string(s.down.size(0)) + ", over the slot's " +
-                    std::to_string(cap) + " (raise the max rank)");
-      if (s.bias_delta.defined())
-        throw Error("LoRA on '" + module + "' carries a bias (lora_B.bias): supported in merged mode only");
-    }
-    apply_runtime(stacked);
-  } else {
-    apply_merged(stacked);
+  const auto stacks = stack_loras(active, tr_.config());
+  for (const auto& [module, s] : stacks) {  // check everything before touching the model
+    if (mode_ != LoraMode::Runtime) break;
+    const int64_t cap = slot_rank(module);
+    if (cap == 0)
+      throw Error("LoRA targets '" + module + "', which has no runtime slot (use merged mode, or give it a slot)");
+    if (s.rank > cap)
+      throw Error("LoRA rank on '" + module + "' is " + std::to_string(s.rank) + ", over the slot's " +
+                  std::to_string(cap) + " (raise the max rank)");
+    if (s.has_bias)
+      throw Error("LoRA on '" + module + "' carries a bias (lora_B.bias): supported in merged mode only");
   }
+  std::vector<DeviceAdapter*> dev;
+  for (const auto& a : active) dev.push_back(&upload(a.adapter));
+  if (mode_ == LoraMode::Runtime)
+    apply_runtime(stacks, dev);
+  else
+    apply_merged(stacks, dev);
+  evict_unused(active);
+
   LoraApplyReport r;
   r.adapters = active.size();
   for (const auto& a : active) {
     r.pairs += a.adapter->pairs.size();
     r.tensors += a.adapter->tensors_used;
   }
-  r.modules = stacked.size();
+  r.modules = stacks.size();
   tr_.backend().synchronize();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
 
-void LoraController::apply_merged(const std::map<std::string, StackedLora>& stacked) {
+LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<const LoraAdapter>& adapter) {
+  for (auto& d : cache_)
+    if (d.adapter == adapter) {
+      d.last_use = ++uses_;
+      return d;
+    }
   Backend& be = tr_.backend();
-  // Upload everything first: an upload failure leaves the weights untouched.
-  struct Upload {
-    Tensor up, down, bias_delta;
+  DeviceAdapter d{adapter, {}, {}, {}, ++uses_};
+  for (const LoraPair& p : adapter->pairs) {
+    d.down.push_back(be.upload_weight(p.down));
+    d.up.push_back(be.upload_weight(p.up));
+    d.bias.push_back(p.up_bias.defined() ? be.upload_weight(p.up_bias.view({1, p.up_bias.size(0)})) : Tensor());
+  }
+  cache_.push_back(std::move(d));
+  return cache_.back();
+}
+
+void LoraController::evict_unused(const std::vector<ActiveLora>& active) {
+  auto is_active = [&](const DeviceAdapter& d) {
+    for (const auto& a : active)
+      if (a.adapter == d.adapter) return true;
+    return false;
   };
-  std::map<std::string, Upload> dev;
-  for (const auto& [module, s] : stacked)
-    dev[module] = {be.upload_weight(s.up), be.upload_weight(s.down),
-                   s.bias_delta.defined() ? be.upload_weight(s.bias_delta.view({1, s.bias_delta.size(0)})) : Tensor()};
-  for (const auto& [module, d] : dev) {
+  size_t idle = 0;
+  for (const auto& d : cache_) idle += !is_active(d);
+  while (idle > cache_capacity_) {
+    auto oldest = cache_.end();
+    for (auto it = cache_.begin(); it != cache_.end(); ++it)
+      if (!is_active(*it) && (oldest == cache_.end() || it->last_use < oldest->last_use)) oldest = it;
+    cache_.erase(oldest);
+    --idle;
+  }
+}
+
+void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stacks,
+                                  const std::vector<DeviceAdapter*>& dev) {
+  Backend& be = tr_.backend();
+  for (const auto& [module, s] : stacks) {
     if (base_weight_.count(module)) continue;
     const Linear& l = tr_.weights().linear(module);
     base_weight_[module] = be.empty(l.weight.dtype(), l.weight.shape());
@@ -105,43 +135,53 @@ void LoraController::apply_merged(const std::map<std::string, StackedLora>& stac
     base_bias_[module] = be.empty(l.bias.dtype(), l.bias.shape());
     be.copy(l.bias, base_bias_[module]);
   }
+  // Every change starts from the base, so swaps never accumulate rounding and unloading is exact.
   for (const auto& module : changed_) {
-    if (dev.count(module)) continue;
+    if (stacks.count(module)) continue;
     Linear& l = tr_.weights().linear(module);
     be.copy(base_weight_.at(module), l.weight);
     be.copy(base_bias_.at(module), l.bias);
   }
   changed_.clear();
-  for (const auto& [module, d] : dev) {
+  for (const auto& [module, s] : stacks) {
     Linear& l = tr_.weights().linear(module);
-    be.add_matmul(base_weight_.at(module), d.up, d.down, l.weight);
+    be.copy(base_weight_.at(module), l.weight);
     be.copy(base_bias_.at(module), l.bias);
-    if (d.bias_delta.defined()) be.add(l.bias.view({1, l.bias.size(0)}), d.bias_delta);
+    for (const PlacedPair& pp : s.pairs) {
+      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
+      const Tensor rows = l.weight.narrow(0, p.row, p.rows);
+      be.add_matmul(rows, dev[pp.adapter]->up[pp.pair], dev[pp.adapter]->down[pp.pair], rows, pp.alpha);
+      if (const Tensor& b = dev[pp.adapter]->bias[pp.pair]; b.defined())
+        be.axpy(l.bias.narrow(0, p.row, p.rows).view({1, p.rows}), pp.alpha, b);
+    }
     changed_.insert(module);
   }
 }
 
-void LoraController::apply_runtime(const std::map<std::string, StackedLora>& stacked) {
+void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& stacks,
+                                   const std::vector<DeviceAdapter*>& dev) {
   Backend& be = tr_.backend();
-  std::set<std::string> next;
-  for (const auto& [module, s] : stacked) next.insert(module);
   for (const auto& module : changed_)
-    if (!next.count(module)) {
+    if (!stacks.count(module)) {
       Linear& l = tr_.weights().linear(module);
-      be.copy_from_host(Tensor::zeros(DType::F32, l.lora_down.shape()), l.lora_down);
-      be.copy_from_host(Tensor::zeros(DType::F32, l.lora_up.shape()), l.lora_up);
+      be.zero(l.lora_down);
+      be.zero(l.lora_up);
     }
-  for (const auto& [module, s] : stacked) {
+  // Each pair's down fills its rank rows of the slot; alpha * up its rank columns of its output rows. The rest of
+  // the slot is zero and adds nothing.
+  for (const auto& [module, s] : stacks) {
     Linear& l = tr_.weights().linear(module);
-    // Pad to the slot's rank: zero rows of down and zero columns of up add nothing.
-    const int64_t R = l.lora_down.size(0), r = s.down.size(0), in = s.down.size(1), out = s.up.size(0);
-    Tensor down = Tensor::zeros(DType::F32, {R, in}), up = Tensor::zeros(DType::F32, {out, R});
-    std::memcpy(down.ptr<float>(), s.down.ptr<float>(), size_t(r * in) * 4);
-    for (int64_t i = 0; i < out; ++i) std::memcpy(up.ptr<float>() + i * R, s.up.ptr<float>() + i * r, size_t(r) * 4);
-    be.copy_from_host(down, l.lora_down);
-    be.copy_from_host(up, l.lora_up);
+    be.zero(l.lora_down);
+    be.zero(l.lora_up);
+    for (const PlacedPair& pp : s.pairs) {
+      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
+      const int64_t r = p.down.size(0);
+      be.copy(dev[pp.adapter]->down[pp.pair], l.lora_down.narrow(0, pp.rank_offset, r));
+      be.axpy(l.lora_up.narrow(0, p.row, p.rows).narrow(1, pp.rank_offset, r), pp.alpha, dev[pp.adapter]->up[pp.pair]);
+    }
   }
-  changed_ = next;
+  changed_.clear();
+  for (const auto& [module, s] : stacks) changed_.insert(module);
 }
 
 }  // namespace fluxswap

@@ -4,7 +4,10 @@
 //    (on the device) so a swap re-merges from it and an unload restores it bit for bit. No per-step cost.
 //  - Runtime: every slotted linear computes W x + up (down x) from fixed-size slots; a swap only rewrites slot
 //    contents, so buffers, pointers and any recorded CUDA graph stay valid.
-// set_adapters() is all-or-nothing: on any error the model is left as it was.
+// Adapters are uploaded once (as they are in the file, no host-side conversion) and the most recently used ones stay
+// on the device, so swapping between them copies nothing from the host. set_adapters() is all-or-nothing: on any
+// validation error the model is left as it was.
+#include <list>
 #include <set>
 #include <string>
 #include <vector>
@@ -41,15 +44,28 @@ class LoraController {
 
   LoraMode mode() const { return mode_; }
   int64_t slot_rank(const std::string& module) const;
+  // How many uploaded adapters besides the active ones stay on the device for instant swaps back (default 2).
+  void set_cache_capacity(size_t adapters) { cache_capacity_ = adapters; }
 
  private:
-  void apply_merged(const std::map<std::string, StackedLora>& stacked);
-  void apply_runtime(const std::map<std::string, StackedLora>& stacked);
+  // An adapter's pairs on the device, in the backend's compute dtype.
+  struct DeviceAdapter {
+    std::shared_ptr<const LoraAdapter> adapter;
+    std::vector<Tensor> down, up, bias;
+    uint64_t last_use = 0;
+  };
+  DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter);
+  void evict_unused(const std::vector<ActiveLora>& active);
+  void apply_merged(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
+  void apply_runtime(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
 
   FluxTransformer& tr_;
   LoraMode mode_;
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
   std::set<std::string> changed_;                          // modules that currently differ from the base
+  std::list<DeviceAdapter> cache_;  // a list: set_adapters holds pointers to entries while adding more
+  size_t cache_capacity_ = 2;
+  uint64_t uses_ = 0;
 };
 
 LoraMode lora_mode_from_name(const std::string& name);  // "merged" | "runtime"

@@ -147,30 +147,30 @@ std::string unmatched_error(const std::string& path, LoraFormat format, std::vec
   return msg;
 }
 
-// The tensor as float32, after checking it is a float type and finite everywhere (one bad value would poison
-// every image made with the LoRA).
-Tensor finite_f32(const SafetensorsFile& file, const std::string& key) {
+// The tensor as it is in the file (a view of the mapped bytes, nothing converted: uploads take any float dtype),
+// after checking it is a float type and finite everywhere (one bad value would poison every image made with it).
+Tensor finite_view(const SafetensorsFile& file, const std::string& key) {
   Tensor t = file.tensor(key);
   if (!dtype_is_float(t.dtype()))
     throw Error(file.path() + ": '" + key + "' has dtype " + std::string(dtype_name(t.dtype())) +
                 ", expected a float type (F32, F16, BF16, F8...)");
-  Tensor f = t.to_f32();
-  const float* v = f.ptr<float>();
-  for (int64_t i = 0; i < f.numel(); ++i)
-    if (!std::isfinite(v[i]))
-      throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(v[i]) ? "NaN" : "an infinity") + " at element " +
-                  std::to_string(i) + ", expected finite values");
-  return f;
+  if (const int64_t i = first_non_finite(t.dtype(), t.data(), size_t(t.numel())); i >= 0) {
+    float v = 0;
+    convert_to_f32(t.dtype(), static_cast<const char*>(t.data()) + i * int64_t(dtype_size(t.dtype())), &v, 1);
+    throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(v) ? "NaN" : "an infinity") + " at element " +
+                std::to_string(i) + ", expected finite values");
+  }
+  return t;
 }
 
 // Reorders the leading dimension of `x` from the file's row order into the internal one (see LoraTarget).
 Tensor to_internal_rows(Tensor x, const LoraTarget& t) {
   if (t.blocks.size() == 1 && t.blocks[0].src_row == 0) return x;
-  Tensor out = Tensor::empty(DType::F32, x.shape());
-  const int64_t width = x.numel() / x.size(0);
+  Tensor out = Tensor::empty(x.dtype(), x.shape());
+  const int64_t row_bytes = int64_t(x.nbytes()) / x.size(0);
   for (const LoraRowBlock& b : t.blocks)
-    std::memcpy(out.ptr<float>() + (b.row - t.row) * width, x.ptr<float>() + b.src_row * width,
-                size_t(b.rows * width) * sizeof(float));
+    std::memcpy(static_cast<char*>(out.data()) + (b.row - t.row) * row_bytes,
+                static_cast<const char*>(x.data()) + b.src_row * row_bytes, size_t(b.rows * row_bytes));
   return out;
 }
 
@@ -218,7 +218,7 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
 
   std::optional<double> alpha;
   if (!k.alpha.empty()) {
-    const Tensor a = finite_f32(file, k.alpha);
+    const Tensor a = finite_view(file, k.alpha).to_f32();
     if (a.numel() != 1)
       throw Error(path + ": '" + k.alpha + "' has shape " + shape_str(a.shape()) + ", expected a scalar alpha");
     alpha = a.ptr<float>()[0];
@@ -227,9 +227,9 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
   p.module = t.module;
   p.row = t.row;
   p.rows = t.rows;
-  p.down = finite_f32(file, k.down);
-  p.up = to_internal_rows(finite_f32(file, k.up), t);
-  if (!k.up_bias.empty()) p.up_bias = to_internal_rows(finite_f32(file, k.up_bias), t);
+  p.down = finite_view(file, k.down);
+  p.up = to_internal_rows(finite_view(file, k.up), t);
+  if (!k.up_bias.empty()) p.up_bias = to_internal_rows(finite_view(file, k.up_bias), t);
   p.scale = lora_pair_scale(format, t, rank, alpha, peft, path, k.down);
   p.source = stem;
   return p;

@@ -1,8 +1,10 @@
 #pragma once
-// Several weighted adapters combined per internal module into one low-rank factor: the pairs' downs stacked
-// along the rank, their ups side by side (each in its own row range, zero elsewhere) with weight * scale folded
-// in, so  sum_i w_i s_i up_i down_i == up @ down.  Merging adds up @ down to the weight; runtime slots hold
-// (down, up) as they are. A split q/k/v LoRA on a fused qkv weight becomes a block-diagonal up, exactly.
+// Several weighted adapters combined per internal module: each pair of each adapter gets a rank range within its
+// module's stacked rank (downs stacked along the rank, ups side by side, each in its own row range), so that
+//   sum_i alpha_i up_i down_i  (alpha = user weight x format scale)
+// is exactly one low-rank product per module. Merging adds the pairs one by one; runtime slots hold the stacked
+// layout. A split q/k/v LoRA on a fused qkv weight is a block-diagonal up, exactly. Nothing is copied here: this
+// is the validated plan the controller executes on the device.
 #include <map>
 #include <memory>
 #include <string>
@@ -17,14 +19,22 @@ struct ActiveLora {
   float weight = 1.0f;
 };
 
-struct StackedLora {
-  Tensor down;        // [R, in] float32, host
-  Tensor up;          // [out, R] float32, host
-  Tensor bias_delta;  // [out] float32, host; undefined when no pair carries a bias
+struct PlacedPair {
+  size_t adapter = 0;  // index into the active list
+  size_t pair = 0;     // index into that adapter's pairs
+  float alpha = 1.0f;  // weight x scale
+  int64_t rank_offset = 0;
 };
 
-// Throws Error naming the adapter and module if a pair does not fit the model (module unknown, rows or
-// in_features out of range).
-std::map<std::string, StackedLora> stack_loras(const std::vector<ActiveLora>& active, const FluxConfig& config);
+struct ModuleStack {
+  Shape weight_shape;  // [out, in]
+  int64_t rank = 0;    // sum of the pairs' ranks
+  bool has_bias = false;
+  std::vector<PlacedPair> pairs;
+};
+
+// Throws Error naming the adapter and module if a pair does not fit the model (module unknown, rows or in_features
+// out of range, rank mismatch between up and down).
+std::map<std::string, ModuleStack> stack_loras(const std::vector<ActiveLora>& active, const FluxConfig& config);
 
 }  // namespace fluxswap

@@ -129,8 +129,8 @@ TEST_F(CudaLoraOps, AddMatmulAliasedAndNot) {
       Pair base = random_pair(*gpu_, {c.M, c.K}, ++seed), up = random_pair(*gpu_, {c.M, c.R}, ++seed);
       Pair down = random_pair(*gpu_, {c.R, c.K}, ++seed, 1.0f / std::sqrt(float(c.R)));
       const Pair out = aliased ? base : nan_pair(*gpu_, {c.M, c.K});
-      gpu_->add_matmul(base.gpu, up.gpu, down.gpu, out.gpu);
-      cpu_->add_matmul(base.cpu, up.cpu, down.cpu, out.cpu);
+      gpu_->add_matmul(base.gpu, up.gpu, down.gpu, out.gpu, 0.75f);
+      cpu_->add_matmul(base.cpu, up.cpu, down.cpu, out.cpu, 0.75f);
       EXPECT_LE(max_rel_error(gpu_->to_host_f32(out.gpu), out.cpu), kTol)
           << "M " << c.M << " K " << c.K << " R " << c.R << " aliased " << aliased;
     }
@@ -212,7 +212,7 @@ TEST_F(CudaLoraOps, LoraOpsNameThemselvesInErrors) {
     EXPECT_NE(std::string(e.what()).find("lora_linear"), std::string::npos) << e.what();
   }
   try {
-    gpu_->add_matmul(w, up, down, w);
+    gpu_->add_matmul(w, up, down, w, 1.0f);
     FAIL() << "expected an Error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("add_matmul"), std::string::npos) << e.what();

@@ -362,7 +362,8 @@ class CudaBackend final : public Backend {
   // Defined in cuda_lora_ops.cpp.
   void axpy(const Tensor& y, float alpha, const Tensor& x) override;
   void copy(const Tensor& src, const Tensor& dst) override;
-  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) override;
+  void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha) override;
+  void zero(const Tensor& t) override;
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
                    const Tensor& scratch, const Tensor& y, Activation act) override;
 

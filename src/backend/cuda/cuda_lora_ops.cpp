@@ -65,7 +65,8 @@ void CudaBackend::copy(const Tensor& src, const Tensor& dst) {
   });
 }
 
-void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out) {
+void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out,
+                             float alpha) {
   const char* op = "add_matmul";
   for (auto [t, what] : {std::pair{&base, "base"}, {&up, "up"}, {&down, "down"}, {&out, "output"}}) {
     check_cuda_tensor(*t, op, what, DType::BF16);
@@ -89,8 +90,15 @@ void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor&
     mm.b = up.data(), mm.ldb = R;
     mm.d = out.data(), mm.ldd = K;
     mm.accumulate = true;
+    mm.alpha = alpha;
     gemm_->matmul(mm, capturing_, stream(), op);
   });
+}
+
+void CudaBackend::zero(const Tensor& t) {
+  if (t.device() != Device::CUDA) bad("zero", "needs a CUDA tensor");
+  check_contiguous(t, "zero", "tensor");
+  timed("zero", [&] { check(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream()), "zero", "cudaMemsetAsync"); });
 }
 
 // Three GEMMs: t = x down^T into the scratch, y = t up^T, then the main product accumulating onto y with the bias
