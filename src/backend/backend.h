@@ -13,6 +13,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -43,6 +45,8 @@ class Backend {
   // Host -> device copy into an existing tensor; converts from any float dtype to dst's dtype. Integer tensors
   // (token ids) are copied as they are and need matching dtypes.
   virtual void copy_from_host(const Tensor& host, const Tensor& dst) = 0;
+  // Many copy_from_host copies at once; a backend may pack same-dtype ones into a few large pinned transfers.
+  virtual void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device);
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   virtual void synchronize() = 0;

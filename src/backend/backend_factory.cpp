@@ -3,6 +3,9 @@
 
 namespace fluxswap {
 
+void Backend::copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device) {
+  for (const auto& [host, dst] : host_to_device) copy_from_host(host, dst);
+}
 void Backend::axpy(const Tensor&, float, const Tensor&) {
   throw Error("axpy is not implemented by the " + name() + " backend");
 }

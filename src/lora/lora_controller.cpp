@@ -96,13 +96,34 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
       d.last_use = ++uses_;
       return d;
     }
+  // One device allocation for the whole adapter, filled by one batched upload in file order (adjacent in both
+  // places, so the backend can send it in a few large transfers).
   Backend& be = tr_.backend();
+  int64_t total = 0;
+  for (const LoraPair& p : adapter->pairs)
+    total += p.down.numel() + p.up.numel() + (p.up_bias.defined() ? p.up_bias.numel() : 0);
   DeviceAdapter d{adapter, {}, {}, {}, ++uses_};
+  const Tensor storage = be.empty(be.compute_dtype(), {total});
+  int64_t at = 0;
+  auto place = [&](const Shape& shape) {
+    const Tensor t = storage.narrow(0, at, shape_numel(shape)).view(shape);
+    at += shape_numel(shape);
+    return t;
+  };
+  std::vector<std::pair<Tensor, Tensor>> copies;
   for (const LoraPair& p : adapter->pairs) {
-    d.down.push_back(be.upload_weight(p.down));
-    d.up.push_back(be.upload_weight(p.up));
-    d.bias.push_back(p.up_bias.defined() ? be.upload_weight(p.up_bias.view({1, p.up_bias.size(0)})) : Tensor());
+    d.down.push_back(place(p.down.shape()));
+    copies.emplace_back(p.down, d.down.back());
+    d.up.push_back(place(p.up.shape()));
+    copies.emplace_back(p.up, d.up.back());
+    if (p.up_bias.defined()) {
+      d.bias.push_back(place({1, p.up_bias.size(0)}));
+      copies.emplace_back(p.up_bias.view({1, p.up_bias.size(0)}), d.bias.back());
+    } else {
+      d.bias.emplace_back();
+    }
   }
+  be.copy_from_host_batch(copies);
   cache_.push_back(std::move(d));
   return cache_.back();
 }

@@ -73,6 +73,8 @@ inline void check_contiguous(const Tensor& t, const char* op, const char* what) 
   if (!t.is_contiguous()) bad(op, std::string(what) + " must be contiguous");
 }
 
+struct PinnedStaging;
+
 // The stream is shared with recordings, which may outlive the backend.
 struct StreamHolder {
   int device;
@@ -110,7 +112,7 @@ class CudaBackend final : public Backend {
     gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_);
   }
 
-  ~CudaBackend() override { cudaStreamSynchronize(stream()); }
+  ~CudaBackend() override;
 
   Device device() const override { return Device::CUDA; }
   std::string name() const override { return name_; }
@@ -359,6 +361,9 @@ class CudaBackend final : public Backend {
     timed(op, [&] { cuda::launch_gated_residual(X, G, Y, stream()); });
   }
 
+  // Defined in cuda_batch_upload.cpp.
+  void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device) override;
+
   // Defined in cuda_lora_ops.cpp.
   void axpy(const Tensor& y, float alpha, const Tensor& x) override;
   void copy(const Tensor& src, const Tensor& dst) override;
@@ -427,6 +432,7 @@ class CudaBackend final : public Backend {
 
   std::string name_;
   cuda::DeviceMemory memory_;
+  std::shared_ptr<PinnedStaging> staging_;  // copy_from_host_batch's buffers, made on first use
   std::shared_ptr<StreamHolder> stream_;
   std::unique_ptr<cuda::CublasLtLinear> gemm_;
   AttentionMode attention_mode_;
