@@ -144,3 +144,22 @@ TEST(LoraSwap, ModulesWithoutSlotsAreRefusedClearly) {
 
 }  // namespace
 }  // namespace fluxswap
+
+namespace fluxswap {
+namespace {
+
+// kohya's LoRA covers all of qkv as one update, PEFT's b covers q, k and v separately: partly overlapping row
+// ranges on one module take the merged mode's general path, which must agree with the runtime slots.
+TEST(LoraSwap, PartlyOverlappingTargetsMergeLikeRuntimeSlots) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  Model merged("tiny"), runtime("tiny");
+  LoraController m(*merged.transformer, LoraMode::Merged), r(*runtime.transformer, LoraMode::Runtime);
+  m.set_adapters({{merged.lora("c_kohya"), 0.8f}, {merged.lora("b_peft"), -0.6f}});
+  r.set_adapters({{runtime.lora("c_kohya"), 0.8f}, {runtime.lora("b_peft"), -0.6f}});
+  const Tensor a = merged.run(), b = runtime.run();
+  EXPECT_LE(max_rel_error(a, b), 1e-5);
+  EXPECT_GT(max_rel_error(a, merged.goldens->tensor("out.lora_c_kohya_scale1")), 1e-3);
+}
+
+}  // namespace
+}  // namespace fluxswap

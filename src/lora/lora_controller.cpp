@@ -1,5 +1,6 @@
 #include "lora/lora_controller.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "core/error.h"
@@ -166,14 +167,39 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
   changed_.clear();
   for (const auto& [module, s] : stacks) {
     Linear& l = tr_.weights().linear(module);
-    be.copy(base_weight_.at(module), l.weight);
+    const Tensor& base = base_weight_.at(module);
     be.copy(base_bias_.at(module), l.bias);
+    // The first pair on a row range reads the base (W = base + a up down in one pass over W); later pairs on the
+    // same rows add to it. Rows no pair covers are copied; ranges that overlap partly fall back to copy-then-add.
+    std::vector<std::pair<int64_t, int64_t>> written;  // row ranges holding base + something
+    bool partial = false;
+    for (const PlacedPair& pp : s.pairs) {
+      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
+      for (const auto& [r, n] : written)
+        if (r < p.row + p.rows && p.row < r + n && (r != p.row || n != p.rows)) partial = true;
+      if (std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end())
+        written.emplace_back(p.row, p.rows);
+    }
+    if (partial) be.copy(base, l.weight);
+    written.clear();
     for (const PlacedPair& pp : s.pairs) {
       const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
       const Tensor rows = l.weight.narrow(0, p.row, p.rows);
-      be.add_matmul(rows, dev[pp.adapter]->up[pp.pair], dev[pp.adapter]->down[pp.pair], rows, pp.alpha);
+      const bool first = !partial && std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end();
+      be.add_matmul(first ? base.narrow(0, p.row, p.rows) : rows, dev[pp.adapter]->up[pp.pair],
+                    dev[pp.adapter]->down[pp.pair], rows, pp.alpha);
+      if (first) written.emplace_back(p.row, p.rows);
       if (const Tensor& b = dev[pp.adapter]->bias[pp.pair]; b.defined())
         be.axpy(l.bias.narrow(0, p.row, p.rows).view({1, p.rows}), pp.alpha, b);
+    }
+    if (!partial) {  // the gaps between the written ranges
+      std::sort(written.begin(), written.end());
+      int64_t next = 0;
+      for (const auto& [r, n] : written) {
+        if (r > next) be.copy(base.narrow(0, next, r - next), l.weight.narrow(0, next, r - next));
+        next = std::max(next, r + n);
+      }
+      if (next < base.size(0)) be.copy(base.narrow(0, next, base.size(0) - next), l.weight.narrow(0, next, base.size(0) - next));
     }
     changed_.insert(module);
   }
