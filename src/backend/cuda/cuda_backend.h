@@ -276,7 +276,7 @@ class CudaBackend final : public Backend {
   void silu(const Tensor& x, const Tensor& y) override {
     const cuda::RowsView X = rows_of(x, "silu", "input"), Y = rows_of(y, "silu", "output");
     check_same_rows(X, Y, "silu");
-    timed("silu", [&] { cuda::launch_silu(X, Y, stream(), "silu"); });
+    timed("silu", [&] { cuda::launch_activation(X, Activation::Silu, Y, stream()); });
   }
 
   void timestep_embedding(const Tensor& t, float t_scale, const Tensor& out) override {

@@ -34,18 +34,6 @@ void launch_rows(const Op& op, const RowsView& shape, bool vec8, cudaStream_t st
   check_launch(name, "rows_kernel");
 }
 
-struct SiluOp {
-  RowsView x, y;
-  template <int VEC>
-  __device__ void apply(int64_t b, int64_t n, int64_t c) const {
-    float v[VEC];
-    load_bf16<VEC>(row_ptr(x, b, n) + c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = v[i] / (1.0f + expf(-v[i]));
-    store_bf16<VEC>(row_ptr(y, b, n) + c, v);
-  }
-};
-
 struct AddOp {
   RowsView y, x;
   template <int VEC>
@@ -100,10 +88,6 @@ __global__ void fill_normal_kernel(T* p, int64_t n, uint64_t seed, float mean, f
 }
 
 }  // namespace
-
-void launch_silu(const RowsView& x, const RowsView& y, cudaStream_t stream, const char* op) {
-  launch_rows(SiluOp{x, y}, x, vec8_ok(x) && vec8_ok(y), stream, op);
-}
 
 void launch_add(const RowsView& y, const RowsView& x, cudaStream_t stream) {
   launch_rows(AddOp{y, x}, x, vec8_ok(x) && vec8_ok(y), stream, "add");

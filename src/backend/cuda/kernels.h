@@ -20,7 +20,6 @@ struct VecsView {
   int64_t B, C, sb;
 };
 
-void launch_silu(const RowsView& x, const RowsView& y, cudaStream_t stream, const char* op);
 void launch_add(const RowsView& y, const RowsView& x, cudaStream_t stream);
 void launch_gated_residual(const RowsView& x, const VecsView& gate, const RowsView& y, cudaStream_t stream);
 // t: float32 [rows of out]; out: one row per sample.
