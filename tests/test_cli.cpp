@@ -48,6 +48,18 @@ TEST(Cli, GenerateWritesAPngWithItsParameters) {
   EXPECT_NE(params.find("Lora: lora_a_peft:0.5"), std::string::npos) << params;
 }
 
+TEST(Cli, GenerateBatchWritesOneDifferentImagePerSample) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string fx = test::fixtures_dir() + "/tiny";
+  CommandResult r = run_fluxswap("generate --device cpu --model " + fx + "/pipeline -p 'a red fox' --batch 2 --width 32 "
+                                 "--height 32 --steps 2 -o " + (tmp / "fox.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const Rgb8Image a = read_png(tmp / "fox-0.png"), b = read_png(tmp / "fox-1.png");
+  EXPECT_EQ(a.pixels.size(), b.pixels.size());
+  EXPECT_NE(a.pixels, b.pixels);
+}
+
 TEST(Cli, TransformerConformanceCommandReproducesTheGolden) {
   FLUXSWAP_REQUIRE_FIXTURES();
   test::TempDir tmp;

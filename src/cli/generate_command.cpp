@@ -24,6 +24,7 @@ struct GenerateOptions {
   std::vector<std::string> prompts, loras;
   GenerateParams params;
   int64_t lora_max_rank = 64;
+  int batch = 1;  // images per prompt
 };
 
 std::string hf_hub_dir() {
@@ -104,7 +105,8 @@ void run(GenerateOptions& o) {
   }
 
   GenerateParams p = o.params;
-  p.prompts = o.prompts;
+  // Each prompt `batch` times in one batch: the noise differs per image (it is drawn over the whole batch).
+  for (const auto& prompt : o.prompts) p.prompts.insert(p.prompts.end(), size_t(o.batch), prompt);
 
   if (!pipe->is_guidance_distilled()) p.guidance = 0;
   if (!o.latents.empty()) {
@@ -139,6 +141,7 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--model", o->model, "diffusers FLUX.1 pipeline folder or Hugging Face cache entry");
   cmd->add_option("--prompt,-p", o->prompts, "prompt (repeat for a batch)")->required();
   cmd->add_option("-o,--out", o->out, "output PNG (batches get -0, -1, ... suffixes)");
+  cmd->add_option("--batch", o->batch, "images per prompt, made in one batch")->check(CLI::PositiveNumber);
   cmd->add_option("--width", o->params.width, "pixels, multiple of 16 (default 1024; 128 for the tiny test model)");
   cmd->add_option("--height", o->params.height, "pixels, multiple of 16 (default 1024; 128 for the tiny test model)");
   cmd->add_option("--steps", o->params.steps, "denoising steps (default 28 dev, 4 schnell)");
