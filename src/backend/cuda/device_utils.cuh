@@ -59,6 +59,28 @@ __device__ inline float block_sum(float v, float* scratch) {
   return v;
 }
 
+// Mean and 1 / sqrt(variance + eps) of one row of C values, the block's threads striding by VEC: two passes (the
+// row stays in L1 between them, and the variance is taken around the mean, so it has no cancellation). Ends on a
+// barrier, so the caller may overwrite the row afterwards.
+template <int VEC>
+__device__ inline float2 row_mean_rstd(const __nv_bfloat16* xr, int64_t C, float eps, float* scratch) {
+  float v[VEC];
+  float sum = 0.0f;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += int64_t(blockDim.x) * VEC) {
+    load_bf16<VEC>(xr + c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sum += v[i];
+  }
+  const float mean = block_sum(sum, scratch) / float(C);
+  float sq = 0.0f;
+  for (int64_t c = threadIdx.x * VEC; c < C; c += int64_t(blockDim.x) * VEC) {
+    load_bf16<VEC>(xr + c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sq += (v[i] - mean) * (v[i] - mean);
+  }
+  return make_float2(mean, rsqrtf(block_sum(sq, scratch) / float(C) + eps));
+}
+
 __device__ inline __nv_bfloat16* row_ptr(const RowsView& r, int64_t b, int64_t n) { return r.p + b * r.sb + n * r.sn; }
 
 // Whether every row of a view starts on a 16-byte boundary and holds whole 8-element chunks.

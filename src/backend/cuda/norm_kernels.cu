@@ -9,29 +9,16 @@ namespace {
 
 constexpr int kNormThreads = 128;
 
-// Three passes over the row (mean, variance around the mean, output): the row stays in L1 between them, so the
-// extra reads cost no device-memory traffic and the variance has no cancellation.
+// Statistics by row_mean_rstd, then the output: three passes over the row, the last two from L1.
 template <int VEC>
 __global__ void __launch_bounds__(kNormThreads)
     layer_norm_modulate_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y) {
   __shared__ float scratch[32];
   const int64_t b = blockIdx.x / x.N, n = blockIdx.x - b * x.N, C = x.C;
   const __nv_bfloat16* xr = row_ptr(x, b, n);
+  const float2 stats = row_mean_rstd<VEC>(xr, C, 1e-6f, scratch);
+  const float mean = stats.x, inv = stats.y;
   float v[VEC];
-  float sum = 0.0f;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
-    load_bf16<VEC>(xr + c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sum += v[i];
-  }
-  const float mean = block_sum(sum, scratch) / float(C);
-  float sq = 0.0f;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
-    load_bf16<VEC>(xr + c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sq += (v[i] - mean) * (v[i] - mean);
-  }
-  const float inv = rsqrtf(block_sum(sq, scratch) / float(C) + 1e-6f);
   const __nv_bfloat16 *sh = shift.p + b * shift.sb, *sc = scale.p + b * scale.sb;
   __nv_bfloat16* yr = row_ptr(y, b, n);
   for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {

@@ -24,21 +24,9 @@ __global__ void __launch_bounds__(kNormThreads)
   __shared__ float scratch[32];
   const int64_t b = blockIdx.x / x.N, n = blockIdx.x - b * x.N, C = x.C;
   const __nv_bfloat16* xr = row_ptr(x, b, n);
+  const float2 stats = row_mean_rstd<VEC>(xr, C, eps, scratch);
+  const float mean = stats.x, inv = stats.y;
   float v[VEC];
-  float sum = 0.0f;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
-    load_bf16<VEC>(xr + c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sum += v[i];
-  }
-  const float mean = block_sum(sum, scratch) / float(C);
-  float sq = 0.0f;
-  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
-    load_bf16<VEC>(xr + c, v);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) sq += (v[i] - mean) * (v[i] - mean);
-  }
-  const float inv = rsqrtf(block_sum(sq, scratch) / float(C) + eps);
   // Every thread has finished reading the row (block_sum ends on a barrier), so y may alias x.
   __nv_bfloat16* yr = row_ptr(y, b, n);
   for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
