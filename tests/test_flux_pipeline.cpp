@@ -8,6 +8,7 @@
 #include "core/counter_rng.h"
 #include "lora/lora_controller.h"
 #include "pipeline/flux_pipeline.h"
+#include "pipeline_golden_params.h"
 #include "test_support.h"
 
 namespace fluxswap {
@@ -39,14 +40,7 @@ TEST_P(PipelineGolden, TextEmbeddingsLatentsAndImage) {
   EXPECT_LE(max_rel_error(backend->to_host_f32(text.prompt_embeds), g->tensor("prompt_embeds")), kTolerance);
   EXPECT_LE(max_rel_error(backend->to_host_f32(text.pooled), g->tensor("pooled_prompt_embeds")), kTolerance);
 
-  GenerateParams p;
-  p.prompts = {meta.at("prompt0")};
-  p.width = std::stoi(meta.at("width"));
-  p.height = std::stoi(meta.at("height"));
-  p.steps = std::stoi(meta.at("steps"));
-  p.max_sequence_length = std::stoi(meta.at("max_sequence_length"));
-  p.guidance = meta.at("guidance") == "none" ? 0.0f : std::stof(meta.at("guidance"));
-  p.latents = g->tensor("latents_in");
+  GenerateParams p = test::golden_generate_params(*g);
   int steps_seen = 0;
   p.on_step = [&](int, int, double) { ++steps_seen; };
   GenerateResult r = pipe->generate(p);

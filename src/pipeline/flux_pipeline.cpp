@@ -139,12 +139,18 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
 
   FlowMatchEulerScheduler scheduler(scheduler_config_);
   scheduler.set_timesteps(r.steps, int(tokens));
+  // Every step's t / 1000 (float32, as the pipeline hands it to the transformer, which multiplies by 1000 again),
+  // uploaded once: a step then only copies its row on the device.
+  Tensor t_host = Tensor::empty(DType::F32, {int64_t(r.steps), B});
+  for (int i = 0; i < r.steps; ++i)
+    for (int64_t b = 0; b < B; ++b) t_host.ptr<float>()[i * B + b] = scheduler.timesteps()[size_t(i)] / 1000.0f;
+  Tensor t_table = backend_.empty(DType::F32, t_host.shape());
+  backend_.copy_from_host(t_host, t_table);
   t0 = Clock::now();
   std::unique_ptr<RecordedWork> step_graph;
   for (int i = 0; i < r.steps; ++i) {
     const auto ts = Clock::now();
-    // The pipeline hands the transformer t / 1000 (float32), which it multiplies by 1000 again.
-    backend_.copy_from_host(host_scalars(B, scheduler.timesteps()[size_t(i)] / 1000.0f), in.timestep);
+    backend_.copy(t_table.select(0, i), in.timestep);
     // The first step runs eagerly (it picks GEMM algorithms and attention plans); the second is recorded (and
     // runs as it is recorded); the rest replay the recording.
     if (i == 0)

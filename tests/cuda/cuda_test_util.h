@@ -38,6 +38,18 @@ inline std::unique_ptr<Backend> try_cuda(std::string* why, const char* attention
   auto var = ::fluxswap::test::try_cuda(&var##_why, ##__VA_ARGS__); \
   if (!var) GTEST_SKIP() << "no CUDA backend: " << var##_why
 
+// A test with the GPU backend and the CPU reference side by side (skipped without a GPU).
+class GpuAndCpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    gpu_ = try_cuda(&why_);
+    if (!gpu_) GTEST_SKIP() << "no CUDA backend: " << why_;
+    cpu_ = make_cpu_backend();
+  }
+  std::string why_;
+  std::unique_ptr<Backend> gpu_, cpu_;
+};
+
 // One logical tensor on both backends.
 struct Pair {
   Tensor gpu, cpu;

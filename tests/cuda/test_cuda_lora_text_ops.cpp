@@ -15,16 +15,7 @@ namespace {
 
 constexpr double kTol = 1e-2;
 
-class CudaLoraOps : public ::testing::Test {
- protected:
-  void SetUp() override {
-    gpu_ = try_cuda(&why_);
-    if (!gpu_) GTEST_SKIP() << "no CUDA backend: " << why_;
-    cpu_ = make_cpu_backend();
-  }
-  std::string why_;
-  std::unique_ptr<Backend> gpu_, cpu_;
-};
+class CudaLoraOps : public GpuAndCpu {};
 using CudaTextOps = CudaLoraOps;
 
 std::string where(int64_t B, int64_t N, int64_t C, Layout layout) {

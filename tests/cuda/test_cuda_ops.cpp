@@ -16,16 +16,7 @@ namespace {
 constexpr double kTol = 1e-2;
 constexpr int64_t kTokenCounts[] = {1, 7, 30, 77, 333};
 
-class CudaOps : public ::testing::Test {
- protected:
-  void SetUp() override {
-    gpu_ = try_cuda(&why_);
-    if (!gpu_) GTEST_SKIP() << "no CUDA backend: " << why_;
-    cpu_ = make_cpu_backend();
-  }
-  std::string why_;
-  std::unique_ptr<Backend> gpu_, cpu_;
-};
+class CudaOps : public GpuAndCpu {};
 
 TEST_F(CudaOps, FillNormalIsDeterministicAndNormal) {
   Tensor a = gpu_->empty(DType::F32, {1 << 16}), b = gpu_->empty(DType::BF16, {1 << 16});

@@ -8,6 +8,7 @@
 #include "cuda_test_util.h"
 #include "lora/lora_controller.h"
 #include "pipeline/flux_pipeline.h"
+#include "../pipeline_golden_params.h"
 
 namespace fluxswap {
 namespace {
@@ -50,14 +51,7 @@ TEST_P(CudaPipelineGolden, EmbeddingsLatentsAndImage) {
   EXPECT_LE(embeds_err, 2e-2);
   EXPECT_LE(pooled_err, 2e-2);
 
-  GenerateParams p;
-  p.prompts = {meta.at("prompt0")};
-  p.width = std::stoi(meta.at("width"));
-  p.height = std::stoi(meta.at("height"));
-  p.steps = std::stoi(meta.at("steps"));
-  p.max_sequence_length = std::stoi(meta.at("max_sequence_length"));
-  p.guidance = meta.at("guidance") == "none" ? 0.0f : std::stof(meta.at("guidance"));
-  p.latents = g->tensor("latents_in");
+  GenerateParams p = test::golden_generate_params(*g);
   GenerateResult r = pipe->generate(p);
   const double latents_err = max_rel_error(r.latents, g->tensor("latents_out"));
   const LevelStats image = level_difference(r.images[0], g->tensor("image"));

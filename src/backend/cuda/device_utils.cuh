@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
 
 namespace fluxswap::cuda {
@@ -94,6 +95,33 @@ inline bool vec8_ok(const VecsView& v) { return vec8_ok(v.p, v.C, v.sb, 0); }
 inline unsigned grid_for(int64_t work, int threads) {
   const int64_t blocks = (work + threads - 1) / threads;
   return unsigned(blocks < 1 ? 1 : blocks > (1 << 20) ? (1 << 20) : blocks);
+}
+
+// Row-wise elementwise work: thread i handles chunk i of VEC contiguous elements of the rows of `shape`, in order,
+// calling op.apply<VEC>(b, n, c). VEC = 8 (16-byte accesses) when `vec8`, else 1. Kernels define the ops.
+constexpr int kRowsThreads = 256;
+
+template <int VEC, class Op>
+__global__ void rows_kernel(Op op, int64_t N, int64_t chunks_per_row, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / chunks_per_row, c = (i - row * chunks_per_row) * VEC;
+    const int64_t b = row / N;
+    op.template apply<VEC>(b, row - b * N, c);
+  }
+}
+
+template <class Op>
+void launch_rows(const Op& op, const RowsView& shape, bool vec8, cudaStream_t stream, const char* name) {
+  const int64_t rows = shape.B * shape.N;
+  if (rows == 0 || shape.C == 0) return;
+  if (vec8) {
+    const int64_t total = rows * (shape.C / 8);
+    rows_kernel<8><<<grid_for(total, kRowsThreads), kRowsThreads, 0, stream>>>(op, shape.N, shape.C / 8, total);
+  } else {
+    const int64_t total = rows * shape.C;
+    rows_kernel<1><<<grid_for(total, kRowsThreads), kRowsThreads, 0, stream>>>(op, shape.N, shape.C, total);
+  }
+  check_launch(name, "rows_kernel");
 }
 
 }  // namespace fluxswap::cuda

@@ -76,31 +76,6 @@ unsigned row_blocks(const RowsView& x, const char* op) {
   return unsigned(rows);
 }
 
-// ---- Elementwise over rows: thread i handles chunk i of VEC elements, rows in order.
-
-template <int VEC, class Op>
-__global__ void rows_kernel(Op op, int64_t N, int64_t chunks_per_row, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / chunks_per_row, c = (i - row * chunks_per_row) * VEC;
-    const int64_t b = row / N;
-    op.template apply<VEC>(b, row - b * N, c);
-  }
-}
-
-template <class Op>
-void launch_rows(const Op& op, int64_t B, int64_t N, int64_t C, bool vec8, cudaStream_t stream, const char* name) {
-  const int64_t rows = B * N;
-  if (rows == 0 || C == 0) return;
-  if (vec8) {
-    const int64_t total = rows * (C / 8);
-    rows_kernel<8><<<grid_for(total, kThreads), kThreads, 0, stream>>>(op, N, C / 8, total);
-  } else {
-    const int64_t total = rows * C;
-    rows_kernel<1><<<grid_for(total, kThreads), kThreads, 0, stream>>>(op, N, C, total);
-  }
-  check_launch(name, "rows_kernel");
-}
-
 __device__ inline float activate(float v, Activation act) {
   switch (act) {
     case Activation::None: return v;
@@ -224,22 +199,22 @@ void launch_rms_norm(const RowsView& x, const __nv_bfloat16* weight, float eps, 
 void launch_embedding(const int32_t* ids, const __nv_bfloat16* table, int64_t V, const __nv_bfloat16* positions,
                       const RowsView& out, cudaStream_t stream) {
   const bool vec8 = vec8_ok(out) && vec8_vector(table, out.C) && vec8_vector(positions, out.C);
-  launch_rows(EmbeddingOp{ids, table, positions, V, out}, out.B, out.N, out.C, vec8, stream, "embedding");
+  launch_rows(EmbeddingOp{ids, table, positions, V, out}, out, vec8, stream, "embedding");
 }
 
 void launch_split_heads(const RowsView& x, int64_t H, __nv_bfloat16* out, cudaStream_t stream) {
   const int64_t D = x.C / H;
   // A chunk of 8 must not straddle two heads.
   const bool vec8 = vec8_ok(x) && D % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  launch_rows(SplitHeadsOp{x, H, D, out}, x.B, x.N, x.C, vec8, stream, "split_heads");
+  launch_rows(SplitHeadsOp{x, H, D, out}, x, vec8, stream, "split_heads");
 }
 
 void launch_activation(const RowsView& x, Activation act, const RowsView& y, cudaStream_t stream) {
-  launch_rows(ActivationOp{x, y, act}, x.B, x.N, x.C, vec8_ok(x) && vec8_ok(y), stream, "activation");
+  launch_rows(ActivationOp{x, y, act}, x, vec8_ok(x) && vec8_ok(y), stream, "activation");
 }
 
 void launch_mul(const RowsView& y, const RowsView& x, cudaStream_t stream) {
-  launch_rows(MulOp{y, x}, x.B, x.N, x.C, vec8_ok(x) && vec8_ok(y), stream, "mul");
+  launch_rows(MulOp{y, x}, x, vec8_ok(x) && vec8_ok(y), stream, "mul");
 }
 
 void launch_axpy(const AnyRows& y, float alpha, const AnyRows& x, cudaStream_t stream) {
