@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(cmake ninja-build g++ pkg-config nlohmann-json3-dev libopenblas-dev libcli11-dev libgtest-dev
-          libsentencepiece-dev libpng-dev clang libclang-rt-14-dev python3)
+          libsentencepiece-dev libpng-dev clang libclang-rt-14-dev python3 libcpp-httplib-dev
+          pybind11-dev python3-dev python3-numpy ccache)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
