@@ -138,8 +138,13 @@ class CpuBackend final : public Backend {
   }
 
   void zero(const Tensor& t) override {
-    if (!t.is_contiguous()) throw Error("cpu backend: zero needs a contiguous tensor");
-    std::memset(t.data(), 0, t.nbytes());
+    if (t.is_contiguous()) {
+      std::memset(t.data(), 0, t.nbytes());
+      return;
+    }
+    Rows T = rows_of(t, "zero", "tensor");
+    for (int64_t b = 0; b < T.B; ++b)
+      for (int64_t n = 0; n < T.N; ++n) std::memset(T.row(b, n), 0, size_t(T.C) * 4);
   }
 
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
@@ -160,8 +165,8 @@ class CpuBackend final : public Backend {
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     Rows X = rows_of(x, "linear", "input"), Y = rows_of(y, "linear", "output");
-    if (w.ndim() != 2 || !w.is_contiguous() || w.dtype() != DType::F32)
-      throw Error("cpu backend: linear weight must be a contiguous float32 [Nout, K] tensor");
+    if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1) || w.dtype() != DType::F32)
+      throw Error("cpu backend: linear weight must be a float32 [Nout, K] tensor with contiguous rows");
     const int64_t nout = w.size(0), k = w.size(1);
     if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
       throw Error("cpu backend: linear " + shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " +
@@ -169,7 +174,7 @@ class CpuBackend final : public Backend {
     const float* bp = bias.data() ? bias.ptr<float>() : nullptr;
     for (int64_t b = 0; b < X.B; ++b) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(X.N), int(nout), int(k), 1.0f, X.row(b, 0),
-                  int(X.sn), w.ptr<float>(), int(k), 0.0f, Y.row(b, 0), int(Y.sn));
+                  int(X.sn), w.ptr<float>(), int(w.stride(0)), 0.0f, Y.row(b, 0), int(Y.sn));
       for (int64_t n = 0; n < X.N; ++n) {
         float* r = Y.row(b, n);
         for (int64_t j = 0; j < nout; ++j) {

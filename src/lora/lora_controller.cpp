@@ -8,6 +8,16 @@
 
 namespace fluxswap {
 
+namespace {
+// Block linears read token rows from buffers with room for R more columns (FluxTransformer), so their slots live
+// inside [W | up]; the others (embedders, modulations, the final projection) keep separate slots.
+bool fed_from_roomy_rows(const std::string& module) {
+  for (const char* end : {"_attn.qkv", "_attn.proj", "_mlp.0", "_mlp.2"})
+    if (module.starts_with("double_blocks.") && module.ends_with(end)) return true;
+  return module.starts_with("single_blocks.") && (module.ends_with(".linear1") || module.ends_with(".linear2"));
+}
+}  // namespace
+
 LoraMode lora_mode_from_name(const std::string& name) {
   if (name == "merged") return LoraMode::Merged;
   if (name == "runtime") return LoraMode::Runtime;
@@ -27,10 +37,18 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
   int64_t widest = 0;
   for (const auto& module : slot_modules) {
     Linear& l = tr_.weights().linear(module);
-    const int64_t r = max_rank * std::max<int64_t>(1, parts[module]);
-    l.lora_down = be.empty(be.compute_dtype(), {r, l.weight.size(1)});
-    l.lora_up = be.empty(be.compute_dtype(), {l.weight.size(0), r});
+    const int64_t r = max_rank * std::max<int64_t>(1, parts[module]), out = l.weight.size(0), in = l.weight.size(1);
+    l.lora_down = be.empty(be.compute_dtype(), {r, in});
     be.zero(l.lora_down);
+    if (fed_from_roomy_rows(module)) {
+      // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
+      l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
+      be.copy(l.weight, l.lora_weight.narrow(1, 0, in));
+      l.weight = l.lora_weight.narrow(1, 0, in);
+      l.lora_up = l.lora_weight.narrow(1, in, r);
+    } else {
+      l.lora_up = be.empty(be.compute_dtype(), {out, r});
+    }
     be.zero(l.lora_up);
     widest = std::max(widest, r);
   }
@@ -44,8 +62,19 @@ LoraController::~LoraController() {
     // Only device failures get here; the model is unusable then anyway.
   }
   if (mode_ != LoraMode::Runtime) return;
+  Backend& be = tr_.backend();
   for (const auto& a : flux_diffusers_aliases(tr_.config())) {
     Linear& l = tr_.weights().linear(a.module);
+    if (l.lora_weight.defined()) {
+      try {
+        Tensor w = be.empty(l.weight.dtype(), l.weight.shape());
+        be.copy(l.weight, w);
+        l.weight = w;
+      } catch (const std::exception&) {
+        // Out of memory: the strided view computes the same.
+      }
+      l.lora_weight = Tensor();
+    }
     l.lora_down = Tensor();
     l.lora_up = Tensor();
   }

@@ -13,7 +13,8 @@ Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(1, star
 Tensor cols(const Tensor& t, int64_t start, int64_t n) { return t.narrow(2, start, n); }
 Linear out_rows(const Linear& l, int64_t start, int64_t n) {
   return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n), l.lora_down,
-          l.lora_up.defined() ? l.lora_up.narrow(0, start, n) : Tensor()};
+          l.lora_up.defined() ? l.lora_up.narrow(0, start, n) : Tensor(),
+          l.lora_weight.defined() ? l.lora_weight.narrow(0, start, n) : Tensor()};
 }
 }  // namespace
 
@@ -58,6 +59,20 @@ void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, 
   backend_.lora_linear(x, l.weight, l.bias, l.lora_down, l.lora_up, scratch, y, act);
 }
 
+void FluxTransformer::linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y, Activation act,
+                                   bool down_done) {
+  const Tensor x = x_room.narrow(-1, 0, in);
+  if (!l.lora_weight.defined()) {
+    linear(x, l, y, act);
+    return;
+  }
+  const int64_t R = l.lora_down.size(0);
+  if (x_room.size(-1) < in + R)
+    throw Error("internal: a LoRA slot of rank " + std::to_string(R) + " needs room the buffers were not given");
+  if (!down_done) backend_.linear(x, l.lora_down, Tensor(), x_room.narrow(-1, in, R), Activation::None);
+  backend_.linear(x_room.narrow(-1, 0, in + R), l.lora_weight, l.bias, y, act);
+}
+
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
   if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_ && lora_rank_ == prepared_lora_rank_) return;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), S = img_tokens + txt_tokens;
@@ -73,13 +88,17 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.mod_img = e({batch, 6 * D});
   buf_.mod_txt = e({batch, 6 * D});
   buf_.stream = e({batch, S, D});
-  buf_.normed = e({batch, S, D});
+  const int64_t R = lora_rank_;
+  buf_.normed_room = e({batch, S, D + R});
+  buf_.normed = cols(buf_.normed_room, 0, D);
   buf_.branch = e({batch, S, D});
-  buf_.proj_in = e({batch, S, 3 * D + M});
+  buf_.proj_in_room = e({batch, S, 3 * D + M + R});
+  buf_.proj_in = cols(buf_.proj_in_room, 0, 3 * D + M);
   buf_.q = e({batch, H, S, hd});
   buf_.k = e({batch, H, S, hd});
   buf_.v = e({batch, H, S, hd});
-  buf_.attn_mlp = e({batch, S, D + M});
+  buf_.attn_mlp_room = e({batch, S, D + M + R});
+  buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);
   if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
   prepared_lora_rank_ = lora_rank_;
   B_ = batch;
@@ -145,36 +164,40 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   linear(buf_.temb_silu, w.txt_mod, buf_.mod_txt);
 
   // Each stream's views: residual, normed input, projection output, qkv, MLP activations.
+  // The *_room views run on into the buffers' spare columns (in double blocks the attention output's neighbours,
+  // attn_mlp's MLP columns, are unused and serve as its room).
   struct Stream {
-    Tensor x, normed, branch, qkv, mlp, attn;
+    Tensor x, normed, normed_room, branch, qkv, mlp, mlp_room, attn, attn_room;
     const Tensor& mod;
   };
-  Stream txt{rows(buf_.stream, 0, Nt), rows(buf_.normed, 0, Nt), rows(buf_.branch, 0, Nt),
-             cols(rows(buf_.proj_in, 0, Nt), 0, 3 * D), cols(rows(buf_.proj_in, 0, Nt), 3 * D, M),
-             cols(rows(buf_.attn_mlp, 0, Nt), 0, D), buf_.mod_txt};
-  Stream img{rows(buf_.stream, Nt, Ni), rows(buf_.normed, Nt, Ni), rows(buf_.branch, Nt, Ni),
-             cols(rows(buf_.proj_in, Nt, Ni), 0, 3 * D), cols(rows(buf_.proj_in, Nt, Ni), 3 * D, M),
-             cols(rows(buf_.attn_mlp, Nt, Ni), 0, D), buf_.mod_img};
+  auto stream_views = [&](int64_t start, int64_t n, const Tensor& mod) {
+    const Tensor proj_in = rows(buf_.proj_in_room, start, n), attn_mlp = rows(buf_.attn_mlp_room, start, n);
+    const Tensor normed = rows(buf_.normed_room, start, n);
+    return Stream{rows(buf_.stream, start, n), cols(normed, 0, D), normed, rows(buf_.branch, start, n),
+                  cols(proj_in, 0, 3 * D), cols(proj_in, 3 * D, M), cols(proj_in, 3 * D, proj_in.size(2) - 3 * D),
+                  cols(attn_mlp, 0, D), attn_mlp, mod};
+  };
+  Stream txt = stream_views(0, Nt, buf_.mod_txt), img = stream_views(Nt, Ni, buf_.mod_img);
 
   // Joint attention over text and image tokens; each stream has its own projections and norms.
   be.layer_norm_modulate(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed);
   be.layer_norm_modulate(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed);
-  linear(txt.normed, w.txt_qkv, txt.qkv);
-  linear(img.normed, w.img_qkv, img.qkv);
+  linear_roomy(txt.normed_room, D, w.txt_qkv, txt.qkv);
+  linear_roomy(img.normed_room, D, w.img_qkv, img.qkv);
   be.qk_norm_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
   be.qk_norm_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, buf_.q, buf_.k, buf_.v);
   be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
-  linear(txt.attn, w.txt_proj, txt.branch);
+  linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
   be.gated_residual(txt.x, chunk(txt.mod, 2, D), txt.branch);
-  linear(img.attn, w.img_proj, img.branch);
+  linear_roomy(img.attn_room, D, w.img_proj, img.branch);
   be.gated_residual(img.x, chunk(img.mod, 2, D), img.branch);
 
   // Feed-forward, per stream.
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
                                     std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
     be.layer_norm_modulate(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed);
-    linear(s->normed, *mlp_in, s->mlp, Activation::GeluTanh);
-    linear(s->mlp, *mlp_out, s->branch);
+    linear_roomy(s->normed_room, D, *mlp_in, s->mlp, Activation::GeluTanh);
+    linear_roomy(s->mlp_room, M, *mlp_out, s->branch);
     be.gated_residual(s->x, chunk(s->mod, 5, D), s->branch);
   }
 }
@@ -189,13 +212,13 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
   // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues.
   Tensor qkv = cols(buf_.proj_in, 0, 3 * D);
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
-  linear(buf_.normed, qkv_proj, qkv);
-  linear(buf_.normed, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
+  linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
+  linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
   be.qk_norm_rope(qkv, w.q_norm, w.k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
   be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
 
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
-  linear(buf_.attn_mlp, w.linear2, buf_.branch);
+  linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
   be.gated_residual(buf_.stream, chunk(mod, 2, D), buf_.branch);
 }
 

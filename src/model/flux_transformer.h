@@ -45,6 +45,11 @@ class FluxTransformer {
   void embed_conditioning(const FluxInputs& in);
   // y = act(x W^T + b), plus the module's runtime LoRA branch when it has a slot.
   void linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act = Activation::None);
+  // The same for x = the first `in` columns of `x_room`, whose next columns are free: a slot inside [W | up] puts
+  // x down^T there and runs one GEMM over both ([x | x down^T] [W | up]^T). `down_done`: already there (linear1's
+  // two halves share it).
+  void linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y,
+                    Activation act = Activation::None, bool down_done = false);
   void double_block(const DoubleBlockWeights& w, const Tensor& rope);
   void single_block(const SingleBlockWeights& w, const Tensor& rope);
 
@@ -61,11 +66,14 @@ class FluxTransformer {
     Tensor temb_silu;    // [B, D] SiLU(temb), the input of every modulation
     Tensor mod_img, mod_txt;  // [B, 6D]
     Tensor stream;       // [B, S, D] residual stream, text first
-    Tensor normed;       // [B, S, D]
+    // The buffers that feed block linears have R = lora_rank_ spare columns for linear_roomy (none without slots):
+    // *_room is the whole buffer, the plain name its first columns.
+    Tensor normed, normed_room;      // [B, S, D] (+ R)
     Tensor branch;       // [B, S, D] output of a projection before its gated residual add
-    Tensor proj_in;      // [B, S, 3D + M] qkv (and, in single blocks, the MLP input)
+    Tensor proj_in, proj_in_room;    // [B, S, 3D + M] (+ R) qkv (and, in single blocks, the MLP input)
     Tensor q, k, v;      // [B, H, S, head_dim]
-    Tensor attn_mlp;     // [B, S, D + M] attention output, then the MLP activations (linear2's input)
+    // [B, S, D + M] (+ R) attention output, then the MLP activations (linear2's input)
+    Tensor attn_mlp, attn_mlp_room;
     Tensor lora_scratch; // [B, S, R] x @ down^T of runtime LoRA slots; undefined without slots
   } buf_;
 };

@@ -14,6 +14,9 @@ struct Linear {
   Tensor bias;    // [out]
   // A runtime LoRA slot, undefined unless LoRA runtime mode gave this module one: down [R, in], up [out, R].
   Tensor lora_down, lora_up;
+  // For modules fed by token rows: [W | up] as one [out, in + R] matrix, with weight and lora_up views of it, so
+  // that [x | x down^T] [W | up]^T is the whole product in one GEMM (undefined otherwise).
+  Tensor lora_weight;
 };
 
 struct DoubleBlockWeights {

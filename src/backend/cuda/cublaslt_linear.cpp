@@ -167,14 +167,14 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
 
 void CublasLtLinear::run(const GemmRows& x, const void* w, const void* bias, const GemmRows& y, int64_t K,
                          int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream, bool accumulate,
-                         const char* op) {
+                         const char* op, int64_t ldw) {
   if (x.B * x.N == 0 || nout == 0) return;
   // A = w as column-major [k, m] (transposed by the op), B = x^T as [k, n], D = y^T as [m, n]. One GEMM over all
   // rows whenever the batch is a plain continuation of the rows; else strided-batched (w shared: stride 0).
   Matmul mm;
   mm.trans_a = true;
   mm.m = nout, mm.k = K;
-  mm.a = w, mm.lda = K;
+  mm.a = w, mm.lda = ldw > 0 ? ldw : K;
   mm.b = x.p, mm.d = y.p;
   mm.accumulate = accumulate;
   mm.epilogue = epilogue;

@@ -51,11 +51,11 @@ class CublasLtLinear {
   CublasLtLinear(const CublasLtLinear&) = delete;
   CublasLtLinear& operator=(const CublasLtLinear&) = delete;
 
-  // x rows [B, N, K], w [nout, K] contiguous, bias [nout] (or null), y rows [B, N, nout]; all bf16. With
-  // accumulate, y = act(x w^T + y + bias). `op` names the backend op in errors.
+  // x rows [B, N, K], w [nout, K] with row stride ldw (0: K), bias [nout] (or null), y rows [B, N, nout]; all
+  // bf16. With accumulate, y = act(x w^T + y + bias). `op` names the backend op in errors.
   void run(const GemmRows& x, const void* w, const void* bias, const GemmRows& y, int64_t K, int64_t nout,
            GemmEpilogue epilogue, bool capturing, cudaStream_t stream, bool accumulate = false,
-           const char* op = "linear");
+           const char* op = "linear", int64_t ldw = 0);
 
   void matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op);
 

@@ -250,7 +250,8 @@ class CudaBackend final : public Backend {
     const char* op = "linear";
     const cuda::RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output");
     check_cuda_tensor(w, op, "weight", DType::BF16);
-    if (w.ndim() != 2 || !w.is_contiguous()) bad(op, "weight must be a contiguous [Nout, K] tensor");
+    if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
+      bad(op, "weight must be a [Nout, K] tensor with contiguous rows");
     const int64_t nout = w.size(0), k = w.size(1);
     if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
       bad(op, shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(y.shape()));
@@ -268,7 +269,7 @@ class CudaBackend final : public Backend {
                                                 : std::string(op);
     timed(key.c_str(), [&] {
       gemm_->run({X.p, X.B, X.N, X.sb, X.sn}, w.data(), bias.data(), {Y.p, Y.B, Y.N, Y.sb, Y.sn}, k, nout, epilogue,
-                 capturing_, stream());
+                 capturing_, stream(), false, op, w.stride(0));
       if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
     });
   }

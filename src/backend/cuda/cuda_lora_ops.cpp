@@ -96,9 +96,20 @@ void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor&
 }
 
 void CudaBackend::zero(const Tensor& t) {
-  if (t.device() != Device::CUDA) bad("zero", "needs a CUDA tensor");
-  check_contiguous(t, "zero", "tensor");
-  timed("zero", [&] { check(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream()), "zero", "cudaMemsetAsync"); });
+  const char* op = "zero";
+  if (t.device() != Device::CUDA) bad(op, "needs a CUDA tensor");
+  if (t.is_contiguous()) {
+    timed(op, [&] { check(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream()), op, "cudaMemsetAsync"); });
+    return;
+  }
+  // A column slice of a matrix (a runtime LoRA slot inside [W | up]): one pitched memset.
+  if (t.ndim() != 2 || t.stride(1) != 1) bad(op, "a strided tensor must be 2-D with contiguous rows");
+  const size_t es = dtype_size(t.dtype());
+  timed(op, [&] {
+    check(cudaMemset2DAsync(t.data(), size_t(t.stride(0)) * es, 0, size_t(t.size(1)) * es, size_t(t.size(0)),
+                            stream()),
+          op, "cudaMemset2DAsync");
+  });
 }
 
 // Three GEMMs: t = x down^T into the scratch, y = t up^T, then the main product accumulating onto y with the bias
@@ -113,7 +124,8 @@ void CudaBackend::lora_linear(const Tensor& x, const Tensor& w, const Tensor& bi
   const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
   for (auto [t, what] : {std::pair{&w, "weight"}, {&down, "lora down"}, {&up, "lora up"}}) {
     check_cuda_tensor(*t, op, what, DType::BF16);
-    if (t->ndim() != 2 || !t->is_contiguous()) bad(op, std::string(what) + " must be a contiguous 2-D tensor");
+    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
+      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
   }
   const int64_t nout = w.size(0), k = w.size(1), R = down.size(0);
   if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
@@ -134,10 +146,12 @@ void CudaBackend::lora_linear(const Tensor& x, const Tensor& w, const Tensor& bi
                                                : (gelu ? GemmEpilogue::Gelu : GemmEpilogue::None);
   timed(op, [&] {
     if (R > 0) {
-      gemm_->run(xr, down.data(), nullptr, tr, k, R, GemmEpilogue::None, capturing_, stream(), false, op);
-      gemm_->run(tr, up.data(), nullptr, yr, R, nout, GemmEpilogue::None, capturing_, stream(), false, op);
+      gemm_->run(xr, down.data(), nullptr, tr, k, R, GemmEpilogue::None, capturing_, stream(), false, op,
+                 down.stride(0));
+      gemm_->run(tr, up.data(), nullptr, yr, R, nout, GemmEpilogue::None, capturing_, stream(), false, op,
+                 up.stride(0));
     }
-    gemm_->run(xr, w.data(), bias.data(), yr, k, nout, epilogue, capturing_, stream(), R > 0, op);
+    gemm_->run(xr, w.data(), bias.data(), yr, k, nout, epilogue, capturing_, stream(), R > 0, op, w.stride(0));
     if (act == Activation::Silu || act == Activation::QuickGelu) launch_activation(Y, act, Y, stream());
   });
 }

@@ -1,0 +1,251 @@
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+
+#include "backend/cuda/device_utils.cuh"
+#include "backend/cuda/fp8_quant_kernels.h"
+#include "quant/fp8.h"
+
+namespace fluxswap::cuda {
+
+namespace {
+
+using quant::kE4m3AmaxFloor;
+using quant::kE4m3Max;
+
+// 16-byte chunks (8 bf16) a thread keeps in registers between the amax pass and the conversion pass: with 256
+// threads a row of up to 16384 values is read from memory once; longer rows re-read the rest (from L2).
+constexpr int kQuantCache = 8;
+constexpr int kQuantMaxThreads = 256;
+
+__device__ inline float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over the block (blockDim.x a multiple of 32); every thread gets it.
+__device__ inline float block_max(float v, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
+  return warp_max(v);
+}
+
+// fmaxf skips NaN, like std::fmax in the CPU reference.
+__device__ inline float amax8(const uint4& raw) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  float m = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+  }
+  return m;
+}
+
+// __fdiv_rn: the correctly rounded quotient whatever -prec-div is, so the CPU's x / scale gives the same float.
+// The conversion is cvt.rn.satfinite on sm_89+, and the header's bit-identical software path below it.
+__device__ inline uint2 quantize8(const uint4& raw, float scale) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  uint32_t word[2];
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float2 f = __bfloat1622float2(h[2 * w + i]);
+      const __nv_fp8x2_storage_t pair = __nv_cvt_float2_to_fp8x2(
+          make_float2(__fdiv_rn(f.x, scale), __fdiv_rn(f.y, scale)), __NV_SATFINITE, __NV_E4M3);
+      packed |= uint32_t(pair) << (16 * i);  // the low byte of a pair is its first element
+    }
+    word[w] = packed;
+  }
+  return make_uint2(word[0], word[1]);
+}
+
+__device__ inline float row_scale(float amax) { return __fdiv_rn(fmaxf(amax, kE4m3AmaxFloor), kE4m3Max); }
+
+__global__ void quantize_rows_vec8_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int64_t cols,
+                                          uint8_t* __restrict__ q, int64_t ldq, float* __restrict__ scales) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const __nv_bfloat16* xr = x + r * ldx;
+  uint8_t* qr = q + r * ldq;
+  const int64_t first = int64_t(threadIdx.x) * 8, step = int64_t(blockDim.x) * 8;
+  uint4 cache[kQuantCache];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kQuantCache; ++i) {
+    const int64_t c = first + i * step;
+    if (c < cols) {
+      cache[i] = *reinterpret_cast<const uint4*>(xr + c);
+      amax = fmaxf(amax, amax8(cache[i]));
+    }
+  }
+  for (int64_t c = first + kQuantCache * step; c < cols; c += step)
+    amax = fmaxf(amax, amax8(*reinterpret_cast<const uint4*>(xr + c)));
+  const float scale = row_scale(block_max(amax, scratch));
+  if (threadIdx.x == 0) scales[r] = scale;
+#pragma unroll
+  for (int i = 0; i < kQuantCache; ++i) {
+    const int64_t c = first + i * step;
+    if (c < cols) *reinterpret_cast<uint2*>(qr + c) = quantize8(cache[i], scale);
+  }
+  for (int64_t c = first + kQuantCache * step; c < cols; c += step)
+    *reinterpret_cast<uint2*>(qr + c) = quantize8(*reinterpret_cast<const uint4*>(xr + c), scale);
+}
+
+__global__ void quantize_rows_scalar_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int64_t cols,
+                                            uint8_t* __restrict__ q, int64_t ldq, float* __restrict__ scales) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const __nv_bfloat16* xr = x + r * ldx;
+  uint8_t* qr = q + r * ldq;
+  float amax = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) amax = fmaxf(amax, fabsf(__bfloat162float(xr[c])));
+  const float scale = row_scale(block_max(amax, scratch));
+  if (threadIdx.x == 0) scales[r] = scale;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    qr[c] = __nv_cvt_float_to_fp8(__fdiv_rn(__bfloat162float(xr[c]), scale), __NV_SATFINITE, __NV_E4M3);
+}
+
+// e4m3 -> half is exact (half has more exponent and mantissa bits), and so is half -> float.
+__device__ inline float2 decode2(uint16_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair), __NV_E4M3);
+  return __half22float2(__half2(h));
+}
+
+template <int VEC>
+__global__ void dequantize_rows_kernel(const uint8_t* __restrict__ q, int64_t ldq, const float* __restrict__ scales,
+                                       int64_t chunks_per_row, int64_t total, __nv_bfloat16* __restrict__ y,
+                                       int64_t ldy) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / chunks_per_row, c = (i - r * chunks_per_row) * VEC;
+    const float s = scales[r];
+    float v[VEC];
+    if constexpr (VEC == 8) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(q + r * ldq + c);
+      const uint32_t words[2] = {raw.x, raw.y};
+#pragma unroll
+      for (int w = 0; w < 2; ++w)
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const float2 f = decode2(uint16_t(words[w] >> (16 * p)));
+          v[4 * w + 2 * p] = f.x * s;
+          v[4 * w + 2 * p + 1] = f.y * s;
+        }
+    } else {
+      v[0] = decode2(q[r * ldq + c]).x * s;
+    }
+    store_bf16<VEC>(y + r * ldy + c, v);
+  }
+}
+
+__device__ inline float gelu_tanh(float v) {
+  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+template <int VEC, bool F32>
+__global__ void scale_epilogue_kernel(const void* acc, int64_t lda, const float* sx, const float* sw,
+                                      const __nv_bfloat16* bias, bool gelu, int64_t chunks_per_row, int64_t total,
+                                      __nv_bfloat16* y, int64_t ldy) {
+  // No __restrict__: acc may be y.
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / chunks_per_row, c = (i - t * chunks_per_row) * VEC;
+    float v[VEC];
+    if constexpr (F32) {
+      const float* a = static_cast<const float*>(acc) + t * lda + c;
+      if constexpr (VEC == 8) {
+        const float4 lo = reinterpret_cast<const float4*>(a)[0], hi = reinterpret_cast<const float4*>(a)[1];
+        v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+      } else {
+        v[0] = a[0];
+      }
+    } else {
+      load_bf16<VEC>(static_cast<const __nv_bfloat16*>(acc) + t * lda + c, v);
+    }
+    const float s_row = sx ? sx[t] : 1.0f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float o = v[j] * (sw ? s_row * sw[c + j] : s_row);
+      if (bias) o += __bfloat162float(bias[c + j]);
+      v[j] = gelu ? gelu_tanh(o) : o;
+    }
+    store_bf16<VEC>(y + t * ldy + c, v);
+  }
+}
+
+bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int round_up_32(int64_t n) { return int((n + 31) / 32 * 32); }
+
+}  // namespace
+
+void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t cols, uint8_t* q,
+                               int64_t ldq, float* scales, cudaStream_t stream, const char* op) {
+  if (rows == 0) return;
+  if (rows > int64_t(0x7fffffff)) fail(op, "launch_quantize_rows_e4m3", "too many rows for one grid");
+  if (cols == 0) {
+    // No values: the floor scale, as the reference gives.
+    quantize_rows_scalar_kernel<<<unsigned(rows), 32, 0, stream>>>(x, ldx, 0, q, ldq, scales);
+    check_launch(op, "quantize_rows_scalar_kernel");
+    return;
+  }
+  const bool vec = cols % 8 == 0 && ldx % 8 == 0 && aligned(x, 16) && ldq % 8 == 0 && aligned(q, 8);
+  if (vec) {
+    // About four chunks per thread: enough independent loads in flight, and short rows still fill whole warps.
+    const int threads = std::clamp(round_up_32((cols / 8 + 3) / 4), 32, kQuantMaxThreads);
+    quantize_rows_vec8_kernel<<<unsigned(rows), threads, 0, stream>>>(x, ldx, cols, q, ldq, scales);
+    check_launch(op, "quantize_rows_vec8_kernel");
+  } else {
+    const int threads = std::clamp(round_up_32((cols + 3) / 4), 32, kQuantMaxThreads);
+    quantize_rows_scalar_kernel<<<unsigned(rows), threads, 0, stream>>>(x, ldx, cols, q, ldq, scales);
+    check_launch(op, "quantize_rows_scalar_kernel");
+  }
+}
+
+void launch_dequantize_rows_e4m3(const uint8_t* q, int64_t ldq, const float* scales, int64_t rows, int64_t cols,
+                                 __nv_bfloat16* y, int64_t ldy, cudaStream_t stream, const char* op) {
+  if (rows == 0 || cols == 0) return;
+  constexpr int kThreads = 256;
+  if (cols % 8 == 0 && ldq % 8 == 0 && aligned(q, 8) && ldy % 8 == 0 && aligned(y, 16)) {
+    const int64_t total = rows * (cols / 8);
+    dequantize_rows_kernel<8><<<grid_for(total, kThreads), kThreads, 0, stream>>>(q, ldq, scales, cols / 8, total,
+                                                                                 y, ldy);
+  } else {
+    const int64_t total = rows * cols;
+    dequantize_rows_kernel<1><<<grid_for(total, kThreads), kThreads, 0, stream>>>(q, ldq, scales, cols, total, y,
+                                                                                 ldy);
+  }
+  check_launch(op, "dequantize_rows_kernel");
+}
+
+void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const float* sw,
+                               const __nv_bfloat16* bias, bool gelu, int64_t rows, int64_t cols, __nv_bfloat16* y,
+                               int64_t ldy, cudaStream_t stream, const char* op) {
+  if (rows == 0 || cols == 0) return;
+  constexpr int kThreads = 256;
+  const bool vec = cols % 8 == 0 && ldy % 8 == 0 && aligned(y, 16) && aligned(acc.p, 16) &&
+                   acc.ld % (acc.f32 ? 4 : 8) == 0;
+  const int64_t chunks = vec ? cols / 8 : cols, total = rows * chunks;
+  const unsigned grid = grid_for(total, kThreads);
+  if (vec && acc.f32)
+    scale_epilogue_kernel<8, true><<<grid, kThreads, 0, stream>>>(acc.p, acc.ld, sx, sw, bias, gelu, chunks, total,
+                                                                  y, ldy);
+  else if (vec)
+    scale_epilogue_kernel<8, false><<<grid, kThreads, 0, stream>>>(acc.p, acc.ld, sx, sw, bias, gelu, chunks, total,
+                                                                   y, ldy);
+  else if (acc.f32)
+    scale_epilogue_kernel<1, true><<<grid, kThreads, 0, stream>>>(acc.p, acc.ld, sx, sw, bias, gelu, chunks, total,
+                                                                  y, ldy);
+  else
+    scale_epilogue_kernel<1, false><<<grid, kThreads, 0, stream>>>(acc.p, acc.ld, sx, sw, bias, gelu, chunks, total,
+                                                                   y, ldy);
+  check_launch(op, "scale_epilogue_kernel");
+}
+
+}  // namespace fluxswap::cuda

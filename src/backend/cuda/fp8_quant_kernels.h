@@ -1,0 +1,43 @@
+#pragma once
+// FP8 (e4m3) conversion kernels for the FP8 linears: per-row quantisation of bf16 rows (activations before each
+// GEMM, weights once at load), dequantisation back to bf16 (tests, LoRA merging into FP8 weights), and the scaling
+// epilogue of the GEMM path that has no per-row scales in cuBLASLt.
+//
+// Quantisation is bit-identical to the CPU reference in quant/fp8.h (same formula, same rounding: see there).
+// Element pointers are raw: e4m3 codes are bytes (uint8_t), bf16 values __nv_bfloat16; row strides are in elements.
+// Launchers enqueue on `stream` without synchronising and throw Error naming `op` when a launch fails. They run on
+// any architecture the backend is built for: below sm_89 the e4m3 conversions are done in software, identically.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fluxswap::cuda {
+
+// x rows [rows, cols] at row stride ldx -> q rows [rows, cols] at row stride ldq (bytes), scales[rows] (float32).
+// One block per row; 16-byte loads when x and its stride allow (cols a multiple of 8, x 16-byte aligned, ldx a
+// multiple of 8, q 8-byte aligned, ldq a multiple of 8), else element by element. The same launcher quantises
+// weights: [out, in] rows give one scale per output feature.
+void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t cols, uint8_t* q,
+                               int64_t ldq, float* scales, cudaStream_t stream, const char* op = "quantize_fp8");
+
+// y[r, c] = bf16(e4m3(q[r, c]) * scales[r]).
+void launch_dequantize_rows_e4m3(const uint8_t* q, int64_t ldq, const float* scales, int64_t rows, int64_t cols,
+                                 __nv_bfloat16* y, int64_t ldy, cudaStream_t stream,
+                                 const char* op = "dequantize_fp8");
+
+// The accumulator of an FP8 GEMM [rows = tokens, cols = output features], bf16 or float32, at row stride ld.
+struct Fp8Accumulator {
+  const void* p;
+  bool f32;
+  int64_t ld;
+};
+
+// y[t, o] = act(acc[t, o] * (sx[t] * sw[o]) + bias[o]), act = GELU (tanh approximation) when `gelu`, else none.
+// sx, sw and bias may be null (factor 1, no bias). acc may be y itself (same pointer and stride, bf16): each
+// element is read before it is written by the same thread.
+void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const float* sw,
+                               const __nv_bfloat16* bias, bool gelu, int64_t rows, int64_t cols, __nv_bfloat16* y,
+                               int64_t ldy, cudaStream_t stream, const char* op = "linear_fp8");
+
+}  // namespace fluxswap::cuda
