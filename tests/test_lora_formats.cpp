@@ -137,6 +137,9 @@ class LoraFormats : public ::testing::Test {
     write_safetensors(path(), t, metadata);
     const std::string msg = error_of([&] { load_lora_adapter(path(), config); });
     EXPECT_HAS(msg, path());
+    // Read into memory (the upload path, values checked while reading) rather than mapped: the same verdict.
+    auto heap = [](size_t n) { return std::shared_ptr<void>(std::malloc(n), std::free); };
+    EXPECT_EQ(error_of([&] { load_lora_adapter(path(), config, heap); }), msg);
     return msg;
   }
   std::string path() const { return tmp / "bad.safetensors"; }

@@ -2,7 +2,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -143,6 +145,40 @@ TEST(Safetensors, RoundTripKeepsDtypeShapeBytesAndMetadata) {
   EXPECT_TRUE(f->contains("ids"));
   EXPECT_FALSE(f->contains("nope"));
   EXPECT_EQ(f->find("nope"), nullptr);
+}
+
+// read(): the same tensors as open(), and NaN/Inf found while reading in parallel chunks of 4 MiB, also in an
+// element that straddles a chunk boundary (the bf16 tensor starts at an odd offset).
+TEST(Safetensors, ReadIntoMemoryChecksValuesOnTheWay) {
+  TempDir dir;
+  const int64_t n = 3 << 20;  // 6 MiB of bf16
+  Tensor big = Tensor::empty(DType::BF16, {n});
+  auto* b = big.ptr<uint16_t>();
+  for (int64_t i = 0; i < n; ++i) b[i] = uint16_t(0x3f80 + (i % 64));  // 1.0 and neighbours
+  const int64_t straddling = (int64_t(4) << 19) - 2;  // bytes [4 MiB - 1, 4 MiB + 1) of the data region
+  b[straddling] = 0x7fc0;                              // NaN
+  b[n - 1] = 0xff80;                                   // -Inf, later in the same tensor
+  Tensor f32 = Tensor::empty(DType::F32, {5});
+  for (int i = 0; i < 5; ++i) f32.ptr<float>()[i] = float(i);
+  f32.ptr<float>()[3] = std::numeric_limits<float>::infinity();
+  const std::string path = dir / "values.safetensors";
+  write_safetensors(path, {{"odd", pattern(DType::U8, {3})}, {"big", big}, {"f32", f32},
+                           {"fine", pattern(DType::I32, {4})}});
+  auto heap = [](size_t bytes) { return std::shared_ptr<void>(std::malloc(bytes), std::free); };
+  auto r = SafetensorsFile::read(path, heap);
+  auto m = SafetensorsFile::open(path);
+  for (const auto& e : m->entries()) EXPECT_EQ(bytes_of(r->tensor(e.name)), bytes_of(m->tensor(e.name))) << e.name;
+  EXPECT_FALSE(m->values_checked());
+  ASSERT_TRUE(r->values_checked());
+  ASSERT_EQ(r->non_finite().size(), 2u);
+  EXPECT_EQ(r->non_finite().at("big").element, straddling);
+  EXPECT_TRUE(std::isnan(r->non_finite().at("big").value));
+  EXPECT_EQ(r->non_finite().at("f32").element, 3);
+  EXPECT_TRUE(std::isinf(r->non_finite().at("f32").value));
+  // Structural errors are the same as open()'s.
+  std::ofstream(dir / "short.safetensors") << "abc";
+  EXPECT_ERROR(SafetensorsFile::read(dir / "short.safetensors", heap), "short.safetensors", "shorter than");
+  EXPECT_ERROR(SafetensorsFile::read(dir / "missing.safetensors", heap), "missing.safetensors", "cannot open");
 }
 
 TEST(Safetensors, SerializeMatchesFileAndPadsHeader) {

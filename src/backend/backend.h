@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_buffer.h"
 #include "core/tensor.h"
 
 namespace fluxswap {
@@ -47,6 +48,8 @@ class Backend {
   virtual void copy_from_host(const Tensor& host, const Tensor& dst) = 0;
   // Many copy_from_host copies at once; a backend may pack same-dtype ones into a few large pinned transfers.
   virtual void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device);
+  // Memory to read files into when their contents go to this device (empty: map them instead).
+  virtual HostBufferAllocator host_buffer_allocator() { return {}; }
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   virtual void synchronize() = 0;

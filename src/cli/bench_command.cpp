@@ -118,7 +118,10 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
                 (long long)o.lora_rank, seconds_since(t0));
   }
   LoraController lora(tr, lora_mode_from_name(o.lora_mode), o.lora_rank);
-  auto load = [&](int i) { return std::make_shared<LoraAdapter>(load_lora_adapter(files[i], c)); };
+  // Files are read into pinned memory (recycled between loads) and sent from there by DMA.
+  auto load = [&](int i) {
+    return std::make_shared<LoraAdapter>(load_lora_adapter(files[i], c, be.host_buffer_allocator()));
+  };
   auto t0 = Clock::now();
   lora.set_adapters({{load(0), 1.0f}});
   const double first_apply_s = seconds_since(t0);

@@ -94,7 +94,8 @@ void run(GenerateOptions& o) {
     std::vector<ActiveLora> active;
     for (const auto& arg : o.loras) {
       LoraArgument a = parse_lora_argument(arg);
-      auto adapter = std::make_shared<LoraAdapter>(load_lora_adapter(a.path, pipe->transformer().config()));
+      auto adapter = std::make_shared<LoraAdapter>(
+          load_lora_adapter(a.path, pipe->transformer().config(), backend->host_buffer_allocator()));
       if (adapter->pairs.empty()) throw Error(a.path + ": no transformer LoRA tensors: it would change nothing");
       active.push_back({adapter, a.weight});
       lora_text += (lora_text.empty() ? "" : ", ") + fsys::path(a.path).stem().string() + ":" + std::to_string(a.weight);

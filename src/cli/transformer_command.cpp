@@ -48,7 +48,8 @@ void run(const TransformerOptions& o) {
     std::vector<ActiveLora> active;
     for (const auto& arg : o.loras) {
       LoraArgument a = parse_lora_argument(arg);
-      auto adapter = std::make_shared<LoraAdapter>(load_lora_adapter(a.path, ck.config));
+      auto adapter =
+          std::make_shared<LoraAdapter>(load_lora_adapter(a.path, ck.config, backend->host_buffer_allocator()));
       std::printf("lora     %s: %s format, %zu LoRA tensors -> %zu low-rank updates, weight %g\n", a.path.c_str(),
                   adapter->format.c_str(), adapter->tensors_used, adapter->pairs.size(), double(a.weight));
       if (adapter->pairs.empty())

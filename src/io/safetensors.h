@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_buffer.h"
 #include "core/tensor.h"
 
 namespace fluxswap {
@@ -20,10 +21,20 @@ struct SafetensorsEntry {
   uint64_t end = 0;
 };
 
+// A tensor holding a NaN or an infinity, as found while reading.
+struct NonFiniteValue {
+  std::string name;
+  int64_t element = 0;
+  float value = 0;
+};
+
 class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
  public:
   // Maps the file read-only and validates its header against its size. Throws Error.
   static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  // Reads the file into memory from `allocate` with all cores, checking every float tensor for NaN/Inf on the way
+  // (while its bytes are in cache): the fast path from the page cache to a device. Validates like open().
+  static std::shared_ptr<SafetensorsFile> read(const std::string& path, const HostBufferAllocator& allocate);
   // Parses an in-memory image (fuzzing, tests, network uploads); `label` stands for the path in messages.
   static std::shared_ptr<SafetensorsFile> from_bytes(std::string bytes, const std::string& label);
 
@@ -42,6 +53,10 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   // Throws Error naming the file and key when the key is absent.
   Tensor tensor(const std::string& name) const;
 
+  // After read(): whether the values were checked, and the first non-finite value of each tensor that has one.
+  bool values_checked() const { return values_checked_; }
+  const std::map<std::string, NonFiniteValue>& non_finite() const { return non_finite_; }
+
  private:
   SafetensorsFile() = default;
   void parse();
@@ -52,6 +67,9 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   const uint8_t* data_ = nullptr;  // data region
   void* mapping_ = nullptr;         // mmap base, or null when owned_ holds the bytes
   std::string owned_;
+  std::shared_ptr<void> buffer_;  // read(): the file image
+  bool values_checked_ = false;
+  std::map<std::string, NonFiniteValue> non_finite_;
   std::map<std::string, std::string> metadata_;
   std::vector<SafetensorsEntry> entries_;
   std::map<std::string, size_t> index_;

@@ -40,6 +40,8 @@ struct LoraAdapter {
 // Detects the format, maps every key onto the internal layout and validates shapes against `config` and values
 // (NaN/Inf). Throws Error naming the file and key(s): unmatched keys are listed, never silently dropped.
 LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& config);
-LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config);
+// With `host` (Backend::host_buffer_allocator()), the file is read into that memory (pinned, for the CUDA backend:
+// uploads then go straight from it by DMA) instead of being mapped.
+LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config, const HostBufferAllocator& host = {});
 
 }  // namespace fluxswap

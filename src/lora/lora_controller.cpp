@@ -133,25 +133,27 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
   for (const LoraPair& p : adapter->pairs)
     total += p.down.numel() + p.up.numel() + (p.up_bias.defined() ? p.up_bias.numel() : 0);
   DeviceAdapter d{adapter, {}, {}, {}, ++uses_};
+  const size_t n = adapter->pairs.size();
+  d.down.resize(n), d.up.resize(n), d.bias.resize(n);
+  // Places on the device in the order of the host bytes, so that runs of neighbouring tensors in the file stay
+  // neighbours there and travel as one transfer.
+  std::vector<std::pair<Tensor, Tensor*>> sources;
+  for (size_t i = 0; i < n; ++i) {
+    const LoraPair& p = adapter->pairs[i];
+    sources.emplace_back(p.down, &d.down[i]);
+    sources.emplace_back(p.up, &d.up[i]);
+    if (p.up_bias.defined()) sources.emplace_back(p.up_bias.view({1, p.up_bias.size(0)}), &d.bias[i]);
+  }
+  std::stable_sort(sources.begin(), sources.end(), [](const auto& a, const auto& b) {
+    return std::less<const void*>()(a.first.data(), b.first.data());
+  });
   const Tensor storage = be.empty(be.compute_dtype(), {total});
   int64_t at = 0;
-  auto place = [&](const Shape& shape) {
-    const Tensor t = storage.narrow(0, at, shape_numel(shape)).view(shape);
-    at += shape_numel(shape);
-    return t;
-  };
   std::vector<std::pair<Tensor, Tensor>> copies;
-  for (const LoraPair& p : adapter->pairs) {
-    d.down.push_back(place(p.down.shape()));
-    copies.emplace_back(p.down, d.down.back());
-    d.up.push_back(place(p.up.shape()));
-    copies.emplace_back(p.up, d.up.back());
-    if (p.up_bias.defined()) {
-      d.bias.push_back(place({1, p.up_bias.size(0)}));
-      copies.emplace_back(p.up_bias.view({1, p.up_bias.size(0)}), d.bias.back());
-    } else {
-      d.bias.emplace_back();
-    }
+  for (auto& [host, slot] : sources) {
+    *slot = storage.narrow(0, at, host.numel()).view(host.shape());
+    at += host.numel();
+    copies.emplace_back(host, *slot);
   }
   be.copy_from_host_batch(copies);
   cache_.push_back(std::move(d));

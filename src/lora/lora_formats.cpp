@@ -161,6 +161,13 @@ Tensor float_view(const SafetensorsFile& file, const std::string& key) {
 // Every float tensor the pairs read must be finite (one bad value would poison every image made with the LoRA).
 // Checked on all cores, tensors shared out between threads: a FLUX.1-dev rank-64 adapter holds ~344 M values.
 void check_finite(const SafetensorsFile& file, const std::vector<std::string>& keys) {
+  if (file.values_checked()) {  // read() checked every float tensor on the way in
+    for (const std::string& key : keys)  // sorted: the same tensor is named as by the scan below
+      if (auto it = file.non_finite().find(key); it != file.non_finite().end())
+        throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(it->second.value) ? "NaN" : "an infinity") +
+                    " at element " + std::to_string(it->second.element) + ", expected finite values");
+    return;
+  }
   const size_t workers = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), keys.size()));
   std::vector<std::pair<size_t, int64_t>> first_bad(workers, {keys.size(), -1});  // (key index, element)
   std::vector<std::thread> pool;
@@ -338,8 +345,8 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
   return adapter;
 }
 
-LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config) {
-  return parse_lora_adapter(*SafetensorsFile::open(path), config);
+LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config, const HostBufferAllocator& host) {
+  return parse_lora_adapter(host ? *SafetensorsFile::read(path, host) : *SafetensorsFile::open(path), config);
 }
 
 }  // namespace fluxswap

@@ -18,6 +18,7 @@
 #include "backend/cuda/device_memory.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/op_profiler.h"
+#include "backend/cuda/pinned_host_pool.h"
 #include "backend/cuda/text_kernels.h"
 
 namespace fluxswap::cuda {
@@ -364,6 +365,9 @@ class CudaBackend final : public Backend {
 
   // Defined in cuda_batch_upload.cpp.
   void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device) override;
+  HostBufferAllocator host_buffer_allocator() override {
+    return [pool = pinned_](size_t bytes) { return pool->allocate(bytes); };
+  }
 
   // Defined in cuda_lora_ops.cpp.
   void axpy(const Tensor& y, float alpha, const Tensor& x) override;
@@ -434,6 +438,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   cuda::DeviceMemory memory_;
   std::shared_ptr<PinnedStaging> staging_;  // copy_from_host_batch's buffers, made on first use
+  std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;
   std::unique_ptr<cuda::CublasLtLinear> gemm_;
   AttentionMode attention_mode_;

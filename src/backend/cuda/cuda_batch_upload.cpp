@@ -1,6 +1,7 @@
-// Many host -> device copies at once: same-dtype contiguous ones are packed by all cores into two pinned buffers
-// in turn, each sent with as few DMA transfers as the destinations allow, while the other buffer is being packed.
-// Uploading a 700 MB LoRA this way runs at PCIe speed instead of pageable-copy speed.
+// Many host -> device copies at once. Sources in pinned memory (files read through host_buffer_allocator()) go
+// straight by DMA, neighbours in both places as one transfer. Other same-dtype contiguous ones are packed by all
+// cores into two pinned buffers in turn, each sent with as few DMA transfers as the destinations allow, while the
+// other buffer is being packed. Uploading a 700 MB LoRA this way runs at PCIe speed instead of pageable-copy speed.
 #include <algorithm>
 #include <thread>
 
@@ -35,7 +36,7 @@ void CudaBackend::copy_from_host_batch(const std::vector<std::pair<Tensor, Tenso
     char* dst;
     size_t bytes;
   };
-  std::vector<Segment> segments;
+  std::vector<Segment> segments, pinned;
   for (const auto& [host, dst] : host_to_device) {
     const bool packable = host.device() == Device::CPU && dst.device() == Device::CUDA &&
                           host.dtype() == dst.dtype() && host.shape() == dst.shape() && host.is_contiguous() &&
@@ -44,13 +45,26 @@ void CudaBackend::copy_from_host_batch(const std::vector<std::pair<Tensor, Tenso
       copy_from_host(host, dst);  // converts, or says what is wrong
       continue;
     }
+    if (pinned_->contains(host.data(), host.nbytes())) {
+      pinned.push_back({static_cast<const char*>(host.data()), static_cast<char*>(dst.data()), host.nbytes()});
+      continue;
+    }
     // Large tensors are split so that every chunk can be filled.
     for (size_t off = 0; off < host.nbytes(); off += kChunkBytes)
       segments.push_back({static_cast<const char*>(host.data()) + off, static_cast<char*>(dst.data()) + off,
                           std::min(kChunkBytes, host.nbytes() - off)});
   }
+  if ((!segments.empty() || !pinned.empty()) && capturing_) bad(op, "host uploads cannot be recorded");
+  for (size_t i = 0; i < pinned.size();) {
+    size_t j = i + 1, bytes = pinned[i].bytes;
+    while (j < pinned.size() && pinned[j].src == pinned[j - 1].src + pinned[j - 1].bytes &&
+           pinned[j].dst == pinned[j - 1].dst + pinned[j - 1].bytes)
+      bytes += pinned[j++].bytes;
+    check(cudaMemcpyAsync(pinned[i].dst, pinned[i].src, bytes, cudaMemcpyHostToDevice, stream()), op,
+          "cudaMemcpyAsync");
+    i = j;
+  }
   if (segments.empty()) return;
-  if (capturing_) bad(op, "host uploads cannot be recorded");
   if (!staging_) {
     auto s = std::make_shared<PinnedStaging>();
     for (int i = 0; i < 2; ++i) {
