@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build-device}
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXSWAP_CUDA=ON \
+LAUNCHER=""
+command -v ccache >/dev/null 2>&1 && LAUNCHER="-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFLUXSWAP_CUDA=ON -DFLUXSWAP_PYTHON=OFF $LAUNCHER \
   -DCMAKE_CUDA_ARCHITECTURES=90a >/dev/null
 ninja -C "$BUILD" -j2 ${TARGETS:-fluxswap fluxswap_tests fluxswap_cuda_tests}
 
