@@ -106,8 +106,15 @@ class Backend {
   virtual void copy(const Tensor& src, const Tensor& dst);
   // out = base + alpha * up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
   virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha);
-  // t = 0 (contiguous).
+  // t = 0 (contiguous, or a 2-D view with contiguous rows).
   virtual void zero(const Tensor& t);
+  // dst = alpha * src for many pairs of same-shape, same-dtype 2-D views with contiguous rows (filling runtime LoRA
+  // slots); the default copies one by one.
+  struct ScaledCopy {
+    Tensor src, dst;
+    float alpha = 1.0f;
+  };
+  virtual void scaled_copy_batch(const std::vector<ScaledCopy>& copies);
   // y = act(x @ w^T + bias + (x @ down^T) @ up^T): a linear with a runtime LoRA slot. down [R, K] and up [Nout, R]
   // contiguous (up may be a row range of a taller slot); scratch rows [B, N, >= R] receive x @ down^T.
   virtual void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,

@@ -14,6 +14,12 @@ void Backend::add_matmul(const Tensor&, const Tensor&, const Tensor&, const Tens
   throw Error("add_matmul is not implemented by the " + name() + " backend");
 }
 void Backend::zero(const Tensor&) { throw Error("zero is not implemented by the " + name() + " backend"); }
+void Backend::scaled_copy_batch(const std::vector<ScaledCopy>& copies) {
+  for (const ScaledCopy& c : copies) {
+    zero(c.dst);
+    axpy(c.dst, c.alpha, c.src);
+  }
+}
 void Backend::lora_linear(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           const Tensor&, Activation) {
   throw Error("lora_linear is not implemented by the " + name() + " backend");

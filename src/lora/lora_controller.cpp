@@ -247,6 +247,7 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
     }
   // Each pair's down fills its rank rows of the slot; alpha * up its rank columns of its output rows. The rest of
   // the slot is zero and adds nothing.
+  std::vector<Backend::ScaledCopy> fill;
   for (const auto& [module, s] : stacks) {
     Linear& l = tr_.weights().linear(module);
     be.zero(l.lora_down);
@@ -254,10 +255,12 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
     for (const PlacedPair& pp : s.pairs) {
       const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
       const int64_t r = p.down.size(0);
-      be.copy(dev[pp.adapter]->down[pp.pair], l.lora_down.narrow(0, pp.rank_offset, r));
-      be.axpy(l.lora_up.narrow(0, p.row, p.rows).narrow(1, pp.rank_offset, r), pp.alpha, dev[pp.adapter]->up[pp.pair]);
+      fill.push_back({dev[pp.adapter]->down[pp.pair], l.lora_down.narrow(0, pp.rank_offset, r), 1.0f});
+      fill.push_back({dev[pp.adapter]->up[pp.pair], l.lora_up.narrow(0, p.row, p.rows).narrow(1, pp.rank_offset, r),
+                      pp.alpha});
     }
   }
+  be.scaled_copy_batch(fill);
   changed_.clear();
   for (const auto& [module, s] : stacks) changed_.insert(module);
 }

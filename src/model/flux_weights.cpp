@@ -17,7 +17,7 @@ Tensor take(std::map<std::string, Tensor>& m, const std::string& name) {
 }
 
 Linear take_linear(std::map<std::string, Tensor>& m, const std::string& module) {
-  return {take(m, module + ".weight"), take(m, module + ".bias"), Tensor(), Tensor()};
+  return {take(m, module + ".weight"), take(m, module + ".bias"), Tensor(), Tensor(), Tensor()};
 }
 
 // Fills rows of `dst` (host, dst dtype) from the checkpoint according to `spec`.

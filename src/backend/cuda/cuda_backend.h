@@ -374,6 +374,7 @@ class CudaBackend final : public Backend {
   void copy(const Tensor& src, const Tensor& dst) override;
   void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha) override;
   void zero(const Tensor& t) override;
+  void scaled_copy_batch(const std::vector<ScaledCopy>& copies) override;
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
                    const Tensor& scratch, const Tensor& y, Activation act) override;
 
@@ -438,6 +439,7 @@ class CudaBackend final : public Backend {
   std::string name_;
   cuda::DeviceMemory memory_;
   std::shared_ptr<PinnedStaging> staging_;  // copy_from_host_batch's buffers, made on first use
+  Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;
   std::unique_ptr<cuda::CublasLtLinear> gemm_;

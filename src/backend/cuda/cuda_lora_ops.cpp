@@ -1,6 +1,7 @@
 // The LoRA and sampler ops of the CUDA backend: axpy (the Euler step), copy (saving and restoring merged weights),
 // add_matmul (merging W + up @ down) and lora_linear (a linear plus a runtime low-rank branch).
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/lora_kernels.h"
 #include "backend/cuda/text_kernels.h"
 
 namespace fluxswap::cuda {
@@ -109,6 +110,35 @@ void CudaBackend::zero(const Tensor& t) {
     check(cudaMemset2DAsync(t.data(), size_t(t.stride(0)) * es, 0, size_t(t.size(1)) * es, size_t(t.size(0)),
                             stream()),
           op, "cudaMemset2DAsync");
+  });
+}
+
+void CudaBackend::scaled_copy_batch(const std::vector<ScaledCopy>& copies) {
+  const char* op = "scaled_copy_batch";
+  if (copies.empty()) return;
+  if (capturing_) bad(op, "cannot be recorded (it uploads its descriptor list)");
+  std::vector<cuda::ScaledCopyDesc> descs;
+  for (const ScaledCopy& c : copies) {
+    for (auto [t, what] : {std::pair{&c.src, "source"}, {&c.dst, "destination"}}) {
+      check_cuda_tensor(*t, op, what, DType::BF16);
+      if (t->ndim() != 2 || t->stride(1) != 1) bad(op, std::string(what) + " must be 2-D with contiguous rows");
+    }
+    if (c.src.shape() != c.dst.shape()) bad(op, shape_str(c.src.shape()) + " -> " + shape_str(c.dst.shape()));
+    if (c.src.numel() == 0) continue;
+    descs.push_back({static_cast<const __nv_bfloat16*>(c.src.data()), static_cast<__nv_bfloat16*>(c.dst.data()),
+                     c.src.size(0), c.src.size(1), c.src.stride(0), c.dst.stride(0), c.alpha});
+  }
+  const size_t bytes = descs.size() * sizeof(cuda::ScaledCopyDesc);
+  if (!scaled_copy_descs_.defined() || scaled_copy_descs_.nbytes() < bytes) {
+    synchronize();  // the old list may still be read by an earlier launch
+    scaled_copy_descs_ = empty(DType::U8, {int64_t(bytes)});
+  }
+  timed(op, [&] {
+    // From pageable memory: the call returns once the list is staged, so `descs` may go.
+    check(cudaMemcpyAsync(scaled_copy_descs_.data(), descs.data(), bytes, cudaMemcpyHostToDevice, stream()), op,
+          "cudaMemcpyAsync");
+    cuda::launch_scaled_copies(static_cast<const cuda::ScaledCopyDesc*>(scaled_copy_descs_.data()),
+                               int64_t(descs.size()), stream());
   });
 }
 
