@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   fluxswap::register_demo_command(app);
   fluxswap::register_transformer_command(app);
   fluxswap::register_bench_command(app);
+  fluxswap::register_serve_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -164,6 +164,13 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
       backend_.synchronize();
       p.on_step(i, r.steps, seconds_since(ts));
     }
+    if (p.should_cancel) {
+      // Synchronised before the throw too: unwinding frees `in`, `velocity` and the recording, which queued device
+      // work must not still be using. Nothing else outlives this call, so the next generate() starts clean.
+      backend_.synchronize();
+      if (i + 1 < r.steps && p.should_cancel())
+        throw Error("generation cancelled after step " + std::to_string(i + 1) + "/" + std::to_string(r.steps));
+    }
   }
   r.latents = backend_.to_host_f32(in.hidden_states);
   r.denoise_s = seconds_since(t0);

@@ -29,6 +29,9 @@ struct GenerateParams {
   Tensor latents;
   // Called after every step with (step index, steps, seconds the step took).
   std::function<void(int, int, double)> on_step;
+  // Polled after every step (once the step's device work is done); returning true stops the generation with
+  // Error("generation cancelled ..."). The pipeline is ready for the next generate() after that.
+  std::function<bool()> should_cancel;
 };
 
 struct EncodedPrompts {
