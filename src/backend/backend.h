@@ -106,6 +106,20 @@ class Backend {
   virtual void copy(const Tensor& src, const Tensor& dst);
   // out = base + alpha * up @ down: base, out [M, K] contiguous (may alias); up [M, R]; down [R, K] (merging a LoRA).
   virtual void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha);
+  // FP8 (e4m3, one float32 scale per row). Throwing defaults for backends without it.
+  // q[r] = e4m3(x[r] / scale[r]) with scale[r] = max|x[r]| / 448: x a 2-D view with contiguous rows in the compute
+  // dtype, q F8_E4M3 [rows, cols] (row stride >= cols), scale F32 [rows]. Quantises weights per output feature.
+  virtual void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale);
+  // y = act(fp8(x) wq^T * (x's row scales outer w_scale) + bias): x rows as for linear(), quantised per row on the
+  // fly; wq F8_E4M3 [Nout, K] (row stride >= K), w_scale F32 [Nout].
+  virtual void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                          const Tensor& y, Activation act);
+  // Hopper's faster FP8 accumulation (partial sums not promoted to float32 as often). Off by default.
+  virtual void set_fp8_fast_accumulation(bool) {}
+  // y = act(y + (x down^T) up^T): a runtime LoRA branch (bf16) added onto an output computed already (FP8 linears).
+  // down [R, K], up [Nout, R] with contiguous rows; scratch rows [B, N, >= R].
+  virtual void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch,
+                               const Tensor& y, Activation act);
   // t = 0 (contiguous, or a 2-D view with contiguous rows).
   virtual void zero(const Tensor& t);
   // dst = alpha * src for many pairs of same-shape, same-dtype 2-D views with contiguous rows (filling runtime LoRA

@@ -14,6 +14,15 @@ void Backend::add_matmul(const Tensor&, const Tensor&, const Tensor&, const Tens
   throw Error("add_matmul is not implemented by the " + name() + " backend");
 }
 void Backend::zero(const Tensor&) { throw Error("zero is not implemented by the " + name() + " backend"); }
+void Backend::quantize_fp8_rows(const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("FP8 is not supported by the " + name() + " backend");
+}
+void Backend::linear_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
+  throw Error("FP8 is not supported by the " + name() + " backend");
+}
+void Backend::add_lora_branch(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
+  throw Error("add_lora_branch is not implemented by the " + name() + " backend");
+}
 void Backend::scaled_copy_batch(const std::vector<ScaledCopy>& copies) {
   for (const ScaledCopy& c : copies) {
     zero(c.dst);

@@ -10,12 +10,25 @@
 #include "backend/cpu_ops.h"
 #include "core/counter_rng.h"
 #include "core/error.h"
+#include "quant/fp8.h"
 
 namespace fluxswap {
 
 namespace {
 
 using cpu_ops::check_same_rows;
+
+// q F8_E4M3 [rows, cols] with contiguous rows, scale F32 [rows], both on the host.
+void check_fp8_rows(const Tensor& q, const Tensor& scale, int64_t rows, int64_t cols, const char* op) {
+  if (q.dtype() != DType::F8_E4M3 || q.ndim() != 2 || q.size(0) != rows || q.size(1) != cols || q.stride(1) != 1 ||
+      q.device() != Device::CPU)
+    throw Error(std::string("cpu backend: ") + op + ": fp8 rows must be F8_E4M3 [" + std::to_string(rows) + ", " +
+                std::to_string(cols) + "] host tensors, got " + std::string(dtype_name(q.dtype())) + " " +
+                shape_str(q.shape()));
+  if (scale.dtype() != DType::F32 || scale.ndim() != 1 || scale.size(0) != rows || !scale.is_contiguous())
+    throw Error(std::string("cpu backend: ") + op + ": scales must be F32 [" + std::to_string(rows) + "], got " +
+                shape_str(scale.shape()));
+}
 using cpu_ops::Rows;
 using cpu_ops::rows_of;
 
@@ -145,6 +158,46 @@ class CpuBackend final : public Backend {
     Rows T = rows_of(t, "zero", "tensor");
     for (int64_t b = 0; b < T.B; ++b)
       for (int64_t n = 0; n < T.N; ++n) std::memset(T.row(b, n), 0, size_t(T.C) * 4);
+  }
+
+  void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override {
+    Rows X = rows_of(x, "quantize_fp8_rows", "input");
+    check_fp8_rows(q, scale, X.B * X.N, X.C, "quantize_fp8_rows");
+    if (X.B != 1 && X.sb != X.N * X.sn) throw Error("cpu backend: quantize_fp8_rows needs evenly strided rows");
+    quant::quantize_rows_e4m3(X.p, X.sn, X.B * X.N, X.C, q.ptr<uint8_t>(), q.stride(0), scale.ptr<float>());
+  }
+
+  // The reference of the GPU's FP8 linear: the same quantised operands, multiplied out in float32.
+  void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
+                  Activation act) override {
+    Rows X = rows_of(x, "linear_fp8", "input");
+    check_fp8_rows(wq, w_scale, wq.size(0), X.C, "linear_fp8");
+    Tensor w = Tensor::empty(DType::F32, {wq.size(0), X.C});
+    quant::dequantize_rows_e4m3(wq.ptr<uint8_t>(), wq.stride(0), w_scale.ptr<float>(), wq.size(0), X.C,
+                                w.ptr<float>(), X.C);
+    Tensor xq = Tensor::empty(DType::F8_E4M3, {X.N, X.C}), xs = Tensor::empty(DType::F32, {X.N});
+    Tensor xd = Tensor::empty(DType::F32, {X.B, X.N, X.C});
+    for (int64_t b = 0; b < X.B; ++b) {
+      quant::quantize_rows_e4m3(X.row(b, 0), X.sn, X.N, X.C, xq.ptr<uint8_t>(), X.C, xs.ptr<float>());
+      quant::dequantize_rows_e4m3(xq.ptr<uint8_t>(), X.C, xs.ptr<float>(), X.N, X.C, xd.ptr<float>() + b * X.N * X.C,
+                                  X.C);
+    }
+    linear(xd, w, bias, y, act);
+  }
+
+  void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
+                       Activation act) override {
+    const int64_t R = down.size(0);
+    Tensor t = scratch.narrow(-1, 0, R);
+    linear(x, down, Tensor(), t, Activation::None);
+    Rows T = rows_of(t, "add_lora_branch", "scratch"), Y = rows_of(y, "add_lora_branch", "output");
+    for (int64_t b = 0; b < Y.B; ++b) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Y.N), int(Y.C), int(R), 1.0f, T.row(b, 0), int(T.sn),
+                  up.ptr<float>(), int(up.stride(0)), 1.0f, Y.row(b, 0), int(Y.sn));
+      if (act == Activation::None) continue;
+      for (int64_t n = 0; n < Y.N; ++n)
+        for (int64_t j = 0; j < Y.C; ++j) Y.row(b, n)[j] = cpu_ops::activate(Y.row(b, n)[j], act);
+    }
   }
 
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,

@@ -194,6 +194,7 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
     Linear& l = tr_.weights().linear(module);
     be.copy(base_weight_.at(module), l.weight);
     be.copy(base_bias_.at(module), l.bias);
+    if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);  // FP8 mode: the working weight follows
   }
   changed_.clear();
   for (const auto& [module, s] : stacks) {
@@ -232,6 +233,8 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
       }
       if (next < base.size(0)) be.copy(base.narrow(0, next, base.size(0) - next), l.weight.narrow(0, next, base.size(0) - next));
     }
+    // FP8 mode requantises the merged module from bf16 (the base itself stays untouched in base_weight_).
+    if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);
     changed_.insert(module);
   }
 }

@@ -14,7 +14,9 @@ Tensor cols(const Tensor& t, int64_t start, int64_t n) { return t.narrow(2, star
 Linear out_rows(const Linear& l, int64_t start, int64_t n) {
   return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n), l.lora_down,
           l.lora_up.defined() ? l.lora_up.narrow(0, start, n) : Tensor(),
-          l.lora_weight.defined() ? l.lora_weight.narrow(0, start, n) : Tensor()};
+          l.lora_weight.defined() ? l.lora_weight.narrow(0, start, n) : Tensor(),
+          l.weight_fp8.defined() ? l.weight_fp8.narrow(0, start, n) : Tensor(),
+          l.weight_scale.defined() ? l.weight_scale.narrow(0, start, n) : Tensor()};
 }
 }  // namespace
 
@@ -49,20 +51,40 @@ FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, 
 
 void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
 
+void FluxTransformer::set_fp8(bool on) {
+  for (Linear* l : fp8_linears(weights_)) {
+    if (on) {
+      quantize_linear_fp8(*l, backend_);
+    } else {
+      l->weight_fp8 = Tensor();
+      l->weight_scale = Tensor();
+    }
+  }
+  fp8_ = on;
+}
+
 void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act) {
+  const Tensor scratch = !l.lora_down.defined() ? Tensor()
+                         : x.ndim() == 2        ? buf_.lora_scratch.select(1, 0)
+                                                : buf_.lora_scratch.narrow(1, 0, x.size(1));
+  if (l.weight_fp8.defined()) {
+    // The LoRA branch stays bf16 and is added after the FP8 product (the activation sees the sum).
+    backend_.linear_fp8(x, l.weight_fp8, l.weight_scale, l.bias, y, l.lora_down.defined() ? Activation::None : act);
+    if (l.lora_down.defined()) backend_.add_lora_branch(x, l.lora_down, l.lora_up, scratch, y, act);
+    return;
+  }
   if (!l.lora_down.defined()) {
     backend_.linear(x, l.weight, l.bias, y, act);
     return;
   }
-  // The scratch rows must have x's layout: [B, N, R] for token rows, [B, R] for per-sample vectors.
-  const Tensor scratch = x.ndim() == 2 ? buf_.lora_scratch.select(1, 0) : buf_.lora_scratch.narrow(1, 0, x.size(1));
+  // (The scratch rows have x's layout: [B, N, R] for token rows, [B, R] for per-sample vectors.)
   backend_.lora_linear(x, l.weight, l.bias, l.lora_down, l.lora_up, scratch, y, act);
 }
 
 void FluxTransformer::linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y, Activation act,
                                    bool down_done) {
   const Tensor x = x_room.narrow(-1, 0, in);
-  if (!l.lora_weight.defined()) {
+  if (!l.lora_weight.defined() || l.weight_fp8.defined()) {
     linear(x, l, y, act);
     return;
   }

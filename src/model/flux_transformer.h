@@ -37,6 +37,11 @@ class FluxTransformer {
   // Rank of the runtime LoRA slots (0: none); the scratch buffer for x @ down^T is sized by it.
   void set_lora_slot_rank(int64_t rank);
 
+  // FP8 mode: the block linears (fp8_linears()) run in e4m3 with per-row scales, activations quantised per token;
+  // their bf16 weights stay as the source of requantisation. Off again frees the FP8 copies.
+  void set_fp8(bool on);
+  bool fp8() const { return fp8_; }
+
   const FluxConfig& config() const { return config_; }
   FluxWeights& weights() { return weights_; }
   Backend& backend() { return backend_; }
@@ -58,6 +63,7 @@ class FluxTransformer {
   Backend& backend_;
 
   int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
+  bool fp8_ = false;
   struct Buffers {
     Tensor t_freq;       // [B, 256] sinusoidal timestep / guidance features
     Tensor hidden;       // [B, D] embedder hidden layer

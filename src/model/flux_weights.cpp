@@ -17,7 +17,10 @@ Tensor take(std::map<std::string, Tensor>& m, const std::string& name) {
 }
 
 Linear take_linear(std::map<std::string, Tensor>& m, const std::string& module) {
-  return {take(m, module + ".weight"), take(m, module + ".bias"), Tensor(), Tensor(), Tensor()};
+  Linear l;
+  l.weight = take(m, module + ".weight");
+  l.bias = take(m, module + ".bias");
+  return l;
 }
 
 // Fills rows of `dst` (host, dst dtype) from the checkpoint according to `spec`.
@@ -158,6 +161,27 @@ FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, Weight
       if (k.compare(0, ck.prefix.size(), ck.prefix) == 0 && !used.count(k)) report->unused_keys.push_back(k);
   }
   return flux_weights_from_map(ck.config, std::move(m));
+}
+
+std::vector<Linear*> fp8_linears(FluxWeights& w) {
+  std::vector<Linear*> out;
+  for (auto& b : w.double_blocks)
+    for (Linear* l : {&b.img_qkv, &b.txt_qkv, &b.img_proj, &b.txt_proj, &b.img_mlp_in, &b.txt_mlp_in, &b.img_mlp_out,
+                      &b.txt_mlp_out})
+      out.push_back(l);
+  for (auto& b : w.single_blocks) {
+    out.push_back(&b.linear1);
+    out.push_back(&b.linear2);
+  }
+  return out;
+}
+
+void quantize_linear_fp8(Linear& l, Backend& backend) {
+  if (!l.weight_fp8.defined()) {
+    l.weight_fp8 = backend.empty(DType::F8_E4M3, l.weight.shape());
+    l.weight_scale = backend.empty(DType::F32, {l.weight.size(0)});
+  }
+  backend.quantize_fp8_rows(l.weight, l.weight_fp8, l.weight_scale);
 }
 
 }  // namespace fluxswap

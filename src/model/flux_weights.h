@@ -17,7 +17,11 @@ struct Linear {
   // For modules fed by token rows: [W | up] as one [out, in + R] matrix, with weight and lora_up views of it, so
   // that [x | x down^T] [W | up]^T is the whole product in one GEMM (undefined otherwise).
   Tensor lora_weight;
+  // FP8 mode: the working weight in e4m3 with one float32 scale per output feature (undefined in bf16 mode). The
+  // bf16 `weight` stays as the pristine source it is requantised from (merged LoRA).
+  Tensor weight_fp8, weight_scale;
 };
+
 
 struct DoubleBlockWeights {
   Linear img_mod, txt_mod;    // [6D, D]: shift, scale, gate (attention), shift, scale, gate (MLP)
@@ -64,5 +68,10 @@ FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend
 
 // Builds the struct view from a complete by_name map (used by loaders and by tests that make weights directly).
 FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string, Tensor> by_name);
+
+// Which linears FP8 mode quantises: the block linears (qkv, proj, MLPs, linear1/2), 99% of the step's FLOPs.
+std::vector<Linear*> fp8_linears(FluxWeights& weights);
+// weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use).
+void quantize_linear_fp8(Linear& l, Backend& backend);
 
 }  // namespace fluxswap

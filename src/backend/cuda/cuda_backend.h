@@ -16,6 +16,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cudnn_attention.h"
 #include "backend/cuda/device_memory.h"
+#include "backend/cuda/fp8_linear.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/op_profiler.h"
 #include "backend/cuda/pinned_host_pool.h"
@@ -374,6 +375,13 @@ class CudaBackend final : public Backend {
   void copy(const Tensor& src, const Tensor& dst) override;
   void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha) override;
   void zero(const Tensor& t) override;
+  // Defined in cuda_fp8_ops.cpp.
+  void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override;
+  void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
+                  Activation act) override;
+  void set_fp8_fast_accumulation(bool on) override;
+  void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
+                       Activation act) override;
   void scaled_copy_batch(const std::vector<ScaledCopy>& copies) override;
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
                    const Tensor& scratch, const Tensor& y, Activation act) override;
@@ -439,6 +447,11 @@ class CudaBackend final : public Backend {
   std::string name_;
   cuda::DeviceMemory memory_;
   std::shared_ptr<PinnedStaging> staging_;  // copy_from_host_batch's buffers, made on first use
+  // FP8 linears: made on first use (they refuse GPUs below sm_89); the activations' e4m3 copy and row scales live
+  // in buffers that only grow, outside recordings, and outgrown ones stay (a recording may still use them).
+  std::unique_ptr<cuda::CublasLtFp8Linear> fp8_;
+  bool fp8_fast_accum_ = false;
+  std::vector<Tensor> fp8_act_, fp8_act_scale_;
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;

@@ -1,0 +1,117 @@
+// The FP8 ops of the CUDA backend: per-row e4m3 quantisation, the FP8 linear (activations quantised per token on
+// the fly, cuBLASLt with per-row scales on both sides) and the bf16 LoRA branch added after it.
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/fp8_quant_kernels.h"
+
+namespace fluxswap::cuda {
+
+namespace {
+
+// Rows as one matrix: [B, N, C] whose batches follow each other at the row stride, or a single batch.
+struct Matrix {
+  const void* p;
+  int64_t rows, ld;
+};
+Matrix as_matrix(const RowsView& r, const char* op, const char* what) {
+  if (r.B != 1 && r.sb != r.N * r.sn) bad(op, std::string(what) + " rows must be evenly strided across the batch");
+  return {r.p, r.B * r.N, r.sn};
+}
+
+void check_fp8_rows(const Tensor& q, const Tensor& scale, int64_t cols, const char* op, const char* what) {
+  check_cuda_tensor(q, op, what, DType::F8_E4M3);
+  if (q.ndim() != 2 || q.size(1) != cols || q.stride(1) != 1)
+    bad(op, std::string(what) + " must be [rows, " + std::to_string(cols) + "] with contiguous rows, got " +
+                shape_str(q.shape()));
+  check_cuda_tensor(scale, op, "scales", DType::F32);
+  if (scale.ndim() != 1 || scale.size(0) != q.size(0) || !scale.is_contiguous())
+    bad(op, "scales must be F32 [" + std::to_string(q.size(0)) + "], got " + shape_str(scale.shape()));
+}
+
+}  // namespace
+
+void CudaBackend::quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) {
+  const char* op = "quantize_fp8_rows";
+  const Matrix X = as_matrix(rows_of(x, op, "input"), op, "input");
+  check_fp8_rows(q, scale, x.size(-1), op, "output");
+  if (q.size(0) != X.rows) bad(op, "output must have the input's " + std::to_string(X.rows) + " rows");
+  timed(op, [&] {
+    launch_quantize_rows_e4m3(static_cast<const __nv_bfloat16*>(X.p), X.ld, X.rows, x.size(-1),
+                              static_cast<uint8_t*>(q.data()), q.stride(0), scale.ptr<float>(), stream(), op);
+  });
+}
+
+void CudaBackend::set_fp8_fast_accumulation(bool on) {
+  if (on == fp8_fast_accum_) return;
+  if (capturing_) bad("set_fp8_fast_accumulation", "cannot change while recording");
+  fp8_fast_accum_ = on;
+  fp8_.reset();  // plans are made with the option
+}
+
+void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                             const Tensor& y, Activation act) {
+  const char* op = "linear_fp8";
+  const RowsView XR = rows_of(x, op, "input"), YR = rows_of(y, op, "output");
+  const Matrix X = as_matrix(XR, op, "input"), Y = as_matrix(YR, op, "output");
+  const int64_t K = XR.C, nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, K, op, "weight");
+  if (YR.C != nout || X.rows != Y.rows)
+    bad(op, shape_str(x.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(y.shape()));
+  if (bias.defined()) {
+    check_cuda_tensor(bias, op, "bias", DType::BF16);
+    if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
+  }
+  if (!fp8_) {
+    if (capturing_) bad(op, "the first FP8 linear must run before recording");
+    cuda::Fp8LinearOptions options;
+    options.fast_accum = fp8_fast_accum_;
+    fp8_ = std::make_unique<cuda::CublasLtFp8Linear>(memory_, options);
+  }
+  // The activations' e4m3 copy: rows padded to 16 bytes, as cuBLASLt's FP8 kernels want.
+  const int64_t ldq = (K + 15) / 16 * 16;
+  if (fp8_act_.empty() || fp8_act_.back().numel() < X.rows * ldq || fp8_act_scale_.back().numel() < X.rows) {
+    if (capturing_) bad(op, "a recording needs larger FP8 activation buffers: run the work once eagerly first");
+    fp8_act_.push_back(empty(DType::F8_E4M3, {X.rows * ldq}));
+    fp8_act_scale_.push_back(empty(DType::F32, {X.rows}));
+  }
+  auto* q = static_cast<uint8_t*>(fp8_act_.back().data());
+  float* sx = fp8_act_scale_.back().ptr<float>();
+  const bool gelu = act == Activation::GeluTanh;
+  const cuda::GemmEpilogue epilogue = bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
+                                                     : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
+  const std::string key = profiler_.enabled() ? "linear_fp8 " + std::to_string(X.rows) + "x" + std::to_string(nout) +
+                                                    "x" + std::to_string(K)
+                                              : std::string(op);
+  timed(key.c_str(), [&] {
+    launch_quantize_rows_e4m3(static_cast<const __nv_bfloat16*>(X.p), X.ld, X.rows, K, q, ldq, sx, stream(), op);
+    fp8_->run({q, ldq, sx}, {wq.data(), wq.stride(0), w_scale.ptr<float>()}, bias.data(), const_cast<void*>(Y.p),
+              Y.ld, X.rows, K, nout, epilogue, capturing_, stream(), op);
+    if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(YR, act, YR, stream());
+  });
+}
+
+void CudaBackend::add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch,
+                                  const Tensor& y, Activation act) {
+  const char* op = "add_lora_branch";
+  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
+  for (auto [t, what] : {std::pair{&down, "lora down"}, {&up, "lora up"}}) {
+    check_cuda_tensor(*t, op, what, DType::BF16);
+    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
+      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
+  }
+  const int64_t R = down.size(0), k = X.C, nout = Y.C;
+  if (down.size(1) != k || up.size(0) != nout || up.size(1) != R || T.C < R || T.B != X.B || T.N != X.N)
+    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit " +
+                shape_str(x.shape()) + " -> " + shape_str(y.shape()));
+  const cuda::GemmRows xr{X.p, X.B, X.N, X.sb, X.sn}, yr{Y.p, Y.B, Y.N, Y.sb, Y.sn}, tr{T.p, T.B, T.N, T.sb, T.sn};
+  timed(op, [&] {
+    gemm_->run(xr, down.data(), nullptr, tr, k, R, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
+               down.stride(0));
+    // GELU, when asked, sees the whole sum: the epilogue of the accumulating GEMM.
+    gemm_->run(tr, up.data(), nullptr, yr, R, nout,
+               act == Activation::GeluTanh ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None, capturing_,
+               stream(), true, op, up.stride(0));
+    if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
+  });
+}
+
+}  // namespace fluxswap::cuda
