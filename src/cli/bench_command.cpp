@@ -35,6 +35,8 @@ struct BenchOptions {
   std::string lora_mode = "merged", lora_dir = "/tmp";
   int swaps = 6;
   bool components = false;  // also time the text encoders and the VAE decoder
+  bool fp8 = false, fp8_fast_accum = false;
+  int quality_steps = 28;   // FP8 vs bf16 over a whole sampling run (0: skip)
 };
 
 struct Timing {
@@ -178,6 +180,46 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"a_again_rel_diff", a_again}};
 }
 
+// FP8 against bf16 on the same noise and weights: `steps` Euler steps of the flow-matching sampler (sigmas 1 -> 0,
+// eager), then the final latents compared; also one step's output. Random weights make a harsher test than real
+// ones (no structure to preserve), so this bounds the damage rather than predicting image quality.
+nlohmann::json fp8_quality(FluxTransformer& tr, FluxInputs& in, const Tensor& out, int steps) {
+  Backend& be = tr.backend();
+  auto sample = [&](int n) {
+    be.fill_normal(in.hidden_states, 11, 0.0f, 1.0f);
+    Tensor t = Tensor::empty(DType::F32, {in.timestep.size(0)});
+    for (int i = 0; i < n; ++i) {
+      const float sigma = 1.0f - float(i) / float(steps), next = 1.0f - float(i + 1) / float(steps);
+      for (int64_t b = 0; b < t.numel(); ++b) t.ptr<float>()[b] = sigma;
+      be.copy_from_host(t, in.timestep);
+      tr.forward(in, out);
+      if (n == 1) return be.to_host_f32(out);
+      be.axpy(in.hidden_states, next - sigma, out);
+    }
+    return be.to_host_f32(in.hidden_states);
+  };
+  const bool was = tr.fp8();
+  tr.set_fp8(false);
+  const Tensor step_bf16 = sample(1), run_bf16 = sample(steps);
+  tr.set_fp8(true);
+  const Tensor step_fp8 = sample(1), run_fp8 = sample(steps);
+  tr.set_fp8(was);
+  be.fill_normal(in.hidden_states, 11, 0.0f, 1.0f);  // the benchmark's inputs again
+  Tensor t = Tensor::empty(DType::F32, {in.timestep.size(0)});
+  for (int64_t b = 0; b < t.numel(); ++b) t.ptr<float>()[b] = 0.9f;
+  be.copy_from_host(t, in.timestep);
+  nlohmann::json r = {{"steps", steps},
+                      {"one_step_cosine", cosine_similarity(step_fp8, step_bf16)},
+                      {"one_step_psnr_db", psnr_db(step_fp8, step_bf16)},
+                      {"run_cosine", cosine_similarity(run_fp8, run_bf16)},
+                      {"run_psnr_db", psnr_db(run_fp8, run_bf16)}};
+  std::printf("  FP8 vs bf16, same noise: one step cosine %.5f (PSNR %.1f dB); %d-step run final latents cosine %.5f "
+              "(PSNR %.1f dB)\n",
+              double(r["one_step_cosine"]), double(r["one_step_psnr_db"]), steps, double(r["run_cosine"]),
+              double(r["run_psnr_db"]));
+  return r;
+}
+
 nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) {
   Backend& be = tr.backend();
   const FluxConfig& c = tr.config();
@@ -194,7 +236,7 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
   be.synchronize();
   const double capture_s = seconds_since(t0);
 
-  const Timing base = time_replays(be, *graph, o.steps);
+  Timing base = time_replays(be, *graph, o.steps);
   const double median = base.median;
   const FluxStepCost cost = flux_step_cost(c, o.batch, ni, o.txt_tokens);
 
@@ -216,6 +258,27 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
   std::printf("  first eager step %.2f s, graph capture %.2f s\n", first_step_s, capture_s);
   std::printf("  ms/step  median %.2f  (min %.2f, max %.2f over %d replays)  ->  %.0f TFLOP/s\n", median,
               base.min, base.max, o.steps, cost.total_flops() / (median * 1e-3) / 1e12);
+  nlohmann::json fp8;
+  if (o.fp8) {
+    // The same step with the block linears in FP8, against the bf16 timing just taken.
+    tr.set_fp8(true);
+    t0 = Clock::now();
+    tr.forward(in, out);
+    be.synchronize();
+    const double fp8_first_s = seconds_since(t0);
+    graph.reset();
+    graph = be.record([&] { tr.forward(in, out); });
+    const Timing f = time_replays(be, *graph, o.steps);
+    std::printf("  bf16 %.2f ms/step; FP8 (e4m3 block linears, %s accumulation) %.2f ms/step (min %.2f, max %.2f): "
+                "%.2fx faster\n",
+                base.median, o.fp8_fast_accum ? "fast" : "exact", f.median, f.min, f.max, base.median / f.median);
+    fp8 = {{"bf16_ms_per_step_median", base.median}, {"fp8_ms_per_step_median", f.median},
+           {"fp8_ms_per_step_min", f.min}, {"fp8_ms_per_step_max", f.max}, {"speedup", base.median / f.median},
+           {"first_fp8_step_s", fp8_first_s}, {"fast_accum", o.fp8_fast_accum}};
+    if (o.quality_steps > 0) fp8["quality"] = fp8_quality(tr, in, out, o.quality_steps);
+    r["fp8"] = fp8;
+    base = f;  // what the profile and the LoRA part compare against
+  }
 
   if (o.profile) {
     be.set_profiling(true);
@@ -248,6 +311,7 @@ void run(const BenchOptions& o) {
     all["vae"] = bench_vae_decode(*make_backend(o.device), 1024, o.steps);
   }
   auto backend = make_backend(o.device);
+  backend->set_fp8_fast_accumulation(o.fp8_fast_accum);
   const FluxConfig c = bench_config(o.model);
   auto t0 = Clock::now();
   FluxTransformer tr(c, random_flux_weights(c, *backend, 1), *backend);
@@ -287,6 +351,9 @@ void register_bench_command(CLI::App& app) {
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-dir", o->lora_dir, "where the random LoRA files are written (default /tmp)");
   cmd->add_option("--swaps", o->swaps, "LoRA swaps timed")->check(CLI::PositiveNumber);
+  cmd->add_flag("--fp8", o->fp8, "also time the step with FP8 (e4m3) block linears; LoRA timings then use FP8");
+  cmd->add_flag("--fp8-fast-accum", o->fp8_fast_accum, "FP8 GEMMs with Hopper's fast (less exact) accumulation");
+  cmd->add_option("--quality-steps", o->quality_steps, "FP8 vs bf16 sampling run length (0: skip)");
   cmd->add_flag("--components", o->components, "also time CLIP-L, T5-XXL (512 tokens) and the VAE decoder (1024²)");
   cmd->callback([o] { run(*o); });
 }
