@@ -11,6 +11,7 @@
 
 #include "cli/commands.h"
 #include "cli/component_bench.h"
+#include "cli/e2e_bench.h"
 #include "core/compare.h"
 #include "core/error.h"
 #include "lora/lora_controller.h"
@@ -36,6 +37,9 @@ struct BenchOptions {
   int swaps = 6;
   bool components = false;  // also time the text encoders and the VAE decoder
   bool fp8 = false, fp8_fast_accum = false;
+  bool e2e = false;  // the whole pipeline instead of transformer steps
+  int e2e_runs = 5;
+  std::string tokenizers;
   int quality_steps = 28;   // FP8 vs bf16 over a whole sampling run (0: skip)
 };
 
@@ -312,6 +316,21 @@ void run(const BenchOptions& o) {
   }
   auto backend = make_backend(o.device);
   backend->set_fp8_fast_accumulation(o.fp8_fast_accum);
+  if (o.e2e) {
+    std::printf("device   %s\n", backend->name().c_str());
+    EndToEndOptions e;
+    e.tokenizers = o.tokenizers;
+    e.runs = o.e2e_runs;
+    e.size = o.sizes.front();
+    e.fp8 = o.fp8;
+    e.lora_rank = o.lora_rank;
+    e.lora_mode = o.lora_mode;
+    e.lora_dir = o.lora_dir;
+    all["device"] = backend->name();
+    all["end_to_end"] = bench_end_to_end(*backend, e);
+    if (!o.json_out.empty()) std::ofstream(o.json_out) << all.dump(1) << "\n";
+    return;
+  }
   const FluxConfig c = bench_config(o.model);
   auto t0 = Clock::now();
   FluxTransformer tr(c, random_flux_weights(c, *backend, 1), *backend);
@@ -354,6 +373,9 @@ void register_bench_command(CLI::App& app) {
   cmd->add_flag("--fp8", o->fp8, "also time the step with FP8 (e4m3) block linears; LoRA timings then use FP8");
   cmd->add_flag("--fp8-fast-accum", o->fp8_fast_accum, "FP8 GEMMs with Hopper's fast (less exact) accumulation");
   cmd->add_option("--quality-steps", o->quality_steps, "FP8 vs bf16 sampling run length (0: skip)");
+  cmd->add_flag("--e2e", o->e2e, "time the whole pipeline (text encoders, steps, VAE) instead; first --sizes entry");
+  cmd->add_option("--e2e-runs", o->e2e_runs, "timed generations for --e2e (median)")->check(CLI::PositiveNumber);
+  cmd->add_option("--tokenizers", o->tokenizers, "--e2e: pipeline folder with tokenizer/ and tokenizer_2/");
   cmd->add_flag("--components", o->components, "also time CLIP-L, T5-XXL (512 tokens) and the VAE decoder (1024²)");
   cmd->callback([o] { run(*o); });
 }

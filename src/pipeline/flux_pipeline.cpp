@@ -45,15 +45,36 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
   p->transformer_ = std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend), backend);
   p->vae_ = std::make_unique<VaeDecoder>(open_vae_decoder((dir / "vae").string(), backend));
   p->scheduler_config_ = FlowMatchSchedulerConfig::from_json_file((dir / "scheduler" / "scheduler_config.json").string());
-  const auto& tc = p->transformer_->config();
-  if (p->t5_->config().d_model != tc.joint_attention_dim || p->clip_->config().hidden_size != tc.pooled_projection_dim)
-    throw Error(user_path + ": the text encoders (T5 width " + std::to_string(p->t5_->config().d_model) +
-                ", CLIP width " + std::to_string(p->clip_->config().hidden_size) + ") do not fit the transformer (" +
-                std::to_string(tc.joint_attention_dim) + ", " + std::to_string(tc.pooled_projection_dim) + ")");
-  if (p->vae_->config().latent_channels * 4 != tc.in_channels)
-    throw Error(user_path + ": the VAE has " + std::to_string(p->vae_->config().latent_channels) +
-                " latent channels; the transformer expects " + std::to_string(tc.in_channels / 4));
+  p->check_components_fit(user_path);
   return p;
+}
+
+std::unique_ptr<FluxPipeline> FluxPipeline::from_components(
+    Backend& backend, std::unique_ptr<TextTokenizer> clip_tokenizer, std::unique_ptr<TextTokenizer> t5_tokenizer,
+    std::unique_ptr<ClipTextModel> clip, std::unique_ptr<T5Encoder> t5, std::unique_ptr<FluxTransformer> transformer,
+    std::unique_ptr<VaeDecoder> vae, FlowMatchSchedulerConfig scheduler, const std::string& label) {
+  std::unique_ptr<FluxPipeline> p(new FluxPipeline(backend));
+  p->path_ = label;
+  p->clip_tokenizer_ = std::move(clip_tokenizer);
+  p->t5_tokenizer_ = std::move(t5_tokenizer);
+  p->clip_ = std::move(clip);
+  p->t5_ = std::move(t5);
+  p->transformer_ = std::move(transformer);
+  p->vae_ = std::move(vae);
+  p->scheduler_config_ = scheduler;
+  p->check_components_fit(label);
+  return p;
+}
+
+void FluxPipeline::check_components_fit(const std::string& label) const {
+  const auto& tc = transformer_->config();
+  if (t5_->config().d_model != tc.joint_attention_dim || clip_->config().hidden_size != tc.pooled_projection_dim)
+    throw Error(label + ": the text encoders (T5 width " + std::to_string(t5_->config().d_model) + ", CLIP width " +
+                std::to_string(clip_->config().hidden_size) + ") do not fit the transformer (" +
+                std::to_string(tc.joint_attention_dim) + ", " + std::to_string(tc.pooled_projection_dim) + ")");
+  if (vae_->config().latent_channels * 4 != tc.in_channels)
+    throw Error(label + ": the VAE has " + std::to_string(vae_->config().latent_channels) +
+                " latent channels; the transformer expects " + std::to_string(tc.in_channels / 4));
 }
 
 int FluxPipeline::vae_scale_factor() const { return 1 << (int(vae_->config().block_out_channels.size()) - 1); }

@@ -55,6 +55,14 @@ class FluxPipeline {
   // A diffusers FLUX pipeline folder (model_index.json, tokenizer*/, text_encoder*/, transformer/, vae/,
   // scheduler/) or a Hugging Face cache entry of one.
   static std::unique_ptr<FluxPipeline> from_pretrained(const std::string& path, Backend& backend);
+  // From parts already built (benchmarks on random weights at full size); checked to fit like from_pretrained.
+  static std::unique_ptr<FluxPipeline> from_components(Backend& backend, std::unique_ptr<TextTokenizer> clip_tokenizer,
+                                                       std::unique_ptr<TextTokenizer> t5_tokenizer,
+                                                       std::unique_ptr<ClipTextModel> clip,
+                                                       std::unique_ptr<T5Encoder> t5,
+                                                       std::unique_ptr<FluxTransformer> transformer,
+                                                       std::unique_ptr<VaeDecoder> vae,
+                                                       FlowMatchSchedulerConfig scheduler, const std::string& label);
 
   EncodedPrompts encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length);
   GenerateResult generate(const GenerateParams& params);
@@ -66,6 +74,7 @@ class FluxPipeline {
 
  private:
   FluxPipeline(Backend& backend) : backend_(backend) {}
+  void check_components_fit(const std::string& label) const;
 
   Backend& backend_;
   std::string path_;
