@@ -4,7 +4,7 @@
 
 #include "core/compare.h"
 #include "lora/lora_controller.h"
-#include "model/flux_transformer_io.h"
+#include "fixture_transformer.h"
 #include "test_support.h"
 
 namespace fluxswap {
@@ -16,25 +16,7 @@ namespace {
 constexpr double kMinCosine = 0.995;
 constexpr double kMaxRelError = 0.08;
 
-struct Fp8Model {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
-  std::string dir;
-  FluxCheckpoint checkpoint;
-  std::unique_ptr<FluxTransformer> transformer;
-  std::shared_ptr<SafetensorsFile> goldens;
-  FluxHostInputs inputs;
-
-  explicit Fp8Model(const std::string& name) : dir(test::fixtures_dir() + "/" + name) {
-    checkpoint = open_flux_checkpoint(dir + "/transformer_bfl.safetensors");
-    transformer = std::make_unique<FluxTransformer>(checkpoint.config, load_flux_weights(checkpoint, *backend), *backend);
-    goldens = SafetensorsFile::open(dir + "/transformer_goldens.safetensors");
-    inputs = read_flux_inputs(*goldens);
-  }
-  Tensor run() { return run_flux_transformer(*transformer, inputs); }
-  std::shared_ptr<const LoraAdapter> lora(const std::string& name) {
-    return std::make_shared<LoraAdapter>(load_lora_adapter(dir + "/lora_" + name + ".safetensors", checkpoint.config));
-  }
-};
+using Fp8Model = test::FixtureTransformer;
 
 class Fp8Transformer : public ::testing::TestWithParam<std::string> {};
 

@@ -5,7 +5,7 @@
 #include "core/compare.h"
 #include "core/error.h"
 #include "lora/lora_controller.h"
-#include "model/flux_transformer_io.h"
+#include "fixture_transformer.h"
 #include "test_support.h"
 
 namespace fluxswap {
@@ -13,26 +13,7 @@ namespace {
 
 constexpr double kTolerance = 1e-4;
 
-struct Model {
-  std::unique_ptr<Backend> backend = make_cpu_backend();
-  std::string dir;
-  FluxCheckpoint checkpoint;
-  std::unique_ptr<FluxTransformer> transformer;
-  std::shared_ptr<SafetensorsFile> goldens;
-  FluxHostInputs inputs;
-
-  explicit Model(const std::string& name) : dir(test::fixtures_dir() + "/" + name) {
-    checkpoint = open_flux_checkpoint(dir + "/transformer_bfl.safetensors");
-    transformer = std::make_unique<FluxTransformer>(checkpoint.config, load_flux_weights(checkpoint, *backend), *backend);
-    goldens = SafetensorsFile::open(dir + "/transformer_goldens.safetensors");
-    inputs = read_flux_inputs(*goldens);
-  }
-  std::shared_ptr<const LoraAdapter> lora(const std::string& letter_format) {
-    return std::make_shared<LoraAdapter>(
-        load_lora_adapter(dir + "/lora_" + letter_format + ".safetensors", checkpoint.config));
-  }
-  Tensor run() { return run_flux_transformer(*transformer, inputs); }
-};
+using Model = test::FixtureTransformer;
 
 struct Case {
   std::string golden;

@@ -22,7 +22,8 @@
 #include "server/image_request.h"
 #include "server/lora_registry.h"
 #include "server/metrics.h"
-#include "server/png_encode.h"
+#include "pipeline/png_image.h"
+#include "server/base64.h"
 #include "server/request_queue.h"
 #include "test_support.h"
 

@@ -168,6 +168,7 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // Throws Error when this build has no CUDA backend or no GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
-std::unique_ptr<Backend> make_backend(const std::string& name);  // "cpu" or "cuda"
+// "cpu", "cuda", or "auto": the GPU when one is usable, else the CPU (saying so on stdout).
+std::unique_ptr<Backend> make_backend(const std::string& name);
 
 }  // namespace fluxswap

@@ -1,3 +1,5 @@
+#include <cstdio>
+
 #include "backend/backend.h"
 #include "core/error.h"
 
@@ -75,7 +77,15 @@ std::unique_ptr<Backend> make_cuda_backend(int) {
 std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cpu") return make_cpu_backend();
   if (name == "cuda") return make_cuda_backend(0);
-  throw Error("unknown device '" + name + "', expected cpu or cuda");
+  if (name == "auto") {
+    try {
+      return make_cuda_backend(0);
+    } catch (const Error& e) {
+      std::printf("device   no usable GPU (%s): running on the CPU reference backend\n", e.what());
+      return make_cpu_backend();
+    }
+  }
+  throw Error("unknown device '" + name + "', expected auto, cpu or cuda");
 }
 
 }  // namespace fluxswap

@@ -202,19 +202,10 @@ class CpuBackend final : public Backend {
 
   void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
                    const Tensor& scratch, const Tensor& y, Activation act) override {
-    const int64_t R = down.size(0);
-    Tensor t = scratch.narrow(-1, 0, R);
-    linear(x, down, Tensor(), t, Activation::None);
     linear(x, w, bias, y, Activation::None);
-    Rows T = rows_of(t, "lora_linear", "scratch"), Y = rows_of(y, "lora_linear", "output");
-    for (int64_t b = 0; b < Y.B; ++b) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Y.N), int(Y.C), int(R), 1.0f, T.row(b, 0), int(T.sn),
-                  up.ptr<float>(), int(up.stride(0)), 1.0f, Y.row(b, 0), int(Y.sn));
-      if (act == Activation::None) continue;
-      for (int64_t n = 0; n < Y.N; ++n)
-        for (int64_t j = 0; j < Y.C; ++j) Y.row(b, n)[j] = cpu_ops::activate(Y.row(b, n)[j], act);
-    }
+    add_lora_branch(x, down, up, scratch, y, act);
   }
+
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     Rows X = rows_of(x, "linear", "input"), Y = rows_of(y, "linear", "output");

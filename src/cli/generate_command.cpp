@@ -53,32 +53,8 @@ std::string output_path(const std::string& out, size_t index, size_t count) {
   return (p.parent_path() / (p.stem().string() + "-" + std::to_string(index) + p.extension().string())).string();
 }
 
-// "FLUX.1-dev" for a Hugging Face cache entry, the folder name otherwise ("tiny/pipeline" for a nested one).
-std::string model_display_name(const std::string& path) {
-  const std::string s = fsys::path(path).lexically_normal().string();
-  if (auto at = s.find("models--"); at != std::string::npos) {
-    std::string repo = s.substr(at + 8);
-    repo = repo.substr(0, repo.find('/'));
-    return repo.substr(repo.rfind("--") == std::string::npos ? 0 : repo.rfind("--") + 2);
-  }
-  fsys::path p = fsys::path(s);
-  if (p.filename().empty()) p = p.parent_path();
-  const std::string leaf = p.filename().string();
-  return leaf == "pipeline" ? p.parent_path().filename().string() + "/" + leaf : leaf;
-}
-
-std::unique_ptr<Backend> backend_for(const std::string& device) {
-  if (device != "auto") return make_backend(device);
-  try {
-    return make_cuda_backend(0);
-  } catch (const Error& e) {
-    std::printf("device   no usable GPU (%s): running on the CPU reference backend\n", e.what());
-    return make_cpu_backend();
-  }
-}
-
 void run(GenerateOptions& o) {
-  auto backend = backend_for(o.device);
+  auto backend = make_backend(o.device);
   std::string model = o.model, origin = "--model";
   if (model.empty()) std::tie(model, origin) = default_model();
   std::printf("model    %s (%s)\n", model.c_str(), origin.c_str());

@@ -212,6 +212,19 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   return r;
 }
 
+std::string model_display_name(const std::string& path) {
+  const std::string s = std::filesystem::path(path).lexically_normal().string();
+  if (auto at = s.find("models--"); at != std::string::npos) {
+    std::string repo = s.substr(at + 8);
+    repo = repo.substr(0, repo.find('/'));
+    return repo.substr(repo.rfind("--") == std::string::npos ? 0 : repo.rfind("--") + 2);
+  }
+  std::filesystem::path p(s);
+  if (p.filename().empty()) p = p.parent_path();
+  const std::string leaf = p.filename().string();
+  return leaf == "pipeline" ? p.parent_path().filename().string() + "/" + leaf : leaf;
+}
+
 std::string generation_parameters_text(const std::string& prompt, const GenerateParams& p, const GenerateResult& r,
                                        const std::string& model_name, const std::string& loras) {
   std::ostringstream o;

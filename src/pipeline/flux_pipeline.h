@@ -86,6 +86,10 @@ class FluxPipeline {
   FlowMatchSchedulerConfig scheduler_config_;
 };
 
+// How the PNG parameters name a model: "FLUX.1-dev" for a Hugging Face cache entry, the folder name otherwise
+// ("tiny/pipeline" for a nested one).
+std::string model_display_name(const std::string& path);
+
 // A1111-style `parameters` text for the PNG: the prompt, then "Steps: 28, Sampler: Euler, ...".
 std::string generation_parameters_text(const std::string& prompt, const GenerateParams& params,
                                        const GenerateResult& result, const std::string& model_name,

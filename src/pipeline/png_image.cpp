@@ -24,19 +24,22 @@ struct File {
   png_longjmp(png, 1);
 }
 
+// Output bytes appended to a std::string (libpng's write callback).
+void append(png_structp png, png_bytep data, png_size_t n) {
+  static_cast<std::string*>(png_get_io_ptr(png))->append(reinterpret_cast<const char*>(data), n);
+}
+void no_flush(png_structp) {}
+
 }  // namespace
 
-void write_png(const std::string& path, const Rgb8Image& image, const std::map<std::string, std::string>& text) {
+std::string encode_png(const Rgb8Image& image, const std::map<std::string, std::string>& text) {
   if (image.width <= 0 || image.height <= 0 || image.pixels.size() != size_t(image.width) * image.height * 3)
-    throw Error(path + ": image of " + std::to_string(image.width) + "x" + std::to_string(image.height) +
+    throw Error("image of " + std::to_string(image.width) + "x" + std::to_string(image.height) +
                 " does not match its " + std::to_string(image.pixels.size()) + " bytes");
-  const std::string tmp = path + ".tmp";
-  File file{std::fopen(tmp.c_str(), "wb")};
-  if (!file.f) throw Error(path + ": cannot open for writing");
-  std::string message;
+  std::string out, message;
   png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &message, png_fail, nullptr);
   png_infop info = png ? png_create_info_struct(png) : nullptr;
-  if (!info) throw Error(path + ": cannot initialise libpng");
+  if (!info) throw Error("cannot initialise libpng");
   std::vector<png_text> chunks;
   std::vector<std::string> keys, values;  // png_text points into these
   for (const auto& [k, v] : text) {
@@ -45,10 +48,9 @@ void write_png(const std::string& path, const Rgb8Image& image, const std::map<s
   }
   if (setjmp(png_jmpbuf(png))) {
     png_destroy_write_struct(&png, &info);
-    std::remove(tmp.c_str());
-    throw Error(path + ": writing PNG failed: " + message);
+    throw Error("encoding PNG failed: " + message);
   }
-  png_init_io(png, file.f);
+  png_set_write_fn(png, &out, append, no_flush);
   png_set_IHDR(png, info, png_uint_32(image.width), png_uint_32(image.height), 8, PNG_COLOR_TYPE_RGB,
                PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -65,8 +67,26 @@ void write_png(const std::string& path, const Rgb8Image& image, const std::map<s
     png_write_row(png, const_cast<png_bytep>(image.pixels.data() + size_t(y) * image.width * 3));
   png_write_end(png, info);
   png_destroy_write_struct(&png, &info);
-  std::fclose(file.f);
-  file.f = nullptr;
+  return out;
+}
+
+void write_png(const std::string& path, const Rgb8Image& image, const std::map<std::string, std::string>& text) {
+  std::string bytes;
+  try {
+    bytes = encode_png(image, text);
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
+  // Written beside the target and renamed over it, so a reader never sees half a file.
+  const std::string tmp = path + ".tmp";
+  {
+    File file{std::fopen(tmp.c_str(), "wb")};
+    if (!file.f) throw Error(path + ": cannot open for writing");
+    if (std::fwrite(bytes.data(), 1, bytes.size(), file.f) != bytes.size() || std::fflush(file.f) != 0) {
+      std::remove(tmp.c_str());
+      throw Error(path + ": writing PNG failed (disk full?)");
+    }
+  }
   if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path + ": cannot rename the written file into place");
 }
 

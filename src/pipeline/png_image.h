@@ -13,7 +13,9 @@ struct Rgb8Image {
   std::vector<uint8_t> pixels;  // row-major RGB, 3 bytes per pixel
 };
 
-// Writes an 8-bit RGB PNG with the given tEXt chunks (key -> text). Throws Error naming the path.
+// An 8-bit RGB PNG with the given tEXt chunks (key -> text), in memory.
+std::string encode_png(const Rgb8Image& image, const std::map<std::string, std::string>& text = {});
+// Writes encode_png()'s bytes to `path` (via a temporary file renamed into place). Throws Error naming the path.
 void write_png(const std::string& path, const Rgb8Image& image, const std::map<std::string, std::string>& text = {});
 
 // Reads an 8-bit RGB PNG and its tEXt chunks (for tests and tools).

@@ -30,29 +30,6 @@ int status_for(CancelReason why) {
 
 }  // namespace
 
-std::unique_ptr<Backend> backend_for_device(const std::string& device) {
-  if (device != "auto") return make_backend(device);
-  try {
-    return make_cuda_backend(0);
-  } catch (const Error& e) {
-    std::printf("device   no usable GPU (%s): running on the CPU reference backend\n", e.what());
-    return make_cpu_backend();
-  }
-}
-
-std::string model_name_for_parameters(const std::string& path) {
-  const std::string s = fsys::path(path).lexically_normal().string();
-  if (auto at = s.find("models--"); at != std::string::npos) {
-    std::string repo = s.substr(at + 8);
-    repo = repo.substr(0, repo.find('/'));
-    return repo.substr(repo.rfind("--") == std::string::npos ? 0 : repo.rfind("--") + 2);
-  }
-  fsys::path p = fsys::path(s);
-  if (p.filename().empty()) p = p.parent_path();
-  const std::string leaf = p.filename().string();
-  return leaf == "pipeline" ? p.parent_path().filename().string() + "/" + leaf : leaf;
-}
-
 std::string lora_parameters_text(const std::vector<LoraChoice>& loras) {
   std::string text;
   for (const auto& l : loras) {
@@ -66,7 +43,7 @@ std::string lora_parameters_text(const std::vector<LoraChoice>& loras) {
 GenerationWorker::GenerationWorker(const ServerOptions& options, RequestQueue& queue, Metrics& metrics,
                                    BackendFactory make_backend)
     : options_(options), queue_(queue), metrics_(metrics), make_backend_(std::move(make_backend)) {
-  if (!make_backend_) make_backend_ = [device = options_.device] { return backend_for_device(device); };
+  if (!make_backend_) make_backend_ = [device = options_.device] { return fluxswap::make_backend(device); };
 }
 
 GenerationWorker::~GenerationWorker() { join(); }
@@ -96,7 +73,7 @@ void GenerationWorker::run() {
     lora_->set_cache_capacity(options_.lora_cache);
     model_.config = pipeline_->transformer().config();
     model_.path = pipeline_->path();
-    model_.display_name = model_name_for_parameters(options_.model);
+    model_.display_name = model_display_name(options_.model);
     model_.backend_name = backend_->name();
     model_.guidance_distilled = pipeline_->is_guidance_distilled();
     model_.default_size = pipeline_->vae_scale_factor() >= 8 ? 1024 : 64 * pipeline_->vae_scale_factor();
