@@ -1,56 +1,17 @@
 #include "backend/cuda/cublaslt_linear.h"
 
-#include <algorithm>
 #include <string>
 
+#include "backend/cuda/cublaslt_common.h"
 #include "backend/cuda/cuda_check.h"
 
 namespace fluxswap::cuda {
 
-namespace {
-
-constexpr size_t kWorkspaceBytes = size_t(32) << 20;
-
-// The alignment cuBLASLt may assume for a pointer: its largest power-of-two divisor, capped at 256 bytes.
-int alignment_of(const void* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  int al = 256;
-  while (al > 1 && a % al) al /= 2;
-  return al;
-}
-
-// The alignment every matrix of a strided batch keeps: the first one's, capped by the stride's.
-int alignment_of(const void* p, int64_t batch, int64_t stride, size_t element_bytes) {
-  const int al = alignment_of(p);
-  if (batch <= 1) return al;
-  return std::min(al, alignment_of(reinterpret_cast<const void*>(uintptr_t(stride) * element_bytes)));
-}
-
-cublasLtEpilogue_t to_cublas(GemmEpilogue e) {
-  switch (e) {
-    case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
-    case GemmEpilogue::Gelu: return CUBLASLT_EPILOGUE_GELU;
-    case GemmEpilogue::GeluBias: return CUBLASLT_EPILOGUE_GELU_BIAS;
-    case GemmEpilogue::None: break;
-  }
-  return CUBLASLT_EPILOGUE_DEFAULT;
-}
-
-}  // namespace
-
-struct CublasLtLinear::Plan {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+struct CublasLtLinear::Plan : LtMatmulObjects {
   cublasLtMatmulAlgo_t algo{};
-  ~Plan() {
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
 };
 
-CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : memory_(memory), workspace_bytes_(kWorkspaceBytes) {
+CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : memory_(memory), workspace_bytes_(kCublasLtWorkspaceBytes) {
   check(cublasLtCreate(&handle_), "linear", "cublasLtCreate");
   workspace_ = memory.allocate(workspace_bytes_, "linear workspace");
 }
@@ -98,35 +59,15 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias,
     }
   }
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  check(cublasLtMatmulPreferenceCreate(&pref), op, "cublasLtMatmulPreferenceCreate");
-  struct PrefGuard {
-    cublasLtMatmulPreference_t p;
-    ~PrefGuard() { cublasLtMatmulPreferenceDestroy(p); }
-  } guard{pref};
-  const uint64_t ws = workspace_bytes_;
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), op,
-        "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
-  const uint32_t al_a = uint32_t(key.align_a), al_b = uint32_t(key.align_b), al_d = uint32_t(key.align_d);
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, 4), op,
-        "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)");
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, 4), op,
-        "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)");
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, 4), op,
-        "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)");
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, 4), op,
-        "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)");
+  const LtPreference pref(workspace_bytes_, uint32_t(key.align_a), uint32_t(key.align_b), uint32_t(key.align_d), op);
 
   // The heuristic takes the bias alignment from the bias pointer in the descriptor.
   if (bias)
     check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-  // C is always D (accumulation is in place), so one layout serves both and every algorithm qualifies.
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  check(cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b, plan->d, plan->d, pref, 1, &result,
-                                       &found),
-        op, "cublasLtMatmulAlgoGetHeuristic");
+  check(plan->heuristic(handle_, pref, result, found), op, "cublasLtMatmulAlgoGetHeuristic");
   if (found == 0)
     fail(op, "cublasLtMatmulAlgoGetHeuristic",
          "no algorithm for m " + std::to_string(key.m) + ", n " + std::to_string(key.n) + ", k " +

@@ -1,8 +1,8 @@
 #include "backend/cuda/fp8_linear.h"
 
 #include <string>
-#include <utility>
 
+#include "backend/cuda/cublaslt_common.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/fp8_quant_kernels.h"
 
@@ -10,28 +10,8 @@ namespace fluxswap::cuda {
 
 namespace {
 
-constexpr size_t kWorkspaceBytes = size_t(32) << 20;
-
-// The alignment cuBLASLt may assume for a pointer: its largest power-of-two divisor, capped at 256 bytes.
-int alignment_of(const void* p) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  int al = 256;
-  while (al > 1 && a % al) al /= 2;
-  return al;
-}
-
 bool has_bias(GemmEpilogue e) { return e == GemmEpilogue::Bias || e == GemmEpilogue::GeluBias; }
 bool has_gelu(GemmEpilogue e) { return e == GemmEpilogue::Gelu || e == GemmEpilogue::GeluBias; }
-
-cublasLtEpilogue_t to_cublas(GemmEpilogue e) {
-  switch (e) {
-    case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
-    case GemmEpilogue::Gelu: return CUBLASLT_EPILOGUE_GELU;
-    case GemmEpilogue::GeluBias: return CUBLASLT_EPILOGUE_GELU_BIAS;
-    case GemmEpilogue::None: break;
-  }
-  return CUBLASLT_EPILOGUE_DEFAULT;
-}
 
 int current_device() {
   int device = 0;
@@ -83,18 +63,10 @@ struct CublasLtFp8Linear::Pointers {
   const float *sx, *sw;
 };
 
-struct CublasLtFp8Linear::Plan {
+struct CublasLtFp8Linear::Plan : LtMatmulObjects {
   Fp8GemmPath path = Fp8GemmPath::Fallback;
   bool confirmed = false;  // a cublasLtMatmul with it has succeeded
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  ~Plan() {
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
 };
 
 CublasLtFp8Linear::CublasLtFp8Linear(DeviceMemory& memory, Options options) : options_(options) {
@@ -102,13 +74,13 @@ CublasLtFp8Linear::CublasLtFp8Linear(DeviceMemory& memory, Options options) : op
   check(cublasLtCreate(&handle_), "linear_fp8", "cublasLtCreate");
   own_handle_ = true;
   try {
-    own_workspace_ = memory.allocate(kWorkspaceBytes, "linear_fp8 workspace");
+    own_workspace_ = memory.allocate(kCublasLtWorkspaceBytes, "linear_fp8 workspace");
   } catch (...) {
     cublasLtDestroy(handle_);
     throw;
   }
   workspace_ = own_workspace_.get();
-  workspace_bytes_ = kWorkspaceBytes;
+  workspace_bytes_ = kCublasLtWorkspaceBytes;
 }
 
 CublasLtFp8Linear::CublasLtFp8Linear(cublasLtHandle_t handle, void* workspace, size_t workspace_bytes,
@@ -164,28 +136,12 @@ std::unique_ptr<CublasLtFp8Linear::Plan> CublasLtFp8Linear::make_plan(const Key&
   check(cublasLtMatrixLayoutCreate(&plan->d, CUDA_R_16BF, uint64_t(key.m), uint64_t(key.n), key.ldy), op,
         "cublasLtMatrixLayoutCreate(D)");
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  check(cublasLtMatmulPreferenceCreate(&pref), op, "cublasLtMatmulPreferenceCreate");
-  struct PrefGuard {
-    cublasLtMatmulPreference_t p;
-    ~PrefGuard() { cublasLtMatmulPreferenceDestroy(p); }
-  } guard{pref};
-  const uint64_t ws = workspace_bytes_;
-  check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), op,
-        "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
-  const uint32_t al_a = uint32_t(key.align_w), al_b = uint32_t(key.align_x), al_d = uint32_t(key.align_y);
-  for (auto [attr, value] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_a},
-                             std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_b},
-                             std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_d},
-                             std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_d}})
-    check(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)), op,
-          "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
+  const LtPreference pref(workspace_bytes_, uint32_t(key.align_w), uint32_t(key.align_x), uint32_t(key.align_y), op,
+                          "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
 
-  // C is D (beta is 0), so one layout serves both.
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle_, plan->op, plan->a, plan->b, plan->d, plan->d,
-                                                               pref, 1, &result, &found);
+  const cublasStatus_t status = plan->heuristic(handle_, pref, result, found);
   // An unsupported scale mode or type combination may be reported as a status instead of zero results.
   if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE || found == 0) return nullptr;
   check(status, op, "cublasLtMatmulAlgoGetHeuristic");
