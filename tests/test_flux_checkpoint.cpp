@@ -16,14 +16,7 @@ namespace {
 
 namespace fsys = std::filesystem;
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // Copies a checkpoint's tensors under new names; `rename` returns "" to drop a key.
 void rewrite(const std::string& src, const std::string& dst, const std::function<std::string(std::string)>& rename,

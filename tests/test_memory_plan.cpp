@@ -4,21 +4,14 @@
 
 #include "core/error.h"
 #include "pipeline/memory_plan.h"
+#include "test_support.h"
 
 namespace fluxswap {
 namespace {
 
 constexpr uint64_t GB = 1000000000ull;
 
-std::string expect_error(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no Error thrown";
-  return {};
-}
+using test::error_of;
 
 TEST(MemoryPlanSizes, FluxComponentsMatchPublishedParameterCounts) {
   const FluxWorkload work;
@@ -154,7 +147,7 @@ TEST(MemoryPlan, SixteenGigabytesStreamsABf16Transformer) {
 
 TEST(MemoryPlan, TooSmallBudgetNamesTheMinimum) {
   const std::string msg =
-      expect_error([] { plan_memory(flux1_plan_request(4 * GB, WeightFormat::BF16, WeightFormat::BF16)); });
+      error_of([] { plan_memory(flux1_plan_request(4 * GB, WeightFormat::BF16, WeightFormat::BF16)); });
   EXPECT_NE(msg.find("a budget of 4 GB is too small"), std::string::npos) << msg;
   EXPECT_NE(msg.find("needs "), std::string::npos) << msg;
   EXPECT_NE(msg.find("0 of 57 blocks resident"), std::string::npos) << msg;
@@ -239,10 +232,10 @@ TEST(MemoryPlanRules, StreamingKeepsTheLargestBlocksAndPicksTheDepth) {
 }
 
 TEST(MemoryPlanRules, RejectsDegenerateRequests) {
-  EXPECT_NE(expect_error([] { plan_memory(synthetic(0)); }).find("budget is 0"), std::string::npos);
+  EXPECT_NE(error_of([] { plan_memory(synthetic(0)); }).find("budget is 0"), std::string::npos);
   MemoryPlanRequest r = synthetic(100 * GB);
   r.steps = 0;
-  EXPECT_NE(expect_error([&] { plan_memory(r); }).find("steps"), std::string::npos);
+  EXPECT_NE(error_of([&] { plan_memory(r); }).find("steps"), std::string::npos);
 }
 
 // ---- budgets ----
@@ -264,7 +257,7 @@ TEST(MemoryBudget, ParsesUnits) {
 TEST(MemoryBudget, RejectsEverythingElse) {
   for (const char* bad : {"", "24", "G", "24X", "24 GBs", "-24G", "24..5G", "1e9G", "0G", "24 G B", " 24G", "G24",
                           "24GiBi", "."}) {
-    const std::string msg = expect_error([&] { parse_memory_budget(bad); });
+    const std::string msg = error_of([&] { parse_memory_budget(bad); });
     EXPECT_NE(msg.find("memory budget '" + std::string(bad) + "'"), std::string::npos) << bad << ": " << msg;
   }
 }

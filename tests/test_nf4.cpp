@@ -38,15 +38,7 @@ int code_at(const Nf4Tensor& t, int64_t i) {
   return i % 2 == 0 ? b >> 4 : b & 0xF;
 }
 
-std::string expect_error(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no Error thrown";
-  return {};
-}
+using test::error_of;
 
 // Half the widest gap between adjacent NF4 codes (between 0.7229568 and 1.0): the most a value can move when it is
 // rounded to its nearest code, in units of the block's absmax.
@@ -286,13 +278,13 @@ TEST(Nf4, TensorOverloadKeepsShapeAndDtype) {
 TEST(Nf4, RejectsBadBlocksizesAndNonFiniteInput) {
   const std::vector<float> x(256, 1.0f);
   for (int64_t bs : {0, 16, 48, 100, 8192})
-    EXPECT_NE(expect_error([&] { quantize_nf4(x.data(), 256, bs); }).find("blocksize"), std::string::npos) << bs;
+    EXPECT_NE(error_of([&] { quantize_nf4(x.data(), 256, bs); }).find("blocksize"), std::string::npos) << bs;
   std::vector<float> bad = x;
   bad[77] = NAN;
-  EXPECT_NE(expect_error([&] { quantize_nf4(bad.data(), 256, 64); }).find("element 77"), std::string::npos);
+  EXPECT_NE(error_of([&] { quantize_nf4(bad.data(), 256, 64); }).find("element 77"), std::string::npos);
   bad[77] = INFINITY;
-  EXPECT_NE(expect_error([&] { quantize_nf4(bad.data(), 256, 64); }).find("not finite"), std::string::npos);
-  EXPECT_NE(expect_error([&] { quantize_nf4(x.data(), 0, 64); }).find("empty"), std::string::npos);
+  EXPECT_NE(error_of([&] { quantize_nf4(bad.data(), 256, 64); }).find("not finite"), std::string::npos);
+  EXPECT_NE(error_of([&] { quantize_nf4(x.data(), 0, 64); }).find("empty"), std::string::npos);
 }
 
 // ---- bitsandbytes checkpoint layout ----
@@ -364,7 +356,7 @@ TEST(Nf4Bnb, MissingKeysAreNamed) {
     for (const auto& [name, tensor] : full) {
       auto m = full;
       m.erase(name);
-      const std::string msg = expect_error([&] { load_bnb_nf4(lookup_in(m), key, "model.safetensors"); });
+      const std::string msg = error_of([&] { load_bnb_nf4(lookup_in(m), key, "model.safetensors"); });
       EXPECT_NE(msg.find("model.safetensors: tensor '" + name + "' is missing"), std::string::npos) << msg;
       EXPECT_NE(msg.find("bitsandbytes NF4 state of 'enc.q.weight'"), std::string::npos) << msg;
     }
@@ -377,7 +369,7 @@ TEST(Nf4Bnb, MalformedStatesAreErrors) {
   auto with_json = [&](const std::string& js) {
     auto m = bnb_state(q, key, "bfloat16");
     m[key + kBnbNf4StateSuffix] = json_bytes(js);
-    return expect_error([&] { load_bnb_nf4(lookup_in(m), key, "f"); });
+    return error_of([&] { load_bnb_nf4(lookup_in(m), key, "f"); });
   };
   EXPECT_NE(with_json("{\"quant_type\": \"nf4\"").find("not valid JSON"), std::string::npos);
   EXPECT_NE(with_json("{\"quant_type\": \"fp4\", \"blocksize\": 64, \"dtype\": \"bfloat16\", \"shape\": [40, 96]}")
@@ -395,14 +387,14 @@ TEST(Nf4Bnb, MalformedStatesAreErrors) {
   // Wrong absmax length.
   auto m = bnb_state(q, key, "bfloat16");
   m[key + ".absmax"] = q.absmax.narrow(0, 0, 10);
-  EXPECT_NE(expect_error([&] { load_bnb_nf4(lookup_in(m), key, "f"); }).find("'w.absmax' is F32 [10]"),
+  EXPECT_NE(error_of([&] { load_bnb_nf4(lookup_in(m), key, "f"); }).find("'w.absmax' is F32 [10]"),
             std::string::npos);
   // FP4 checkpoints are recognised and refused.
   auto fp4 = bnb_state(q, key, "bfloat16");
   fp4[key + kBnbFp4StateSuffix] = fp4[key + kBnbNf4StateSuffix];
   fp4.erase(key + kBnbNf4StateSuffix);
   EXPECT_TRUE(is_bnb_4bit(lookup_in(fp4), key));
-  EXPECT_NE(expect_error([&] { load_bnb_nf4(lookup_in(fp4), key, "f"); }).find("only NF4 is supported"),
+  EXPECT_NE(error_of([&] { load_bnb_nf4(lookup_in(fp4), key, "f"); }).find("only NF4 is supported"),
             std::string::npos);
 }
 
@@ -424,7 +416,7 @@ TEST(Nf4Bnb, LoadsFromASafetensorsFile) {
   const auto file = SafetensorsCollection::open(path);
   const Nf4Tensor l = load_bnb_nf4(file, "layers.0.wi.weight");
   EXPECT_EQ(dequantize_nf4(l), dequantize_nf4(q));
-  const std::string msg = expect_error([&] { load_bnb_nf4(file, "layers.1.wi.weight"); });
+  const std::string msg = error_of([&] { load_bnb_nf4(file, "layers.1.wi.weight"); });
   EXPECT_NE(msg.find(path + ": tensor 'layers.1.wi.weight.quant_state.bitsandbytes__nf4' is missing"),
             std::string::npos)
       << msg;

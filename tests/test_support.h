@@ -1,12 +1,25 @@
 #pragma once
-// Shared by the tests: where the golden fixtures are (env FLUXSWAP_FIXTURES overrides the build-time path) and a
-// temporary folder that cleans itself up.
+// Shared by the tests: where the golden fixtures are (env FLUXSWAP_FIXTURES overrides the build-time path), a
+// temporary folder that cleans itself up, and the message of an expected Error.
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 
+#include "core/error.h"
+
 namespace fluxswap::test {
+
+// The message of the Error `fn` throws, or "(no error)" (which then fails the caller's message checks).
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
 
 inline std::string fixtures_dir() {
   if (const char* env = std::getenv("FLUXSWAP_FIXTURES")) return env;

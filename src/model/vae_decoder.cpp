@@ -167,6 +167,21 @@ VaeDecoder open_vae_decoder(const std::string& path, Backend& backend) {
 // ---------------------------------------------------------------------------------------------------------------
 // Decoder
 
+int64_t vae_largest_activation(const VaeConfig& config, int64_t height, int64_t width) {
+  // Each up block's input and output at its resolution, and its upsampled output at twice the resolution.
+  const std::vector<int64_t> widths(config.block_out_channels.rbegin(), config.block_out_channels.rend());
+  int64_t area = height * width, channels = widths.front();
+  int64_t most = std::max(config.latent_channels, channels) * area;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    most = std::max(most, std::max(channels, widths[i]) * area);
+    channels = widths[i];
+    if (i + 1 == widths.size()) break;
+    area *= 4;
+    most = std::max(most, channels * area);
+  }
+  return most;
+}
+
 VaeDecoder::VaeDecoder(const VaeConfig& config, VaeDecoderWeights weights, Backend& backend)
     : config_(config), weights_(std::move(weights)), backend_(backend) {
   config_.validate("VAE config");
@@ -178,18 +193,8 @@ Tensor VaeDecoder::shaped(const Tensor& arena, const Shape& shape) {
 
 void VaeDecoder::prepare(int64_t batch, int64_t height, int64_t width) {
   if (batch == B_ && height == h_ && width == w_) return;
-  // The arenas must hold the largest activation: each up block's input and output at its resolution, and its
-  // upsampled output at twice the resolution.
   const std::vector<int64_t> widths(config_.block_out_channels.rbegin(), config_.block_out_channels.rend());
-  int64_t area = height * width, channels = widths.front();
-  int64_t most = std::max(config_.latent_channels, channels) * area;
-  for (size_t i = 0; i < widths.size(); ++i) {
-    most = std::max(most, std::max(channels, widths[i]) * area);
-    channels = widths[i];
-    if (i + 1 == widths.size()) break;
-    area *= 4;
-    most = std::max(most, channels * area);
-  }
+  const int64_t most = vae_largest_activation(config_, height, width);
   const DType dt = backend_.compute_dtype();
   const int64_t up = config_.upscale(), tokens = height * width;
   buf_ = Buffers{};

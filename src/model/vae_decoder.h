@@ -72,6 +72,10 @@ struct VaeDecoderWeights {
 VaeDecoderWeights load_vae_decoder_weights(const SafetensorsCollection& file, const VaeConfig& config,
                                            Backend& backend);
 
+// Elements of the largest activation a decode of latents [height, width] holds (per sample): what each of the
+// decoder's arenas must hold (the memory planner sizes the VAE with it too).
+int64_t vae_largest_activation(const VaeConfig& config, int64_t height, int64_t width);
+
 class VaeDecoder {
  public:
   VaeDecoder(const VaeConfig& config, VaeDecoderWeights weights, Backend& backend);

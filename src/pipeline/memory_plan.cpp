@@ -354,14 +354,7 @@ ComponentSpec vae_decoder_spec(const VaeConfig& c, const FluxWorkload& w) {
   // resolution, or its upsampled output), the mid-block attention's q, k, v, out token rows, and the latents and
   // image copies.
   const int64_t up = c.upscale(), h = w.height / up, wd = w.width / up;
-  int64_t area = h * wd, channels = top, most = std::max(L, channels) * area;
-  for (size_t i = 0; i < widths.size(); ++i) {
-    most = std::max(most, std::max(channels, widths[i]) * area);
-    channels = widths[i];
-    if (i + 1 == widths.size()) break;
-    area *= 4;
-    most = std::max(most, channels * area);
-  }
+  const int64_t most = vae_largest_activation(c, h, wd);
   const int64_t tokens = h * wd;
   s.activation_bytes = uint64_t(w.batch) *
                        uint64_t(3 * most + (c.mid_block_add_attention ? 4 * tokens * top : 0) + L * tokens +
