@@ -80,6 +80,23 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
     total.push_back(seconds_since(t0));
     encode.push_back(r.encode_s), denoise.push_back(r.denoise_s), decode.push_back(r.decode_s);
   }
+  // One more generation with device events around every op, to see where a generation goes beyond the steps.
+  be.set_profiling(true);
+  t0 = Clock::now();
+  pipe->generate(p);
+  const double profiled_s = seconds_since(t0);
+  const auto prof = be.profile_ms();
+  be.set_profiling(false);
+  std::vector<std::pair<double, std::string>> ops;
+  for (const auto& [k, v] : prof) ops.push_back({v, k});
+  std::sort(ops.rbegin(), ops.rend());
+  nlohmann::json per_op;
+  std::printf("  profiled generation %.3f s (eager ops timed); device time by op:", profiled_s);
+  for (size_t i = 0; i < ops.size(); ++i) {
+    per_op[ops[i].second] = ops[i].first;
+    if (i < 14) std::printf("  %s %.1f ms", ops[i].second.c_str(), ops[i].first);
+  }
+  std::printf("\n");
   const std::string what = std::string(o.fp8 ? "FP8" : "bf16") +
                            (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + o.lora_mode : "");
   std::printf("\nend to end (%s): %dx%d, %d steps, FLUX.1-dev-sized RANDOM weights (built in %.1f s), tokenizers "
@@ -95,7 +112,8 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
           {"encode_ms_median", median_of(encode) * 1e3},
           {"denoise_s_median", median_of(denoise)},
           {"decode_ms_median", median_of(decode) * 1e3},
-          {"peak_memory_gib", double(be.peak_memory()) / (1ull << 30)}};
+          {"peak_memory_gib", double(be.peak_memory()) / (1ull << 30)},
+          {"profiled_generation_s", profiled_s}, {"profiled_per_op_ms", per_op}};
 }
 
 }  // namespace fluxswap
