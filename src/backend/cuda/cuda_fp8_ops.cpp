@@ -49,7 +49,37 @@ void CudaBackend::set_fp8_fast_accumulation(bool on) {
 
 void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                              const Tensor& y, Activation act) {
-  const char* op = "linear_fp8";
+  fp8_product("linear_fp8", x, wq, w_scale, bias, y, act, false);
+}
+
+// The LoRA branch goes into y first and the FP8 product accumulates onto it in its epilogue: y is written twice
+// and read once, one pass fewer than adding the branch after (the order lora_linear found faster in bf16).
+void CudaBackend::lora_linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                                  const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
+                                  Activation act) {
+  const char* op = "lora_linear_fp8";
+  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
+  for (auto [t, what] : {std::pair{&down, "lora down"}, {&up, "lora up"}}) {
+    check_cuda_tensor(*t, op, what, DType::BF16);
+    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
+      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
+  }
+  const int64_t R = down.size(0), k = X.C, nout = Y.C;
+  if (down.size(1) != k || up.size(0) != nout || up.size(1) != R || T.C < R || T.B != X.B || T.N != X.N)
+    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit " +
+                shape_str(x.shape()) + " -> " + shape_str(y.shape()));
+  const cuda::GemmRows xr{X.p, X.B, X.N, X.sb, X.sn}, yr{Y.p, Y.B, Y.N, Y.sb, Y.sn}, tr{T.p, T.B, T.N, T.sb, T.sn};
+  timed(op, [&] {
+    gemm_->run(xr, down.data(), nullptr, tr, k, R, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
+               down.stride(0));
+    gemm_->run(tr, up.data(), nullptr, yr, R, nout, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
+               up.stride(0));
+  });
+  fp8_product(op, x, wq, w_scale, bias, y, act, true);
+}
+
+void CudaBackend::fp8_product(const char* op, const Tensor& x, const Tensor& wq, const Tensor& w_scale,
+                              const Tensor& bias, const Tensor& y, Activation act, bool accumulate) {
   const RowsView XR = rows_of(x, op, "input"), YR = rows_of(y, op, "output");
   const Matrix X = as_matrix(XR, op, "input"), Y = as_matrix(YR, op, "output");
   const int64_t K = XR.C, nout = wq.size(0);
@@ -84,7 +114,7 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
   timed(key.c_str(), [&] {
     launch_quantize_rows_e4m3(static_cast<const __nv_bfloat16*>(X.p), X.ld, X.rows, K, q, ldq, sx, stream(), op);
     fp8_->run({q, ldq, sx}, {wq.data(), wq.stride(0), w_scale.ptr<float>()}, bias.data(), const_cast<void*>(Y.p),
-              Y.ld, X.rows, K, nout, epilogue, capturing_, stream(), op);
+              Y.ld, X.rows, K, nout, epilogue, capturing_, stream(), op, accumulate);
     if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(YR, act, YR, stream());
   });
 }
