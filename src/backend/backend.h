@@ -114,11 +114,6 @@ class Backend {
   // fly; wq F8_E4M3 [Nout, K] (row stride >= K), w_scale F32 [Nout].
   virtual void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                           const Tensor& y, Activation act);
-  // linear_fp8 plus a runtime LoRA branch in bf16: y = act(fp8(x) wq^T * scales + bias + (x down^T) up^T); down,
-  // up and scratch as for lora_linear. The default adds the branch after the FP8 product (add_lora_branch).
-  virtual void lora_linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                               const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
-                               Activation act);
   // Hopper's faster FP8 accumulation (partial sums not promoted to float32 as often). Off by default.
   virtual void set_fp8_fast_accumulation(bool) {}
   // y = act(y + (x down^T) up^T): a runtime LoRA branch (bf16) added onto an output computed already (FP8 linears).

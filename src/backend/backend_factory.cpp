@@ -22,12 +22,6 @@ void Backend::quantize_fp8_rows(const Tensor&, const Tensor&, const Tensor&) {
 void Backend::linear_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
   throw Error("FP8 is not supported by the " + name() + " backend");
 }
-void Backend::lora_linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                              const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
-                              Activation act) {
-  linear_fp8(x, wq, w_scale, bias, y, Activation::None);
-  add_lora_branch(x, down, up, scratch, y, act);
-}
 void Backend::add_lora_branch(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
   throw Error("add_lora_branch is not implemented by the " + name() + " backend");
 }

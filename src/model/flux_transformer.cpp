@@ -68,11 +68,10 @@ void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, 
                          : x.ndim() == 2        ? buf_.lora_scratch.select(1, 0)
                                                 : buf_.lora_scratch.narrow(1, 0, x.size(1));
   if (l.weight_fp8.defined()) {
-    // A LoRA branch stays bf16 (the activation sees the sum).
-    if (l.lora_down.defined())
-      backend_.lora_linear_fp8(x, l.weight_fp8, l.weight_scale, l.bias, l.lora_down, l.lora_up, scratch, y, act);
-    else
-      backend_.linear_fp8(x, l.weight_fp8, l.weight_scale, l.bias, y, act);
+    // The LoRA branch stays bf16 and is added after the FP8 product (the activation sees the sum). Computing it into
+    // y first and accumulating the FP8 product onto it measured the same (+17.7% vs +17.8% at rank 64).
+    backend_.linear_fp8(x, l.weight_fp8, l.weight_scale, l.bias, y, l.lora_down.defined() ? Activation::None : act);
+    if (l.lora_down.defined()) backend_.add_lora_branch(x, l.lora_down, l.lora_up, scratch, y, act);
     return;
   }
   if (!l.lora_down.defined()) {

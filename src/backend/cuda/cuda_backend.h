@@ -380,8 +380,6 @@ class CudaBackend final : public Backend {
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override;
   void set_fp8_fast_accumulation(bool on) override;
-  void lora_linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& down,
-                       const Tensor& up, const Tensor& scratch, const Tensor& y, Activation act) override;
   void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
                        Activation act) override;
   void scaled_copy_batch(const std::vector<ScaledCopy>& copies) override;
@@ -454,9 +452,6 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasLtFp8Linear> fp8_;
   bool fp8_fast_accum_ = false;
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
-  // linear_fp8 and lora_linear_fp8: y = act(fp8(x) wq^T + bias (+ y when accumulate)).
-  void fp8_product(const char* op, const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                   const Tensor& y, Activation act, bool accumulate);
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;

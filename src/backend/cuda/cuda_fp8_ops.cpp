@@ -49,42 +49,11 @@ void CudaBackend::set_fp8_fast_accumulation(bool on) {
 
 void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                              const Tensor& y, Activation act) {
-  fp8_product("linear_fp8", x, wq, w_scale, bias, y, act, false);
-}
-
-// The LoRA branch goes into y first and the FP8 product accumulates onto it in its epilogue: y is written twice
-// and read once, one pass fewer than adding the branch after (the order lora_linear found faster in bf16).
-void CudaBackend::lora_linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                                  const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
-                                  Activation act) {
-  const char* op = "lora_linear_fp8";
-  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
-  for (auto [t, what] : {std::pair{&down, "lora down"}, {&up, "lora up"}}) {
-    check_cuda_tensor(*t, op, what, DType::BF16);
-    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
-      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
-  }
-  const int64_t R = down.size(0), k = X.C, nout = Y.C;
-  if (down.size(1) != k || up.size(0) != nout || up.size(1) != R || T.C < R || T.B != X.B || T.N != X.N)
-    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit " +
-                shape_str(x.shape()) + " -> " + shape_str(y.shape()));
-  const cuda::GemmRows xr{X.p, X.B, X.N, X.sb, X.sn}, yr{Y.p, Y.B, Y.N, Y.sb, Y.sn}, tr{T.p, T.B, T.N, T.sb, T.sn};
-  timed(op, [&] {
-    gemm_->run(xr, down.data(), nullptr, tr, k, R, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
-               down.stride(0));
-    gemm_->run(tr, up.data(), nullptr, yr, R, nout, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
-               up.stride(0));
-  });
-  fp8_product(op, x, wq, w_scale, bias, y, act, true);
-}
-
-void CudaBackend::fp8_product(const char* op, const Tensor& x, const Tensor& wq, const Tensor& w_scale,
-                              const Tensor& bias, const Tensor& y, Activation act, bool accumulate) {
-  const RowsView XR = rows_of(x, op, "input"), YR = rows_of(y, op, "output");
-  const Matrix X = as_matrix(XR, op, "input"), Y = as_matrix(YR, op, "output");
-  const int64_t K = XR.C, nout = wq.size(0);
+  const char* op = "linear_fp8";
+  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output");
+  const int64_t K = X.C, nout = wq.size(0);
   check_fp8_rows(wq, w_scale, K, op, "weight");
-  if (YR.C != nout || X.rows != Y.rows)
+  if (Y.C != nout || X.B != Y.B || X.N != Y.N)
     bad(op, shape_str(x.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(y.shape()));
   if (bias.defined()) {
     check_cuda_tensor(bias, op, "bias", DType::BF16);
@@ -96,26 +65,33 @@ void CudaBackend::fp8_product(const char* op, const Tensor& x, const Tensor& wq,
     options.fast_accum = fp8_fast_accum_;
     fp8_ = std::make_unique<cuda::CublasLtFp8Linear>(memory_, options);
   }
+  // One product over all rows when the batches follow each other at the row stride on both sides; else one per
+  // batch (a stream's rows inside the [B, text + image, D] buffer).
+  const bool one = X.B == 1 || (X.sb == X.N * X.sn && Y.sb == Y.N * Y.sn);
+  const int64_t parts = one ? 1 : X.B, rows = one ? X.B * X.N : X.N;
   // The activations' e4m3 copy: rows padded to 16 bytes, as cuBLASLt's FP8 kernels want.
   const int64_t ldq = (K + 15) / 16 * 16;
-  if (fp8_act_.empty() || fp8_act_.back().numel() < X.rows * ldq || fp8_act_scale_.back().numel() < X.rows) {
+  if (fp8_act_.empty() || fp8_act_.back().numel() < rows * ldq || fp8_act_scale_.back().numel() < rows) {
     if (capturing_) bad(op, "a recording needs larger FP8 activation buffers: run the work once eagerly first");
-    fp8_act_.push_back(empty(DType::F8_E4M3, {X.rows * ldq}));
-    fp8_act_scale_.push_back(empty(DType::F32, {X.rows}));
+    fp8_act_.push_back(empty(DType::F8_E4M3, {rows * ldq}));
+    fp8_act_scale_.push_back(empty(DType::F32, {rows}));
   }
   auto* q = static_cast<uint8_t*>(fp8_act_.back().data());
   float* sx = fp8_act_scale_.back().ptr<float>();
   const bool gelu = act == Activation::GeluTanh;
   const cuda::GemmEpilogue epilogue = bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
                                                      : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
-  const std::string key = profiler_.enabled() ? "linear_fp8 " + std::to_string(X.rows) + "x" + std::to_string(nout) +
-                                                    "x" + std::to_string(K)
+  const std::string key = profiler_.enabled() ? "linear_fp8 " + std::to_string(X.B * X.N) + "x" +
+                                                    std::to_string(nout) + "x" + std::to_string(K)
                                               : std::string(op);
   timed(key.c_str(), [&] {
-    launch_quantize_rows_e4m3(static_cast<const __nv_bfloat16*>(X.p), X.ld, X.rows, K, q, ldq, sx, stream(), op);
-    fp8_->run({q, ldq, sx}, {wq.data(), wq.stride(0), w_scale.ptr<float>()}, bias.data(), const_cast<void*>(Y.p),
-              Y.ld, X.rows, K, nout, epilogue, capturing_, stream(), op, accumulate);
-    if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(YR, act, YR, stream());
+    for (int64_t b = 0; b < parts; ++b) {
+      const __nv_bfloat16* xb = X.p + b * X.sb;
+      launch_quantize_rows_e4m3(xb, X.sn, rows, K, q, ldq, sx, stream(), op);
+      fp8_->run({q, ldq, sx}, {wq.data(), wq.stride(0), w_scale.ptr<float>()}, bias.data(), Y.p + b * Y.sb, Y.sn,
+                rows, K, nout, epilogue, capturing_, stream(), op);
+    }
+    if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
   });
 }
 

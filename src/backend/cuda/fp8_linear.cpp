@@ -167,7 +167,7 @@ std::unique_ptr<CublasLtFp8Linear::Plan> CublasLtFp8Linear::first_plan(const Key
 
 void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T,
                             int64_t K, int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream,
-                            const char* op, bool accumulate) {
+                            const char* op) {
   if (T == 0 || nout == 0) return;
   const char* call = "cublasLtMatmul";
   if (K <= 0 || K % 16)
@@ -188,7 +188,6 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
   key.align_x = alignment_of(x.q), key.align_w = alignment_of(w.q), key.align_y = alignment_of(y);
   key.align_bias = bias ? alignment_of(bias) : 0;
   key.align_sx = alignment_of(x.scale), key.align_sw = alignment_of(w.scale);
-  key.accumulate = accumulate;
   const Pointers ptr{bias, x.scale, w.scale};
 
   auto it = plans_.find(key);
@@ -202,9 +201,7 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
                                       ptr, op))
              .first;
   }
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  if (accumulate && it->second->path == Fp8GemmPath::Fallback)
-    fail(op, call, "accumulating onto y needs cuBLASLt's outer-vector scaling, which this GPU/cuBLASLt lacks");
+  const float alpha = 1.0f, beta = 0.0f;
   for (;;) {
     Plan& plan = *it->second;
     if (plan.path != Fp8GemmPath::Fallback) {
@@ -227,8 +224,6 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
     const Fp8GemmPath next = plan.path == Fp8GemmPath::OuterVec ? Fp8GemmPath::OuterVecThenEpilogue
                                                                 : Fp8GemmPath::Fallback;
     it->second = first_plan(key, next, ptr, op);
-    if (accumulate && it->second->path == Fp8GemmPath::Fallback)
-      fail(op, call, "accumulating onto y needs cuBLASLt's outer-vector scaling, which this GPU/cuBLASLt lacks");
   }
 
   const Fp8GemmPath path = it->second->path;

@@ -68,11 +68,8 @@ class CublasLtFp8Linear {
   // Requirements of cuBLASLt's FP8 kernels, checked here: K, x.ld and w.ld multiples of 16, x.q and w.q 16-byte
   // aligned, nout and ldy multiples of 8, y 16-byte aligned. bias (bf16 [nout]) is given exactly when the epilogue
   // has one (Bias, GeluBias). `op` names the backend op in errors.
-  // With `accumulate`, y's old contents are added before the epilogue: y = act(scaled product + y + bias) (a LoRA
-  // branch computed into y first); the Fallback path cannot (it scales after cuBLASLt) and throws Error.
   void run(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T, int64_t K,
-           int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream, const char* op = "linear_fp8",
-           bool accumulate = false);
+           int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream, const char* op = "linear_fp8");
 
   // The path the last run() took (for tests and benchmarks).
   Fp8GemmPath last_path() const { return last_path_; }
@@ -81,7 +78,7 @@ class CublasLtFp8Linear {
  private:
   struct Key {
     int64_t m, n, k, ldx, ldw, ldy;
-    int epilogue, align_x, align_w, align_y, align_bias, align_sx, align_sw, accumulate;
+    int epilogue, align_x, align_w, align_y, align_bias, align_sx, align_sw;
     auto operator<=>(const Key&) const = default;
   };
   struct Plan;
