@@ -75,6 +75,7 @@ void GenerationWorker::run() {
     model_.path = pipeline_->path();
     model_.display_name = model_display_name(options_.model);
     model_.backend_name = backend_->name();
+    model_.host_memory = backend_->host_buffer_allocator();
     model_.guidance_distilled = pipeline_->is_guidance_distilled();
     model_.default_size = pipeline_->vae_scale_factor() >= 8 ? 1024 : 64 * pipeline_->vae_scale_factor();
     state_ = State::Ready;  // publishes model_ to the handler threads

@@ -22,15 +22,15 @@ class LoraController;
 
 using BackendFactory = std::function<std::unique_ptr<Backend>()>;
 
-// The backend --device names: "auto" is the GPU when there is one, else the CPU reference.
-std::unique_ptr<Backend> backend_for_device(const std::string& device);
-
 // What handler threads may read once the worker says the model is ready (immutable from then on).
 struct LoadedModel {
   FluxConfig config;
   std::string path, display_name, backend_name;
   bool guidance_distilled = true;
   int default_size = 1024;
+  // Where handler threads read LoRA files to (pinned on the GPU: the adapter cache then holds them there and an
+  // upload is one DMA); thread-safe.
+  HostBufferAllocator host_memory;
 };
 
 class GenerationWorker {

@@ -194,7 +194,8 @@ struct ImageServer::Impl {
       throw HttpError(400, "expected {\"name\": \"<LoRA name>\"}");
     const std::string name = j["name"].get<std::string>();
     bool was_cached = false;
-    auto adapter = cache.get(name, registry.resolve(name), worker.model().config, &was_cached);
+    auto adapter = cache.get(name, registry.resolve(name), worker.model().config, &was_cached,
+                             worker.model().host_memory);
     send_json(res, 200, {{"name", name},
                          {"format", adapter->format},
                          {"pairs", adapter->pairs.size()},
@@ -217,7 +218,8 @@ struct ImageServer::Impl {
     const ImageRequest& r = job->request;
     job->seed = r.seed ? *r.seed : draw_seed();
     for (const LoraChoice& c : r.loras)
-      job->adapters.push_back({cache.get(c.name, registry.resolve(c.name), model.config), c.scale});
+      job->adapters.push_back({cache.get(c.name, registry.resolve(c.name), model.config, nullptr, model.host_memory),
+                                c.scale});
     job->adapter_key = adapter_key(job->adapters);
     job->lora_text = lora_parameters_text(r.loras);
     job->arrived = arrived;

@@ -90,7 +90,8 @@ std::string LoraRegistry::resolve(const std::string& requested) const {
 }
 
 std::shared_ptr<const LoraAdapter> AdapterCache::get(const std::string& name, const std::string& path,
-                                                     const FluxConfig& config, bool* was_cached) {
+                                                     const FluxConfig& config, bool* was_cached,
+                                                     const HostBufferAllocator& host) {
   std::error_code ec;
   const uintmax_t bytes = fsys::file_size(path, ec);
   const auto mtime = fsys::last_write_time(path, ec);
@@ -114,7 +115,7 @@ std::shared_ptr<const LoraAdapter> AdapterCache::get(const std::string& name, co
   // file may both parse it; the second insert replaces the first and both results are valid.
   std::shared_ptr<const LoraAdapter> adapter;
   try {
-    auto a = std::make_shared<LoraAdapter>(load_lora_adapter(path, config));
+    auto a = std::make_shared<LoraAdapter>(load_lora_adapter(path, config, host));
     if (a->pairs.empty()) throw Error(path + ": no transformer LoRA tensors in it: it would change nothing");
     adapter = std::move(a);
   } catch (const std::exception& e) {

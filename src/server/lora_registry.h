@@ -46,9 +46,9 @@ class AdapterCache {
 
   // The parsed adapter of `path` (a resolved registry path), parsing it on a miss; a file changed on disk since
   // it was parsed is parsed again. HttpError 422 naming `name` and the problem for a file that is not a usable
-  // LoRA for this model.
+  // LoRA for this model. `host`: where the file is read to (empty: mapped).
   std::shared_ptr<const LoraAdapter> get(const std::string& name, const std::string& path, const FluxConfig& config,
-                                         bool* was_cached = nullptr);
+                                         bool* was_cached = nullptr, const HostBufferAllocator& host = {});
   bool contains(const std::string& path) const;
   size_t size() const;
 
