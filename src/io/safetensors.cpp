@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -333,10 +334,15 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read(const std::string& path, 
 
   // Chunks of 4 MiB, dealt out round-robin; each worker checks the float elements whose first byte lies in the
   // chunks it read, and keeps the first bad element of each tensor.
-  constexpr uint64_t kChunk = uint64_t(4) << 20;
+  // FLUXSWAP_READ_THREADS / FLUXSWAP_READ_CHUNK_MB override the defaults, for measuring a host.
+  auto env_or = [](const char* name, uint64_t fallback) {
+    const char* v = std::getenv(name);
+    return v && std::atoll(v) > 0 ? uint64_t(std::atoll(v)) : fallback;
+  };
+  const uint64_t kChunk = env_or("FLUXSWAP_READ_CHUNK_MB", 4) << 20;
   const uint64_t chunks = (data_size + kChunk - 1) / kChunk;
-  const unsigned workers = unsigned(std::max<uint64_t>(1, std::min<uint64_t>(std::min(16u, std::max(1u,
-                                    std::thread::hardware_concurrency())), chunks)));
+  const uint64_t threads = env_or("FLUXSWAP_READ_THREADS", std::min(16u, std::max(1u, std::thread::hardware_concurrency())));
+  const unsigned workers = unsigned(std::max<uint64_t>(1, std::min<uint64_t>(threads, chunks)));
   std::vector<std::map<std::string, NonFiniteValue>> found(workers);
   std::vector<std::string> failure(workers);
   const auto& entries = f->entries_;  // sorted by offset, covering the data region
