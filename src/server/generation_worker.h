@@ -71,10 +71,6 @@ class GenerationWorker {
   std::string applied_key_;  // adapter set on the model now
 };
 
-// "FLUX.1-dev" for a Hugging Face cache entry, the folder name otherwise ("tiny/pipeline" for a nested one); the
-// Model: field of the PNG parameters, as `fluxswap generate` writes it.
-std::string model_name_for_parameters(const std::string& path);
-
 // The Lora: field of the PNG parameters, as `fluxswap generate` writes it ("stem:weight, ...").
 std::string lora_parameters_text(const std::vector<LoraChoice>& loras);
 
