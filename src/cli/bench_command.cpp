@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "cli/commands.h"
+#include "cli/bench_timing.h"
 #include "cli/component_bench.h"
 #include "cli/e2e_bench.h"
 #include "core/compare.h"
@@ -24,8 +25,7 @@ namespace fluxswap {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using Clock = BenchClock;
 
 struct BenchOptions {
   std::string device = "cuda", model = "dev", json_out;
@@ -60,11 +60,6 @@ Timing time_replays(Backend& be, RecordedWork& graph, int steps) {
   }
   std::sort(ms.begin(), ms.end());
   return {ms[ms.size() / 2], ms.front(), ms.back()};
-}
-
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 FluxConfig bench_config(const std::string& model) {
@@ -297,24 +292,7 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
     base = f;  // what the profile and the LoRA part compare against
   }
 
-  if (o.profile) {
-    be.set_profiling(true);
-    tr.forward(in, out);
-    be.synchronize();
-    auto prof = be.profile_ms();
-    be.set_profiling(false);
-    double total = 0;
-    for (auto& [k, v] : prof) total += v;
-    std::vector<std::pair<double, std::string>> rows;
-    for (auto& [k, v] : prof) rows.push_back({v, k});
-    std::sort(rows.rbegin(), rows.rend());
-    std::printf("  per-op (one eager step, device-timed):");
-    for (auto& [v, k] : rows) {
-      std::printf("  %s %.2f ms (%.0f%%)", k.c_str(), v, 100.0 * v / total);
-      r["per_op_ms"][k] = v;
-    }
-    std::printf("\n");
-  }
+  if (o.profile) r["per_op_ms"] = profile_ops(be, [&] { tr.forward(in, out); }, "one eager step");
   std::printf("  peak device memory %.2f GiB\n", double(be.peak_memory()) / (1ull << 30));
   if (o.lora_rank > 0) r["lora"] = bench_lora(tr, in, out, base, o);
   return r;

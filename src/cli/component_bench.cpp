@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/bench_timing.h"
 #include "core/error.h"
 #include "model/clip_text_model.h"
 #include "model/random_component_weights.h"
@@ -26,8 +27,7 @@ constexpr double kDiffusersVaeDecode1024Ms = 91.8;  // VAE decode of a 1024x1024
 constexpr int kWarmupReplays = 3;
 constexpr uint64_t kWeightSeed = 1;
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using Clock = BenchClock;
 double gib(double bytes) { return bytes / double(1ull << 30); }
 
 // The backend's high-water mark never resets, and other benchmarks may have run on the backend before: a
@@ -119,30 +119,6 @@ nlohmann::json time_forward(Backend& be, const std::string& label, double refere
   return r;
 }
 
-// One eager run with device events around every op, summed by op name; printed largest first.
-nlohmann::json profile_forward(Backend& be, const std::function<void()>& work) {
-  be.set_profiling(true);
-  work();
-  be.synchronize();
-  const auto prof = be.profile_ms();
-  be.set_profiling(false);
-  double total = 0;
-  std::vector<std::pair<double, std::string>> rows;
-  for (const auto& [op, ms] : prof) {
-    total += ms;
-    rows.push_back({ms, op});
-  }
-  std::sort(rows.rbegin(), rows.rend());
-  nlohmann::json r = nlohmann::json::object();
-  std::printf("  per-op (one eager run, device-timed, %.2f ms):", total);
-  for (const auto& [ms, op] : rows) {
-    std::printf("  %s %.2f ms (%.0f%%)", op.c_str(), ms, 100.0 * ms / total);
-    r[op] = ms;
-  }
-  std::printf("\n");
-  return r;
-}
-
 // Token ids drawn uniformly from the whole vocabulary, uploaded as int32 [1, tokens].
 Tensor random_ids(Backend& be, int64_t tokens, int64_t vocab, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -178,7 +154,7 @@ nlohmann::json bench_forward(Backend& be, const std::string& header, const std::
                              const Tensor& output, const std::function<void()>& work) {
   std::printf("\n%s, RANDOM weights made on the device in %.3f s\n", header.c_str(), build_s);
   nlohmann::json r = time_forward(be, label, reference_ms, runs, work);
-  r["per_op_ms"] = profile_forward(be, work);
+  r["per_op_ms"] = profile_ops(be, work, "one eager run");
   r.update(check_output(be, output));
   r.update(memory.report(weight_bytes));
   r["device"] = be.name();

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "cli/bench_timing.h"
 #include "core/error.h"
 #include "lora/lora_controller.h"
 #include "lora/random_lora.h"
@@ -19,17 +20,11 @@ namespace fluxswap {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using Clock = BenchClock;
 
 std::string tokenizer_folder(const std::string& given) {
   if (!given.empty()) return given;
-  for (const char* env : {"FLUXSWAP_FIXTURES"})
-    if (const char* d = std::getenv(env)) return std::string(d) + "/tiny/pipeline";
+  if (const char* d = std::getenv("FLUXSWAP_FIXTURES")) return std::string(d) + "/tiny/pipeline";
   return "../shared/fixtures/tiny/pipeline";
 }
 
@@ -81,22 +76,9 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
     encode.push_back(r.encode_s), denoise.push_back(r.denoise_s), decode.push_back(r.decode_s);
   }
   // One more generation with device events around every op, to see where a generation goes beyond the steps.
-  be.set_profiling(true);
   t0 = Clock::now();
-  pipe->generate(p);
+  const nlohmann::json per_op = profile_ops(be, [&] { pipe->generate(p); }, "one generation", 14);
   const double profiled_s = seconds_since(t0);
-  const auto prof = be.profile_ms();
-  be.set_profiling(false);
-  std::vector<std::pair<double, std::string>> ops;
-  for (const auto& [k, v] : prof) ops.push_back({v, k});
-  std::sort(ops.rbegin(), ops.rend());
-  nlohmann::json per_op;
-  std::printf("  profiled generation %.3f s (eager ops timed); device time by op:", profiled_s);
-  for (size_t i = 0; i < ops.size(); ++i) {
-    per_op[ops[i].second] = ops[i].first;
-    if (i < 14) std::printf("  %s %.1f ms", ops[i].second.c_str(), ops[i].first);
-  }
-  std::printf("\n");
   const std::string what = std::string(o.fp8 ? "FP8" : "bf16") +
                            (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + o.lora_mode : "");
   std::printf("\nend to end (%s): %dx%d, %d steps, FLUX.1-dev-sized RANDOM weights (built in %.1f s), tokenizers "
