@@ -8,16 +8,6 @@
 
 namespace fluxswap {
 
-namespace {
-// Block linears read token rows from buffers with room for R more columns (FluxTransformer), so their slots live
-// inside [W | up]; the others (embedders, modulations, the final projection) keep separate slots.
-bool fed_from_roomy_rows(const std::string& module) {
-  for (const char* end : {"_attn.qkv", "_attn.proj", "_mlp.0", "_mlp.2"})
-    if (module.starts_with("double_blocks.") && module.ends_with(end)) return true;
-  return module.starts_with("single_blocks.") && (module.ends_with(".linear1") || module.ends_with(".linear2"));
-}
-}  // namespace
-
 LoraMode lora_mode_from_name(const std::string& name) {
   if (name == "merged") return LoraMode::Merged;
   if (name == "runtime") return LoraMode::Runtime;
@@ -34,13 +24,16 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
   if (slot_modules.empty())
     for (const auto& [module, n] : parts) slot_modules.push_back(module);
   Backend& be = tr_.backend();
+  // Block linears read token rows from buffers with room for R more columns (FluxTransformer), so their slots live
+  // inside [W | up]; the others (embedders, modulations, the final projection) keep separate slots.
+  const std::vector<Linear*> roomy = block_token_linears(tr_.weights());
   int64_t widest = 0;
   for (const auto& module : slot_modules) {
     Linear& l = tr_.weights().linear(module);
     const int64_t r = max_rank * std::max<int64_t>(1, parts[module]), out = l.weight.size(0), in = l.weight.size(1);
     l.lora_down = be.empty(be.compute_dtype(), {r, in});
     be.zero(l.lora_down);
-    if (fed_from_roomy_rows(module)) {
+    if (std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
       // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
       l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
       be.copy(l.weight, l.lora_weight.narrow(1, 0, in));

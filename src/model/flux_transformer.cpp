@@ -52,7 +52,7 @@ FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, 
 void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
 
 void FluxTransformer::set_fp8(bool on) {
-  for (Linear* l : fp8_linears(weights_)) {
+  for (Linear* l : block_token_linears(weights_)) {
     if (on) {
       quantize_linear_fp8(*l, backend_);
     } else {

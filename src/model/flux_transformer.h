@@ -37,7 +37,7 @@ class FluxTransformer {
   // Rank of the runtime LoRA slots (0: none); the scratch buffer for x @ down^T is sized by it.
   void set_lora_slot_rank(int64_t rank);
 
-  // FP8 mode: the block linears (fp8_linears()) run in e4m3 with per-row scales, activations quantised per token;
+  // FP8 mode: the block linears (block_token_linears()) run in e4m3 with per-row scales, activations quantised per token;
   // their bf16 weights stay as the source of requantisation. Off again frees the FP8 copies.
   void set_fp8(bool on);
   bool fp8() const { return fp8_; }

@@ -163,7 +163,7 @@ FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, Weight
   return flux_weights_from_map(ck.config, std::move(m));
 }
 
-std::vector<Linear*> fp8_linears(FluxWeights& w) {
+std::vector<Linear*> block_token_linears(FluxWeights& w) {
   std::vector<Linear*> out;
   for (auto& b : w.double_blocks)
     for (Linear* l : {&b.img_qkv, &b.txt_qkv, &b.img_proj, &b.txt_proj, &b.img_mlp_in, &b.txt_mlp_in, &b.img_mlp_out,

@@ -69,8 +69,9 @@ FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend
 // Builds the struct view from a complete by_name map (used by loaders and by tests that make weights directly).
 FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string, Tensor> by_name);
 
-// Which linears FP8 mode quantises: the block linears (qkv, proj, MLPs, linear1/2), 99% of the step's FLOPs.
-std::vector<Linear*> fp8_linears(FluxWeights& weights);
+// The linears of the blocks that read token rows (qkv, proj, MLPs, linear1/2): 99% of the step's FLOPs. FP8 mode
+// quantises these; runtime LoRA slots of these live inside [W | up] (the transformer gives their inputs room).
+std::vector<Linear*> block_token_linears(FluxWeights& weights);
 // weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use).
 void quantize_linear_fp8(Linear& l, Backend& backend);
 
