@@ -75,6 +75,37 @@ inline void check_contiguous(const Tensor& t, const char* op, const char* what) 
   if (!t.is_contiguous()) bad(op, std::string(what) + " must be contiguous");
 }
 
+// The bias of a linear: bf16 [nout], contiguous; or undefined.
+inline void check_bias(const Tensor& bias, int64_t nout, const char* op) {
+  if (!bias.defined()) return;
+  check_cuda_tensor(bias, op, "bias", DType::BF16);
+  if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
+}
+
+// The GEMM epilogue for a bias (or none) and an activation; SiLU and QuickGELU have none and run after.
+inline cuda::GemmEpilogue epilogue_for(const Tensor& bias, Activation act) {
+  const bool gelu = act == Activation::GeluTanh;
+  return bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
+                        : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
+}
+
+// A runtime LoRA branch x [.., k] -> y [.., nout]: down [R, k] and up [nout, R] bf16 with contiguous rows, scratch
+// rows with x's rows and at least R columns.
+inline void check_lora_factors(const Tensor& down, const Tensor& up, const cuda::RowsView& x, const cuda::RowsView& t,
+                               int64_t nout, const char* op) {
+  for (auto [f, what] : {std::pair{&down, "lora down"}, {&up, "lora up"}}) {
+    check_cuda_tensor(*f, op, what, DType::BF16);
+    if (f->ndim() != 2 || f->stride(1) != 1 || f->stride(0) < f->size(1))
+      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
+  }
+  const int64_t R = down.size(0);
+  if (down.size(1) != x.C || up.size(0) != nout || up.size(1) != R)
+    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit " +
+                std::to_string(x.C) + " inputs and " + std::to_string(nout) + " outputs");
+  if (t.B != x.B || t.N != x.N || t.C < R)
+    bad(op, "the scratch must have the input's rows and at least " + std::to_string(R) + " columns");
+}
+
 struct PinnedStaging;
 
 // The stream is shared with recordings, which may outlive the backend.
@@ -257,14 +288,8 @@ class CudaBackend final : public Backend {
     const int64_t nout = w.size(0), k = w.size(1);
     if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
       bad(op, shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(y.shape()));
-    if (bias.defined()) {
-      check_cuda_tensor(bias, op, "bias", DType::BF16);
-      if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
-    }
-    const bool gelu = act == Activation::GeluTanh;
-    const cuda::GemmEpilogue epilogue =
-        bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
-                       : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
+    check_bias(bias, nout, op);
+    const cuda::GemmEpilogue epilogue = epilogue_for(bias, act);
     // While profiling, GEMMs are told apart by shape: the step's small ones (modulation, text stream) matter.
     const std::string key = profiler_.enabled() ? "linear " + std::to_string(X.B * X.N) + "x" + std::to_string(nout) +
                                                       "x" + std::to_string(k)
@@ -375,16 +400,17 @@ class CudaBackend final : public Backend {
   void copy(const Tensor& src, const Tensor& dst) override;
   void add_matmul(const Tensor& base, const Tensor& up, const Tensor& down, const Tensor& out, float alpha) override;
   void zero(const Tensor& t) override;
+  void scaled_copy_batch(const std::vector<ScaledCopy>& copies) override;
+  void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
+                   const Tensor& scratch, const Tensor& y, Activation act) override;
+  void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
+                       Activation act) override;
+
   // Defined in cuda_fp8_ops.cpp.
   void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override;
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override;
   void set_fp8_fast_accumulation(bool on) override;
-  void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
-                       Activation act) override;
-  void scaled_copy_batch(const std::vector<ScaledCopy>& copies) override;
-  void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
-                   const Tensor& scratch, const Tensor& y, Activation act) override;
 
   // Defined in cuda_text_ops.cpp.
   void layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps, const Tensor& y) override;

@@ -1,5 +1,5 @@
-// The FP8 ops of the CUDA backend: per-row e4m3 quantisation, the FP8 linear (activations quantised per token on
-// the fly, cuBLASLt with per-row scales on both sides) and the bf16 LoRA branch added after it.
+// The FP8 ops of the CUDA backend: per-row e4m3 quantisation and the FP8 linear (activations quantised per token
+// on the fly, cuBLASLt with per-row scales on both sides).
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/fp8_quant_kernels.h"
 
@@ -55,10 +55,7 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
   check_fp8_rows(wq, w_scale, K, op, "weight");
   if (Y.C != nout || X.B != Y.B || X.N != Y.N)
     bad(op, shape_str(x.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(y.shape()));
-  if (bias.defined()) {
-    check_cuda_tensor(bias, op, "bias", DType::BF16);
-    if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
-  }
+  check_bias(bias, nout, op);
   if (!fp8_) {
     if (capturing_) bad(op, "the first FP8 linear must run before recording");
     cuda::Fp8LinearOptions options;
@@ -78,9 +75,7 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
   }
   auto* q = static_cast<uint8_t*>(fp8_act_.back().data());
   float* sx = fp8_act_scale_.back().ptr<float>();
-  const bool gelu = act == Activation::GeluTanh;
-  const cuda::GemmEpilogue epilogue = bias.defined() ? (gelu ? cuda::GemmEpilogue::GeluBias : cuda::GemmEpilogue::Bias)
-                                                     : (gelu ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None);
+  const cuda::GemmEpilogue epilogue = epilogue_for(bias, act);
   const std::string key = profiler_.enabled() ? "linear_fp8 " + std::to_string(X.B * X.N) + "x" +
                                                     std::to_string(nout) + "x" + std::to_string(K)
                                               : std::string(op);
@@ -91,31 +86,6 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
       fp8_->run({q, ldq, sx}, {wq.data(), wq.stride(0), w_scale.ptr<float>()}, bias.data(), Y.p + b * Y.sb, Y.sn,
                 rows, K, nout, epilogue, capturing_, stream(), op);
     }
-    if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
-  });
-}
-
-void CudaBackend::add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch,
-                                  const Tensor& y, Activation act) {
-  const char* op = "add_lora_branch";
-  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
-  for (auto [t, what] : {std::pair{&down, "lora down"}, {&up, "lora up"}}) {
-    check_cuda_tensor(*t, op, what, DType::BF16);
-    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
-      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
-  }
-  const int64_t R = down.size(0), k = X.C, nout = Y.C;
-  if (down.size(1) != k || up.size(0) != nout || up.size(1) != R || T.C < R || T.B != X.B || T.N != X.N)
-    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit " +
-                shape_str(x.shape()) + " -> " + shape_str(y.shape()));
-  const cuda::GemmRows xr{X.p, X.B, X.N, X.sb, X.sn}, yr{Y.p, Y.B, Y.N, Y.sb, Y.sn}, tr{T.p, T.B, T.N, T.sb, T.sn};
-  timed(op, [&] {
-    gemm_->run(xr, down.data(), nullptr, tr, k, R, cuda::GemmEpilogue::None, capturing_, stream(), false, op,
-               down.stride(0));
-    // GELU, when asked, sees the whole sum: the epilogue of the accumulating GEMM.
-    gemm_->run(tr, up.data(), nullptr, yr, R, nout,
-               act == Activation::GeluTanh ? cuda::GemmEpilogue::Gelu : cuda::GemmEpilogue::None, capturing_,
-               stream(), true, op, up.stride(0));
     if (act == Activation::Silu || act == Activation::QuickGelu) cuda::launch_activation(Y, act, Y, stream());
   });
 }

@@ -152,28 +152,16 @@ void CudaBackend::lora_linear(const Tensor& x, const Tensor& w, const Tensor& bi
                               const Tensor& up, const Tensor& scratch, const Tensor& y, Activation act) {
   const char* op = "lora_linear";
   const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
-  for (auto [t, what] : {std::pair{&w, "weight"}, {&down, "lora down"}, {&up, "lora up"}}) {
-    check_cuda_tensor(*t, op, what, DType::BF16);
-    if (t->ndim() != 2 || t->stride(1) != 1 || t->stride(0) < t->size(1))
-      bad(op, std::string(what) + " must be a 2-D tensor with contiguous rows");
-  }
+  check_cuda_tensor(w, op, "weight", DType::BF16);
+  if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
+    bad(op, "weight must be a 2-D tensor with contiguous rows");
   const int64_t nout = w.size(0), k = w.size(1), R = down.size(0);
   if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
     bad(op, shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(y.shape()));
-  if (down.size(1) != k || up.size(0) != nout || up.size(1) != R)
-    bad(op, "lora down " + shape_str(down.shape()) + " and up " + shape_str(up.shape()) + " do not fit weight " +
-                shape_str(w.shape()));
-  if (T.B != X.B || T.N != X.N || T.C < R)
-    bad(op, "scratch " + shape_str(scratch.shape()) + " must have the input's rows and at least " +
-                std::to_string(R) + " columns");
-  if (bias.defined()) {
-    check_cuda_tensor(bias, op, "bias", DType::BF16);
-    if (bias.ndim() != 1 || bias.size(0) != nout || !bias.is_contiguous()) bad(op, "bias must be [Nout] contiguous");
-  }
+  check_lora_factors(down, up, X, T, nout, op);
+  check_bias(bias, nout, op);
   const GemmRows xr = gemm_rows(X), yr = gemm_rows(Y), tr = gemm_rows(T);
-  const bool gelu = act == Activation::GeluTanh;
-  const GemmEpilogue epilogue = bias.defined() ? (gelu ? GemmEpilogue::GeluBias : GemmEpilogue::Bias)
-                                               : (gelu ? GemmEpilogue::Gelu : GemmEpilogue::None);
+  const GemmEpilogue epilogue = epilogue_for(bias, act);
   timed(op, [&] {
     if (R > 0) {
       gemm_->run(xr, down.data(), nullptr, tr, k, R, GemmEpilogue::None, capturing_, stream(), false, op,
@@ -182,6 +170,25 @@ void CudaBackend::lora_linear(const Tensor& x, const Tensor& w, const Tensor& bi
                  up.stride(0));
     }
     gemm_->run(xr, w.data(), bias.data(), yr, k, nout, epilogue, capturing_, stream(), R > 0, op, w.stride(0));
+    if (act == Activation::Silu || act == Activation::QuickGelu) launch_activation(Y, act, Y, stream());
+  });
+}
+
+// The runtime LoRA branch on an output computed already (FP8 linears): t = x down^T, then y = act(t up^T + y) with
+// GELU, when asked, in the accumulating GEMM's epilogue so that it sees the whole sum.
+void CudaBackend::add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch,
+                                  const Tensor& y, Activation act) {
+  const char* op = "add_lora_branch";
+  const RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output"), T = rows_of(scratch, op, "scratch");
+  if (X.B != Y.B || X.N != Y.N) bad(op, shape_str(x.shape()) + " -> " + shape_str(y.shape()));
+  check_lora_factors(down, up, X, T, Y.C, op);
+  const int64_t R = down.size(0);
+  timed(op, [&] {
+    gemm_->run(gemm_rows(X), down.data(), nullptr, gemm_rows(T), X.C, R, GemmEpilogue::None, capturing_, stream(),
+               false, op, down.stride(0));
+    gemm_->run(gemm_rows(T), up.data(), nullptr, gemm_rows(Y), R, Y.C,
+               act == Activation::GeluTanh ? GemmEpilogue::Gelu : GemmEpilogue::None, capturing_, stream(), true, op,
+               up.stride(0));
     if (act == Activation::Silu || act == Activation::QuickGelu) launch_activation(Y, act, Y, stream());
   });
 }
