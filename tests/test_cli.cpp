@@ -4,9 +4,11 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <set>
 
 #include "core/compare.h"
 #include "io/safetensors.h"
+#include "model/flux_checkpoint.h"
 #include "pipeline/png_image.h"
 #include "test_support.h"
 
@@ -84,6 +86,43 @@ TEST(Cli, BadInputsGiveAClearErrorAndExitCode1) {
   r = run_fluxswap("generate --device cpu --model " + fx + "/pipeline -p x --width 30 -o " + (tmp / "x.png"));
   EXPECT_EQ(WEXITSTATUS(r.status), 1) << r.output;
   EXPECT_NE(r.output.find("multiples of 16"), std::string::npos) << r.output;
+}
+
+// make-random-model writes a pipeline folder that generate loads through the real loaders, with the transformer in
+// bf16 (diffusers names) or as one scaled-fp8 file (an FP8-only model).
+TEST(Cli, MakeRandomModelWritesAPipelineThatGenerateRuns) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string tokenizers = test::fixtures_dir() + "/tiny/pipeline";
+  for (const std::string dtype : {"bf16", "fp8"}) {
+    SCOPED_TRACE(dtype);
+    const std::string dir = tmp / ("model-" + dtype);
+    CommandResult r = run_fluxswap("make-random-model --size tiny --transformer-dtype " + dtype +
+                                   " --seed 5 --threads 2 --out " + dir + " --tokenizers " + tokenizers);
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("wrote    " + dir), std::string::npos) << r.output;
+    const FluxCheckpoint ck = open_flux_checkpoint(dir);
+    EXPECT_EQ(ck.fp8_linears, dtype == "fp8");
+    EXPECT_EQ(ck.naming, dtype == "fp8" ? FluxNaming::BFL : FluxNaming::Diffusers);
+
+    const std::string png = tmp / (dtype + ".png");
+    r = run_fluxswap("generate --device cpu --model " + dir + " -p 'a red fox' --width 32 --height 48 --steps 2 -o " +
+                     png);
+    ASSERT_EQ(r.status, 0) << r.output;
+    const Rgb8Image img = read_png(png);
+    EXPECT_EQ(img.width, 32);
+    EXPECT_EQ(img.height, 48);
+    // Random weights give noise; NaN or runaway values would give one flat or clipped colour.
+    const std::set<uint8_t> levels(img.pixels.begin(), img.pixels.end());
+    size_t clipped = 0;
+    for (uint8_t v : img.pixels) clipped += v == 0 || v == 255;
+    EXPECT_GT(levels.size(), 32u);
+    EXPECT_LT(clipped, img.pixels.size() / 2);
+  }
+  CommandResult r = run_fluxswap("make-random-model --size tiny --out " + (tmp / "model-bf16") + " --tokenizers " +
+                                 tokenizers);
+  EXPECT_EQ(WEXITSTATUS(r.status), 1) << r.output;
+  EXPECT_NE(r.output.find("exists and is not an empty folder"), std::string::npos) << r.output;
 }
 
 }  // namespace

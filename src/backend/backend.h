@@ -94,6 +94,19 @@ class Backend {
   // out = softmax(q k^T / sqrt(D)) v, per batch and head; out rows [B, S, H*D].
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) = 0;
 
+  // FP8 attention (e4m3 q, k, v, probabilities and output, one scale per tensor). Throwing defaults for backends
+  // without it. qk_norm_rope_fp8 is qk_norm_rope writing q8 = e4m3(q * qk_scale), k8 = e4m3(k * qk_scale)
+  // (F8_E4M3 [B, H, S, D]) and v in the compute dtype, and raises v_amax (F32 [1], >= 0) to max |v| of its rows.
+  // qk_scale must keep |q|, |k| <= 448: after RMSNorm |x_i| <= sqrt(D) max|w|, and the rotation keeps pair norms.
+  virtual void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                                int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8,
+                                const Tensor& v, const Tensor& v_amax);
+  // out = softmax(q k^T / sqrt(D)) v from qk_norm_rope_fp8's outputs: v is quantised with 448 / v_amax, the
+  // probabilities with 448 and the output with 448 / v_amax (|out| <= max |v|: a convex combination), then out is
+  // written in the compute dtype as rows [B, S, H*D]. Leaves v_amax = 0 for the next layer's qk_norm_rope_fp8.
+  virtual void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                             const Tensor& v_amax, const Tensor& out);
+
   // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
   virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
 
@@ -163,6 +176,20 @@ class Backend {
   virtual void upsample_nearest2x(const Tensor& x, const Tensor& y);
   // y [B, N, C] = x [B, C, N] transposed (and back): the VAE's attention works on token rows.
   virtual void transpose_last2(const Tensor& x, const Tensor& y);
+
+  // The FLUX pipeline's decode tail, so that only the 8-bit image leaves the device. The defaults are the float32
+  // host reference (cpu_image_ops.cpp): the CPU backend runs them as they are, and they refuse device tensors.
+  // out [B, C, h, w] = unpacked packed [B, (h/2)(w/2), 4C] / scaling + shift, contiguous, compute dtype: packed
+  // channel c*4 + dy*2 + dx of token i*(w/2) + j is latent pixel (c, 2i + dy, 2j + dx) (FluxPipeline._unpack_latents,
+  // then the VAE's unscaling).
+  virtual void unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out);
+  // out U8 [B, H, W, C] = round_half_even(clamp(x / 2 + 0.5, 0, 1) * 255) of image [B, C, H, W] (contiguous, compute
+  // dtype), a NaN giving 0: diffusers' postprocess then numpy_to_pil.
+  virtual void image_to_u8(const Tensor& image, const Tensor& out);
+  // Raw device -> host copy of a contiguous tensor into a contiguous host tensor of the same dtype and shape. Does not
+  // synchronise: host_dst may be read once synchronize() has returned (pinned memory from host_buffer_allocator()
+  // makes the copy asynchronous; into other memory it may complete before the call returns).
+  virtual void copy_to_host(const Tensor& src, const Tensor& host_dst);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -2,6 +2,7 @@
 // what backend.h states, in float32, so the CUDA backend can be tested against it op by op.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -309,6 +310,25 @@ class CpuBackend final : public Backend {
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
     if (q.ndim() != 4) throw Error("cpu backend: attention: q must be [B, H, S, D], got " + shape_str(q.shape()));
     cpu_ops::attention_ex(q, k, v, 1.0f / std::sqrt(float(q.size(3))), Tensor(), /*causal=*/false, out);
+  }
+
+  void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                        int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8, const Tensor& v,
+                        const Tensor& v_amax) override {
+    if (v_amax.dtype() != DType::F32 || v_amax.numel() != 1)
+      throw Error("cpu backend: qk_norm_rope_fp8: v_amax must be F32 [1], got " + shape_str(v_amax.shape()));
+    Tensor q = Tensor::empty(DType::F32, v.shape()), k = Tensor::empty(DType::F32, v.shape());
+    qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, q, k, v);
+    const int64_t n = qkv.size(1);
+    cpu_ops::quantize_qk_heads_e4m3(q, k, seq_offset, n, qk_scale, q8, k8);
+    float& amax = v_amax.ptr<float>()[0];
+    amax = std::max(amax, cpu_ops::max_abs_rows(v, seq_offset, n));
+  }
+
+  void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
+                     const Tensor& out) override {
+    cpu_ops::attention_fp8(q8, k8, v, qk_scale, v_amax.ptr<float>()[0], out);
+    v_amax.ptr<float>()[0] = 0.0f;
   }
 
   void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {

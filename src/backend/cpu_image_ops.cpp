@@ -1,4 +1,5 @@
-// The CPU backend's float32 reference ops for the VAE: NCHW contiguous tensors throughout.
+// The CPU backend's float32 reference ops for the VAE (NCHW contiguous tensors throughout) and the pipeline's
+// decode tail around it.
 #include <cblas.h>
 
 #include <algorithm>
@@ -165,4 +166,65 @@ void transpose_last2(const Tensor& x, const Tensor& y) {
   }
 }
 
+void unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out) {
+  const char* op = "unpack_unscale_latents";
+  check_f32(packed, op, "packed latents", 3);
+  check_f32(out, op, "output", 4);
+  const int64_t B = out.size(0), C = out.size(1), h = out.size(2), w = out.size(3);
+  if (h % 2 || w % 2 || packed.size(0) != B || packed.size(1) != (h / 2) * (w / 2) || packed.size(2) != 4 * C)
+    throw Error("cpu backend: " + std::string(op) + ": packed latents " + shape_str(packed.shape()) +
+                " do not unpack to " + shape_str(out.shape()) + " (expected [B, (h/2)(w/2), 4C] with h, w even)");
+  const float* src = packed.ptr<float>();
+  float* o = out.ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x)
+          *o++ = unscale_latent(src[flux_packed_index(b, c, y, x, C, h, w)], scaling, shift);
+}
+
+void image_to_u8(const Tensor& image, const Tensor& out) {
+  const char* op = "image_to_u8";
+  check_f32(image, op, "image", 4);
+  const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+  if (out.dtype() != DType::U8 || out.device() != Device::CPU || !out.is_contiguous() ||
+      out.shape() != Shape{B, H, W, C})
+    throw Error("cpu backend: " + std::string(op) + ": output must be a contiguous uint8 host tensor " +
+                shape_str({B, H, W, C}) + " for image " + shape_str(image.shape()) + ", got " +
+                std::string(dtype_name(out.dtype())) + " " + shape_str(out.shape()));
+  const float* s = image.ptr<float>();
+  uint8_t* o = out.ptr<uint8_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < H * W; ++p) o[(b * H * W + p) * C + c] = u8_pixel(unit_pixel(*s++));
+}
+
 }  // namespace fluxswap::cpu_ops
+
+namespace fluxswap {
+
+// The CPU backend has no overrides of its own for these: its tensors live on the host, where the defaults run.
+
+void Backend::unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out) {
+  if (packed.device() != Device::CPU || out.device() != Device::CPU)
+    throw Error("unpack_unscale_latents is not implemented by the " + name() + " backend");
+  cpu_ops::unpack_unscale_latents(packed, scaling, shift, out);
+}
+
+void Backend::image_to_u8(const Tensor& image, const Tensor& out) {
+  if (image.device() != Device::CPU || out.device() != Device::CPU)
+    throw Error("image_to_u8 is not implemented by the " + name() + " backend");
+  cpu_ops::image_to_u8(image, out);
+}
+
+void Backend::copy_to_host(const Tensor& src, const Tensor& host_dst) {
+  if (src.device() != Device::CPU) throw Error("copy_to_host is not implemented by the " + name() + " backend");
+  if (host_dst.device() != Device::CPU || src.dtype() != host_dst.dtype() || src.shape() != host_dst.shape() ||
+      !src.is_contiguous() || !host_dst.is_contiguous())
+    throw Error("copy_to_host: " + std::string(dtype_name(src.dtype())) + " " + shape_str(src.shape()) +
+                " must go into a contiguous host tensor of the same dtype and shape, got " +
+                std::string(dtype_name(host_dst.dtype())) + " " + shape_str(host_dst.shape()));
+  if (src.nbytes() && src.data() != host_dst.data()) std::memmove(host_dst.data(), src.data(), src.nbytes());
+}
+
+}  // namespace fluxswap

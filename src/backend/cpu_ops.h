@@ -2,6 +2,7 @@
 // The CPU backend's float32 reference ops for the text encoders and the VAE, one file per model family
 // (cpu_text_ops.cpp, cpu_image_ops.cpp), and the helpers every CPU backend file shares. Semantics are those of the
 // Backend methods of the same names.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -27,6 +28,35 @@ void group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int g
                 const Tensor& y);
 void upsample_nearest2x(const Tensor& x, const Tensor& y);
 void transpose_last2(const Tensor& x, const Tensor& y);
+// The decode tail (float32 in, as Backend states; out float32 and uint8), and its per-value arithmetic, which the
+// pipeline's host helpers (model/vae_decoder.h) use too, so that both give the same bits.
+void unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out);
+void image_to_u8(const Tensor& image, const Tensor& out);
+// Index of latent pixel (c, y, x) of sample b in the packed layout [B, (h/2)(w/2), 4C].
+inline int64_t flux_packed_index(int64_t b, int64_t c, int64_t y, int64_t x, int64_t C, int64_t h, int64_t w) {
+  const int64_t token = (b * (h / 2) + y / 2) * (w / 2) + x / 2, channel = c * 4 + (y % 2) * 2 + x % 2;
+  return token * 4 * C + channel;
+}
+inline float unscale_latent(float x, float scaling, float shift) { return x / scaling + shift; }
+// x / 2 + 0.5 clamped to 0..1 in float32, in torch's order; a NaN stays NaN, as torch's clamp leaves it.
+inline float unit_pixel(float x) {
+  const float v = x / 2.0f + 0.5f;
+  return std::isnan(v) ? v : std::clamp(v, 0.0f, 1.0f);
+}
+// (unit * 255).round() as numpy rounds (std::nearbyint: half to even in the default rounding mode); NaN is black.
+inline uint8_t u8_pixel(float unit) {
+  const float v = unit * 255.0f;
+  return std::isnan(v) ? 0 : uint8_t(std::nearbyint(v));
+}
+
+// cpu_fp8_attention.cpp (float32 q, k, v [B, H, S, D]; the e4m3 ones F8_E4M3 of the same shape)
+// q8 = e4m3(q * qk_scale), k8 likewise, for sequence positions seq_offset .. seq_offset + n.
+void quantize_qk_heads_e4m3(const Tensor& q, const Tensor& k, int64_t seq_offset, int64_t n, float qk_scale,
+                            const Tensor& q8, const Tensor& k8);
+// max |v| over the same positions.
+float max_abs_rows(const Tensor& v, int64_t seq_offset, int64_t n);
+void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, float v_amax,
+                   const Tensor& out);
 
 // --- Shared helpers.
 

@@ -15,6 +15,8 @@
 #include "cli/e2e_bench.h"
 #include "core/compare.h"
 #include "core/error.h"
+#include "io/page_cache.h"
+#include "io/scratch_dir.h"
 #include "lora/lora_controller.h"
 #include "lora/random_lora.h"
 #include "model/flux_cost.h"
@@ -33,10 +35,11 @@ struct BenchOptions {
   int steps = 20, txt_tokens = 512, batch = 1;
   bool profile = true;
   int64_t lora_rank = 0;  // 0: no LoRA part
-  std::string lora_mode = "merged", lora_dir = "/tmp";
+  std::string lora_mode = "merged", lora_dir;  // empty: /dev/shm when it has room (choose_scratch_dir)
   int swaps = 6;
+  bool lora_read_sweep = false;  // also time the file read alone over reader settings
   bool components = false;  // also time the text encoders and the VAE decoder
-  bool fp8 = false, fp8_fast_accum = false;
+  bool fp8 = false, fp8_fast_accum = false, fp8_attention = false;
   bool e2e = false;  // the whole pipeline instead of transformer steps
   int e2e_runs = 5;
   std::string tokenizers;
@@ -103,25 +106,59 @@ FluxInputs make_inputs(Backend& be, const FluxConfig& c, int size, int64_t txt, 
   return in;
 }
 
+// One adapter file read into the backend's host memory, nothing else, over reader threads, chunk sizes and copy modes
+// (pread / copy from a mapping; FLUXSWAP_READ_THREADS, _CHUNK_MB, _MMAP): the read floor of a swap on this host.
+nlohmann::json lora_read_sweep(const std::string& file, const HostBufferAllocator& host) {
+  nlohmann::json rows = nlohmann::json::array();
+  const double mb = double(std::filesystem::file_size(file)) / 1e6;
+  std::printf("  read-only sweep of %s (%.0f MB; median of 3):\n", file.c_str(), mb);
+  for (bool mapped : {false, true})
+    for (unsigned threads : {1u, 4u, 8u, 16u, 32u})
+      for (uint64_t chunk_mb : {1, 4}) {
+        SafetensorsReadOptions ro;
+        ro.threads = threads, ro.chunk_bytes = chunk_mb << 20, ro.from_mapping = mapped;
+        std::vector<double> ms;
+        for (int i = 0; i < 3; ++i) {
+          const auto t0 = Clock::now();
+          SafetensorsFile::read(file, host, ro);
+          ms.push_back(seconds_since(t0) * 1e3);
+        }
+        const double med = median_of(ms);
+        std::printf("    %-7s %2u threads, %llu MiB chunks: %6.1f ms = %5.1f GB/s\n", mapped ? "mapped" : "pread",
+                    threads, (unsigned long long)chunk_mb, med, mb / med);
+        rows.push_back({{"mode", mapped ? "mapped" : "pread"}, {"threads", threads}, {"chunk_mib", chunk_mb},
+                        {"ms_median", med}, {"gb_per_s", mb / med}});
+      }
+  return rows;
+}
+
 // Two random rank-r adapters on every block linear, swapped back and forth while a recorded step keeps running.
-// Swap latency = parse the file (already in the page cache) + apply + synchronise; then one step with it.
+// "From the file": the files sit in a RAM-backed directory (their page-cache residency is measured before timing);
+// the read runs under the upload (start_loading_lora_adapter) and a swap ends when set_adapters returns, which is
+// when the next step can start. Reading the whole file first, adapters kept in host memory and adapters kept on the
+// device are timed the same way, for comparison.
 nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tensor& out, const Timing& base,
                           const BenchOptions& o) {
   Backend& be = tr.backend();
   const FluxConfig& c = tr.config();
-  std::vector<std::string> files;
+  const HostBufferAllocator host = be.host_buffer_allocator();
+  const ScratchDirChoice dir = choose_scratch_dir(o.lora_dir, 2 * (random_lora_data_bytes(c, o.lora_rank) + (1 << 20)));
+  std::printf("  lora files in %s: %s\n", dir.path.c_str(), dir.reason.c_str());
+  ScratchFiles files;  // removed at the end, also on failure
   for (int i = 0; i < 2; ++i) {
-    files.push_back(o.lora_dir + "/fluxswap-bench-lora-r" + std::to_string(o.lora_rank) + "-" + std::to_string(i) +
-                    ".safetensors");
+    const std::string f = files.add(dir.path + "/fluxswap-bench-lora-r" + std::to_string(o.lora_rank) + "-" +
+                                    std::to_string(i) + ".safetensors");
     const auto t0 = Clock::now();
-    const size_t bytes = write_random_lora(files.back(), c, o.lora_rank, uint64_t(100 + i));
-    std::printf("  lora file %s: %.0f MB (rank %lld, written in %.1f s)\n", files.back().c_str(), bytes / 1e6,
+    const size_t bytes = write_random_lora(f, c, o.lora_rank, uint64_t(100 + i));
+    std::printf("  lora file %s: %.0f MB (rank %lld, written in %.1f s)\n", f.c_str(), bytes / 1e6,
                 (long long)o.lora_rank, seconds_since(t0));
   }
   LoraController lora(tr, lora_mode_from_name(o.lora_mode), o.lora_rank);
-  // Files are read into pinned memory (recycled between loads) and sent from there by DMA.
-  auto load = [&](int i) {
-    return std::make_shared<LoraAdapter>(load_lora_adapter(files[i], c, be.host_buffer_allocator()));
+  // Read whole into pinned memory (recycled between loads), then sent from there by DMA ...
+  auto load = [&](int i) { return std::make_shared<LoraAdapter>(load_lora_adapter(files.paths()[i], c, host)); };
+  // ... or parsed from the header at once, the data uploaded by set_adapters chunk by chunk as it is read.
+  auto start = [&](int i) {
+    return std::make_shared<LoraAdapter>(start_loading_lora_adapter(files.paths()[i], c, host));
   };
   auto t0 = Clock::now();
   lora.set_adapters({{load(0), 1.0f}});
@@ -133,23 +170,50 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   const Timing with = time_replays(be, *graph, o.steps);
   const Tensor out_a = be.to_host_f32(out);
 
-  // Swaps from the files (in the page cache: parsed and uploaded every time), then between the two adapters kept on
-  // the device (what a server serving a working set of adapters sees).
-  std::vector<double> swap_ms, swap_step_ms, cached_ms, parse_ms;
+  // Untimed swaps first: pinning 700 MB costs more than reading it, so the pinned pool gets the buffers that the
+  // adapters alive at once (active, two kept on the device, one arriving) need before anything is timed.
+  for (int s = 1; s <= 3; ++s) lora.set_adapters({{load(s % 2), 1.0f}});
+  // What "from the page cache" rests on, measured right before the swaps.
+  std::vector<double> resident;
+  for (const auto& f : files.paths()) resident.push_back(page_cache_residency(f).fraction());
+  std::printf("  lora files resident in the page cache before timing (mincore): %.1f%%, %.1f%%\n",
+              resident[0] * 100, resident[1] * 100);
+  if (std::min(resident[0], resident[1]) < 0.99)
+    std::printf("  WARNING: not all in the page cache: the from-file swaps below include reading the disk\n");
+  nlohmann::json sweep;
+  if (o.lora_read_sweep && host) sweep = lora_read_sweep(files.paths()[0], host);
+
+  // Read first, then upload and apply: the baseline the pipelining is measured against.
+  std::vector<double> seq_ms, seq_read_ms;
+  for (int s = 1; s <= o.swaps; ++s) {
+    t0 = Clock::now();
+    auto a = load(s % 2);
+    seq_read_ms.push_back(seconds_since(t0) * 1e3);
+    lora.set_adapters({{a, 1.0f}});
+    seq_ms.push_back(seconds_since(t0) * 1e3);
+  }
+  // The read pipelined with the upload. The swap time is the time to the next step's start.
+  std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches;
   Tensor out_b;
   std::shared_ptr<LoraAdapter> kept[2];
   for (int s = 1; s <= o.swaps; ++s) {
     t0 = Clock::now();
-    kept[s % 2] = load(s % 2);
-    parse_ms.push_back(seconds_since(t0) * 1e3);
-    lora.set_adapters({{kept[s % 2], 1.0f}});
+    kept[s % 2] = start(s % 2);
+    const double started_ms = seconds_since(t0) * 1e3;
+    const LoraApplyReport rep = lora.set_adapters({{kept[s % 2], 1.0f}});
     swap_ms.push_back(seconds_since(t0) * 1e3);
     graph->replay();
     be.synchronize();
     swap_step_ms.push_back(seconds_since(t0) * 1e3);
+    // A backend without pinned memory maps and checks the file while parsing it: that is its read.
+    read_ms.push_back(kept[s % 2]->arriving ? kept[s % 2]->arriving->read_seconds() * 1e3 : started_ms);
+    wait_ms.push_back(rep.file_wait_seconds * 1e3);
+    batches.push_back(double(rep.upload_batches));
     if (s == 1) out_b = be.to_host_f32(out);
   }
   if (!kept[0]) kept[0] = load(0);
+  // Between the two adapters kept on the device (what a server serving a working set of adapters sees).
+  std::vector<double> cached_ms;
   for (int s = 0; s < o.swaps; ++s) {
     t0 = Clock::now();
     lora.set_adapters({{kept[s % 2], 1.0f}});
@@ -171,31 +235,68 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   const Tensor out_a_again = be.to_host_f32(out);
   const double a_vs_b = max_rel_error(out_a, out_b), a_again = max_rel_error(out_a, out_a_again);
   const double overhead = (with.median / base.median - 1.0) * 100.0;
+
+  // Overlap: what reading first and then swapping from host memory would take, less what the swap took, i.e. the
+  // time the read and the upload ran at once.
+  const double host_median = median_of(host_ms);
+  std::vector<double> after_read_ms, hidden_ms;
+  for (size_t i = 0; i < swap_ms.size(); ++i) {
+    after_read_ms.push_back(swap_ms[i] - read_ms[i]);
+    hidden_ms.push_back(read_ms[i] + host_median - swap_ms[i]);
+  }
   std::printf("  LoRA rank %lld on every block linear, %s mode: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
               (long long)o.lora_rank, o.lora_mode.c_str(), with.median, base.median, overhead);
-  std::printf("  first apply %.0f ms, graph capture with LoRA %.2f s; swap from the file (parse + upload + apply) "
-              "median %.1f ms (parse %.1f) over %d swaps, + next step %.1f ms; swap between adapters kept on the "
-              "device median %.1f ms; graph re-captures during swaps: 0\n",
-              first_apply_s * 1e3, capture_s, median_of(swap_ms), median_of(parse_ms), o.swaps,
-              median_of(swap_step_ms), median_of(cached_ms));
-  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time) median %.1f ms\n",
-              median_of(host_ms));
+  std::printf("  first apply %.0f ms, graph capture with LoRA %.2f s; graph re-captures during swaps: 0\n",
+              first_apply_s * 1e3, capture_s);
+  for (size_t i = 0; i < swap_ms.size(); ++i)
+    std::printf("    swap %zu from the file: read %.1f ms; next step can start at %.1f ms (%.1f ms after the read "
+                "ended; waited %.1f ms for the file, %d upload batches); hidden %.1f ms\n",
+                i + 1, read_ms[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]), hidden_ms[i]);
+  std::printf("  swap from the file, read pipelined with the upload: median %.1f ms to the next step's start (read "
+              "%.1f ms, then %.1f ms; hidden %.1f ms against reading first), + next step %.1f ms\n",
+              median_of(swap_ms), median_of(read_ms), median_of(after_read_ms), median_of(hidden_ms),
+              median_of(swap_step_ms));
+  std::printf("  swap from the file, whole file read first: median %.1f ms (read + parse %.1f ms)\n",
+              median_of(seq_ms), median_of(seq_read_ms));
+  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time) median %.1f ms; kept "
+              "on the device median %.1f ms\n",
+              host_median, median_of(cached_ms));
+  std::printf("  (hidden = read + swap from host memory - swap: the time the read and the upload ran at once)\n");
   std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0)\n",
               a_vs_b, a_again);
-  for (const auto& f : files) std::filesystem::remove(f);
-  return {{"rank", o.lora_rank},          {"mode", o.lora_mode},
-          {"ms_per_step_median", with.median}, {"overhead_percent", overhead},
-          {"swap_ms_median", median_of(swap_ms)}, {"swap_plus_step_ms_median", median_of(swap_step_ms)},
-          {"swap_ms_all", swap_ms},       {"first_apply_ms", first_apply_s * 1e3},
-          {"cached_swap_ms_median", median_of(cached_ms)}, {"host_cached_swap_ms_median", median_of(host_ms)}, {"parse_ms_median", median_of(parse_ms)},
-          {"graph_recaptures_during_swaps", 0}, {"a_vs_b_rel_diff", a_vs_b},
-          {"a_again_rel_diff", a_again}};
+  return {{"rank", o.lora_rank},
+          {"mode", o.lora_mode},
+          {"lora_dir", dir.path},
+          {"lora_dir_reason", dir.reason},
+          {"files_resident_fraction", resident},
+          {"ms_per_step_median", with.median},
+          {"overhead_percent", overhead},
+          {"swap_ms_median", median_of(swap_ms)},
+          {"swap_plus_step_ms_median", median_of(swap_step_ms)},
+          {"swap_ms_all", swap_ms},
+          {"read_ms_median", median_of(read_ms)},
+          {"read_ms_all", read_ms},
+          {"after_read_ms_all", after_read_ms},
+          {"hidden_ms_median", median_of(hidden_ms)},
+          {"hidden_ms_all", hidden_ms},
+          {"file_wait_ms_all", wait_ms},
+          {"upload_batches_all", batches},
+          {"sequential_swap_ms_median", median_of(seq_ms)},
+          {"sequential_swap_ms_all", seq_ms},
+          {"sequential_read_parse_ms_median", median_of(seq_read_ms)},
+          {"first_apply_ms", first_apply_s * 1e3},
+          {"cached_swap_ms_median", median_of(cached_ms)},
+          {"host_cached_swap_ms_median", host_median},
+          {"graph_recaptures_during_swaps", 0},
+          {"a_vs_b_rel_diff", a_vs_b},
+          {"a_again_rel_diff", a_again},
+          {"read_sweep", sweep}};
 }
 
 // FP8 against bf16 on the same noise and weights: `steps` Euler steps of the flow-matching sampler (sigmas 1 -> 0,
 // eager), then the final latents compared; also one step's output. Random weights make a harsher test than real
 // ones (no structure to preserve), so this bounds the damage rather than predicting image quality.
-nlohmann::json fp8_quality(FluxTransformer& tr, FluxInputs& in, const Tensor& out, int steps) {
+nlohmann::json fp8_quality(FluxTransformer& tr, FluxInputs& in, const Tensor& out, int steps, bool attention) {
   Backend& be = tr.backend();
   // The benchmark's inputs, put back afterwards.
   const Tensor noise = be.empty(in.hidden_states.dtype(), in.hidden_states.shape());
@@ -214,12 +315,15 @@ nlohmann::json fp8_quality(FluxTransformer& tr, FluxInputs& in, const Tensor& ou
     }
     return be.to_host_f32(in.hidden_states);
   };
-  const bool was = tr.fp8();
+  const bool was = tr.fp8(), was_attention = tr.fp8_attention();
   tr.set_fp8(false);
+  tr.set_fp8_attention(false);
   const Tensor step_bf16 = sample(1), run_bf16 = sample(steps);
   tr.set_fp8(true);
+  tr.set_fp8_attention(attention);
   const Tensor step_fp8 = sample(1), run_fp8 = sample(steps);
   tr.set_fp8(was);
+  tr.set_fp8_attention(was_attention);
   be.copy(noise, in.hidden_states);
   be.copy_from_host(timestep, in.timestep);
   nlohmann::json r = {{"steps", steps},
@@ -289,9 +393,24 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
     fp8 = {{"bf16_ms_per_step_median", base.median}, {"fp8_ms_per_step_median", f.median},
            {"fp8_ms_per_step_min", f.min}, {"fp8_ms_per_step_max", f.max}, {"speedup", base.median / f.median},
            {"first_fp8_step_s", fp8_first_s}, {"fast_accum", o.fp8_fast_accum}};
-    if (o.quality_steps > 0) fp8["quality"] = fp8_quality(tr, in, out, o.quality_steps);
+    Timing best = f;
+    if (o.fp8_attention) {
+      // And with the attention in FP8 too (cuDNN's e4m3 flash attention), timed in the same run.
+      tr.set_fp8_attention(true);
+      tr.forward(in, out);
+      graph.reset();
+      graph = be.record([&] { tr.forward(in, out); });
+      best = time_replays(be, *graph, o.steps);
+      std::printf("  + FP8 attention: %.2f ms/step (min %.2f, max %.2f): %.2fx faster than bf16, %.2fx than FP8 "
+                  "linears alone\n",
+                  best.median, best.min, best.max, base.median / best.median, f.median / best.median);
+      fp8["fp8_attention"] = {{"ms_per_step_median", best.median}, {"ms_per_step_min", best.min},
+                              {"ms_per_step_max", best.max}, {"speedup_vs_bf16", base.median / best.median},
+                              {"speedup_vs_fp8_linears", f.median / best.median}};
+    }
+    if (o.quality_steps > 0) fp8["quality"] = fp8_quality(tr, in, out, o.quality_steps, o.fp8_attention);
     r["fp8"] = fp8;
-    base = f;  // what the profile and the LoRA part compare against
+    base = best;  // what the profile and the LoRA part compare against
   }
 
   if (o.profile) r["per_op_ms"] = profile_ops(be, [&] { tr.forward(in, out); }, "one eager step");
@@ -316,9 +435,10 @@ void run(const BenchOptions& o) {
     e.runs = o.e2e_runs;
     e.size = o.sizes.front();
     e.fp8 = o.fp8;
+    e.fp8_attention = o.fp8_attention;
     e.lora_rank = o.lora_rank;
     e.lora_mode = o.lora_mode;
-    e.lora_dir = o.lora_dir;
+    e.lora_dir = o.lora_dir.empty() ? "/tmp" : o.lora_dir;
     all["device"] = backend->name();
     all["end_to_end"] = bench_end_to_end(*backend, e);
     if (!o.json_out.empty()) std::ofstream(o.json_out) << all.dump(1) << "\n";
@@ -361,10 +481,16 @@ void register_bench_command(CLI::App& app) {
   cmd->add_option("--lora-rank", o->lora_rank, "also time a random rank-r LoRA on every block linear (0: off)");
   cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
       ->check(CLI::IsMember({"merged", "runtime"}));
-  cmd->add_option("--lora-dir", o->lora_dir, "where the random LoRA files are written (default /tmp)");
+  cmd->add_option("--lora-dir", o->lora_dir,
+                  "where the random LoRA files are written and removed (default /dev/shm when it has room, else the "
+                  "temp directory; --e2e: /tmp)");
   cmd->add_option("--swaps", o->swaps, "LoRA swaps timed")->check(CLI::PositiveNumber);
+  cmd->add_flag("--lora-read-sweep", o->lora_read_sweep,
+                "also time reading the LoRA file alone over reader threads, chunk sizes and pread/mapped copies");
   cmd->add_flag("--fp8", o->fp8, "also time the step with FP8 (e4m3) block linears; LoRA timings then use FP8");
   cmd->add_flag("--fp8-fast-accum", o->fp8_fast_accum, "FP8 GEMMs with Hopper's fast (less exact) accumulation");
+  cmd->add_flag("--fp8-attention", o->fp8_attention,
+                "with --fp8: also time (and then use) FP8 attention (e4m3 q, k, v through cuDNN)");
   cmd->add_option("--quality-steps", o->quality_steps, "FP8 vs bf16 sampling run length (0: skip)");
   cmd->add_flag("--e2e", o->e2e, "time the whole pipeline (text encoders, steps, VAE) instead; first --sizes entry");
   cmd->add_option("--e2e-runs", o->e2e_runs, "timed generations for --e2e (median)")->check(CLI::PositiveNumber);

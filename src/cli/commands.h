@@ -11,5 +11,6 @@ void register_demo_command(CLI::App& app);
 void register_bench_command(CLI::App& app);
 void register_generate_command(CLI::App& app);
 void register_serve_command(CLI::App& app);
+void register_random_model_command(CLI::App& app);
 
 }  // namespace fluxswap

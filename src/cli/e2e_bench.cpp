@@ -48,6 +48,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
       std::make_unique<VaeDecoder>(vc, random_vae_decoder_weights(vc, be, 7), be), FlowMatchSchedulerConfig::flux1_dev(),
       "random FLUX.1-dev pipeline");
   if (o.fp8) pipe->transformer().set_fp8(true);
+  if (o.fp8_attention) pipe->transformer().set_fp8_attention(true);
   be.synchronize();
   const double build_s = seconds_since(t0);
 
@@ -79,7 +80,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   t0 = Clock::now();
   const nlohmann::json per_op = profile_ops(be, [&] { pipe->generate(p); }, "one generation", 14);
   const double profiled_s = seconds_since(t0);
-  const std::string what = std::string(o.fp8 ? "FP8" : "bf16") +
+  const std::string what = std::string(o.fp8 ? "FP8" : "bf16") + (o.fp8_attention ? " + FP8 attention" : "") +
                            (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + o.lora_mode : "");
   std::printf("\nend to end (%s): %dx%d, %d steps, FLUX.1-dev-sized RANDOM weights (built in %.1f s), tokenizers "
               "from %s\n  warm-up generation %.2f s; median of %d: %.3f s per image (encode %.1f ms, denoise %.3f s = "

@@ -13,7 +13,7 @@ namespace fluxswap {
 struct EndToEndOptions {
   std::string tokenizers;  // a pipeline folder with tokenizer/ and tokenizer_2/ (empty: the test fixtures')
   int runs = 5, steps = 28, size = 1024;
-  bool fp8 = false;
+  bool fp8 = false, fp8_attention = false;
   int64_t lora_rank = 0;  // a random rank-r LoRA on every block linear, active during the runs (0: none)
   std::string lora_mode = "merged", lora_dir = "/tmp";
 };

@@ -25,6 +25,7 @@ struct GenerateOptions {
   GenerateParams params;
   int64_t lora_max_rank = 64;
   int batch = 1;  // images per prompt
+  bool fp8 = false, fp8_attention = false;
 };
 
 std::string hf_hub_dir() {
@@ -62,6 +63,12 @@ void run(GenerateOptions& o) {
   auto pipe = FluxPipeline::from_pretrained(model, *backend);
   std::printf("loaded   in %.2f s on %s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), backend->name().c_str());
+
+  if (o.fp8 || o.fp8_attention) {
+    pipe->transformer().set_precision(o.fp8 || pipe->transformer().fp8(), o.fp8_attention);
+    std::printf("precision %s linears, %s attention\n", pipe->transformer().fp8() ? "FP8 (e4m3)" : "bf16",
+                o.fp8_attention ? "FP8 (e4m3)" : "bf16");
+  }
 
   std::unique_ptr<LoraController> lora;
   std::string lora_text;
@@ -127,6 +134,8 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--max-sequence-length", o->params.max_sequence_length, "T5 tokens (default 512 dev, 256 schnell)");
   cmd->add_option("--latents", o->latents, "safetensors file with exact packed initial noise (key 'latents')");
   cmd->add_option("--lora", o->loras, "LoRA file[:weight], repeatable");
+  cmd->add_flag("--fp8", o->fp8, "FP8 (e4m3) transformer linears, activations quantised per token (sm_89+)");
+  cmd->add_flag("--fp8-attention", o->fp8_attention, "FP8 (e4m3) attention through cuDNN (sm_90+)");
   cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-max-rank", o->lora_max_rank, "runtime mode: slot rank per projection");

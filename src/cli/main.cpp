@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   fluxswap::register_transformer_command(app);
   fluxswap::register_bench_command(app);
   fluxswap::register_serve_command(app);
+  fluxswap::register_random_model_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -73,6 +73,8 @@ void register_serve_command(CLI::App& app) {
   cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-max-rank", o->lora_max_rank, "runtime mode: slot rank per projection (default 64)");
+  cmd->add_flag("--fp8", o->fp8, "FP8 (e4m3) transformer linears, activations quantised per token (sm_89+)");
+  cmd->add_flag("--fp8-attention", o->fp8_attention, "FP8 (e4m3) attention through cuDNN (sm_90+)");
   cmd->add_option("--lora-cache", o->lora_cache, "parsed adapters kept in memory, LRU (default 8)");
   cmd->add_option("--queue-size", o->queue_size, "requests that may wait; more get 429 (default 16)")
       ->check(CLI::PositiveNumber);

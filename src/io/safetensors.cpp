@@ -29,7 +29,6 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr uint64_t kMaxHeaderBytes = 100'000'000;  // the reference implementation's limit
 constexpr size_t kMaxJsonDepth = 16;               // the format needs 3; deeper is hostile or garbage
 constexpr const char* kMetadataKey = "__metadata__";
 
@@ -287,110 +286,6 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   }
   ::close(fd);  // the mapping stays valid without the descriptor
   f->parse();
-  return f;
-}
-
-namespace {
-// pread until done: a read may return fewer bytes than asked.
-void read_exactly(int fd, uint8_t* dst, size_t bytes, uint64_t offset, const std::string& path) {
-  while (bytes > 0) {
-    const ssize_t n = ::pread(fd, dst, bytes, off_t(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0)
-      throw Error(path + ": cannot read " + std::to_string(bytes) + " bytes at offset " + std::to_string(offset) +
-                  ": " + (n == 0 ? std::string("unexpected end of file") : std::strerror(errno)));
-    dst += n, bytes -= size_t(n), offset += uint64_t(n);
-  }
-}
-
-struct Fd {
-  int fd;
-  ~Fd() { ::close(fd); }
-};
-}  // namespace
-
-std::shared_ptr<SafetensorsFile> SafetensorsFile::read(const std::string& path, const HostBufferAllocator& allocate) {
-  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
-  f->path_ = path;
-  const Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (fd.fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd.fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file, expected a .safetensors file");
-  f->size_ = size_t(st.st_size);
-  f->buffer_ = allocate(std::max<size_t>(f->size_, 1));
-  if (!f->buffer_) throw Error(path + ": cannot allocate " + std::to_string(f->size_) + " bytes to read it into");
-  auto* bytes = static_cast<uint8_t*>(f->buffer_.get());
-  f->bytes_ = bytes;
-  // The header first (parse() reads nothing else), then the data region in parallel.
-  uint64_t header = 0;
-  if (f->size_ >= 8) {
-    read_exactly(fd.fd, bytes, 8, 0, path);
-    for (int i = 7; i >= 0; --i) header = (header << 8) | bytes[i];
-    if (header <= kMaxHeaderBytes && header <= f->size_ - 8) read_exactly(fd.fd, bytes + 8, header, 8, path);
-  }
-  f->parse();
-  const uint64_t data_begin = 8 + header, data_size = f->size_ - data_begin;
-
-  // Chunks of 4 MiB, dealt out round-robin; each worker checks the float elements whose first byte lies in the
-  // chunks it read, and keeps the first bad element of each tensor.
-  // FLUXSWAP_READ_THREADS / FLUXSWAP_READ_CHUNK_MB override the defaults, for measuring a host.
-  auto env_or = [](const char* name, uint64_t fallback) {
-    const char* v = std::getenv(name);
-    return v && std::atoll(v) > 0 ? uint64_t(std::atoll(v)) : fallback;
-  };
-  const uint64_t kChunk = env_or("FLUXSWAP_READ_CHUNK_MB", 4) << 20;
-  const uint64_t chunks = (data_size + kChunk - 1) / kChunk;
-  const uint64_t threads = env_or("FLUXSWAP_READ_THREADS", std::min(16u, std::max(1u, std::thread::hardware_concurrency())));
-  const unsigned workers = unsigned(std::max<uint64_t>(1, std::min<uint64_t>(threads, chunks)));
-  std::vector<std::map<std::string, NonFiniteValue>> found(workers);
-  std::vector<std::string> failure(workers);
-  const auto& entries = f->entries_;  // sorted by offset, covering the data region
-  std::vector<std::thread> pool;
-  for (unsigned w = 0; w < workers; ++w)
-    pool.emplace_back([&, w] {
-      try {
-        for (uint64_t c = w; c < chunks; c += workers) {
-          const uint64_t lo = c * kChunk, hi = std::min(data_size, lo + kChunk);
-          read_exactly(fd.fd, bytes + data_begin + lo, hi - lo, data_begin + lo, path);
-          auto e = std::upper_bound(entries.begin(), entries.end(), lo,
-                                    [](uint64_t at, const SafetensorsEntry& x) { return at < x.end; });
-          for (; e != entries.end() && e->begin < hi; ++e) {
-            if (!dtype_is_float(e->dtype) || e->end == e->begin) continue;
-            const uint64_t es = dtype_size(e->dtype);
-            // Elements starting in [lo, hi): the first one at or after lo.
-            const uint64_t from = std::max(lo, e->begin), to = std::min(hi, e->end);
-            const uint64_t first = (from - e->begin + es - 1) / es, last = (to - e->begin + es - 1) / es;
-            if (first >= last) continue;
-            // Elements straddling the chunk's end are completed by the next chunk's read: wait for it by reading
-            // those few bytes here as well (pread is idempotent).
-            const uint64_t need_end = e->begin + last * es;
-            if (need_end > hi) read_exactly(fd.fd, bytes + data_begin + hi, need_end - hi, data_begin + hi, path);
-            const uint8_t* p = bytes + data_begin + e->begin + first * es;
-            const int64_t bad = first_non_finite(e->dtype, p, size_t(last - first));
-            if (bad < 0) continue;
-            const int64_t element = int64_t(first) + bad;
-            auto it = found[w].find(e->name);
-            if (it == found[w].end() || element < it->second.element) {
-              float v = 0;
-              convert_to_f32(e->dtype, bytes + data_begin + e->begin + uint64_t(element) * es, &v, 1);
-              found[w][e->name] = {e->name, element, v};
-            }
-          }
-        }
-      } catch (const std::exception& ex) {
-        failure[w] = ex.what();
-      }
-    });
-  for (auto& t : pool) t.join();
-  for (const auto& msg : failure)
-    if (!msg.empty()) throw Error(msg);
-  for (auto& m : found)
-    for (auto& [name, v] : m) {
-      auto it = f->non_finite_.find(name);
-      if (it == f->non_finite_.end() || v.element < it->second.element) f->non_finite_[name] = v;
-    }
-  f->values_checked_ = true;
   return f;
 }
 

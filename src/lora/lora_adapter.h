@@ -35,6 +35,10 @@ struct LoraAdapter {
   size_t tensors_used = 0;                // file tensors that went into pairs
   std::vector<std::string> ignored_keys;  // recognised but not applied (text-encoder LoRA, dora_scale): reported
   std::map<std::string, std::string> metadata;
+  // Set by start_loading_lora_adapter(): the file, which may still be arriving, and the keys whose values (NaN/Inf)
+  // are checked once it is in. Null for an adapter parsed from a complete file (checked already).
+  std::shared_ptr<const SafetensorsFile> arriving;
+  std::vector<std::string> unchecked;  // sorted
 };
 
 // Detects the format, maps every key onto the internal layout and validates shapes against `config` and values
@@ -43,5 +47,15 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
 // With `host` (Backend::host_buffer_allocator()), the file is read into that memory (pinned, for the CUDA backend:
 // uploads then go straight from it by DMA) instead of being mapped.
 LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config, const HostBufferAllocator& host = {});
+// The same, returning as soon as the file's header is parsed and mapped onto the model: the data goes on arriving
+// in `host` memory in the background (SafetensorsFile::read_in_background), so LoraController::set_adapters can
+// upload each tensor as it lands. Structural errors (names, shapes, dtypes) are thrown here; a NaN/Inf or a read
+// error surfaces from wait_until_loaded() (which set_adapters calls before it changes the model). Without `host`,
+// the file is mapped and everything is checked here, as by load_lora_adapter.
+LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
+                                       const HostBufferAllocator& host, const SafetensorsReadOptions& read = {});
+// Blocks until the adapter's file is in memory and checks its values; throws Error naming the file and the key of
+// the first non-finite value (again on every call). Returns at once for an adapter that is complete.
+void wait_until_loaded(const LoraAdapter& adapter);
 
 }  // namespace fluxswap

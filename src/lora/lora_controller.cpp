@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <tuple>
 
 #include "core/error.h"
+#include "lora/streamed_upload.h"
 #include "model/flux_weight_map.h"
 
 namespace fluxswap {
@@ -30,10 +32,12 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
   int64_t widest = 0;
   for (const auto& module : slot_modules) {
     Linear& l = tr_.weights().linear(module);
-    const int64_t r = max_rank * std::max<int64_t>(1, parts[module]), out = l.weight.size(0), in = l.weight.size(1);
+    const Tensor& w = l.weight.defined() ? l.weight : l.weight_fp8;  // FP8-only models have no bf16 weight
+    const int64_t r = max_rank * std::max<int64_t>(1, parts[module]), out = w.size(0), in = w.size(1);
     l.lora_down = be.empty(be.compute_dtype(), {r, in});
     be.zero(l.lora_down);
-    if (std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
+    // (FP8 linears add the branch after their own GEMM and never read [W | up]; without W it cannot be built.)
+    if (l.weight.defined() && std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
       // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
       l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
       be.copy(l.weight, l.lora_weight.narrow(1, 0, in));
@@ -83,7 +87,10 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
   const auto t0 = std::chrono::steady_clock::now();
   const auto stacks = stack_loras(active, tr_.config());
   for (const auto& [module, s] : stacks) {  // check everything before touching the model
-    if (mode_ != LoraMode::Runtime) break;
+    if (mode_ == LoraMode::Merged && !tr_.weights().linear(module).weight.defined())
+      throw Error("LoRA targets '" + module + "', which this model holds only in FP8 (it was loaded from an FP8 "
+                  "checkpoint): merged mode needs its bf16 weight; use runtime mode (--lora-mode runtime)");
+    if (mode_ != LoraMode::Runtime) continue;
     const int64_t cap = slot_rank(module);
     if (cap == 0)
       throw Error("LoRA targets '" + module + "', which has no runtime slot (use merged mode, or give it a slot)");
@@ -93,15 +100,16 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
     if (s.has_bias)
       throw Error("LoRA on '" + module + "' carries a bias (lora_B.bias): supported in merged mode only");
   }
+  // Everything the model will read is on the device and checked before the first write to it.
+  LoraApplyReport r;
   std::vector<DeviceAdapter*> dev;
-  for (const auto& a : active) dev.push_back(&upload(a.adapter));
+  for (const auto& a : active) dev.push_back(&upload(a.adapter, r));
   if (mode_ == LoraMode::Runtime)
     apply_runtime(stacks, dev);
   else
     apply_merged(stacks, dev);
   evict_unused(active);
 
-  LoraApplyReport r;
   r.adapters = active.size();
   for (const auto& a : active) {
     r.pairs += a.adapter->pairs.size();
@@ -113,7 +121,8 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
   return r;
 }
 
-LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<const LoraAdapter>& adapter) {
+LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<const LoraAdapter>& adapter,
+                                                      LoraApplyReport& report) {
   for (auto& d : cache_)
     if (d.adapter == adapter) {
       d.last_use = ++uses_;
@@ -148,7 +157,13 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
     at += host.numel();
     copies.emplace_back(host, *slot);
   }
-  be.copy_from_host_batch(copies);
+  // A file still being read goes up in batches as its chunks land; its values are checked once all are in. A bad
+  // value throws here, before the adapter is cached or the model touched (the device copy is simply dropped).
+  const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
+                                                        [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
+  wait_until_loaded(*adapter);
+  report.file_wait_seconds += sent.waited_seconds;
+  report.upload_batches += sent.batches;
   cache_.push_back(std::move(d));
   return cache_.back();
 }
@@ -235,19 +250,11 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
 void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& stacks,
                                    const std::vector<DeviceAdapter*>& dev) {
   Backend& be = tr_.backend();
-  for (const auto& module : changed_)
-    if (!stacks.count(module)) {
-      Linear& l = tr_.weights().linear(module);
-      be.zero(l.lora_down);
-      be.zero(l.lora_up);
-    }
   // Each pair's down fills its rank rows of the slot; alpha * up its rank columns of its output rows. The rest of
   // the slot is zero and adds nothing.
   std::vector<Backend::ScaledCopy> fill;
   for (const auto& [module, s] : stacks) {
     Linear& l = tr_.weights().linear(module);
-    be.zero(l.lora_down);
-    be.zero(l.lora_up);
     for (const PlacedPair& pp : s.pairs) {
       const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
       const int64_t r = p.down.size(0);
@@ -256,9 +263,17 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
                       pp.alpha});
     }
   }
+  // Slots are zero outside what the last fill wrote, so only the parts of it that this fill does not overwrite are
+  // cleared first: nothing when the adapters keep their layout (same ranks and targets, the common swap) instead of
+  // two memsets per module. Parts of one fill never overlap (each pair has its own rank range).
+  using Region = std::tuple<const void*, int64_t, int64_t>;
+  std::set<Region> next;
+  for (const auto& c : fill) next.emplace(c.dst.data(), c.dst.size(0), c.dst.size(1));
+  for (const Tensor& old : filled_)
+    if (!next.count(Region(old.data(), old.size(0), old.size(1)))) be.zero(old);
   be.scaled_copy_batch(fill);
-  changed_.clear();
-  for (const auto& [module, s] : stacks) changed_.insert(module);
+  filled_.clear();
+  for (auto& c : fill) filled_.push_back(std::move(c.dst));
 }
 
 }  // namespace fluxswap

@@ -5,8 +5,10 @@
 //  - Runtime: every slotted linear computes W x + up (down x) from fixed-size slots; a swap only rewrites slot
 //    contents, so buffers, pointers and any recorded CUDA graph stay valid.
 // Adapters are uploaded once (as they are in the file, no host-side conversion) and the most recently used ones stay
-// on the device, so swapping between them copies nothing from the host. set_adapters() is all-or-nothing: on any
-// validation error the model is left as it was.
+// on the device, so swapping between them copies nothing from the host. An adapter whose file is still being read
+// (start_loading_lora_adapter) is uploaded chunk by chunk as it lands, into its own device memory. set_adapters()
+// is all-or-nothing: on any validation error, a NaN/Inf found in the last chunk of a file included, the model is left
+// as it was — nothing of it is written before every active adapter is on the device and checked.
 #include <list>
 #include <set>
 #include <string>
@@ -25,6 +27,10 @@ struct LoraApplyReport {
   size_t tensors = 0;  // LoRA file tensors they came from
   size_t modules = 0;  // internal linear modules changed
   double seconds = 0;
+  // Of `seconds`, the time spent blocked on adapter files still being read (start_loading_lora_adapter), and the
+  // host -> device batches their uploads went in.
+  double file_wait_seconds = 0;
+  size_t upload_batches = 0;
 };
 
 class LoraController {
@@ -46,6 +52,9 @@ class LoraController {
   int64_t slot_rank(const std::string& module) const;
   // How many uploaded adapters besides the active ones stay on the device for instant swaps back (default 2).
   void set_cache_capacity(size_t adapters) { cache_capacity_ = adapters; }
+  // Bytes of a file still being read gathered before each host -> device transfer (default 16 MiB: large enough to
+  // keep the bus busy, small enough that little is left to send after the last chunk lands).
+  void set_upload_batch_bytes(size_t bytes) { upload_batch_bytes_ = bytes; }
 
  private:
   // An adapter's pairs on the device, in the backend's compute dtype.
@@ -54,7 +63,7 @@ class LoraController {
     std::vector<Tensor> down, up, bias;
     uint64_t last_use = 0;
   };
-  DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter);
+  DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter, LoraApplyReport& report);
   void evict_unused(const std::vector<ActiveLora>& active);
   void apply_merged(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
   void apply_runtime(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
@@ -62,9 +71,11 @@ class LoraController {
   FluxTransformer& tr_;
   LoraMode mode_;
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
-  std::set<std::string> changed_;                          // modules that currently differ from the base
+  std::set<std::string> changed_;                          // merged: modules that currently differ from the base
+  std::vector<Tensor> filled_;  // runtime: the parts of slots the last fill wrote (all else in the slots is zero)
   std::list<DeviceAdapter> cache_;  // a list: set_adapters holds pointers to entries while adding more
   size_t cache_capacity_ = 2;
+  size_t upload_batch_bytes_ = size_t(16) << 20;
   uint64_t uses_ = 0;
 };
 

@@ -158,14 +158,20 @@ Tensor float_view(const SafetensorsFile& file, const std::string& key) {
   return t;
 }
 
+// The first of `keys` (sorted, so the same tensor is named as by the scan in check_finite) that read() found to hold
+// a NaN or an infinity.
+void throw_if_non_finite(const SafetensorsFile& file, const std::vector<std::string>& keys) {
+  for (const std::string& key : keys)
+    if (auto it = file.non_finite().find(key); it != file.non_finite().end())
+      throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(it->second.value) ? "NaN" : "an infinity") +
+                  " at element " + std::to_string(it->second.element) + ", expected finite values");
+}
+
 // Every float tensor the pairs read must be finite (one bad value would poison every image made with the LoRA).
 // Checked on all cores, tensors shared out between threads: a FLUX.1-dev rank-64 adapter holds ~344 M values.
 void check_finite(const SafetensorsFile& file, const std::vector<std::string>& keys) {
   if (file.values_checked()) {  // read() checked every float tensor on the way in
-    for (const std::string& key : keys)  // sorted: the same tensor is named as by the scan below
-      if (auto it = file.non_finite().find(key); it != file.non_finite().end())
-        throw Error(file.path() + ": '" + key + "' holds " + (std::isnan(it->second.value) ? "NaN" : "an infinity") +
-                    " at element " + std::to_string(it->second.element) + ", expected finite values");
+    throw_if_non_finite(file, keys);
     return;
   }
   const size_t workers = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), keys.size()));
@@ -194,9 +200,11 @@ void check_finite(const SafetensorsFile& file, const std::vector<std::string>& k
               std::to_string(bad.second) + ", expected finite values");
 }
 
-// Reorders the leading dimension of `x` from the file's row order into the internal one (see LoraTarget).
-Tensor to_internal_rows(Tensor x, const LoraTarget& t) {
+// Reorders the leading dimension of `x` from the file's row order into the internal one (see LoraTarget). The copy
+// needs the values, so a file still being read is waited for up to x (only norm_out's LoRA is stored reordered).
+Tensor to_internal_rows(const SafetensorsFile& file, Tensor x, const LoraTarget& t) {
   if (t.blocks.size() == 1 && t.blocks[0].src_row == 0) return x;
+  file.wait_for(x.data(), x.nbytes());
   Tensor out = Tensor::empty(x.dtype(), x.shape());
   const int64_t row_bytes = int64_t(x.nbytes()) / x.size(0);
   for (const LoraRowBlock& b : t.blocks)
@@ -249,7 +257,8 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
 
   std::optional<double> alpha;
   if (!k.alpha.empty()) {
-    const Tensor a = float_view(file, k.alpha).to_f32();
+    float_view(file, k.alpha);  // the dtype check; the value is needed now, before the read may have reached it
+    const Tensor a = file.tensor_now(k.alpha).to_f32();
     if (a.numel() != 1)
       throw Error(path + ": '" + k.alpha + "' has shape " + shape_str(a.shape()) + ", expected a scalar alpha");
     alpha = a.ptr<float>()[0];
@@ -259,8 +268,8 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
   p.row = t.row;
   p.rows = t.rows;
   p.down = float_view(file, k.down);
-  p.up = to_internal_rows(float_view(file, k.up), t);
-  if (!k.up_bias.empty()) p.up_bias = to_internal_rows(float_view(file, k.up_bias), t);
+  p.up = to_internal_rows(file, float_view(file, k.up), t);
+  if (!k.up_bias.empty()) p.up_bias = to_internal_rows(file, float_view(file, k.up_bias), t);
   p.scale = lora_pair_scale(format, t, rank, alpha, peft, path, k.down);
   p.source = stem;
   return p;
@@ -335,7 +344,13 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
   for (const auto& [stem, t] : targets)
     for (const std::string& key : stems.at(*stem).present()) used.push_back(key);
   std::sort(used.begin(), used.end());
-  check_finite(file, used);
+  if (file.complete()) {
+    file.wait_until_read();  // a background read that is over: its findings, without a second scan
+    check_finite(file, used);
+  } else {
+    adapter.arriving = file.shared_from_this();
+    adapter.unchecked = used;
+  }
   for (const auto& [stem, t] : targets) {
     const StemKeys& k = stems.at(*stem);
     adapter.pairs.push_back(build_pair(file, *stem, k, t, format, peft));
@@ -347,6 +362,18 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
 
 LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config, const HostBufferAllocator& host) {
   return parse_lora_adapter(host ? *SafetensorsFile::read(path, host) : *SafetensorsFile::open(path), config);
+}
+
+LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
+                                       const HostBufferAllocator& host, const SafetensorsReadOptions& read) {
+  if (!host) return load_lora_adapter(path, config);
+  return parse_lora_adapter(*SafetensorsFile::read_in_background(path, host, read), config);
+}
+
+void wait_until_loaded(const LoraAdapter& adapter) {
+  if (!adapter.arriving) return;
+  adapter.arriving->wait_until_read();
+  throw_if_non_finite(*adapter.arriving, adapter.unchecked);
 }
 
 }  // namespace fluxswap

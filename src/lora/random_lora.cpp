@@ -24,18 +24,37 @@ void fill_bf16(Tensor& t, uint64_t seed, float std) {
   for (auto& th : pool) th.join();
 }
 
+// The block linears, as diffusers' benchmarks target them.
+bool is_block_linear(const ModuleAlias& a) {
+  return a.source.rfind("transformer_blocks.", 0) == 0 || a.source.rfind("single_transformer_blocks.", 0) == 0;
+}
+
+// Internal linear module -> its weight's [out, in].
+std::map<std::string, Shape> linear_weight_shapes(const FluxConfig& config) {
+  std::map<std::string, Shape> shapes;
+  for (const auto& spec : flux_weight_specs(config, FluxNaming::BFL))
+    if (spec.shape.size() == 2) shapes[spec.name.substr(0, spec.name.size() - 7)] = spec.shape;  // ".weight"
+  return shapes;
+}
+
 }  // namespace
 
+uint64_t random_lora_data_bytes(const FluxConfig& config, int64_t rank) {
+  const std::map<std::string, Shape> weight_shape = linear_weight_shapes(config);
+  uint64_t elements = 0;
+  for (const ModuleAlias& a : flux_diffusers_aliases(config))
+    if (is_block_linear(a))
+      elements += uint64_t(rank) * uint64_t(weight_shape.at(a.module)[1] + a.rows);
+  return elements * 2;  // bf16
+}
+
 size_t write_random_lora(const std::string& path, const FluxConfig& config, int64_t rank, uint64_t seed) {
-  std::map<std::string, Shape> weight_shape;
-  for (const auto& spec : flux_weight_specs(config, FluxNaming::BFL))
-    if (spec.shape.size() == 2) weight_shape[spec.name.substr(0, spec.name.size() - 7)] = spec.shape;
+  const std::map<std::string, Shape> weight_shape = linear_weight_shapes(config);
   std::vector<std::pair<std::string, Tensor>> tensors;
   std::string targets;
   uint64_t stream = seed * 7919;
   for (const ModuleAlias& a : flux_diffusers_aliases(config)) {
-    const bool block = a.source.rfind("transformer_blocks.", 0) == 0 || a.source.rfind("single_transformer_blocks.", 0) == 0;
-    if (!block) continue;
+    if (!is_block_linear(a)) continue;
     const int64_t in = weight_shape.at(a.module)[1];
     Tensor down = Tensor::empty(DType::BF16, {rank, in}), up = Tensor::empty(DType::BF16, {a.rows, rank});
     fill_bf16(down, ++stream, 1.0f / std::sqrt(float(in)));

@@ -11,5 +11,7 @@ namespace fluxswap {
 
 // Returns the number of bytes written.
 size_t write_random_lora(const std::string& path, const FluxConfig& config, int64_t rank, uint64_t seed);
+// The tensor bytes such a file holds (its header adds well under 1 MB): for checking there is room first.
+uint64_t random_lora_data_bytes(const FluxConfig& config, int64_t rank);
 
 }  // namespace fluxswap

@@ -6,6 +6,8 @@
 #include "core/error.h"
 #include "io/json_config.h"
 #include "model/component_weights.h"
+#include "model/flux_weight_map.h"
+#include "model/flux_weights.h"
 
 namespace fluxswap {
 
@@ -40,6 +42,23 @@ void detect_naming(FluxCheckpoint& ck) {
   throw Error(ck.weights_path +
               ": not a FLUX transformer checkpoint: found neither 'img_in.weight' (BFL naming) nor "
               "'x_embedder.weight' (diffusers naming) under any prefix");
+}
+
+// Whether any source tensor of a block linear's weight is stored in FP8 (other FP8 weights are just dequantised).
+void detect_fp8_block_linears(FluxCheckpoint& ck) {
+  std::set<std::string> block_weights;
+  for (const auto& module : block_token_linear_names(ck.config)) block_weights.insert(module + ".weight");
+  for (const WeightSpec& spec : flux_weight_specs(ck.config, ck.naming)) {
+    if (!block_weights.count(spec.name)) continue;
+    for (const WeightPart& part : spec.parts) {
+      if (!ck.weights.contains(ck.prefix + part.key)) continue;  // (named when loading)
+      const DType t = ck.weights.entry(ck.prefix + part.key).dtype;
+      if (t == DType::F8_E4M3 || t == DType::F8_E5M2) {
+        ck.fp8_linears = true;
+        return;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -97,6 +116,7 @@ FluxCheckpoint open_flux_checkpoint(const std::string& user_path) {
         ck.weights_path);
     ck.config_source = "inferred from tensor shapes";
   }
+  detect_fp8_block_linears(ck);
   return ck;
 }
 

@@ -1,6 +1,8 @@
 #include "model/flux_transformer.h"
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 
 #include "core/error.h"
 
@@ -12,7 +14,7 @@ Tensor chunk(const Tensor& mod, int64_t i, int64_t d) { return mod.narrow(1, i *
 Tensor rows(const Tensor& t, int64_t start, int64_t n) { return t.narrow(1, start, n); }
 Tensor cols(const Tensor& t, int64_t start, int64_t n) { return t.narrow(2, start, n); }
 Linear out_rows(const Linear& l, int64_t start, int64_t n) {
-  return {l.weight.narrow(0, start, n), l.bias.narrow(0, start, n), l.lora_down,
+  return {l.weight.defined() ? l.weight.narrow(0, start, n) : Tensor(), l.bias.narrow(0, start, n), l.lora_down,
           l.lora_up.defined() ? l.lora_up.narrow(0, start, n) : Tensor(),
           l.lora_weight.defined() ? l.lora_weight.narrow(0, start, n) : Tensor(),
           l.weight_fp8.defined() ? l.weight_fp8.narrow(0, start, n) : Tensor(),
@@ -47,12 +49,31 @@ Tensor flux_rope_table(const FluxConfig& c, const Tensor& txt_ids, const Tensor&
 FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, Backend& backend)
     : config_(config), weights_(std::move(weights)), backend_(backend) {
   config_.validate("transformer config");
+  if (weights_.fp8_only) set_fp8(true);  // the checkpoint's FP8 block linears, and the modulation quantised here
 }
 
 void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
 
+namespace {
+// The per-sample modulation linears (a sixth of the weights): in FP8 mode they stream e4m3 weights through the
+// backend's few-rows FP8 path, which halves the bytes these bandwidth-bound products read.
+std::vector<Linear*> modulation_linears(FluxWeights& w) {
+  std::vector<Linear*> out;
+  for (auto& b : w.double_blocks) out.insert(out.end(), {&b.img_mod, &b.txt_mod});
+  for (auto& b : w.single_blocks) out.push_back(&b.modulation);
+  out.push_back(&w.final_mod);
+  return out;
+}
+}  // namespace
+
 void FluxTransformer::set_fp8(bool on) {
-  for (Linear* l : block_token_linears(weights_)) {
+  if (weights_.fp8_only && !on)
+    throw Error("this transformer was loaded from an FP8 checkpoint and has no bf16 block weights: FP8 mode "
+                "cannot be turned off (load a bf16 checkpoint for bf16 inference)");
+  std::vector<Linear*> targets = modulation_linears(weights_);
+  if (!weights_.fp8_only)
+    for (Linear* l : block_token_linears(weights_)) targets.push_back(l);
+  for (Linear* l : targets) {
     if (on) {
       quantize_linear_fp8(*l, backend_);
     } else {
@@ -61,6 +82,54 @@ void FluxTransformer::set_fp8(bool on) {
     }
   }
   fp8_ = on;
+}
+
+namespace {
+// 448 / (sqrt(D) * max |w|) over a block's q and k norm weights: after RMSNorm |x_i| <= sqrt(D), the weight scales
+// it, and RoPE's rotation keeps each pair's norm, so no q or k element of the block can exceed 448 in e4m3.
+float qk_scale_for(Backend& backend, std::initializer_list<const Tensor*> norms, int64_t head_dim) {
+  float m = 0.0f;
+  for (const Tensor* t : norms) {
+    const Tensor w = backend.to_host_f32(*t);
+    for (int64_t i = 0; i < w.numel(); ++i) m = std::max(m, std::fabs(w.ptr<float>()[i]));
+  }
+  if (!(m > 0.0f) || !std::isfinite(m)) throw Error("FP8 attention: a q/k norm weight is all zero or not finite");
+  return 448.0f / (std::sqrt(float(head_dim)) * m * 1.001f);  // the margin covers bf16/rsqrt rounding
+}
+}  // namespace
+
+void FluxTransformer::set_fp8_attention(bool on) {
+  qk_scale_double_.clear();
+  qk_scale_single_.clear();
+  if (on) {
+    const int64_t hd = config_.attention_head_dim;
+    for (const auto& b : weights_.double_blocks)
+      qk_scale_double_.push_back(
+          qk_scale_for(backend_, {&b.txt_q_norm, &b.txt_k_norm, &b.img_q_norm, &b.img_k_norm}, hd));
+    for (const auto& b : weights_.single_blocks) qk_scale_single_.push_back(qk_scale_for(backend_, {&b.q_norm, &b.k_norm}, hd));
+  }
+  fp8_attention_ = on;
+}
+
+void FluxTransformer::set_precision(bool fp8_linears, bool fp8_attention) {
+  if (fp8_linears) backend_.set_fp8_fast_accumulation(true);
+  if (fp8_linears != fp8_) set_fp8(fp8_linears);
+  if (fp8_attention != fp8_attention_) set_fp8_attention(fp8_attention);
+}
+
+void FluxTransformer::qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                              int64_t seq_offset, float qk_scale) {
+  if (fp8_attention_)
+    backend_.qk_norm_rope_fp8(qkv, q_norm, k_norm, rope, seq_offset, qk_scale, buf_.q8, buf_.k8, buf_.v, buf_.v_amax);
+  else
+    backend_.qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, buf_.q, buf_.k, buf_.v);
+}
+
+void FluxTransformer::attend(const Tensor& out, float qk_scale) {
+  if (fp8_attention_)
+    backend_.attention_fp8(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, out);
+  else
+    backend_.attention(buf_.q, buf_.k, buf_.v, out);
 }
 
 void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act) {
@@ -97,7 +166,9 @@ void FluxTransformer::linear_roomy(const Tensor& x_room, int64_t in, const Linea
 }
 
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
-  if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_ && lora_rank_ == prepared_lora_rank_) return;
+  if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_ && lora_rank_ == prepared_lora_rank_ &&
+      fp8_attention_ == prepared_fp8_attention_)
+    return;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), S = img_tokens + txt_tokens;
   const int64_t H = config_.num_attention_heads, hd = config_.attention_head_dim;
   const DType dt = backend_.compute_dtype();
@@ -117,13 +188,21 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.branch = e({batch, S, D});
   buf_.proj_in_room = e({batch, S, 3 * D + M + R});
   buf_.proj_in = cols(buf_.proj_in_room, 0, 3 * D + M);
-  buf_.q = e({batch, H, S, hd});
-  buf_.k = e({batch, H, S, hd});
+  if (fp8_attention_) {
+    buf_.q8 = backend_.empty(DType::F8_E4M3, {batch, H, S, hd});
+    buf_.k8 = backend_.empty(DType::F8_E4M3, {batch, H, S, hd});
+    buf_.v_amax = backend_.empty(DType::F32, {1});
+    backend_.zero(buf_.v_amax);  // qk_norm_rope_fp8 raises it, attention_fp8 leaves it at zero again
+  } else {
+    buf_.q = e({batch, H, S, hd});
+    buf_.k = e({batch, H, S, hd});
+  }
   buf_.v = e({batch, H, S, hd});
   buf_.attn_mlp_room = e({batch, S, D + M + R});
   buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);
   if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
   prepared_lora_rank_ = lora_rank_;
+  prepared_fp8_attention_ = fp8_attention_;
   B_ = batch;
   Ni_ = img_tokens;
   Nt_ = txt_tokens;
@@ -169,8 +248,10 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
   linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
 
-  for (const auto& block : weights_.double_blocks) double_block(block, in.rope);
-  for (const auto& block : weights_.single_blocks) single_block(block, in.rope);
+  for (size_t i = 0; i < weights_.double_blocks.size(); ++i)
+    double_block(weights_.double_blocks[i], in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f);
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i)
+    single_block(weights_.single_blocks[i], in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f);
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
   Tensor mod = buf_.mod_img.narrow(1, 0, 2 * D);
@@ -180,7 +261,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   linear(normed, weights_.final_linear, out);
 }
 
-void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& rope) {
+void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& rope, float qk_scale) {
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), Nt = Nt_, Ni = Ni_;
   linear(buf_.temb_silu, w.img_mod, buf_.mod_img);
@@ -207,9 +288,9 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   be.layer_norm_modulate(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed);
   linear_roomy(txt.normed_room, D, w.txt_qkv, txt.qkv);
   linear_roomy(img.normed_room, D, w.img_qkv, img.qkv);
-  be.qk_norm_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
-  be.qk_norm_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, buf_.q, buf_.k, buf_.v);
-  be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
+  qk_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, qk_scale);
+  qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
+  attend(cols(buf_.attn_mlp, 0, D), qk_scale);
   linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
   be.gated_residual(txt.x, chunk(txt.mod, 2, D), txt.branch);
   linear_roomy(img.attn_room, D, w.img_proj, img.branch);
@@ -225,7 +306,7 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   }
 }
 
-void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& rope) {
+void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& rope, float qk_scale) {
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
   Tensor mod = buf_.mod_img.narrow(1, 0, 3 * D);
@@ -237,8 +318,8 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
   linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
   linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
-  be.qk_norm_rope(qkv, w.q_norm, w.k_norm, rope, 0, buf_.q, buf_.k, buf_.v);
-  be.attention(buf_.q, buf_.k, buf_.v, cols(buf_.attn_mlp, 0, D));
+  qk_rope(qkv, w.q_norm, w.k_norm, rope, 0, qk_scale);
+  attend(cols(buf_.attn_mlp, 0, D), qk_scale);
 
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
   linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);

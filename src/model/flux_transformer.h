@@ -5,6 +5,7 @@
 // text and image halves as views, and the single-stream blocks on the whole of it, so the concatenation the
 // reference does between the two kinds of block costs nothing here.
 #include <cstdint>
+#include <vector>
 
 #include "backend/backend.h"
 #include "model/flux_config.h"
@@ -38,9 +39,18 @@ class FluxTransformer {
   void set_lora_slot_rank(int64_t rank);
 
   // FP8 mode: the block linears (block_token_linears()) run in e4m3 with per-row scales, activations quantised per token;
-  // their bf16 weights stay as the source of requantisation. Off again frees the FP8 copies.
+  // their bf16 weights stay as the source of requantisation. Off again frees the FP8 copies. A model loaded from an
+  // FP8 checkpoint (FluxWeights::fp8_only) starts in FP8 mode and cannot leave it: set_fp8(false) throws Error.
   void set_fp8(bool on);
   bool fp8() const { return fp8_; }
+
+  // FP8 attention: q and k written in e4m3 by qk_norm_rope_fp8 at a per-layer scale bounded by the layer's q/k norm
+  // weights, v quantised with its measured max, cuDNN's FP8 flash attention. Independent of set_fp8.
+  void set_fp8_attention(bool on);
+  bool fp8_attention() const { return fp8_attention_; }
+  // What `generate --fp8 --fp8-attention`, `serve` and the Python module ask for: FP8 linears with Hopper's fast
+  // accumulation (the same 28-step quality as promoted accumulation, docs/PERF.md) and/or FP8 attention.
+  void set_precision(bool fp8_linears, bool fp8_attention);
 
   const FluxConfig& config() const { return config_; }
   FluxWeights& weights() { return weights_; }
@@ -55,8 +65,9 @@ class FluxTransformer {
   // two halves share it).
   void linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y,
                     Activation act = Activation::None, bool down_done = false);
-  void double_block(const DoubleBlockWeights& w, const Tensor& rope);
-  void single_block(const SingleBlockWeights& w, const Tensor& rope);
+  // qk_scale: the block's FP8 attention scale (unused in bf16 attention).
+  void double_block(const DoubleBlockWeights& w, const Tensor& rope, float qk_scale);
+  void single_block(const SingleBlockWeights& w, const Tensor& rope, float qk_scale);
 
   FluxConfig config_;
   FluxWeights weights_;
@@ -64,6 +75,12 @@ class FluxTransformer {
 
   int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
   bool fp8_ = false;
+  bool fp8_attention_ = false, prepared_fp8_attention_ = false;
+  std::vector<float> qk_scale_double_, qk_scale_single_;  // per block, for FP8 attention
+  // qk_norm_rope into the attention inputs, then attention over them into `out`: bf16, or FP8 at qk_scale.
+  void qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope, int64_t seq_offset,
+               float qk_scale);
+  void attend(const Tensor& out, float qk_scale);
   struct Buffers {
     Tensor t_freq;       // [B, 256] sinusoidal timestep / guidance features
     Tensor hidden;       // [B, D] embedder hidden layer
@@ -78,6 +95,7 @@ class FluxTransformer {
     Tensor branch;       // [B, S, D] output of a projection before its gated residual add
     Tensor proj_in, proj_in_room;    // [B, S, 3D + M] (+ R) qkv (and, in single blocks, the MLP input)
     Tensor q, k, v;      // [B, H, S, head_dim]
+    Tensor q8, k8, v_amax;  // FP8 attention: e4m3 q, k [B, H, S, head_dim] and max |v| (F32 [1])
     // [B, S, D + M] (+ R) attention output, then the MLP activations (linear2's input)
     Tensor attn_mlp, attn_mlp_room;
     Tensor lora_scratch; // [B, S, R] x @ down^T of runtime LoRA slots; undefined without slots

@@ -1,10 +1,17 @@
 #include "model/flux_weights.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <functional>
 #include <set>
+#include <thread>
 
 #include "core/error.h"
 #include "model/component_weights.h"
 #include "model/flux_weight_map.h"
+#include "quant/fp8.h"
 
 namespace fluxswap {
 
@@ -18,33 +25,170 @@ Tensor take(std::map<std::string, Tensor>& m, const std::string& name) {
 
 Linear take_linear(std::map<std::string, Tensor>& m, const std::string& module) {
   Linear l;
-  l.weight = take(m, module + ".weight");
+  if (m.count(module + ".weight_fp8")) {
+    l.weight_fp8 = take(m, module + ".weight_fp8");
+    l.weight_scale = take(m, module + ".weight_scale");
+  } else {
+    l.weight = take(m, module + ".weight");
+  }
   l.bias = take(m, module + ".bias");
   return l;
 }
 
-// Fills rows of `dst` (host, dst dtype) from the checkpoint according to `spec`.
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The source tensor of one part, checked to hold the rows the part takes.
+Tensor source_part(const FluxCheckpoint& ck, const WeightSpec& spec, const WeightPart& part,
+                   std::set<std::string>& used) {
+  const int64_t cols = spec.shape.size() == 2 ? spec.shape[1] : 1;
+  const std::string key = ck.prefix + part.key;
+  Tensor src = float_tensor(ck.weights, key, "needed for " + spec.name);
+  used.insert(key);
+  const int64_t src_cols = src.ndim() == 2 ? src.size(1) : 1;
+  const bool rank_ok = src.ndim() == int(spec.shape.size());
+  if (!rank_ok || src_cols != cols || part.src_row + part.rows > src.size(0))
+    throw Error(ck.weights_path + ": tensor '" + key + "' has shape " + shape_str(src.shape()) + ", expected " +
+                std::to_string(part.src_row + part.rows) + " rows" +
+                (cols > 1 || spec.shape.size() == 2 ? " of " + std::to_string(cols) : std::string()) + " for " +
+                spec.name + " of config " + ck.config_source);
+  return src;
+}
+
+// The per-tensor scale of a linear weight: ComfyUI's "scaled fp8" files store W / s and s beside it as
+// `<module>.scale_weight`; without one the stored values are the weights (s = 1).
+float weight_scale_of(const FluxCheckpoint& ck, const WeightSpec& spec, const WeightPart& part,
+                      std::set<std::string>& used) {
+  if (spec.shape.size() != 2 || !ends_with(part.key, ".weight")) return 1.0f;
+  const std::string weight_key = ck.prefix + part.key;
+  const std::string key = weight_key.substr(0, weight_key.size() - 7) + ".scale_weight";
+  if (!ck.weights.contains(key)) return 1.0f;
+  used.insert(key);
+  const Tensor s = ck.weights.tensor(key);
+  if (!dtype_is_float(s.dtype()) || s.ndim() > 1 || s.numel() != 1)
+    throw Error(ck.weights_path + ": tensor '" + key + "' is " + std::string(dtype_name(s.dtype())) + " " +
+                shape_str(s.shape()) + ", expected a float scalar or [1] (the per-tensor scale of '" + weight_key +
+                "')");
+  const float v = s.to_f32().ptr<float>()[0];
+  if (!std::isfinite(v) || !(v > 0.0f))
+    throw Error(ck.weights_path + ": tensor '" + key + "' is " + std::to_string(v) +
+                ", expected a finite positive scale for '" + weight_key + "'");
+  return v;
+}
+
+// Runs fn(first, end) over blocks of rows [0, rows), on all cores when there is more than one block: FLUX.1-dev's
+// FP8 modulation weights alone are 3.2B values to dequantise, seconds on one core.
+void for_row_blocks(int64_t rows, int64_t cols, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t per_block = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1));
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  const int64_t threads = std::min<int64_t>(blocks, std::max(1u, std::thread::hardware_concurrency()));
+  if (threads <= 1) return fn(0, rows);
+  std::atomic<int64_t> next{0};
+  std::vector<std::thread> pool;
+  for (int64_t t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      for (int64_t b = next++; b < blocks; b = next++) fn(b * per_block, std::min(rows, (b + 1) * per_block));
+    });
+  for (auto& t : pool) t.join();
+}
+
+// Rows [first, end) of a source part (relative to part.src_row) as float32 values times scale.
+void scaled_rows(const Tensor& src, int64_t first, int64_t end, int64_t cols, float scale, std::vector<float>& v) {
+  v.resize(size_t((end - first) * cols));
+  const char* p = static_cast<const char*>(src.data()) + first * cols * int64_t(dtype_size(src.dtype()));
+  if (src.dtype() == DType::F8_E4M3) {  // quant's table: the generic conversion computes each code
+    for (size_t i = 0; i < v.size(); ++i) v[i] = quant::e4m3_to_f32(uint8_t(p[i])) * scale;
+    return;
+  }
+  convert_to_f32(src.dtype(), p, v.data(), v.size());
+  if (scale != 1.0f)
+    for (float& x : v) x *= scale;
+}
+
+// Fills rows of `dst` (host, dst dtype) from the checkpoint according to `spec`, dequantising FP8 weights.
 void assemble(const FluxCheckpoint& ck, const WeightSpec& spec, Tensor& dst, std::set<std::string>& used) {
   const int64_t cols = spec.shape.size() == 2 ? spec.shape[1] : 1;
+  const size_t ss_dst = dtype_size(dst.dtype());
   int64_t rows_filled = 0;
   for (const WeightPart& part : spec.parts) {
-    const std::string key = ck.prefix + part.key;
-    Tensor src = float_tensor(ck.weights, key, "needed for " + spec.name);
-    used.insert(key);
-    const int64_t src_cols = src.ndim() == 2 ? src.size(1) : 1;
-    const bool rank_ok = src.ndim() == int(spec.shape.size());
-    if (!rank_ok || src_cols != cols || part.src_row + part.rows > src.size(0))
-      throw Error(ck.weights_path + ": tensor '" + key + "' has shape " + shape_str(src.shape()) +
-                  ", expected " + std::to_string(part.src_row + part.rows) + " rows" +
-                  (cols > 1 || spec.shape.size() == 2 ? " of " + std::to_string(cols) : std::string()) +
-                  " for " + spec.name + " of config " + ck.config_source);
-    const size_t es = dtype_size(src.dtype()), des = dtype_size(dst.dtype());
-    convert(src.dtype(), static_cast<const char*>(src.data()) + part.src_row * cols * es, dst.dtype(),
-            static_cast<char*>(dst.data()) + part.row * cols * des, size_t(part.rows * cols));
+    const Tensor src = source_part(ck, spec, part, used);
+    const float scale = weight_scale_of(ck, spec, part, used);
+    const size_t ss = dtype_size(src.dtype());
+    const bool plain = scale == 1.0f && src.dtype() != DType::F8_E4M3;
+    for_row_blocks(part.rows, cols, [&](int64_t first, int64_t end) {
+      char* out = static_cast<char*>(dst.data()) + (part.row + first) * cols * int64_t(ss_dst);
+      if (plain) {
+        convert(src.dtype(), static_cast<const char*>(src.data()) + (part.src_row + first) * cols * int64_t(ss),
+                dst.dtype(), out, size_t((end - first) * cols));
+        return;
+      }
+      std::vector<float> v;
+      scaled_rows(src, part.src_row + first, part.src_row + end, cols, scale, v);
+      convert_from_f32(v.data(), dst.dtype(), out, v.size());
+    });
     rows_filled += part.rows;
   }
   if (rows_filled != spec.shape[0])
     throw Error(ck.weights_path + ": internal error assembling " + spec.name);
+}
+
+// The e4m3 rows and per-row scales of a block linear. E4M3 sources keep their bytes (a per-tensor scale is one
+// scale per row, repeated); others are quantised per row as FP8 mode would quantise a bf16 weight.
+void assemble_fp8(const FluxCheckpoint& ck, const WeightSpec& spec, Tensor& q, Tensor& scales,
+                  std::set<std::string>& used) {
+  const int64_t cols = spec.shape[1];
+  int64_t rows_filled = 0;
+  for (const WeightPart& part : spec.parts) {
+    const Tensor src = source_part(ck, spec, part, used);
+    const float scale = weight_scale_of(ck, spec, part, used);
+    for_row_blocks(part.rows, cols, [&](int64_t first, int64_t end) {
+      uint8_t* out = q.ptr<uint8_t>() + (part.row + first) * cols;
+      float* out_scales = scales.ptr<float>() + part.row + first;
+      if (src.dtype() == DType::F8_E4M3) {
+        std::memcpy(out, src.ptr<uint8_t>() + (part.src_row + first) * cols, size_t((end - first) * cols));
+        std::fill(out_scales, out_scales + (end - first), scale);
+        return;
+      }
+      std::vector<float> v;
+      scaled_rows(src, part.src_row + first, part.src_row + end, cols, scale, v);
+      quant::quantize_rows_e4m3(v.data(), cols, end - first, cols, out, cols, out_scales);
+    });
+    rows_filled += part.rows;
+  }
+  if (rows_filled != spec.shape[0])
+    throw Error(ck.weights_path + ": internal error assembling " + spec.name);
+}
+
+// The tensor on the backend's device with its dtype and bytes as they are: upload_weight and copy_from_host convert
+// through float32, which has no way to e4m3, while the batched upload moves same-dtype tensors byte for byte. The
+// CPU backend computes on host memory.
+Tensor upload_as_is(Backend& backend, const Tensor& host) {
+  if (backend.device() == Device::CPU) return host;
+  Tensor dev = backend.empty(host.dtype(), host.shape());
+  backend.copy_from_host_batch({{host, dev}});
+  return dev;
+}
+
+// ComfyUI keys that carry nothing the engine uses: activation scales, and the marker of a scaled-fp8 file.
+bool ignored_key(const FluxCheckpoint& ck, const std::string& key) {
+  return ends_with(key, ".scale_input") || key == ck.prefix + "scaled_fp8";
+}
+
+std::vector<std::string> token_linear_names(size_t double_blocks, size_t single_blocks) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < double_blocks; ++i) {
+    const std::string p = "double_blocks." + std::to_string(i) + ".";
+    for (const char* m : {"img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "txt_mlp.0",
+                          "img_mlp.2", "txt_mlp.2"})
+      out.push_back(p + m);
+  }
+  for (size_t i = 0; i < single_blocks; ++i) {
+    const std::string p = "single_blocks." + std::to_string(i) + ".";
+    out.push_back(p + "linear1");
+    out.push_back(p + "linear2");
+  }
+  return out;
 }
 
 }  // namespace
@@ -92,6 +236,8 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
   }
   w.final_mod = take_linear(m, "final_layer.adaLN_modulation.1");
   w.final_linear = take_linear(m, "final_layer.linear");
+  for (const auto& [name, t] : m)
+    if (ends_with(name, ".weight_fp8")) w.fp8_only = true;
   w.by_name = std::move(m);
   return w;
 }
@@ -122,7 +268,7 @@ Linear& FluxWeights::linear(const std::string& module) {
   auto bad = [&] { return Error("'" + module + "' is not a linear module of this transformer"); };
   if (auto it = global.find(module); it != global.end()) {
     Linear& l = this->*(it->second);
-    if (!l.weight.defined()) throw bad();
+    if (!l.weight.defined() && !l.weight_fp8.defined()) throw bad();
     return l;
   }
   // "<blocks>.<index>.<member>"
@@ -143,10 +289,24 @@ Linear& FluxWeights::linear(const std::string& module) {
 }
 
 FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, WeightLoadReport* report) {
+  std::set<std::string> fp8_weights;  // internal names of the weights loaded as FP8
+  if (ck.fp8_linears)
+    for (const auto& module : block_token_linear_names(ck.config)) fp8_weights.insert(module + ".weight");
   std::map<std::string, Tensor> m;
   std::set<std::string> used;
   size_t bytes = 0;
   for (const WeightSpec& spec : flux_weight_specs(ck.config, ck.naming)) {
+    if (fp8_weights.count(spec.name)) {
+      const std::string module = spec.name.substr(0, spec.name.size() - 7);
+      Tensor q = Tensor::empty(DType::F8_E4M3, spec.shape), scales = Tensor::empty(DType::F32, {spec.shape[0]});
+      assemble_fp8(ck, spec, q, scales, used);
+      for (const auto& [name, t] : {std::pair{module + ".weight_fp8", q}, {module + ".weight_scale", scales}}) {
+        Tensor dev = upload_as_is(backend, t);
+        bytes += dev.nbytes();
+        m.emplace(name, std::move(dev));
+      }
+      continue;
+    }
     Tensor host = Tensor::empty(backend.compute_dtype(), spec.shape);
     assemble(ck, spec, host, used);
     Tensor dev = backend.upload_weight(host);
@@ -158,25 +318,27 @@ FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, Weight
     report->bytes_on_device = bytes;
     report->unused_keys.clear();
     for (const auto& k : ck.weights.keys())
-      if (k.compare(0, ck.prefix.size(), ck.prefix) == 0 && !used.count(k)) report->unused_keys.push_back(k);
+      if (k.compare(0, ck.prefix.size(), ck.prefix) == 0 && !used.count(k) && !ignored_key(ck, k))
+        report->unused_keys.push_back(k);
   }
   return flux_weights_from_map(ck.config, std::move(m));
 }
 
+std::vector<std::string> block_token_linear_names(const FluxConfig& config) {
+  return token_linear_names(size_t(config.num_layers), size_t(config.num_single_layers));
+}
+
 std::vector<Linear*> block_token_linears(FluxWeights& w) {
   std::vector<Linear*> out;
-  for (auto& b : w.double_blocks)
-    for (Linear* l : {&b.img_qkv, &b.txt_qkv, &b.img_proj, &b.txt_proj, &b.img_mlp_in, &b.txt_mlp_in, &b.img_mlp_out,
-                      &b.txt_mlp_out})
-      out.push_back(l);
-  for (auto& b : w.single_blocks) {
-    out.push_back(&b.linear1);
-    out.push_back(&b.linear2);
-  }
+  for (const auto& module : token_linear_names(w.double_blocks.size(), w.single_blocks.size()))
+    out.push_back(&w.linear(module));
   return out;
 }
 
 void quantize_linear_fp8(Linear& l, Backend& backend) {
+  if (!l.weight.defined())
+    throw Error("this linear exists only in FP8 (the model was loaded from an FP8 checkpoint): there is no bf16 "
+                "weight to quantise");
   if (!l.weight_fp8.defined()) {
     l.weight_fp8 = backend.empty(DType::F8_E4M3, l.weight.shape());
     l.weight_scale = backend.empty(DType::F32, {l.weight.size(0)});

@@ -18,7 +18,8 @@ struct Linear {
   // that [x | x down^T] [W | up]^T is the whole product in one GEMM (undefined otherwise).
   Tensor lora_weight;
   // FP8 mode: the working weight in e4m3 with one float32 scale per output feature (undefined in bf16 mode). The
-  // bf16 `weight` stays as the pristine source it is requantised from (merged LoRA).
+  // bf16 `weight` stays as the pristine source it is requantised from (merged LoRA), except in an FP8-only model
+  // (loaded from an FP8 checkpoint), whose block linears have no `weight` at all.
   Tensor weight_fp8, weight_scale;
 };
 
@@ -48,8 +49,11 @@ struct FluxWeights {
   Linear final_mod;    // [2D, D]: shift, scale
   Linear final_linear; // [C_out, D]
 
-  // Every tensor by internal name (the same memory as the fields above).
+  // Every tensor by internal name (the same memory as the fields above). The FP8 pair of a linear loaded as FP8 is
+  // `<module>.weight_fp8` and `<module>.weight_scale`, in place of `<module>.weight`.
   std::map<std::string, Tensor> by_name;
+  // The block linears exist only in FP8 (no bf16 copy on the device): the transformer cannot leave FP8 mode.
+  bool fp8_only = false;
 
   // The linear module with this internal name ("double_blocks.3.img_attn.qkv", "final_layer.linear", ...).
   // Throws Error for a name that is not a linear module of this model.
@@ -64,6 +68,13 @@ struct WeightLoadReport {
 
 // Reads, converts, fuses and uploads every weight. Throws Error naming the file and key on a missing tensor or a
 // shape that does not match the config.
+//
+// A checkpoint whose block linears are stored in FP8 (checkpoint.fp8_linears) gives an FP8-only model: they
+// (block_token_linears) get weight_fp8 and weight_scale and no bf16 weight. An F8_E4M3 weight keeps its bytes, its
+// per-tensor scale (`<module>.scale_weight`, a scalar or [1]; 1 when absent) repeated for each row; block linears
+// stored otherwise (F8_E5M2, bf16, ...) are quantised per row at load. Every other weight stored in FP8 is
+// dequantised (value x scale) to the compute dtype. `<module>.scale_input` and the `scaled_fp8` marker are
+// ComfyUI's and ignored.
 FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend, WeightLoadReport* report = nullptr);
 
 // Builds the struct view from a complete by_name map (used by loaders and by tests that make weights directly).
@@ -72,7 +83,9 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
 // The linears of the blocks that read token rows (qkv, proj, MLPs, linear1/2): 99% of the step's FLOPs. FP8 mode
 // quantises these; runtime LoRA slots of these live inside [W | up] (the transformer gives their inputs room).
 std::vector<Linear*> block_token_linears(FluxWeights& weights);
-// weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use).
+// Their internal module names ("double_blocks.0.img_attn.qkv", ..., "single_blocks.0.linear2"), in the same order.
+std::vector<std::string> block_token_linear_names(const FluxConfig& config);
+// weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use). Error for an FP8-only linear.
 void quantize_linear_fp8(Linear& l, Backend& backend);
 
 }  // namespace fluxswap

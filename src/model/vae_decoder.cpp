@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "backend/cpu_ops.h"
 #include "core/error.h"
 #include "io/json_config.h"
 #include "model/component_weights.h"
@@ -179,7 +180,8 @@ int64_t vae_largest_activation(const VaeConfig& config, int64_t height, int64_t 
     area *= 4;
     most = std::max(most, channels * area);
   }
-  return most;
+  // decode_to_rgb8's uint8 image, one element a value (more than it needs); FLUX's 128 channels hold it already.
+  return std::max(most, config.out_channels * area);
 }
 
 VaeDecoder::VaeDecoder(const VaeConfig& config, VaeDecoderWeights weights, Backend& backend)
@@ -317,37 +319,40 @@ Tensor VaeDecoder::decode_host(const Tensor& latents) {
   return backend_.to_host_f32(buf_.image_out);
 }
 
+Tensor VaeDecoder::decode_to_rgb8(const Tensor& packed, int64_t height, int64_t width) {
+  if (packed.ndim() != 3 || packed.size(2) != 4 * config_.latent_channels)
+    throw Error("VAE decode: packed latents " + shape_str(packed.shape()) + " must be [B, tokens, " +
+                std::to_string(4 * config_.latent_channels) + "] (4 x the VAE's latent channels)");
+  prepare(packed.size(0), height, width);
+  backend_.unpack_unscale_latents(packed, config_.scaling_factor, config_.shift_factor, buf_.latents_in);
+  decode(buf_.latents_in, buf_.image_out);
+  // The arenas are free once the image is out, and vae_largest_activation makes each hold the uint8 image too.
+  const Shape rgb8_shape = {B_, buf_.image_out.size(2), buf_.image_out.size(3), config_.out_channels};
+  Tensor rgb8 = Tensor::borrow(buf_.a.data(), DType::U8, rgb8_shape, buf_.a.device(), buf_.a.owner());
+  backend_.image_to_u8(buf_.image_out, rgb8);
+  return rgb8;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Pipeline helpers (host tensors)
+// Pipeline helpers (host tensors). The arithmetic is the CPU backend's (cpu_ops), so the host path and the CPU
+// backend's decode_to_rgb8 give the same bits.
 
 Tensor unscale_latents(const Tensor& latents, const VaeConfig& config) {
   Tensor out = latents.to_f32();
   float* p = out.ptr<float>();
-  for (int64_t i = 0; i < out.numel(); ++i) p[i] = p[i] / config.scaling_factor + config.shift_factor;
+  for (int64_t i = 0; i < out.numel(); ++i)
+    p[i] = cpu_ops::unscale_latent(p[i], config.scaling_factor, config.shift_factor);
   return out;
 }
-
-namespace {
-// Index of latent pixel (c, y, x) of sample b in the packed layout [B, (h/2)(w/2), 4C].
-int64_t packed_index(int64_t b, int64_t c, int64_t y, int64_t x, int64_t C, int64_t h, int64_t w) {
-  const int64_t token = (y / 2) * (w / 2) + x / 2, channel = c * 4 + (y % 2) * 2 + x % 2;
-  return (b * (h / 2) * (w / 2) + token) * 4 * C + channel;
-}
-}  // namespace
 
 Tensor unpack_flux_latents(const Tensor& packed, int64_t h, int64_t w) {
   if (packed.ndim() != 3 || packed.size(2) % 4 != 0 || h <= 0 || w <= 0 || h % 2 || w % 2 ||
       packed.size(1) != (h / 2) * (w / 2))
     throw Error("unpack latents: packed " + shape_str(packed.shape()) + " does not hold a " + std::to_string(h) +
                 "x" + std::to_string(w) + " latent (expected [B, (h/2)(w/2), 4C] with h, w even)");
-  const Tensor src = packed.to_f32();
-  const int64_t B = packed.size(0), C = packed.size(2) / 4;
-  Tensor out = Tensor::empty(DType::F32, {B, C, h, w});
-  float* o = out.ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t y = 0; y < h; ++y)
-        for (int64_t x = 0; x < w; ++x) *o++ = src.ptr<float>()[packed_index(b, c, y, x, C, h, w)];
+  Tensor out = Tensor::empty(DType::F32, {packed.size(0), packed.size(2) / 4, h, w});
+  // x / 1 + (-0) is x exactly, signed zeros included: a plain unpacking.
+  cpu_ops::unpack_unscale_latents(packed.to_f32(), 1.0f, -0.0f, out);
   return out;
 }
 
@@ -361,7 +366,7 @@ Tensor pack_flux_latents(const Tensor& latents) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t y = 0; y < h; ++y)
-        for (int64_t x = 0; x < w; ++x) out.ptr<float>()[packed_index(b, c, y, x, C, h, w)] = *s++;
+        for (int64_t x = 0; x < w; ++x) out.ptr<float>()[cpu_ops::flux_packed_index(b, c, y, x, C, h, w)] = *s++;
   return out;
 }
 
@@ -373,23 +378,14 @@ Tensor postprocess_unit(const Tensor& image) {
   const float* s = src.ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t y = 0; y < H; ++y)
-        for (int64_t x = 0; x < W; ++x) {
-          // float32 arithmetic in torch's order; a NaN stays NaN, as torch's clamp leaves it.
-          const float v = *s++ / 2.0f + 0.5f;
-          out.ptr<float>()[((b * H + y) * W + x) * C + c] = std::isnan(v) ? v : std::clamp(v, 0.0f, 1.0f);
-        }
+      for (int64_t p = 0; p < H * W; ++p) out.ptr<float>()[(b * H * W + p) * C + c] = cpu_ops::unit_pixel(*s++);
   return out;
 }
 
 Tensor postprocess_u8(const Tensor& image) {
-  const Tensor unit = postprocess_unit(image);
-  Tensor out = Tensor::empty(DType::U8, unit.shape());
-  for (int64_t i = 0; i < unit.numel(); ++i) {
-    const float v = unit.ptr<float>()[i] * 255.0f;
-    // std::nearbyint rounds half to even in the default rounding mode, like numpy's round; a NaN becomes black.
-    out.ptr<uint8_t>()[i] = std::isnan(v) ? 0 : uint8_t(std::nearbyint(v));
-  }
+  if (image.ndim() != 4) throw Error("postprocess: image " + shape_str(image.shape()) + " must be [B, C, H, W]");
+  Tensor out = Tensor::empty(DType::U8, {image.size(0), image.size(2), image.size(3), image.size(1)});
+  cpu_ops::image_to_u8(image.to_f32(), out);
   return out;
 }
 

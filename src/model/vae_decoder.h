@@ -72,8 +72,8 @@ struct VaeDecoderWeights {
 VaeDecoderWeights load_vae_decoder_weights(const SafetensorsCollection& file, const VaeConfig& config,
                                            Backend& backend);
 
-// Elements of the largest activation a decode of latents [height, width] holds (per sample): what each of the
-// decoder's arenas must hold (the memory planner sizes the VAE with it too).
+// Elements of the largest activation a decode of latents [height, width] holds (per sample), or of its uint8 image
+// if that is larger: what each of the decoder's arenas must hold (the memory planner sizes the VAE with it too).
 int64_t vae_largest_activation(const VaeConfig& config, int64_t height, int64_t width);
 
 class VaeDecoder {
@@ -88,6 +88,11 @@ class VaeDecoder {
   void decode(const Tensor& latents, const Tensor& image);
   // Host latents (any float dtype) in, host float32 image out: uploads, decodes, downloads.
   Tensor decode_host(const Tensor& latents);
+  // The FLUX pipeline's decode tail on the backend's device: the sampler's packed latents [B, (h/2)(w/2),
+  // 4 * latent_channels] (compute dtype, contiguous) -> unpack and unscale -> decode -> uint8 RGB
+  // [B, h * upscale, w * upscale, out_channels] as postprocess_u8 makes it. h and w are the latent size (even).
+  // Issues device work only; the result lives in one of this decoder's arenas, rewritten by the next decode.
+  Tensor decode_to_rgb8(const Tensor& packed, int64_t height, int64_t width);
 
   const VaeConfig& config() const { return config_; }
 
@@ -111,7 +116,7 @@ class VaeDecoder {
     // two a layer's intermediate results (which arena is which changes as layers write their outputs).
     Tensor cur, a, b;
     Tensor q, k, v, attn;          // [B, h*w, C] token rows of the mid-block attention
-    Tensor latents_in, image_out;  // decode_host's device copies
+    Tensor latents_in, image_out;  // decode_host's device copies; decode_to_rgb8's intermediates
   } buf_;
 };
 

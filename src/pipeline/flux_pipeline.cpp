@@ -193,13 +193,26 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
         throw Error("generation cancelled after step " + std::to_string(i + 1) + "/" + std::to_string(r.steps));
     }
   }
-  r.latents = backend_.to_host_f32(in.hidden_states);
+  backend_.synchronize();  // so that denoise_s does not include the decode queued behind the last step
   r.denoise_s = seconds_since(t0);
 
+  // The decode tail stays on the device; only the 8-bit image and the final latents come back, queued behind it
+  // into pinned memory where the backend has some, so neither download stalls the decode.
   t0 = Clock::now();
-  Tensor image = vae_->decode_host(unscale_latents(unpack_flux_latents(r.latents, lat_h, lat_w), vae_->config()));
-  Tensor u8 = postprocess_u8(image);
+  const Tensor rgb8 = vae_->decode_to_rgb8(in.hidden_states, lat_h, lat_w);
+  const HostBufferAllocator pinned = backend_.host_buffer_allocator();
+  auto host_tensor = [&](DType dtype, const Shape& shape) {
+    if (!pinned) return Tensor::empty(dtype, shape);
+    std::shared_ptr<void> owner = pinned(size_t(shape_numel(shape)) * dtype_size(dtype));
+    return Tensor::borrow(owner.get(), dtype, shape, Device::CPU, owner);
+  };
+  const Tensor latents = host_tensor(in.hidden_states.dtype(), in.hidden_states.shape());
+  const Tensor u8 = host_tensor(DType::U8, rgb8.shape());
+  backend_.copy_to_host(rgb8, u8);
+  backend_.copy_to_host(in.hidden_states, latents);
+  backend_.synchronize();
   r.decode_s = seconds_since(t0);
+  r.latents = latents.to_f32();
   const int64_t H = u8.size(1), W = u8.size(2);
   for (int64_t b = 0; b < B; ++b) {
     Rgb8Image img;

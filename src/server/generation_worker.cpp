@@ -68,6 +68,8 @@ void GenerationWorker::run() {
   try {
     backend_ = make_backend_();
     pipeline_ = FluxPipeline::from_pretrained(options_.model, *backend_);
+    if (options_.fp8 || options_.fp8_attention)
+      pipeline_->transformer().set_precision(options_.fp8 || pipeline_->transformer().fp8(), options_.fp8_attention);
     lora_ = std::make_unique<LoraController>(pipeline_->transformer(), lora_mode_from_name(options_.lora_mode),
                                              options_.lora_max_rank);
     lora_->set_cache_capacity(options_.lora_cache);

@@ -14,6 +14,7 @@ struct ServerOptions {
   std::string lora_mode = "merged";
   int64_t lora_max_rank = 64;
   std::string lora_dir;  // empty: no LoRAs can be named
+  bool fp8 = false, fp8_attention = false;  // FluxTransformer::set_precision
 
   size_t queue_size = 16;  // requests waiting (the one being generated is not counted)
   size_t lora_cache = 8;   // parsed adapters kept on the host (and uploaded ones kept on the device)

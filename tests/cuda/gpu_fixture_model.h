@@ -1,5 +1,5 @@
 #pragma once
-// The tiny fixture transformer on a GPU backend with its golden inputs uploaded once (a recording must not upload),
+// A fixture transformer (tiny unless named) on a GPU backend with its golden inputs uploaded once (a recording must not upload),
 // for the CUDA LoRA and FP8 tests.
 #include <memory>
 #include <string>
@@ -13,14 +13,14 @@ namespace fluxswap::test {
 
 struct GpuModel {
   Backend& be;
-  std::string dir = fixtures_dir() + "/tiny";
+  std::string dir;
   FluxCheckpoint checkpoint = open_flux_checkpoint(dir + "/transformer_bfl.safetensors");
   FluxTransformer transformer{checkpoint.config, load_flux_weights(checkpoint, be), be};
   std::shared_ptr<SafetensorsFile> goldens = SafetensorsFile::open(dir + "/transformer_goldens.safetensors");
   FluxInputs in;
   Tensor out;
 
-  explicit GpuModel(Backend& backend) : be(backend) {
+  explicit GpuModel(Backend& backend, const std::string& name = "tiny") : be(backend), dir(fixtures_dir() + "/" + name) {
     const FluxHostInputs h = read_flux_inputs(*goldens);
     auto up = [&](const Tensor& host, DType type) {
       Tensor d = be.empty(type, host.shape());

@@ -2,7 +2,8 @@
 // checks that one against the fixtures): the tiny model plain, with a runtime LoRA (the bf16 branch accumulated by
 // the FP8 GEMM) and with a merged one (requantised), and unload back to the FP8 base exactly.
 // Tolerance: the GPU quantises bf16 activations, the CPU float32 ones, so a few e4m3 codes land on the other side
-// of a rounding boundary; max|a-b|/max|b| <= 5e-2 and cosine >= 0.999 (measured values are printed).
+// of a rounding boundary, in the block linears and (since the modulation linears run in FP8 too) in every shift,
+// scale and gate; max|a-b|/max|b| <= 7e-2 and cosine >= 0.999 (measured 0.028-0.058 and >= 0.99932, printed).
 #include "cuda_test_util.h"
 #include "../fixture_transformer.h"
 #include "gpu_fixture_model.h"
@@ -11,7 +12,7 @@
 namespace fluxswap::test {
 namespace {
 
-constexpr double kMaxRelError = 5e-2, kMinCosine = 0.999;
+constexpr double kMaxRelError = 7e-2, kMinCosine = 0.999;
 
 TEST(CudaFp8Transformer, MatchesTheCpuFp8ReferenceWithAndWithoutLora) {
   FLUXSWAP_REQUIRE_FIXTURES();

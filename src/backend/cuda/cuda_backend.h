@@ -333,31 +333,15 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                     int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
-    const char* op = "qk_norm_rope";
-    const cuda::RowsView X = rows_of(qkv, op, "qkv");
-    for (const Tensor* t : {&q, &k, &v}) {
-      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
-      check_contiguous(*t, op, "q, k, v");
-      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
-    }
-    const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
-    if (X.C != 3 * H * D || seq_offset < 0 || seq_offset + X.N > S || q.size(0) != X.B)
-      bad(op, "qkv " + shape_str(qkv.shape()) + " does not fit q " + shape_str(q.shape()) + " at offset " +
-                  std::to_string(seq_offset));
-    for (const Tensor* t : {&q_norm, &k_norm}) {
-      check_cuda_tensor(*t, op, "norm weight", DType::BF16);
-      if (t->ndim() != 1 || t->size(0) != D || !t->is_contiguous()) bad(op, "norm weights must be [head_dim]");
-    }
-    check_cuda_tensor(rope, op, "rope", DType::F32);
-    check_contiguous(rope, op, "rope");
-    if (rope.ndim() != 3 || rope.size(0) < seq_offset + X.N || rope.size(1) != D / 2 || rope.size(2) != 2)
-      bad(op, "rope table " + shape_str(rope.shape()) + " does not cover the positions");
-    const cuda::QkvHeads heads{q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), H, S, D};
-    timed(op, [&] {
-      cuda::launch_qk_norm_rope(X, q_norm.ptr<__nv_bfloat16>(), k_norm.ptr<__nv_bfloat16>(), rope.ptr<float>(),
-                                seq_offset, heads, stream());
-    });
+    qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q, k, v, nullptr, "qk_norm_rope");
   }
+
+  // Defined in cuda_fp8_attention_ops.cpp.
+  void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                        int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8, const Tensor& v,
+                        const Tensor& v_amax) override;
+  void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
+                     const Tensor& out) override;
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
     const char* op = "attention";
@@ -428,8 +412,40 @@ class CudaBackend final : public Backend {
                   const Tensor& y) override;
   void upsample_nearest2x(const Tensor& x, const Tensor& y) override;
   void transpose_last2(const Tensor& x, const Tensor& y) override;
+  void unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out) override;
+  void image_to_u8(const Tensor& image, const Tensor& out) override;
+  void copy_to_host(const Tensor& src, const Tensor& host_dst) override;
 
  private:
+  // qk_norm_rope's checks and launch; with `fp8`, q and k go to its e4m3 target and only v is written here.
+  void qk_norm_rope_checked(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                            int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v,
+                            const cuda::Fp8QkTarget* fp8, const char* op) {
+    const cuda::RowsView X = rows_of(qkv, op, "qkv");
+    for (const Tensor* t : {&q, &k, &v}) {
+      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
+      check_contiguous(*t, op, "q, k, v");
+      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
+    }
+    const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
+    if (X.C != 3 * H * D || seq_offset < 0 || seq_offset + X.N > S || q.size(0) != X.B)
+      bad(op, "qkv " + shape_str(qkv.shape()) + " does not fit q " + shape_str(q.shape()) + " at offset " +
+                  std::to_string(seq_offset));
+    for (const Tensor* t : {&q_norm, &k_norm}) {
+      check_cuda_tensor(*t, op, "norm weight", DType::BF16);
+      if (t->ndim() != 1 || t->size(0) != D || !t->is_contiguous()) bad(op, "norm weights must be [head_dim]");
+    }
+    check_cuda_tensor(rope, op, "rope", DType::F32);
+    check_contiguous(rope, op, "rope");
+    if (rope.ndim() != 3 || rope.size(0) < seq_offset + X.N || rope.size(1) != D / 2 || rope.size(2) != 2)
+      bad(op, "rope table " + shape_str(rope.shape()) + " does not cover the positions");
+    const cuda::QkvHeads heads{q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), H, S, D};
+    timed(op, [&] {
+      cuda::launch_qk_norm_rope(X, q_norm.ptr<__nv_bfloat16>(), k_norm.ptr<__nv_bfloat16>(), rope.ptr<float>(),
+                                seq_offset, heads, fp8, stream());
+    });
+  }
+
   // Runs one op's launches, between an event pair while profiling (never inside a recording).
   template <class F>
   void timed(const char* op, F&& launch) {
@@ -484,6 +500,9 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasLtLinear> gemm_;
   AttentionMode attention_mode_;
   std::unique_ptr<cuda::CudnnAttention> cudnn_;
+  // FP8 attention's device scalars and e4m3 v / output scratch (grown outside recordings; outgrown ones kept).
+  Tensor fp8_attention_slots_, fp8_attention_v8_, fp8_attention_o8_;
+  std::vector<Tensor> fp8_attention_retired_;
   std::set<cuda::AttentionShape> cudnn_unsupported_;
   bool capturing_ = false;
   mutable cuda::OpProfiler profiler_;

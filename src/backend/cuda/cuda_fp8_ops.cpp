@@ -1,6 +1,7 @@
 // The FP8 ops of the CUDA backend: per-row e4m3 quantisation and the FP8 linear (activations quantised per token
 // on the fly, cuBLASLt with per-row scales on both sides).
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/fp8_gemv.h"
 #include "backend/cuda/fp8_quant_kernels.h"
 
 namespace fluxswap::cuda {
@@ -61,6 +62,18 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
     cuda::Fp8LinearOptions options;
     options.fast_accum = fp8_fast_accum_;
     fp8_ = std::make_unique<cuda::CublasLtFp8Linear>(memory_, options);
+  }
+  // A few rows (the modulation linears' conditioning vectors): stream the weights instead of tiling a GEMM.
+  const bool gemv = act == Activation::None && (X.B == 1 || X.sb == X.N * X.sn) && (Y.B == 1 || Y.sb == Y.N * Y.sn) &&
+                    cuda::fp8_gemv_fits(X.B * X.N, K) && wq.stride(0) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(wq.data()) % 16 == 0;
+  if (gemv) {
+    timed("linear_fp8 gemv", [&] {
+      cuda::launch_fp8_gemv(X.p, X.sn, X.B * X.N, K, static_cast<const uint8_t*>(wq.data()), wq.stride(0),
+                            w_scale.ptr<float>(), bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, Y.p,
+                            Y.sn, stream());
+    });
+    return;
   }
   // One product over all rows when the batches follow each other at the row stride on both sides; else one per
   // batch (a stream's rows inside the [B, text + image, D] buffer).

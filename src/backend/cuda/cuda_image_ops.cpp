@@ -1,6 +1,7 @@
 // The CUDA backend's VAE ops on contiguous NCHW bf16 tensors: conv2d on cuDNN (cudnn_conv.h) with the built-in
 // direct convolution where cuDNN refuses a shape or is absent; GroupNorm, nearest upsampling and the token
-// transpose on the kernels of image_kernels.cu.
+// transpose on the kernels of image_kernels.cu; and the pipeline's decode tail around the VAE (latent unpacking,
+// the uint8 image, its download).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -184,6 +185,50 @@ void CudaBackend::transpose_last2(const Tensor& x, const Tensor& y) {
     bad(op, "input " + shape_str(x.shape()) + " and output " + shape_str(y.shape()) + " do not fit");
   if (overlap(x, y)) bad(op, "the output must not overlap the input");
   timed(op, [&] { launch_transpose_last2(x.ptr<__nv_bfloat16>(), y.ptr<__nv_bfloat16>(), B, R, C, stream(), op); });
+}
+
+void CudaBackend::unpack_unscale_latents(const Tensor& packed, float scaling, float shift, const Tensor& out) {
+  const char* op = "unpack_unscale_latents";
+  check_nchw(packed, op, "packed latents", 3);
+  check_nchw(out, op, "output");
+  const int64_t B = out.size(0), C = out.size(1), h = out.size(2), w = out.size(3);
+  if (h % 2 || w % 2 || packed.size(0) != B || packed.size(1) != (h / 2) * (w / 2) || packed.size(2) != 4 * C)
+    bad(op, "packed latents " + shape_str(packed.shape()) + " do not unpack to " + shape_str(out.shape()) +
+                " (expected [B, (h/2)(w/2), 4C] with h, w even)");
+  if (overlap(packed, out)) bad(op, "the output must not overlap the input");
+  timed(op, [&] {
+    launch_unpack_unscale_latents(packed.ptr<__nv_bfloat16>(), out.ptr<__nv_bfloat16>(), B, C, h, w, scaling, shift,
+                                  stream(), op);
+  });
+}
+
+void CudaBackend::image_to_u8(const Tensor& image, const Tensor& out) {
+  const char* op = "image_to_u8";
+  check_nchw(image, op, "image");
+  check_cuda_tensor(out, op, "output", DType::U8);
+  const int64_t B = image.size(0), C = image.size(1), H = image.size(2), W = image.size(3);
+  if (out.shape() != Shape{B, H, W, C} || !out.is_contiguous())
+    bad(op, "output must be a contiguous " + shape_str({B, H, W, C}) + " for image " + shape_str(image.shape()) +
+                ", got " + shape_str(out.shape()));
+  if (overlap(image, out)) bad(op, "the output must not overlap the input");
+  timed(op, [&] { launch_image_to_u8(image.ptr<__nv_bfloat16>(), out.ptr<uint8_t>(), B, C, H * W, stream(), op); });
+}
+
+// Asynchronous into pinned memory; from pageable memory CUDA returns only once the copy is done.
+void CudaBackend::copy_to_host(const Tensor& src, const Tensor& host_dst) {
+  const char* op = "copy_to_host";
+  if (!src.defined() || src.device() != Device::CUDA) bad(op, "source must be a CUDA tensor");
+  if (!host_dst.defined() || host_dst.device() != Device::CPU) bad(op, "destination must be a host tensor");
+  if (src.dtype() != host_dst.dtype() || src.shape() != host_dst.shape())
+    bad(op, std::string(dtype_name(src.dtype())) + " " + shape_str(src.shape()) + " into " +
+                std::string(dtype_name(host_dst.dtype())) + " " + shape_str(host_dst.shape()) +
+                ": dtype and shape must match");
+  check_contiguous(src, op, "source");
+  check_contiguous(host_dst, op, "destination");
+  if (capturing_) bad(op, "a download cannot be recorded; issue it after record()");
+  if (src.nbytes() == 0) return;
+  check(cudaMemcpyAsync(host_dst.data(), src.data(), src.nbytes(), cudaMemcpyDeviceToHost, stream()), op,
+        "cudaMemcpyAsync");
 }
 
 }  // namespace fluxswap::cuda

@@ -1,6 +1,7 @@
 #pragma once
 // Fused flash attention through the cuDNN frontend's SDPA graph: bf16 q, k, v [B, H, S, D] in, the output written
-// straight into the strided rows [B, S, H*D] (as a [B, H, S, D] tensor with strides (sb, D, sn, 1)).
+// straight into the strided rows [B, S, H*D] (as a [B, H, S, D] tensor with strides (sb, D, sn, 1)); or all of them
+// e4m3 with per-tensor scales (on Hopper cuDNN's FP8 attention writes e4m3 only).
 // One built graph and its workspace per shape; building while a CUDA graph is captured is an error.
 #include <cuda_runtime.h>
 
@@ -15,6 +16,7 @@ namespace fluxswap::cuda {
 
 struct AttentionShape {
   int64_t B, H, S, D, out_sb, out_sn;
+  bool fp8 = false;  // e4m3 q, k, v and output (see run_fp8)
   auto operator<=>(const AttentionShape&) const = default;
 };
 
@@ -31,11 +33,19 @@ class CudnnAttention {
   void build(const AttentionShape& shape);
   // Enqueues attention for a shape whose plan exists.
   void run(const AttentionShape& shape, const void* q, const void* k, const void* v, void* out);
+  // The FP8 form (shape.fp8): e4m3 q, k, v [B, H, S, D] and output (at the shape's strides), the descales and
+  // scales read from, and the probabilities' and output's amax written to, `slots` (fp8_attention_kernels.h).
+  void run_fp8(const AttentionShape& shape, const void* q8, const void* k8, const void* v8, void* o8, float* slots);
 
  private:
   struct Plan;
   struct Handle;
+  // Times every plan cuDNN offers for a new shape on scratch inputs and keeps the fastest (off with
+  // FLUXSWAP_ATTENTION_AUTOTUNE=0: the heuristic's first choice).
+  void autotune(const AttentionShape& shape, void* graph);
+
   DeviceMemory& memory_;
+  cudaStream_t stream_;
   std::unique_ptr<Handle> handle_;
   std::map<AttentionShape, std::unique_ptr<Plan>> plans_;
 };

@@ -60,6 +60,23 @@ __device__ inline float block_sum(float v, float* scratch) {
   return v;
 }
 
+__device__ inline float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it. No trailing barrier:
+// `scratch` must not be reused without one.
+__device__ inline float block_max(float v, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
+  return warp_max(v);
+}
+
 // Mean and 1 / sqrt(variance + eps) of one row of C values, the block's threads striding by VEC: two passes (the
 // row stays in L1 between them, and the variance is taken around the mean, so it has no cancellation). Ends on a
 // barrier, so the caller may overwrite the row afterwards.

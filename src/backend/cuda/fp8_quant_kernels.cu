@@ -21,22 +21,6 @@ using quant::kE4m3Max;
 constexpr int kQuantCache = 2;
 constexpr int kQuantMaxThreads = 1024;
 
-__device__ inline float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Max over the block (blockDim.x a multiple of 32); every thread gets it.
-__device__ inline float block_max(float v, float* scratch) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
-  return warp_max(v);
-}
-
 // fmaxf skips NaN, like std::fmax in the CPU reference.
 __device__ inline float amax8(const uint4& raw) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);

@@ -1,5 +1,5 @@
 // The VAE's memory-bound kernels on NCHW bf16 tensors: GroupNorm (+ SiLU), nearest 2x upsampling, the [B, R, C]
-// transpose and a per-channel bias add.
+// transpose and a per-channel bias add; and the pipeline's decode tail around the VAE (latent unpacking, uint8).
 #include <algorithm>
 #include <string>
 
@@ -165,6 +165,34 @@ __global__ void channel_bias_kernel(__nv_bfloat16* y, const __nv_bfloat16* bias,
     y[i] = __float2bfloat16(__bfloat162float(y[i]) + __bfloat162float(bias[(i / HW) % C]));
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The decode tail. Both are a few megabytes at 1024x1024, so one element (unpacking) or one pixel (uint8) per thread
+// is enough. The arithmetic is the CPU reference's (cpu_ops.h: unscale_latent, unit_pixel, u8_pixel) with correctly
+// rounded operations that nvcc may neither approximate nor contract into an FMA, so on the same bf16 values both
+// compute the same floats; the unpacked latents are then rounded to bf16.
+
+__global__ void unpack_unscale_kernel(const __nv_bfloat16* packed, __nv_bfloat16* out, int64_t C, int64_t h,
+                                      int64_t w, float scaling, float shift, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t x = i % w, y = (i / w) % h, c = (i / (w * h)) % C, b = i / (w * h * C);
+    const int64_t token = (b * (h / 2) + y / 2) * (w / 2) + x / 2;
+    const float v = __bfloat162float(packed[token * 4 * C + c * 4 + (y % 2) * 2 + x % 2]);
+    out[i] = __float2bfloat16_rn(__fadd_rn(__fdiv_rn(v, scaling), shift));
+  }
+}
+
+__global__ void image_to_u8_kernel(const __nv_bfloat16* image, uint8_t* out, int64_t C, int64_t HW, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / HW, p = i - b * HW;
+    for (int64_t c = 0; c < C; ++c) {
+      float v = __fadd_rn(__fdiv_rn(__bfloat162float(image[(b * C + c) * HW + p]), 2.0f), 0.5f);
+      if (!isnan(v)) v = fminf(fmaxf(v, 0.0f), 1.0f);
+      v = __fmul_rn(v, 255.0f);
+      out[i * C + c] = isnan(v) ? uint8_t(0) : uint8_t(rintf(v));  // rintf: half to even, as numpy rounds
+    }
+  }
+}
+
 }  // namespace
 
 void launch_group_norm(const GroupNormArgs& a, float2* scratch, cudaStream_t stream) {
@@ -226,6 +254,23 @@ void launch_channel_bias(__nv_bfloat16* y, const __nv_bfloat16* bias, int64_t B,
   if (total == 0) return;
   channel_bias_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(y, bias, C, HW, total);
   check_launch(op, "channel_bias_kernel");
+}
+
+void launch_unpack_unscale_latents(const __nv_bfloat16* packed, __nv_bfloat16* out, int64_t B, int64_t C, int64_t h,
+                                   int64_t w, float scaling, float shift, cudaStream_t stream, const char* op) {
+  const int64_t total = B * C * h * w;
+  if (total == 0) return;
+  unpack_unscale_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(packed, out, C, h, w, scaling, shift,
+                                                                          total);
+  check_launch(op, "unpack_unscale_kernel");
+}
+
+void launch_image_to_u8(const __nv_bfloat16* image, uint8_t* out, int64_t B, int64_t C, int64_t HW,
+                        cudaStream_t stream, const char* op) {
+  const int64_t total = B * HW;
+  if (total == 0 || C == 0) return;
+  image_to_u8_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(image, out, C, HW, total);
+  check_launch(op, "image_to_u8_kernel");
 }
 
 }  // namespace fluxswap::cuda

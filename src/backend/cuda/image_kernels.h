@@ -45,4 +45,13 @@ struct ConvArgs {
 };
 void launch_direct_conv(const ConvArgs& args, cudaStream_t stream);
 
+// The pipeline's decode tail (Backend::unpack_unscale_latents, Backend::image_to_u8), the same float32 arithmetic
+// as the CPU reference (cpu_ops.h) on the bf16 values.
+// out [B, C, h, w] = packed [B, (h/2)(w/2), 4C] unpacked, / scaling + shift; h and w even.
+void launch_unpack_unscale_latents(const __nv_bfloat16* packed, __nv_bfloat16* out, int64_t B, int64_t C, int64_t h,
+                                   int64_t w, float scaling, float shift, cudaStream_t stream, const char* op);
+// out [B, HW, C] uint8 = round_half_even(clamp(x / 2 + 0.5, 0, 1) * 255) of image [B, C, HW], NaN -> 0.
+void launch_image_to_u8(const __nv_bfloat16* image, uint8_t* out, int64_t B, int64_t C, int64_t HW,
+                        cudaStream_t stream, const char* op);
+
 }  // namespace fluxswap::cuda

@@ -31,8 +31,17 @@ struct QkvHeads {
   __nv_bfloat16 *q, *k, *v;  // contiguous [B, H, S, D]
   int64_t H, S, D;
 };
+// FP8 attention's form of the output: q and k as e4m3 at qk_scale (contiguous [B, H, S, D] bytes) instead of
+// QkvHeads' q and k, v still bf16, and max |v| raised into *v_amax.
+struct Fp8QkTarget {
+  uint8_t *q8 = nullptr, *k8 = nullptr;
+  float qk_scale = 1.0f;
+  float* v_amax = nullptr;
+};
+// fp8: null for the bf16 form.
 void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const __nv_bfloat16* k_norm,
-                         const float* rope, int64_t seq_offset, const QkvHeads& out, cudaStream_t stream);
+                         const float* rope, int64_t seq_offset, const QkvHeads& out, const Fp8QkTarget* fp8,
+                         cudaStream_t stream);
 
 // n contiguous elements, float32 or bf16.
 void launch_fill_normal(void* p, bool bf16, int64_t n, uint64_t seed, float mean, float std, cudaStream_t stream);

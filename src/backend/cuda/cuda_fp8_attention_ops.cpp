@@ -1,0 +1,84 @@
+// The FP8 attention ops of the CUDA backend: qk_norm_rope writing e4m3 q and k, then v quantised, cuDNN's FP8
+// flash attention, and its e4m3 output back to bf16 rows. Every scale is computed on the device (v's from the amax
+// qk_norm_rope_fp8 gathers), so the sequence records into a CUDA graph like the bf16 one.
+#include <cmath>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/fp8_attention_kernels.h"
+
+namespace fluxswap::cuda {
+
+namespace {
+void check_heads(const Tensor& t, DType dtype, const Shape& shape, const char* op, const char* what) {
+  check_cuda_tensor(t, op, what, dtype);
+  check_contiguous(t, op, what);
+  if (t.shape() != shape || t.ndim() != 4)
+    bad(op, std::string(what) + " must be [B, H, S, D] " + shape_str(shape) + ", got " + shape_str(t.shape()));
+}
+
+void check_amax(const Tensor& v_amax, const char* op) {
+  check_cuda_tensor(v_amax, op, "v_amax", DType::F32);
+  if (v_amax.numel() != 1) bad(op, "v_amax must be F32 [1], got " + shape_str(v_amax.shape()));
+}
+
+void check_qk_scale(float qk_scale, const char* op) {
+  if (!(qk_scale > 0.0f) || !std::isfinite(qk_scale)) bad(op, "qk_scale must be a positive finite number");
+}
+}  // namespace
+
+void CudaBackend::qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                                   int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8,
+                                   const Tensor& v, const Tensor& v_amax) {
+  const char* op = "qk_norm_rope_fp8";
+  check_heads(q8, DType::F8_E4M3, v.shape(), op, "q8");
+  check_heads(k8, DType::F8_E4M3, v.shape(), op, "k8");
+  check_amax(v_amax, op);
+  check_qk_scale(qk_scale, op);
+  const cuda::Fp8QkTarget target{static_cast<uint8_t*>(q8.data()), static_cast<uint8_t*>(k8.data()), qk_scale,
+                                 v_amax.ptr<float>()};
+  // The bf16 form's checks and launch, with q and k going to the e4m3 target (its bf16 q, k pointers are unused).
+  qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, v, v, v, &target, op);
+}
+
+void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                                const Tensor& v_amax, const Tensor& out) {
+  const char* op = "attention_fp8";
+  check_heads(v, DType::BF16, v.shape(), op, "v");
+  check_heads(q8, DType::F8_E4M3, v.shape(), op, "q8");
+  check_heads(k8, DType::F8_E4M3, v.shape(), op, "k8");
+  check_amax(v_amax, op);
+  check_qk_scale(qk_scale, op);
+  const int64_t B = v.size(0), H = v.size(1), S = v.size(2), D = v.size(3);
+  const cuda::RowsView O = rows_of(out, op, "output");
+  if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match v");
+  // cuDNN writes e4m3 rows [B, S, H*D] (contiguous) into a scratch buffer that the dequantisation reads.
+  const cuda::AttentionShape shape{B, H, S, D, S * H * D, H * D, /*fp8=*/true};
+  if (attention_mode_ == AttentionMode::Naive) bad(op, "needs cuDNN (FLUXSWAP_ATTENTION=naive is set)");
+  if (!cudnn_ || !cudnn_->has_plan(shape)) {
+    if (capturing_) bad(op, "a new attention shape was first issued while recording; run the work once first");
+    if (!cudnn_) cudnn_ = std::make_unique<cuda::CudnnAttention>(memory_, stream());
+    cudnn_->build(shape);  // no fallback kernel: an unsupported FP8 attention is an error
+  }
+  const int64_t n = B * H * S * D;
+  if (!fp8_attention_slots_.defined()) {
+    if (capturing_) bad(op, "the first FP8 attention must run before recording");
+    fp8_attention_slots_ = empty(DType::F32, {int64_t(cuda::kFp8AttentionSlots)});
+  }
+  if (!fp8_attention_v8_.defined() || fp8_attention_v8_.numel() < n) {
+    if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
+    fp8_attention_retired_.push_back(fp8_attention_v8_);  // a recording may still use the outgrown ones
+    fp8_attention_retired_.push_back(fp8_attention_o8_);
+    fp8_attention_v8_ = empty(DType::F8_E4M3, {n});
+    fp8_attention_o8_ = empty(DType::F8_E4M3, {n});
+  }
+  float* slots = fp8_attention_slots_.ptr<float>();
+  auto* v8 = static_cast<uint8_t*>(fp8_attention_v8_.data());
+  auto* o8 = static_cast<uint8_t*>(fp8_attention_o8_.data());
+  timed(op, [&] {
+    cuda::launch_quantize_v_e4m3(v.ptr<__nv_bfloat16>(), v8, n, v_amax.ptr<float>(), qk_scale, slots, stream());
+    cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots);
+    cuda::launch_dequantize_attention_e4m3(o8, slots, v_amax.ptr<float>(), O, stream());
+  });
+}
+
+}  // namespace fluxswap::cuda

@@ -1,0 +1,29 @@
+#pragma once
+// The kernels around cuDNN's FP8 attention (Backend::attention_fp8): v to e4m3 at the scale its max |v| gives, the
+// scalars cuDNN reads (descales of q, k, v, probabilities, the output's scale) written on the device so nothing
+// waits on the host, and the e4m3 output back to bf16 rows.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace fluxswap::cuda {
+
+// The float32 scalars one FP8 attention reads and writes, in one device array.
+enum Fp8AttentionSlot : int {
+  kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO, kDescaleO, kFp8AttentionSlots
+};
+
+// v8[i] = e4m3(v[i] * 448 / max(*v_amax, floor)) for n contiguous bf16 values (n a multiple of 8, 16-byte aligned
+// pointers); the first thread also fills `slots` (q and k descales 1 / qk_scale).
+void launch_quantize_v_e4m3(const __nv_bfloat16* v, uint8_t* v8, int64_t n, const float* v_amax, float qk_scale,
+                            float* slots, cudaStream_t stream);
+
+// out rows [B, S, H*D] (bf16) = e4m3 o8 (contiguous [B, S, H*D]) * slots[kDescaleO]; then *v_amax = 0, the state
+// the next layer's qk_norm_rope_fp8 starts from.
+void launch_dequantize_attention_e4m3(const uint8_t* o8, const float* slots, float* v_amax, const RowsView& out,
+                                      cudaStream_t stream);
+
+}  // namespace fluxswap::cuda
