@@ -73,6 +73,11 @@ void run(GenerateOptions& o) {
   std::unique_ptr<LoraController> lora;
   std::string lora_text;
   if (!o.loras.empty()) {
+    if (pipe->transformer().weights().fp8_only && o.lora_mode == "merged") {
+      // There is no bf16 base to merge into: the checkpoint's FP8 weights are the base, so LoRAs run as slots.
+      std::printf("lora     the transformer checkpoint is FP8: LoRAs run in runtime mode\n");
+      o.lora_mode = "runtime";
+    }
     lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(o.lora_mode), o.lora_max_rank);
     std::vector<ActiveLora> active;
     for (const auto& arg : o.loras) {

@@ -74,12 +74,16 @@ void FluxTransformer::set_fp8(bool on) {
   if (!weights_.fp8_only)
     for (Linear* l : block_token_linears(weights_)) targets.push_back(l);
   for (Linear* l : targets) {
-    if (on) {
-      quantize_linear_fp8(*l, backend_);
-    } else {
+    if (!on) {
       l->weight_fp8 = Tensor();
       l->weight_scale = Tensor();
+      continue;
     }
+    if (!l->weight.defined()) continue;  // held in FP8 only already
+    quantize_linear_fp8(*l, backend_);
+    // An FP8 checkpoint's LoRAs run as slots, never merged: no bf16 copy is needed as a requantisation source, and
+    // dropping it is what keeps such a model near 12 GB.
+    if (weights_.fp8_only) l->weight = Tensor();
   }
   fp8_ = on;
 }

@@ -70,7 +70,9 @@ void GenerationWorker::run() {
     pipeline_ = FluxPipeline::from_pretrained(options_.model, *backend_);
     if (options_.fp8 || options_.fp8_attention)
       pipeline_->transformer().set_precision(options_.fp8 || pipeline_->transformer().fp8(), options_.fp8_attention);
-    lora_ = std::make_unique<LoraController>(pipeline_->transformer(), lora_mode_from_name(options_.lora_mode),
+    // An FP8 checkpoint has no bf16 base to merge into: its LoRAs run as runtime slots.
+    const std::string lora_mode = pipeline_->transformer().weights().fp8_only ? "runtime" : options_.lora_mode;
+    lora_ = std::make_unique<LoraController>(pipeline_->transformer(), lora_mode_from_name(lora_mode),
                                              options_.lora_max_rank);
     lora_->set_cache_capacity(options_.lora_cache);
     model_.config = pipeline_->transformer().config();
