@@ -68,6 +68,12 @@ class Engine {
   }
 
   std::string device() const { return backend_->device() == Device::CUDA ? "cuda" : "cpu"; }
+
+  void set_precision(bool fp8_linears, bool fp8_attention) {
+    pipe_->transformer().set_precision(fp8_linears, fp8_attention);
+  }
+  bool fp8() const { return pipe_->transformer().fp8(); }
+  bool fp8_attention() const { return pipe_->transformer().fp8_attention(); }
   std::string backend_name() const { return backend_->name(); }
   // torch's spelling of the compute dtype: "float32" (CPU reference) or "bfloat16" (CUDA).
   std::string dtype() const {
@@ -348,6 +354,9 @@ PYBIND11_MODULE(_fluxswap, m) {
       .def("unfuse", &Engine::unfuse, release())
       .def("set_enabled", &Engine::set_enabled, py::arg("on"), release())
       .def("unload", &Engine::unload, release())
+      .def("set_precision", &Engine::set_precision, py::arg("fp8_linears"), py::arg("fp8_attention"), release())
+      .def_property_readonly("fp8", &Engine::fp8)
+      .def_property_readonly("fp8_attention", &Engine::fp8_attention)
       .def("list_adapters", &Engine::list_adapters, release())
       .def("active_adapters", &Engine::active_adapters, release())
       .def("lora_mode", &Engine::lora_mode, release())

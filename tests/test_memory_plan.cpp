@@ -70,12 +70,13 @@ TEST(MemoryPlan, EightyGigabytesKeepsEverythingResident) {
   for (const auto& c : p.components) EXPECT_EQ(c.placement, Placement::Resident) << c.name;
   EXPECT_EQ(p.upload_bytes_per_image, 0u);
   EXPECT_EQ(p.pinned_host_bytes, 0u);
-  // 23.8 + 9.5 + 0.25 + 0.1 GB of weights, the VAE decode's 1.7 GB of activations and the 1 GB reserve.
-  EXPECT_EQ(format_gb(p.peak_bytes), "36.4 GB");
+  // 23.8 + 9.5 + 0.25 + 0.1 GB of weights, the VAE decode's 1.7 GB of activations beside the transformer's 0.5 GB
+  // of step buffers (kept between images), and the 1 GB reserve.
+  EXPECT_EQ(format_gb(p.peak_bytes), "36.9 GB");
   EXPECT_EQ(p.peak_bytes, p.decode_peak);
   EXPECT_EQ(p.to_string(),
             "resident: transformer (bf16, 23.8 GB), t5 (bf16, 9.5 GB), clip (bf16, 0.2 GB), vae (bf16, 0.1 GB); "
-            "peak 36.4 GB of 80 GB");
+            "peak 36.9 GB of 80 GB");
 }
 
 TEST(MemoryPlan, TwentyFourGigabytesWithFp8SendsBf16T5OnDemand) {
@@ -86,26 +87,50 @@ TEST(MemoryPlan, TwentyFourGigabytesWithFp8SendsBf16T5OnDemand) {
   EXPECT_EQ(p.component("vae").placement, Placement::Resident);
   EXPECT_EQ(p.upload_bytes_per_image, p.component("t5").weight_bytes);
   EXPECT_LE(p.peak_bytes, 24 * GB);
-  EXPECT_EQ(p.peak_bytes, p.encode_peak);  // the transformer and T5 side by side
+  EXPECT_EQ(p.peak_bytes, p.encode_peak);  // the transformer (with its step buffers) and T5 side by side
   EXPECT_EQ(p.to_string(),
             "resident: transformer (fp8, 12 GB), clip (bf16, 0.2 GB), vae (bf16, 0.1 GB); on demand: t5 (bf16, "
-            "9.5 GB); peak 23 GB of 24 GB");
+            "9.5 GB); peak 23.5 GB of 24 GB");
+  // 23.2 GB is the least that keeps this transformer resident: everything else on demand.
+  const MemoryPlanRequest r = flux1_plan_request(24 * GB, WeightFormat::FP8, WeightFormat::BF16);
+  const uint64_t smallest = smallest_budget_with_resident_transformer(r);
+  EXPECT_EQ(format_gb(smallest), "23.2 GB");
+  MemoryPlanRequest at = r;
+  at.budget_bytes = smallest;
+  EXPECT_EQ(plan_memory(at).component("transformer").placement, Placement::Resident);
+  EXPECT_EQ(plan_memory(at).component("clip").placement, Placement::OnDemand);
+  at.budget_bytes = smallest - 1;
+  EXPECT_NE(plan_memory(at).component("transformer").placement, Placement::Resident);
 }
 
 TEST(MemoryPlan, TwentyFourGigabytesWithFp8AndNf4KeepsEverythingResident) {
-  // 12 + 2.9 + 0.2 + 0.1 GB of weights leave room for the 1.7 GB VAE decode and the 1 GB reserve.
+  // 12 + 2.9 + 0.2 + 0.1 GB of weights leave room for the 1.7 GB VAE decode beside the step buffers and the 1 GB
+  // reserve.
   const MemoryPlan p = plan_memory(flux1_plan_request(24 * GB, WeightFormat::FP8, WeightFormat::NF4));
   for (const auto& c : p.components) EXPECT_EQ(c.placement, Placement::Resident) << c.name;
   EXPECT_EQ(p.to_string(),
             "resident: transformer (fp8, 12 GB), t5 (nf4, 2.9 GB), clip (bf16, 0.2 GB), vae (bf16, 0.1 GB); "
-            "peak 17.9 GB of 24 GB");
+            "peak 18.4 GB of 24 GB");
+}
+
+TEST(MemoryPlan, SixteenGigabytesWithFp8AndNf4UploadsTheTransformerPerImageWhileItKeepsItsBuffers) {
+  // The encode phase is the tight one: T5 (2.9 GB) runs beside the 12 GB transformer and its 0.5 GB of step buffers.
+  // Streaming would have to move six single blocks every step (24 GB per image); uploading the transformer and T5
+  // for every image moves 14.8 GB.
+  const MemoryPlan p = plan_memory(flux1_plan_request(16 * GB, WeightFormat::FP8, WeightFormat::NF4));
+  EXPECT_EQ(p.component("transformer").placement, Placement::OnDemand);
+  EXPECT_EQ(p.component("t5").placement, Placement::OnDemand);
+  EXPECT_EQ(format_gb(p.upload_bytes_per_image), "14.8 GB");
+  EXPECT_EQ(p.peak_bytes, p.denoise_peak);
 }
 
 TEST(MemoryPlan, SixteenGigabytesWithFp8AndNf4SendsTheEncodersOnDemand) {
-  // The encode phase is the tight one: with the text encoders on demand, T5 (2.9 GB) still runs beside the 12 GB
-  // transformer. Streaming two single blocks (0.28 GB a step, 7.9 GB over 28 steps) plus the encoders' 3.1 GB per
-  // image is cheaper than uploading the whole transformer for every image.
-  const MemoryPlan p = plan_memory(flux1_plan_request(16 * GB, WeightFormat::FP8, WeightFormat::NF4));
+  // A pipeline that frees the transformer's step buffers after denoising. With the text encoders on demand, T5
+  // (2.9 GB) still runs beside the 12 GB transformer. Streaming two single blocks (0.28 GB a step, 7.9 GB over 28
+  // steps) plus the encoders' 3.1 GB per image is cheaper than uploading the whole transformer for every image.
+  MemoryPlanRequest r = flux1_plan_request(16 * GB, WeightFormat::FP8, WeightFormat::NF4);
+  r.transformer_buffers_kept = false;
+  const MemoryPlan p = plan_memory(r);
   EXPECT_EQ(p.component("t5").placement, Placement::OnDemand);
   EXPECT_EQ(p.component("clip").placement, Placement::OnDemand);
   EXPECT_EQ(p.component("vae").placement, Placement::Resident);
@@ -142,7 +167,7 @@ TEST(MemoryPlan, SixteenGigabytesStreamsABf16Transformer) {
   for (const auto& c : p.components) on_demand += c.placement == Placement::OnDemand ? c.weight_bytes : 0;
   EXPECT_EQ(p.upload_bytes_per_image, s.bytes_per_step * 28 + on_demand);
   EXPECT_EQ(p.pinned_host_bytes, s.bytes_per_step + on_demand);
-  EXPECT_NE(p.to_string().find("17 of 57 blocks resident, prefetch 2"), std::string::npos) << p.to_string();
+  EXPECT_NE(p.to_string().find("16 of 57 blocks resident, prefetch 2"), std::string::npos) << p.to_string();
 }
 
 TEST(MemoryPlan, TooSmallBudgetNamesTheMinimum) {
@@ -166,6 +191,7 @@ MemoryPlanRequest synthetic(uint64_t budget) {
   r.clip = {"clip", WeightFormat::BF16, 1 * GB / 4, 0};
   r.vae = {"vae", WeightFormat::BF16, 1 * GB / 4, 2 * GB};
   r.steps = 10;
+  r.transformer_buffers_kept = false;  // the rules below, with phase-local buffers; KeptStepBuffers has the rest
   return r;
 }
 
@@ -180,6 +206,15 @@ TEST(MemoryPlanRules, PhasesAndPeaks) {
   // Exactly at the peak still fits; a byte less does not.
   EXPECT_EQ(plan_memory(synthetic(15500000000ull)).upload_bytes_per_image, 0u);
   EXPECT_GT(plan_memory(synthetic(15500000000ull - 1)).upload_bytes_per_image, 0u);
+}
+
+TEST(MemoryPlanRules, KeptStepBuffersCountInEveryPhase) {
+  MemoryPlanRequest r = synthetic(100 * GB);
+  r.transformer_buffers_kept = true;
+  const MemoryPlan p = plan_memory(r);
+  EXPECT_EQ(p.encode_peak, 15500000000ull);  // + the transformer's 1 GB beside T5's
+  EXPECT_EQ(p.denoise_peak, 14500000000ull);  // counted once
+  EXPECT_EQ(p.decode_peak, 16500000000ull);
 }
 
 TEST(MemoryPlanRules, CheapestUploadWins) {

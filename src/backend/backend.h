@@ -190,6 +190,17 @@ class Backend {
   // synchronise: host_dst may be read once synchronize() has returned (pinned memory from host_buffer_allocator()
   // makes the copy asynchronous; into other memory it may complete before the call returns).
   virtual void copy_to_host(const Tensor& src, const Tensor& host_dst);
+
+  // A device memory budget, so a smaller card can be emulated honestly on a larger one: an allocation that would
+  // take memory_in_use() past `bytes` throws Error naming the budget, the request, what is in use and the op.
+  // 0: no limit. The CPU backend accepts and ignores it: its "device" is host memory, which it does not count.
+  virtual void set_memory_limit(uint64_t bytes) { (void)bytes; }
+  virtual uint64_t memory_limit() const { return 0; }
+  // Memory in use on the whole device as the driver reports it (CUDA: cudaMemGetInfo total - free): this backend's
+  // allocations plus the CUDA context, library workspaces and any other process. 0 on the CPU.
+  virtual size_t device_memory_used() const { return 0; }
+  // Starts peak_memory() again from memory_in_use(), to measure one phase's peak.
+  virtual void reset_peak_memory() {}
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -5,12 +5,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <vector>
 
 #include "cli/bench_timing.h"
 #include "core/error.h"
 #include "lora/lora_controller.h"
 #include "lora/random_lora.h"
+#include "model/flux_random_fp8_weights.h"
 #include "model/flux_random_weights.h"
 #include "model/random_component_weights.h"
 #include "pipeline/flux_pipeline.h"
@@ -28,6 +30,50 @@ std::string tokenizer_folder(const std::string& given) {
   return "../shared/fixtures/tiny/pipeline";
 }
 
+double gib(uint64_t bytes) { return double(bytes) / double(1ull << 30); }
+
+struct Generations {
+  double first_s = 0;  // the warm-up: GEMM and attention plans, buffers
+  std::vector<double> total, encode, denoise, decode;
+  GenerateResult last;
+};
+
+Generations time_generations(FluxPipeline& pipe, GenerateParams p, int runs) {
+  Generations g;
+  auto t0 = Clock::now();
+  pipe.generate(p);
+  g.first_s = seconds_since(t0);
+  for (int i = 0; i < runs; ++i) {
+    p.seed = uint64_t(i + 1);
+    t0 = Clock::now();
+    g.last = pipe.generate(p);
+    g.total.push_back(seconds_since(t0));
+    g.encode.push_back(g.last.encode_s), g.denoise.push_back(g.last.denoise_s), g.decode.push_back(g.last.decode_s);
+  }
+  return g;
+}
+
+nlohmann::json phase_memory_json(const GenerateResult& r) {
+  nlohmann::json j;
+  for (const auto& [name, m] : {std::pair{"encode", &r.encode_memory}, {"denoise", &r.denoise_memory},
+                                {"decode", &r.decode_memory}})
+    j[name] = {{"pool_gib", gib(m->pool)}, {"device_gib", gib(m->device)}};
+  return j;
+}
+
+// The phase that used the most of the device at its end, as "encode 21.3 GiB (pool 20.6)".
+std::string largest_phase(const GenerateResult& r) {
+  const std::pair<const char*, const PhaseMemory*> phases[] = {
+      {"encode", &r.encode_memory}, {"denoise", &r.denoise_memory}, {"decode", &r.decode_memory}};
+  const auto* top = &phases[0];
+  for (const auto& ph : phases)
+    if (ph.second->device > top->second->device) top = &ph;
+  char s[96];
+  std::snprintf(s, sizeof s, "%s %.2f GiB (pool %.2f GiB)", top->first, gib(top->second->device),
+                gib(top->second->pool));
+  return s;
+}
+
 }  // namespace
 
 nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
@@ -35,19 +81,44 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   const std::string tok = tokenizer_folder(o.tokenizers);
   if (!std::filesystem::is_directory(tok + "/tokenizer") || !std::filesystem::is_directory(tok + "/tokenizer_2"))
     throw Error("--e2e needs tokenizer/ and tokenizer_2/ in " + tok + " (give a pipeline folder with --tokenizers)");
-  auto t0 = Clock::now();
+  const uint64_t budget = o.vram.empty() ? 0 : parse_memory_budget(o.vram);
+  const bool fp8_only = budget && o.fp8;
+  // An FP8-only transformer has no bf16 base to merge into: its LoRAs run as slots (as `generate` does).
+  const std::string lora_mode = fp8_only ? "runtime" : o.lora_mode;
   const FluxConfig fc = FluxConfig::flux1_dev();
   const ClipTextConfig cc = ClipTextConfig::flux1();
   const T5EncoderConfig tc = T5EncoderConfig::flux1();
   const VaeConfig vc = VaeConfig::flux1();
-  auto pipe = FluxPipeline::from_components(
-      be, load_tokenizer(tok + "/tokenizer"), load_tokenizer(tok + "/tokenizer_2"),
-      std::make_unique<ClipTextModel>(cc, random_clip_text_weights(cc, be, 7), be),
-      std::make_unique<T5Encoder>(tc, random_t5_encoder_weights(tc, be, 7), be),
-      std::make_unique<FluxTransformer>(fc, random_flux_weights(fc, be, 1), be),
-      std::make_unique<VaeDecoder>(vc, random_vae_decoder_weights(vc, be, 7), be), FlowMatchSchedulerConfig::flux1_dev(),
-      "random FLUX.1-dev pipeline");
-  if (o.fp8) pipe->transformer().set_fp8(true);
+  FluxWorkload work;
+  work.width = work.height = o.size;
+  work.lora_rank = o.lora_rank > 0 && lora_mode == "runtime" ? o.lora_rank : 0;
+
+  // Under a budget the cap comes before anything is built, and components planned on demand leave the device as
+  // soon as they are made, so building is held to the budget as loading a checkpoint is (FluxPipeline::from_pretrained).
+  std::optional<MemoryPlan> building;
+  if (budget) {
+    be.set_memory_limit(budget);
+    const MemoryPlanRequest r =
+        flux1_plan_request(budget, fp8_only ? WeightFormat::FP8 : WeightFormat::BF16, WeightFormat::BF16, work, fc);
+    building = plan_memory(r);
+    require_resident_transformer(*building, r);
+  }
+  auto leaves = [&](const char* name) {
+    return building && building->component(name).placement == Placement::OnDemand;
+  };
+  auto t0 = Clock::now();
+  auto clip = std::make_unique<ClipTextModel>(cc, random_clip_text_weights(cc, be, 7), be);
+  if (leaves("clip")) clip->offload();
+  auto t5 = std::make_unique<T5Encoder>(tc, random_t5_encoder_weights(tc, be, 7), be);
+  if (leaves("t5")) t5->offload();
+  auto transformer = std::make_unique<FluxTransformer>(
+      fc, fp8_only ? random_flux_weights_fp8(fc, be, 1) : random_flux_weights(fc, be, 1), be);
+  auto vae = std::make_unique<VaeDecoder>(vc, random_vae_decoder_weights(vc, be, 7), be);
+  if (leaves("vae")) vae->offload();
+  auto pipe = FluxPipeline::from_components(be, load_tokenizer(tok + "/tokenizer"), load_tokenizer(tok + "/tokenizer_2"),
+                                            std::move(clip), std::move(t5), std::move(transformer), std::move(vae),
+                                            FlowMatchSchedulerConfig::flux1_dev(), "random FLUX.1-dev pipeline");
+  if (o.fp8 && !fp8_only) pipe->transformer().set_fp8(true);
   if (o.fp8_attention) pipe->transformer().set_fp8_attention(true);
   be.synchronize();
   const double build_s = seconds_since(t0);
@@ -56,47 +127,77 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   if (o.lora_rank > 0) {
     const std::string file = o.lora_dir + "/fluxswap-e2e-lora-r" + std::to_string(o.lora_rank) + ".safetensors";
     write_random_lora(file, fc, o.lora_rank, 100);
-    lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(o.lora_mode), o.lora_rank);
+    lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(lora_mode), o.lora_rank);
     lora->set_adapters({{std::make_shared<LoraAdapter>(load_lora_adapter(file, fc, be.host_buffer_allocator())),
                          1.0f}});
   }
+  // The final plan, from what the device now holds (LoRA included).
+  const MemoryPlan* plan = budget ? pipe->set_memory_budget({budget, work}) : nullptr;
+  if (plan) std::printf("memory plan  %s\n", plan->to_string().c_str());
+  const uint64_t build_peak = be.peak_memory();
+  be.reset_peak_memory();
 
   GenerateParams p;
   p.prompts = {"a photograph of an astronaut riding a horse on the moon, detailed, golden hour"};
   p.width = p.height = o.size;
   p.steps = o.steps;
-  t0 = Clock::now();
-  pipe->generate(p);  // warm-up: GEMM plans, attention plans, buffers
-  const double first_s = seconds_since(t0);
-  std::vector<double> total, encode, denoise, decode;
-  for (int i = 0; i < o.runs; ++i) {
-    p.seed = uint64_t(i + 1);
-    t0 = Clock::now();
-    GenerateResult r = pipe->generate(p);
-    total.push_back(seconds_since(t0));
-    encode.push_back(r.encode_s), denoise.push_back(r.denoise_s), decode.push_back(r.decode_s);
-  }
+  const Generations g = time_generations(*pipe, p, o.runs);
+  const uint64_t generation_peak = be.peak_memory();
   // One more generation with device events around every op, to see where a generation goes beyond the steps.
   t0 = Clock::now();
   const nlohmann::json per_op = profile_ops(be, [&] { pipe->generate(p); }, "one generation", 14);
   const double profiled_s = seconds_since(t0);
-  const std::string what = std::string(o.fp8 ? "FP8" : "bf16") + (o.fp8_attention ? " + FP8 attention" : "") +
-                           (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + o.lora_mode : "");
+  const std::string what = std::string(fp8_only ? "FP8-only" : o.fp8 ? "FP8" : "bf16") +
+                           (o.fp8_attention ? " + FP8 attention" : "") +
+                           (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + lora_mode : "") +
+                           (budget ? ", --vram " + o.vram : "");
   std::printf("\nend to end (%s): %dx%d, %d steps, FLUX.1-dev-sized RANDOM weights (built in %.1f s), tokenizers "
               "from %s\n  warm-up generation %.2f s; median of %d: %.3f s per image (encode %.1f ms, denoise %.3f s = "
               "%.1f ms/step, decode %.1f ms)\n",
-              what.c_str(), o.size, o.size, o.steps, build_s, tok.c_str(), first_s, o.runs, median_of(total),
-              median_of(encode) * 1e3, median_of(denoise), median_of(denoise) * 1e3 / o.steps,
-              median_of(decode) * 1e3);
-  return {{"mode", what},        {"size", o.size},
-          {"steps", o.steps},    {"runs", o.runs},
-          {"first_generation_s", first_s},
-          {"seconds_median", median_of(total)}, {"seconds_all", total},
-          {"encode_ms_median", median_of(encode) * 1e3},
-          {"denoise_s_median", median_of(denoise)},
-          {"decode_ms_median", median_of(decode) * 1e3},
-          {"peak_memory_gib", double(be.peak_memory()) / (1ull << 30)},
-          {"profiled_generation_s", profiled_s}, {"profiled_per_op_ms", per_op}};
+              what.c_str(), o.size, o.size, o.steps, build_s, tok.c_str(), g.first_s, o.runs, median_of(g.total),
+              median_of(g.encode) * 1e3, median_of(g.denoise), median_of(g.denoise) * 1e3 / o.steps,
+              median_of(g.decode) * 1e3);
+  std::printf("  memory: pool peak %.2f GiB while building, %.2f GiB over the generations (the engine's allocator: "
+              "every device allocation%s); largest phase on the device (cudaMemGetInfo at the phase's end, CUDA "
+              "context and libraries included): %s\n",
+              gib(build_peak), gib(generation_peak), budget ? ", capped at the budget" : "",
+              largest_phase(g.last).c_str());
+  nlohmann::json out = {{"mode", what},
+                        {"size", o.size},
+                        {"steps", o.steps},
+                        {"runs", o.runs},
+                        {"first_generation_s", g.first_s},
+                        {"seconds_median", median_of(g.total)},
+                        {"seconds_all", g.total},
+                        {"encode_ms_median", median_of(g.encode) * 1e3},
+                        {"denoise_s_median", median_of(g.denoise)},
+                        {"decode_ms_median", median_of(g.decode) * 1e3},
+                        {"peak_memory_gib", gib(std::max(build_peak, generation_peak))},
+                        {"build_peak_memory_gib", gib(build_peak)},
+                        {"generation_peak_memory_gib", gib(generation_peak)},
+                        {"phase_memory", phase_memory_json(g.last)},
+                        {"profiled_generation_s", profiled_s},
+                        {"profiled_per_op_ms", per_op}};
+  if (!budget) return out;
+
+  // The same pipeline with everything resident and no cap: what the budget costs per image.
+  out["budget"] = o.vram;
+  out["budget_bytes"] = budget;
+  out["plan"] = plan->to_string();
+  pipe->set_memory_budget({});
+  be.reset_peak_memory();
+  const Generations u = time_generations(*pipe, p, o.runs);
+  const double slower = median_of(g.total) / median_of(u.total) - 1.0;
+  std::printf("  without the budget (everything resident): %.3f s per image (encode %.1f ms); under --vram %s: "
+              "%+.1f%%; pool peak %.2f GiB, largest phase %s\n",
+              median_of(u.total), median_of(u.encode) * 1e3, o.vram.c_str(), slower * 100, gib(be.peak_memory()),
+              largest_phase(u.last).c_str());
+  out["unlimited"] = {{"seconds_median", median_of(u.total)},
+                      {"seconds_all", u.total},
+                      {"encode_ms_median", median_of(u.encode) * 1e3},
+                      {"generation_peak_memory_gib", gib(be.peak_memory())},
+                      {"phase_memory", phase_memory_json(u.last)}};
+  return out;
 }
 
 }  // namespace fluxswap

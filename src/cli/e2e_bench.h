@@ -16,6 +16,11 @@ struct EndToEndOptions {
   bool fp8 = false, fp8_attention = false;
   int64_t lora_rank = 0;  // a random rank-r LoRA on every block linear, active during the runs (0: none)
   std::string lora_mode = "merged", lora_dir = "/tmp";
+  // A device memory budget ("24G", parse_memory_budget; empty: none). The backend is capped at it before anything is
+  // built, components planned on demand leave the device as soon as they are made, and the same pipeline is then
+  // timed again without the budget for comparison. With fp8 the transformer is built FP8-only (as an FP8 checkpoint
+  // loads: no bf16 copy), so its LoRA runs in runtime slots.
+  std::string vram;
 };
 
 nlohmann::json bench_end_to_end(Backend& backend, const EndToEndOptions& options);

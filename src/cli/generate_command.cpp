@@ -26,6 +26,7 @@ struct GenerateOptions {
   int64_t lora_max_rank = 64;
   int batch = 1;  // images per prompt
   bool fp8 = false, fp8_attention = false;
+  std::string vram;  // device memory budget ("24G"; empty: none)
 };
 
 std::string hf_hub_dir() {
@@ -60,7 +61,17 @@ void run(GenerateOptions& o) {
   if (model.empty()) std::tie(model, origin) = default_model();
   std::printf("model    %s (%s)\n", model.c_str(), origin.c_str());
   const auto t0 = std::chrono::steady_clock::now();
-  auto pipe = FluxPipeline::from_pretrained(model, *backend);
+  // Under --vram the budget holds from the first allocation: the load is planned (from the configs) before it starts.
+  MemoryBudget budget;
+  if (!o.vram.empty()) {
+    budget.bytes = parse_memory_budget(o.vram);
+    budget.workload.width = o.params.width > 0 ? o.params.width : 1024;
+    budget.workload.height = o.params.height > 0 ? o.params.height : 1024;
+    budget.workload.batch = int64_t(o.prompts.size()) * o.batch;
+    if (o.params.max_sequence_length > 0) budget.workload.text_tokens = o.params.max_sequence_length;
+    budget.workload.lora_rank = o.loras.empty() ? 0 : o.lora_max_rank;
+  }
+  auto pipe = FluxPipeline::from_pretrained(model, *backend, budget);
   std::printf("loaded   in %.2f s on %s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), backend->name().c_str());
 
@@ -104,6 +115,11 @@ void run(GenerateOptions& o) {
     if (key.empty()) throw Error(o.latents + ": no tensor in it");
     p.latents = f->tensor(key).to_f32();
   }
+  if (budget.bytes) {
+    // The final plan, from the loaded sizes with the LoRAs in place and this generation's size.
+    budget.workload = pipe->workload_for(p, lora && o.lora_mode == "runtime" ? o.lora_max_rank : 0);
+    std::printf("memory   plan: %s\n", pipe->set_memory_budget(budget)->to_string().c_str());
+  }
   const bool tty = isatty(fileno(stdout));
   p.on_step = [tty](int i, int n, double s) {
     const int width = 30, done = (i + 1) * width / n;
@@ -120,6 +136,17 @@ void run(GenerateOptions& o) {
   }
   std::printf("time     text encoders %.2f s, %d steps %.2f s (%.1f ms/step), VAE decode %.2f s\n", r.encode_s, r.steps,
               r.denoise_s, r.denoise_s * 1e3 / r.steps, r.decode_s);
+  if (backend->device() == Device::CUDA) {
+    // The pool's peak covers loading and generating; the device figures (cudaMemGetInfo, with the CUDA context and
+    // libraries) are taken at the end of each phase, its weights and buffers still held.
+    const double gib = double(1ull << 30);
+    const std::string of_budget = budget.bytes ? ", budget " + format_gb(budget.bytes) : "";
+    std::printf("memory   pool peak %.2f GiB (%s)%s; device used at the end of encode %.2f GiB, denoise %.2f GiB, "
+                "decode %.2f GiB\n",
+                double(backend->peak_memory()) / gib, format_gb(backend->peak_memory()).c_str(), of_budget.c_str(),
+                double(r.encode_memory.device) / gib, double(r.denoise_memory.device) / gib,
+                double(r.decode_memory.device) / gib);
+  }
 }
 
 }  // namespace
@@ -141,6 +168,9 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--lora", o->loras, "LoRA file[:weight], repeatable");
   cmd->add_flag("--fp8", o->fp8, "FP8 (e4m3) transformer linears, activations quantised per token (sm_89+)");
   cmd->add_flag("--fp8-attention", o->fp8_attention, "FP8 (e4m3) attention through cuDNN (sm_90+)");
+  cmd->add_option("--vram", o->vram,
+                  "device memory budget, e.g. 24G or 16GiB: components that do not fit stay in host memory until "
+                  "used; exceeding it is an error");
   cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-max-rank", o->lora_max_rank, "runtime mode: slot rank per projection");

@@ -89,6 +89,14 @@ ClipTextWeights load_clip_text_weights(const SafetensorsCollection& file, const 
   return w;
 }
 
+std::vector<Tensor*> ClipTextWeights::device_tensors() {
+  std::vector<Tensor*> out = {&token_embedding, &position_embedding, &final_ln_weight, &final_ln_bias};
+  for (ClipTextLayerWeights& l : layers)
+    out.insert(out.end(), {&l.ln1_weight, &l.ln1_bias, &l.qkv_weight, &l.qkv_bias, &l.out_weight, &l.out_bias,
+                           &l.ln2_weight, &l.ln2_bias, &l.fc1_weight, &l.fc1_bias, &l.fc2_weight, &l.fc2_bias});
+  return out;
+}
+
 ClipTextModel::ClipTextModel(const ClipTextConfig& config, ClipTextWeights weights, Backend& backend)
     : config_(config), weights_(std::move(weights)), backend_(backend) {
   config_.validate("CLIP text config");
@@ -121,8 +129,27 @@ void ClipTextModel::prepare(int64_t batch, int64_t seq_len) {
   S_ = seq_len;
 }
 
+void ClipTextModel::release_buffers() {
+  buf_ = Buffers{};
+  B_ = S_ = 0;
+}
+
+void ClipTextModel::offload() {
+  release_buffers();
+  offload_.offload(backend_, weights_.device_tensors(), "CLIP text model");
+}
+
+void ClipTextModel::onload() { offload_.onload(backend_, weights_.device_tensors(), "CLIP text model"); }
+
+uint64_t ClipTextModel::weight_bytes() {
+  if (!resident()) return offload_.arena_bytes();
+  const std::vector<Tensor*> w = weights_.device_tensors();
+  return tensor_storage_bytes({w.begin(), w.end()});
+}
+
 void ClipTextModel::encode(const Tensor& ids, const std::vector<int64_t>& eos_index, const Tensor& pooled,
                            const Tensor& last_hidden) {
+  if (!resident()) throw Error("CLIP text model: its weights are offloaded; onload() them before encode()");
   if (ids.ndim() != 2) throw Error("CLIP text model: ids must be [B, S], got " + shape_str(ids.shape()));
   const int64_t B = ids.size(0), S = ids.size(1), C = config_.hidden_size;
   if (int64_t(eos_index.size()) != B)

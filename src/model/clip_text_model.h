@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "io/safetensors.h"
+#include "model/weight_offload.h"
 
 namespace fluxswap {
 
@@ -49,6 +50,9 @@ struct ClipTextWeights {
   Tensor position_embedding;  // [P, C]
   std::vector<ClipTextLayerWeights> layers;
   Tensor final_ln_weight, final_ln_bias;  // [C]
+
+  // Every tensor, in a fixed order: what leaves the device on offload.
+  std::vector<Tensor*> device_tensors();
 };
 
 // Reads, fuses and uploads every weight, with or without the `text_model.` key prefix older transformers versions
@@ -73,12 +77,24 @@ class ClipTextModel {
   const ClipTextConfig& config() const { return config_; }
   Backend& backend() { return backend_; }
 
+  // Under a memory budget the model is on the device only while it encodes: offload() frees its device weights
+  // (kept in host memory, pinned on the GPU) and buffers, onload() brings the weights back in one transfer. Results
+  // are bit-identical either way. Both idempotent; encode() refuses to run while offloaded.
+  void offload();
+  void onload();
+  bool resident() const { return offload_.resident(); }
+  // Device bytes of the weights, resident or not.
+  uint64_t weight_bytes();
+  // Frees the activation buffers; the next encode makes them again.
+  void release_buffers();
+
  private:
   void layer(const ClipTextLayerWeights& w);
 
   ClipTextConfig config_;
   ClipTextWeights weights_;
   Backend& backend_;
+  WeightOffload offload_;
 
   int64_t B_ = 0, S_ = 0;
   struct Buffers {

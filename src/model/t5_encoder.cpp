@@ -135,6 +135,12 @@ T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, cons
   return w;
 }
 
+std::vector<Tensor*> T5EncoderWeights::device_tensors() {
+  std::vector<Tensor*> out = {&embedding, &final_norm};
+  for (T5LayerWeights& l : layers) out.insert(out.end(), {&l.attn_norm, &l.qkv, &l.o, &l.ff_norm, &l.wi, &l.wo});
+  return out;
+}
+
 T5Encoder::T5Encoder(const T5EncoderConfig& config, T5EncoderWeights weights, Backend& backend)
     : config_(config), weights_(std::move(weights)), backend_(backend) {
   config_.validate("T5 encoder config");
@@ -175,7 +181,27 @@ void T5Encoder::prepare(int64_t batch, int64_t seq_len) {
   S_ = seq_len;
 }
 
+void T5Encoder::release_buffers() {
+  buf_ = Buffers{};
+  position_bias_ = Tensor();
+  B_ = S_ = bias_len_ = 0;
+}
+
+void T5Encoder::offload() {
+  release_buffers();
+  offload_.offload(backend_, weights_.device_tensors(), "T5 encoder");
+}
+
+void T5Encoder::onload() { offload_.onload(backend_, weights_.device_tensors(), "T5 encoder"); }
+
+uint64_t T5Encoder::weight_bytes() {
+  if (!resident()) return offload_.arena_bytes();
+  const std::vector<Tensor*> w = weights_.device_tensors();
+  return tensor_storage_bytes({w.begin(), w.end()});
+}
+
 void T5Encoder::encode(const Tensor& ids, const Tensor& out) {
+  if (!resident()) throw Error("T5 encoder: its weights are offloaded; onload() them before encode()");
   if (ids.ndim() != 2) throw Error("T5 encoder: ids must be [B, S], got " + shape_str(ids.shape()));
   const int64_t B = ids.size(0), S = ids.size(1);
   if (out.shape() != Shape{B, S, config_.d_model})

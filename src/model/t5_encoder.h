@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "io/safetensors.h"
+#include "model/weight_offload.h"
 
 namespace fluxswap {
 
@@ -61,6 +62,9 @@ struct T5EncoderWeights {
   Tensor relative_attention_bias;
   std::vector<T5LayerWeights> layers;
   Tensor final_norm;  // [D]
+
+  // Every device tensor (all but the host position table), in a fixed order: what leaves the device on offload.
+  std::vector<Tensor*> device_tensors();
 };
 
 // Reads, fuses and uploads every weight. Throws Error naming the file and key on a missing tensor or a shape the
@@ -85,12 +89,24 @@ class T5Encoder {
   const T5EncoderConfig& config() const { return config_; }
   Backend& backend() { return backend_; }
 
+  // Under a memory budget the encoder is on the device only while it encodes: offload() frees its device weights
+  // (kept in host memory, pinned on the GPU) and buffers, onload() brings the weights back in one transfer. Results
+  // are bit-identical either way. Both idempotent; encode() refuses to run while offloaded.
+  void offload();
+  void onload();
+  bool resident() const { return offload_.resident(); }
+  // Device bytes of the weights, resident or not.
+  uint64_t weight_bytes();
+  // Frees the activation buffers and the device position bias; the next encode makes them again.
+  void release_buffers();
+
  private:
   void layer(const T5LayerWeights& w);
 
   T5EncoderConfig config_;
   T5EncoderWeights weights_;
   Backend& backend_;
+  WeightOffload offload_;
 
   int64_t B_ = 0, S_ = 0;
   Tensor position_bias_;  // float32 [H, S_, S_] on the device; depends on S only, so kept across batch sizes

@@ -189,11 +189,51 @@ VaeDecoder::VaeDecoder(const VaeConfig& config, VaeDecoderWeights weights, Backe
   config_.validate("VAE config");
 }
 
+std::vector<Tensor*> VaeDecoderWeights::device_tensors() {
+  std::vector<Tensor*> out;
+  auto add = [&](WeightBias& wb) {
+    out.push_back(&wb.weight);
+    out.push_back(&wb.bias);
+  };
+  auto add_resnet = [&](VaeResnetWeights& r) {
+    for (WeightBias* wb : {&r.norm1, &r.conv1, &r.norm2, &r.conv2, &r.conv_shortcut}) add(*wb);
+  };
+  for (WeightBias* wb : {&post_quant_conv, &conv_in, &conv_norm_out, &conv_out}) add(*wb);
+  add_resnet(mid_resnet_in);
+  add_resnet(mid_resnet_out);
+  VaeAttentionWeights& a = mid_attention;
+  for (WeightBias* wb : {&a.group_norm, &a.to_q, &a.to_k, &a.to_v, &a.to_out}) add(*wb);
+  for (VaeUpBlockWeights& b : up_blocks) {
+    for (VaeResnetWeights& r : b.resnets) add_resnet(r);
+    add(b.upsampler);
+  }
+  return out;
+}
+
+void VaeDecoder::release_buffers() {
+  buf_ = Buffers{};
+  B_ = h_ = w_ = 0;
+}
+
+void VaeDecoder::offload() {
+  release_buffers();
+  offload_.offload(backend_, weights_.device_tensors(), "VAE decoder");
+}
+
+void VaeDecoder::onload() { offload_.onload(backend_, weights_.device_tensors(), "VAE decoder"); }
+
+uint64_t VaeDecoder::weight_bytes() {
+  if (!resident()) return offload_.arena_bytes();
+  const std::vector<Tensor*> w = weights_.device_tensors();
+  return tensor_storage_bytes({w.begin(), w.end()});
+}
+
 Tensor VaeDecoder::shaped(const Tensor& arena, const Shape& shape) {
   return arena.narrow(0, 0, shape_numel(shape)).view(shape);
 }
 
 void VaeDecoder::prepare(int64_t batch, int64_t height, int64_t width) {
+  if (!resident()) throw Error("VAE decode: the decoder's weights are offloaded; onload() them before decoding");
   if (batch == B_ && height == h_ && width == w_) return;
   const std::vector<int64_t> widths(config_.block_out_channels.rbegin(), config_.block_out_channels.rend());
   const int64_t most = vae_largest_activation(config_, height, width);

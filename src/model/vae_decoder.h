@@ -12,6 +12,7 @@
 
 #include "backend/backend.h"
 #include "io/safetensors.h"
+#include "model/weight_offload.h"
 
 namespace fluxswap {
 
@@ -64,6 +65,9 @@ struct VaeDecoderWeights {
   VaeAttentionWeights mid_attention;  // undefined unless config.mid_block_add_attention
   std::vector<VaeUpBlockWeights> up_blocks;
   WeightBias conv_norm_out, conv_out;
+
+  // Every tensor (undefined ones of absent layers included), in a fixed order: what leaves the device on offload.
+  std::vector<Tensor*> device_tensors();
 };
 
 // Reads the `decoder.*` (and `post_quant_conv.*`) tensors of a diffusers AutoencoderKL checkpoint and uploads them;
@@ -96,6 +100,16 @@ class VaeDecoder {
 
   const VaeConfig& config() const { return config_; }
 
+  // Under a memory budget: offload() frees the device weights (kept in host memory, pinned on the GPU) and the
+  // arenas, onload() brings the weights back in one transfer. Results are bit-identical either way. Both
+  // idempotent; decoding refuses to run while offloaded. release_buffers() frees only the arenas (and with them the
+  // last decode_to_rgb8 result).
+  void offload();
+  void onload();
+  bool resident() const { return offload_.resident(); }
+  uint64_t weight_bytes();  // device bytes of the weights, resident or not
+  void release_buffers();
+
  private:
   // Returns the output: x updated in place, or a scratch arena when the block changes the channel count.
   Tensor resnet(const VaeResnetWeights& w, const Tensor& x);
@@ -109,6 +123,7 @@ class VaeDecoder {
   VaeConfig config_;
   VaeDecoderWeights weights_;
   Backend& backend_;
+  WeightOffload offload_;
 
   int64_t B_ = 0, h_ = 0, w_ = 0;
   struct Buffers {

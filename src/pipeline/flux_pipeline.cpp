@@ -1,5 +1,6 @@
 #include "pipeline/flux_pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -31,21 +32,43 @@ Tensor flux_initial_noise(uint64_t seed, int64_t batch, int64_t channels, int64_
   return pack_flux_latents(noise);
 }
 
-std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& user_path, Backend& backend) {
+std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& user_path, Backend& backend,
+                                                           const MemoryBudget& budget) {
   const fsys::path dir = resolve_hf_cache_path(user_path);
   if (!fsys::exists(dir / "model_index.json"))
     throw Error(user_path + ": not a diffusers pipeline folder (no model_index.json)");
   std::unique_ptr<FluxPipeline> p(new FluxPipeline(backend));
   p->path_ = dir.string();
+  FluxCheckpoint ck = open_flux_checkpoint((dir / "transformer").string());
+  // Under a budget, which components leave the device as soon as they are loaded: planned from the configs, before
+  // anything is allocated, so that loading stays within the budget too and an impossible budget fails at once.
+  std::optional<MemoryPlan> loading;
+  if (budget.bytes) {
+    backend.set_memory_limit(budget.bytes);
+    MemoryPlanRequest r = pipeline_plan_request(
+        budget.bytes, ck.config, ck.fp8_linears ? WeightFormat::FP8 : WeightFormat::BF16,
+        T5EncoderConfig::from_json_file((dir / "text_encoder_2" / "config.json").string()), WeightFormat::BF16,
+        ClipTextConfig::from_json_file((dir / "text_encoder" / "config.json").string()),
+        VaeConfig::from_json_file((dir / "vae" / "config.json").string()), budget.workload);
+    r.reserve_bytes = budget.reserve_bytes;
+    loading = plan_memory(r);
+    require_resident_transformer(*loading, r);
+  }
+  auto leaves = [&](const char* name) {
+    return loading && loading->component(name).placement == Placement::OnDemand;
+  };
   p->clip_tokenizer_ = load_tokenizer((dir / "tokenizer").string());
   p->t5_tokenizer_ = load_tokenizer((dir / "tokenizer_2").string());
   p->clip_ = std::make_unique<ClipTextModel>(ClipTextModel::from_folder((dir / "text_encoder").string(), backend));
+  if (leaves("clip")) p->clip_->offload();
   p->t5_ = std::make_unique<T5Encoder>(T5Encoder::from_folder((dir / "text_encoder_2").string(), backend));
-  FluxCheckpoint ck = open_flux_checkpoint((dir / "transformer").string());
+  if (leaves("t5")) p->t5_->offload();
   p->transformer_ = std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend), backend);
   p->vae_ = std::make_unique<VaeDecoder>(open_vae_decoder((dir / "vae").string(), backend));
+  if (leaves("vae")) p->vae_->offload();
   p->scheduler_config_ = FlowMatchSchedulerConfig::from_json_file((dir / "scheduler" / "scheduler_config.json").string());
   p->check_components_fit(user_path);
+  if (budget.bytes) p->set_memory_budget(budget);
   return p;
 }
 
@@ -79,6 +102,82 @@ void FluxPipeline::check_components_fit(const std::string& label) const {
 
 int FluxPipeline::vae_scale_factor() const { return 1 << (int(vae_->config().block_out_channels.size()) - 1); }
 
+int FluxPipeline::default_size() const { return vae_scale_factor() >= 8 ? 1024 : 64 * vae_scale_factor(); }
+
+int FluxPipeline::default_max_sequence_length() const { return is_guidance_distilled() ? 512 : 256; }
+
+FluxWorkload FluxPipeline::workload_for(const GenerateParams& params, int64_t lora_slot_rank) const {
+  FluxWorkload w;
+  w.width = params.width > 0 ? params.width : default_size();
+  w.height = params.height > 0 ? params.height : default_size();
+  w.batch = std::max<int64_t>(1, int64_t(params.prompts.size()));
+  w.text_tokens = params.max_sequence_length > 0 ? params.max_sequence_length : default_max_sequence_length();
+  w.lora_rank = lora_slot_rank;
+  return w;
+}
+
+// ---- memory budget ----
+
+const MemoryPlan* FluxPipeline::set_memory_budget(const MemoryBudget& budget) {
+  if (budget.bytes == 0) {
+    plan_.reset();
+    backend_.set_memory_limit(0);
+    clip_->onload();
+    t5_->onload();
+    vae_->onload();
+    return nullptr;
+  }
+  const MemoryPlanRequest request =
+      measured_plan_request(budget, *transformer_, *t5_, *clip_, *vae_, backend_.memory_in_use());
+  MemoryPlan plan = plan_memory(request);
+  require_resident_transformer(plan, request);
+  plan_ = std::move(plan);
+  backend_.set_memory_limit(budget.bytes);
+  // Leaving first, so that what comes back finds the room the plan counts on.
+  if (on_demand("clip")) clip_->offload();
+  if (on_demand("t5")) t5_->offload();
+  if (on_demand("vae")) vae_->offload();
+  if (!on_demand("clip")) clip_->onload();
+  if (!on_demand("t5")) t5_->onload();
+  if (!on_demand("vae")) vae_->onload();
+  return &*plan_;
+}
+
+bool FluxPipeline::on_demand(const char* component) const {
+  return plan_ && plan_->component(component).placement == Placement::OnDemand;
+}
+
+template <class Component>
+void FluxPipeline::enter_phase(Component& c, const char* name) {
+  if (on_demand(name)) c.onload();
+}
+
+template <class Component>
+void FluxPipeline::leave_phase(Component& c, const char* name) {
+  if (!plan_) return;
+  if (on_demand(name)) {
+    c.offload();
+    return;
+  }
+  backend_.synchronize();  // queued work may still use the buffers
+  c.release_buffers();
+}
+
+void FluxPipeline::restore_placements() noexcept {
+  try {
+    backend_.synchronize();
+    if (on_demand("clip")) clip_->offload();
+    if (on_demand("t5")) t5_->offload();
+    if (on_demand("vae")) vae_->offload();
+  } catch (...) {
+    // The generation's own error is the one to report; a failure here surfaces at the next use.
+  }
+}
+
+PhaseMemory FluxPipeline::measure_memory() const {
+  return {uint64_t(backend_.memory_in_use()), uint64_t(backend_.device_memory_used())};
+}
+
 EncodedPrompts FluxPipeline::encode_prompts(const std::vector<std::string>& prompts, int max_sequence_length) {
   const int64_t B = int64_t(prompts.size());
   const int64_t clip_len = clip_->config().max_position_embeddings;
@@ -99,22 +198,33 @@ EncodedPrompts FluxPipeline::encode_prompts(const std::vector<std::string>& prom
   EncodedPrompts e;
   e.pooled = backend_.empty(dt, {B, clip_->config().hidden_size});
   e.prompt_embeds = backend_.empty(dt, {B, int64_t(max_sequence_length), t5_->config().d_model});
-  clip_->encode(clip_ids_dev, eos, e.pooled);
-  t5_->encode(t5_ids_dev, e.prompt_embeds);
+  // One encoder on the device at a time under a plan, each gone before the steps allocate their buffers.
+  try {
+    enter_phase(*clip_, "clip");
+    clip_->encode(clip_ids_dev, eos, e.pooled);
+    leave_phase(*clip_, "clip");
+    enter_phase(*t5_, "t5");
+    t5_->encode(t5_ids_dev, e.prompt_embeds);
+    backend_.synchronize();
+    encode_memory_ = measure_memory();
+    leave_phase(*t5_, "t5");
+  } catch (...) {
+    restore_placements();
+    throw;
+  }
   return e;
 }
 
 GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   const bool dev = is_guidance_distilled();
   GenerateParams p = params;
-  const int default_size = vae_scale_factor() >= 8 ? 1024 : 64 * vae_scale_factor();
-  if (p.width == 0) p.width = default_size;
-  if (p.height == 0) p.height = default_size;
+  if (p.width == 0) p.width = default_size();
+  if (p.height == 0) p.height = default_size();
   GenerateResult r;
   r.width = p.width;
   r.height = p.height;
   r.steps = p.steps > 0 ? p.steps : (dev ? 28 : 4);
-  r.max_sequence_length = p.max_sequence_length > 0 ? p.max_sequence_length : (dev ? 512 : 256);
+  r.max_sequence_length = p.max_sequence_length > 0 ? p.max_sequence_length : default_max_sequence_length();
   if (p.prompts.empty()) throw Error("generate: no prompt");
   const int f = vae_scale_factor() * 2;  // pixels per packed latent token, per side
   if (p.width < f || p.height < f || p.width % 16 || p.height % 16)
@@ -128,6 +238,7 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   EncodedPrompts text = encode_prompts(p.prompts, r.max_sequence_length);
   backend_.synchronize();
   r.encode_s = seconds_since(t0);
+  r.encode_memory = encode_memory_;
 
   // Initial noise, RoPE positions, per-sample conditioning.
   Tensor noise = p.latents.defined() ? p.latents.to_f32()
@@ -195,22 +306,32 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   }
   backend_.synchronize();  // so that denoise_s does not include the decode queued behind the last step
   r.denoise_s = seconds_since(t0);
+  r.denoise_memory = measure_memory();
 
   // The decode tail stays on the device; only the 8-bit image and the final latents come back, queued behind it
   // into pinned memory where the backend has some, so neither download stalls the decode.
   t0 = Clock::now();
-  const Tensor rgb8 = vae_->decode_to_rgb8(in.hidden_states, lat_h, lat_w);
   const HostBufferAllocator pinned = backend_.host_buffer_allocator();
   auto host_tensor = [&](DType dtype, const Shape& shape) {
     if (!pinned) return Tensor::empty(dtype, shape);
     std::shared_ptr<void> owner = pinned(size_t(shape_numel(shape)) * dtype_size(dtype));
     return Tensor::borrow(owner.get(), dtype, shape, Device::CPU, owner);
   };
-  const Tensor latents = host_tensor(in.hidden_states.dtype(), in.hidden_states.shape());
-  const Tensor u8 = host_tensor(DType::U8, rgb8.shape());
-  backend_.copy_to_host(rgb8, u8);
-  backend_.copy_to_host(in.hidden_states, latents);
-  backend_.synchronize();
+  Tensor latents, u8;
+  try {
+    enter_phase(*vae_, "vae");
+    const Tensor rgb8 = vae_->decode_to_rgb8(in.hidden_states, lat_h, lat_w);
+    latents = host_tensor(in.hidden_states.dtype(), in.hidden_states.shape());
+    u8 = host_tensor(DType::U8, rgb8.shape());
+    backend_.copy_to_host(rgb8, u8);
+    backend_.copy_to_host(in.hidden_states, latents);
+    backend_.synchronize();
+    r.decode_memory = measure_memory();
+    leave_phase(*vae_, "vae");  // rgb8 lives in the decoder's buffers: only now that it is on the host
+  } catch (...) {
+    restore_placements();
+    throw;
+  }
   r.decode_s = seconds_since(t0);
   r.latents = latents.to_f32();
   const int64_t H = u8.size(1), W = u8.size(2);

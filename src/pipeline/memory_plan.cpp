@@ -132,9 +132,10 @@ MemoryPlan evaluate(const MemoryPlanRequest& r, const TransformerChoice& tc, Pla
     return (pl == Placement::OnDemand ? c.weight_bytes : 0) + c.activation_bytes;
   };
   const uint64_t base = p.resident_bytes + r.reserve_bytes;
-  p.encode_peak = base + std::max(transient(r.t5, t5), transient(r.clip, clip));
+  const uint64_t kept = r.transformer_buffers_kept ? t.activation_bytes : 0;
+  p.encode_peak = base + kept + std::max(transient(r.t5, t5), transient(r.clip, clip));
   p.denoise_peak = base + transformer_transient + t.activation_bytes;
-  p.decode_peak = base + transient(r.vae, vae);
+  p.decode_peak = base + kept + transient(r.vae, vae);
   p.peak_bytes = std::max({p.encode_peak, p.denoise_peak, p.decode_peak});
 
   if (tc.placement == Placement::OnDemand) p.upload_bytes_per_image += t.weight_bytes();
@@ -208,6 +209,24 @@ MemoryPlan plan_memory(const MemoryPlanRequest& r) {
   return best;
 }
 
+uint64_t smallest_budget_with_resident_transformer(const MemoryPlanRequest& request) {
+  // Each placement of the others with the transformer resident has a peak; the smallest of those at which the
+  // planner, weighing uploads, also chooses a resident transformer is the answer.
+  std::vector<uint64_t> peaks;
+  const Placement both[] = {Placement::Resident, Placement::OnDemand};
+  for (Placement t5 : both)
+    for (Placement clip : both)
+      for (Placement vae : both)
+        peaks.push_back(evaluate(request, {Placement::Resident, {}}, t5, clip, vae).peak_bytes);
+  std::sort(peaks.begin(), peaks.end());
+  MemoryPlanRequest r = request;
+  for (uint64_t peak : peaks) {
+    r.budget_bytes = peak;
+    if (plan_memory(r).component("transformer").placement == Placement::Resident) return peak;
+  }
+  return peaks.back();  // everything resident: no plan does better than that
+}
+
 uint64_t parse_memory_budget(const std::string& text) {
   auto fail = [&]() -> uint64_t {
     throw Error("memory budget '" + text +
@@ -249,10 +268,10 @@ uint64_t weight_storage_bytes(WeightFormat format, int64_t numel, int64_t rows) 
 }
 
 namespace {
-
 constexpr uint64_t kBf16 = 2;
+}  // namespace
 
-bool block_index(const std::string& name, const FluxConfig& c, size_t* index) {
+bool flux_block_index(const std::string& name, const FluxConfig& c, size_t* index) {
   for (const auto& [prefix, base] : {std::pair<std::string, int64_t>{"double_blocks.", 0},
                                      std::pair<std::string, int64_t>{"single_blocks.", c.num_layers}}) {
     if (name.rfind(prefix, 0) != 0) continue;
@@ -261,8 +280,6 @@ bool block_index(const std::string& name, const FluxConfig& c, size_t* index) {
   }
   return false;
 }
-
-}  // namespace
 
 TransformerSpec flux_transformer_spec(const FluxConfig& c, WeightFormat format, const FluxWorkload& w) {
   TransformerSpec t;
@@ -275,7 +292,7 @@ TransformerSpec flux_transformer_spec(const FluxConfig& c, WeightFormat format, 
   for (const auto& spec : flux_weight_specs(c, FluxNaming::BFL)) {
     const int64_t n = shape_numel(spec.shape);
     size_t block = 0;
-    const bool in_block = block_index(spec.name, c, &block);
+    const bool in_block = flux_block_index(spec.name, c, &block);
     const bool matrix = spec.shape.size() == 2;
     const uint64_t bytes = in_block && matrix ? weight_storage_bytes(format, n, spec.shape[0]) : uint64_t(n) * kBf16;
     (in_block ? t.block_bytes[block] : t.shared_bytes) += bytes;
@@ -363,16 +380,24 @@ ComponentSpec vae_decoder_spec(const VaeConfig& c, const FluxWorkload& w) {
   return s;
 }
 
-MemoryPlanRequest flux1_plan_request(uint64_t budget_bytes, WeightFormat transformer, WeightFormat t5,
-                                     const FluxWorkload& work, const FluxConfig& config) {
+MemoryPlanRequest pipeline_plan_request(uint64_t budget_bytes, const FluxConfig& transformer,
+                                        WeightFormat transformer_format, const T5EncoderConfig& t5,
+                                        WeightFormat t5_format, const ClipTextConfig& clip, const VaeConfig& vae,
+                                        const FluxWorkload& work) {
   MemoryPlanRequest r;
   r.budget_bytes = budget_bytes;
   r.reserve_bytes = kDefaultReserveBytes;
-  r.transformer = flux_transformer_spec(config, transformer, work);
-  r.t5 = t5_encoder_spec(T5EncoderConfig::flux1(), t5, work);
-  r.clip = clip_text_spec(ClipTextConfig::flux1(), work);
-  r.vae = vae_decoder_spec(VaeConfig::flux1(), work);
+  r.transformer = flux_transformer_spec(transformer, transformer_format, work);
+  r.t5 = t5_encoder_spec(t5, t5_format, work);
+  r.clip = clip_text_spec(clip, work);
+  r.vae = vae_decoder_spec(vae, work);
   return r;
+}
+
+MemoryPlanRequest flux1_plan_request(uint64_t budget_bytes, WeightFormat transformer, WeightFormat t5,
+                                     const FluxWorkload& work, const FluxConfig& config) {
+  return pipeline_plan_request(budget_bytes, config, transformer, T5EncoderConfig::flux1(), t5,
+                               ClipTextConfig::flux1(), VaeConfig::flux1(), work);
 }
 
 }  // namespace fluxswap

@@ -10,7 +10,10 @@
 //   denoise - the transformer, once per step (streamed blocks go through (prefetch depth + 1) block buffers),
 //   decode  - the VAE.
 // The peak is the largest phase: the resident weights, the phase's on-demand weights and its activations, plus a
-// reserve for what the planner does not see (CUDA context, library handles and workspaces, allocator slack).
+// reserve for what the planner does not see (CUDA context, library handles and workspaces, allocator slack). The
+// other components free their buffers after their phase when the pipeline runs under a budget; the transformer's
+// step buffers count in every phase while MemoryPlanRequest::transformer_buffers_kept (FluxTransformer keeps them
+// between images, so the next image's encode and this image's decode run beside them).
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -50,6 +53,9 @@ struct MemoryPlanRequest {
   ComponentSpec t5, clip, vae;
   int steps = 28;  // denoising steps per image: weighs bytes streamed per step against uploads per image
   int max_prefetch_depth = 2;  // 1 or 2, for a streamed transformer
+  // The transformer's step buffers stay allocated outside the denoise phase (as FluxTransformer does today); false
+  // for a pipeline that frees them after the last step.
+  bool transformer_buffers_kept = true;
 };
 
 enum class Placement { Resident, OnDemand, Streamed };
@@ -95,6 +101,10 @@ struct MemoryPlan {
 // Throws Error naming the budget and the peak of the most frugal plan when nothing fits.
 MemoryPlan plan_memory(const MemoryPlanRequest& request);
 
+// The smallest budget under which plan_memory keeps the transformer resident (the request's budget is ignored):
+// what to suggest while streaming and per-image transformer uploads are not implemented.
+uint64_t smallest_budget_with_resident_transformer(const MemoryPlanRequest& request);
+
 // "24G", "24GB", "16000M", "24GiB", "1.5T" (case-insensitive; spaces allowed before the unit): K/M/G/T and
 // KB/MB/GB/TB are powers of 10 (a card sold as 24 GB holds at least 24e9 bytes), KiB/MiB/GiB/TiB powers of 2.
 // Error for anything else, a missing unit included.
@@ -116,6 +126,9 @@ struct FluxWorkload {
 uint64_t weight_storage_bytes(WeightFormat format, int64_t numel, int64_t rows);
 
 TransformerSpec flux_transformer_spec(const FluxConfig& config, WeightFormat format, const FluxWorkload& work);
+// Which block an internal tensor name belongs to, in execution order (double blocks, then single blocks); false for
+// the shared part (embedders, final layer).
+bool flux_block_index(const std::string& name, const FluxConfig& config, size_t* index);
 ComponentSpec t5_encoder_spec(const T5EncoderConfig& config, WeightFormat format, const FluxWorkload& work);
 ComponentSpec clip_text_spec(const ClipTextConfig& config, const FluxWorkload& work);
 ComponentSpec vae_decoder_spec(const VaeConfig& config, const FluxWorkload& work);
@@ -128,5 +141,10 @@ inline constexpr uint64_t kDefaultReserveBytes = 1000000000ull;
 // FLUX.1-dev (and schnell: same sizes but the guidance embedder) with the given formats.
 MemoryPlanRequest flux1_plan_request(uint64_t budget_bytes, WeightFormat transformer, WeightFormat t5,
                                      const FluxWorkload& work = {}, const FluxConfig& config = FluxConfig::flux1_dev());
+// Any pipeline, from its components' configs (sizes computed, not measured) and the default reserve.
+MemoryPlanRequest pipeline_plan_request(uint64_t budget_bytes, const FluxConfig& transformer,
+                                        WeightFormat transformer_format, const T5EncoderConfig& t5,
+                                        WeightFormat t5_format, const ClipTextConfig& clip, const VaeConfig& vae,
+                                        const FluxWorkload& work);
 
 }  // namespace fluxswap

@@ -278,6 +278,10 @@ class CudaBackend final : public Backend {
   std::map<std::string, double> profile_ms() const override { return profiler_.totals(); }
   size_t memory_in_use() const override { return memory_.in_use(); }
   size_t peak_memory() const override { return memory_.peak(); }
+  void set_memory_limit(uint64_t bytes) override { memory_.set_limit(size_t(bytes)); }
+  uint64_t memory_limit() const override { return memory_.limit(); }
+  size_t device_memory_used() const override { return memory_.device_used(); }
+  void reset_peak_memory() override { memory_.reset_peak(); }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     const char* op = "linear";

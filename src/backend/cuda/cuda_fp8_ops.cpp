@@ -66,7 +66,8 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
   // A few rows (the modulation linears' conditioning vectors): stream the weights instead of tiling a GEMM.
   const bool gemv = act == Activation::None && (X.B == 1 || X.sb == X.N * X.sn) && (Y.B == 1 || Y.sb == Y.N * Y.sn) &&
                     cuda::fp8_gemv_fits(X.B * X.N, K) && wq.stride(0) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(wq.data()) % 16 == 0;
+                    reinterpret_cast<uintptr_t>(wq.data()) % 16 == 0 && X.sn % 8 == 0 &&
+                    reinterpret_cast<uintptr_t>(X.p) % 16 == 0;
   if (gemv) {
     timed("linear_fp8 gemv", [&] {
       cuda::launch_fp8_gemv(X.p, X.sn, X.B * X.N, K, static_cast<const uint8_t*>(wq.data()), wq.stride(0),

@@ -1,10 +1,7 @@
 #include "backend/cuda/cudnn_attention.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <string>
-#include <vector>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/fp8_attention_kernels.h"
@@ -49,7 +46,7 @@ struct CudnnAttention::Plan {
 };
 
 CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream)
-    : memory_(memory), stream_(stream), handle_(std::make_unique<Handle>()) {
+    : memory_(memory), handle_(std::make_unique<Handle>()) {
   check_cudnn(cudnnCreate(&handle_->h), "cudnnCreate");
   check_cudnn(cudnnSetStream(handle_->h, stream), "cudnnSetStream");
 }
@@ -107,42 +104,13 @@ void CudnnAttention::build(const AttentionShape& s) {
   check_fe(graph->build_operation_graph(handle_->h), "cudnn_frontend build_operation_graph");
   check_fe(graph->create_execution_plans({fe::HeurMode_t::A}), "cudnn_frontend create_execution_plans");
   check_fe(graph->check_support(), "cudnn_frontend check_support");
-  const char* tune = std::getenv("FLUXSWAP_ATTENTION_AUTOTUNE");
-  const bool autotuned = !(tune && std::string(tune) == "0");
-  check_fe(graph->build_plans(autotuned ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE),
-           "cudnn_frontend build_plans");
-  if (autotuned && graph->get_execution_plan_count() > 1) autotune(s, graph.get());
+  check_fe(graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "cudnn_frontend build_plans");
   int64_t ws = 0;
   check_fe(graph->get_workspace_size(ws), "cudnn_frontend get_workspace_size");
   auto plan = std::make_unique<Plan>();
   plan->graph = std::move(graph);
   plan->workspace = memory_.allocate(size_t(ws), "attention workspace");
   plans_.emplace(s, std::move(plan));
-}
-
-void CudnnAttention::autotune(const AttentionShape& s, void* graph_ptr) {
-  auto& graph = *static_cast<fe::graph::Graph*>(graph_ptr);
-  const size_t elem = s.fp8 ? 1 : 2;
-  const size_t in_bytes = size_t(s.B * s.H * s.S * s.D) * elem;
-  const size_t out_bytes = size_t((s.B - 1) * s.out_sb + (s.S - 1) * s.out_sn + s.H * s.D) * elem;
-  const char* op = "attention autotune";
-  std::shared_ptr<void> q = memory_.allocate(in_bytes, op), k = memory_.allocate(in_bytes, op),
-                        v = memory_.allocate(in_bytes, op), o = memory_.allocate(out_bytes, op);
-  for (void* p : {q.get(), k.get(), v.get()}) check(cudaMemsetAsync(p, 0, in_bytes, stream_), "attention", "autotune memset");
-  std::unordered_map<int64_t, void*> pack{{kQ, q.get()}, {kK, k.get()}, {kV, v.get()}, {kO, o.get()}};
-  std::shared_ptr<void> slots;
-  if (s.fp8) {
-    const std::vector<float> ones(kFp8AttentionSlots, 1.0f);
-    slots = memory_.allocate(ones.size() * 4, "attention autotune");
-    check(cudaMemcpyAsync(slots.get(), ones.data(), ones.size() * 4, cudaMemcpyHostToDevice, stream_), "attention",
-          "autotune copy");
-    for (int i : {kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO})
-      pack.emplace(kSlot0 + i, static_cast<float*>(slots.get()) + i);
-  }
-  std::shared_ptr<void> ws = memory_.allocate(size_t(std::max<int64_t>(graph.get_autotune_workspace_size(), 1)),
-                                              "attention autotune workspace");
-  check_fe(graph.autotune(handle_->h, pack, ws.get()), "cudnn_frontend autotune");
-  check(cudaStreamSynchronize(stream_), "attention", "autotune sync");  // before the scratch buffers are freed
 }
 
 void CudnnAttention::run(const AttentionShape& s, const void* q, const void* k, const void* v, void* out) {
@@ -171,7 +139,7 @@ void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void
 struct CudnnAttention::Handle {};
 struct CudnnAttention::Plan {};
 
-CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream) : memory_(memory), stream_(stream) {
+CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t) : memory_(memory) {
   throw Error("cuda backend: attention: this build has no cuDNN (run scripts/install_cudnn_frontend.sh and "
               "reconfigure)");
 }

@@ -40,12 +40,7 @@ class CudnnAttention {
  private:
   struct Plan;
   struct Handle;
-  // Times every plan cuDNN offers for a new shape on scratch inputs and keeps the fastest (off with
-  // FLUXSWAP_ATTENTION_AUTOTUNE=0: the heuristic's first choice).
-  void autotune(const AttentionShape& shape, void* graph);
-
   DeviceMemory& memory_;
-  cudaStream_t stream_;
   std::unique_ptr<Handle> handle_;
   std::map<AttentionShape, std::unique_ptr<Plan>> plans_;
 };

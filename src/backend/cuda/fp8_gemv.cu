@@ -31,17 +31,40 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t row_stride = K / kPiece * kPieceStride;
   __shared__ float scratch[32];
   __shared__ float sx[kFp8GemvMaxRows];
+  // x in 16-byte groups of 8 values, at most two per thread (K <= 4096 = 256 threads x 2 x 8), held in registers
+  // between the max and the conversion: one read of x per block.
   for (int r = 0; r < rows; ++r) {
     const __nv_bfloat16* xr = x + r * ldx;
+    uint4 cached[2];
     float amax = 0.0f;
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(__bfloat162float(xr[k])));
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t g = threadIdx.x + int64_t(j) * blockDim.x;
+      cached[j] = g * 8 < K ? reinterpret_cast<const uint4*>(xr)[g] : make_uint4(0, 0, 0, 0);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&cached[j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+    }
     const float scale = __fdiv_rn(fmaxf(block_max(amax, scratch), quant::kE4m3AmaxFloor), quant::kE4m3Max);
     const float inv = __frcp_rn(scale);
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-      const __nv_fp8_storage_t code =
-          __nv_cvt_float_to_fp8(__fmul_rn(__bfloat162float(xr[k]), inv), __NV_SATFINITE, __NV_E4M3);
-      xs[r * row_stride + k / kPiece * kPieceStride + k % kPiece] =
-          __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t g = threadIdx.x + int64_t(j) * blockDim.x;
+      if (g * 8 >= K) break;
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&cached[j]);
+      float* dst = xs + r * row_stride + (g * 8) / kPiece * kPieceStride + (g * 8) % kPiece;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        const __nv_fp8x2_storage_t pair = __nv_cvt_float2_to_fp8x2(
+            make_float2(__fmul_rn(f.x, inv), __fmul_rn(f.y, inv)), __NV_SATFINITE, __NV_E4M3);
+        const float2 q = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+        dst[2 * i] = q.x;
+        dst[2 * i + 1] = q.y;
+      }
     }
     if (threadIdx.x == 0) sx[r] = scale;
     __syncthreads();  // scratch is reused by the next row's block_max
@@ -103,6 +126,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 }  // namespace
 
 bool fp8_gemv_fits(int64_t rows, int64_t K) {
+  static_assert(kWarps * 32 * 2 * 8 >= 32 * kPiece * kMaxPiecesPerLane, "x staging covers every K the kernel takes");
   return rows >= 1 && rows <= kFp8GemvMaxRows && K % kPiece == 0 && K <= 32 * kPiece * kMaxPiecesPerLane &&
          rows * (K / kPiece) * kPieceStride * 4 <= kSharedBytes;
 }
@@ -110,7 +134,8 @@ bool fp8_gemv_fits(int64_t rows, int64_t K) {
 void launch_fp8_gemv(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t K, const uint8_t* wq, int64_t ldw,
                      const float* w_scale, const __nv_bfloat16* bias, int64_t nout, __nv_bfloat16* y, int64_t ldy,
                      cudaStream_t stream) {
-  if (!fp8_gemv_fits(rows, K) || ldw % 16 || reinterpret_cast<uintptr_t>(wq) % 16)
+  if (!fp8_gemv_fits(rows, K) || ldw % 16 || reinterpret_cast<uintptr_t>(wq) % 16 || ldx % 8 ||
+      reinterpret_cast<uintptr_t>(x) % 16)
     fail("linear_fp8", "fp8_gemv", "shape or alignment the kernel does not take");
   // A few blocks per SM, each looping over features: every block stages x once, so fewer blocks stage it less.
   static const int sms = [] {

@@ -15,7 +15,8 @@ constexpr int64_t kFp8GemvMaxRows = 2;
 bool fp8_gemv_fits(int64_t rows, int64_t K);
 
 // y[r, n] = e4m3(x[r]) . wq[n] * (sx[r] * w_scale[n]) + bias[n]; x rows at stride ldx (bf16), wq rows at stride ldw
-// (bytes, K a multiple of 16, 16-byte aligned rows), y rows at stride ldy; bias may be null.
+// (bytes, K a multiple of 16, 16-byte aligned rows; x rows 16-byte aligned too), y rows at stride ldy; bias may be
+// null.
 void launch_fp8_gemv(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t K, const uint8_t* wq, int64_t ldw,
                      const float* w_scale, const __nv_bfloat16* bias, int64_t nout, __nv_bfloat16* y, int64_t ldy,
                      cudaStream_t stream);

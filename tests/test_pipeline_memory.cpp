@@ -1,0 +1,211 @@
+// Components on demand under a memory budget, on the CPU reference: offload/onload round trips of the text encoders
+// and the VAE, the plan a loaded pipeline gets from its real sizes, images that stay bit-identical when the text
+// encoders come and go, and the error for a budget that would need the transformer streamed.
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "core/error.h"
+#include "pipeline/flux_pipeline.h"
+#include "pipeline_golden_params.h"
+#include "test_support.h"
+
+namespace fluxswap {
+namespace {
+
+using test::error_of;
+
+bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+
+std::vector<uint8_t> bytes_of(const Tensor& t) {
+  const auto* p = static_cast<const uint8_t*>(t.data());
+  return {p, p + t.nbytes()};
+}
+
+std::string pipeline_dir() { return test::fixtures_dir() + "/tiny/pipeline"; }
+
+GenerateParams golden_params() {
+  auto g = SafetensorsFile::open(test::fixtures_dir() + "/tiny/pipeline_goldens.safetensors");
+  return test::golden_generate_params(*g);
+}
+
+TEST(ComponentOffload, TextEncodersAndVaeComeBackBitIdentical) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  const EncodedPrompts before = pipe->encode_prompts({"a red fox in the snow"}, 32);
+  const Tensor latents = Tensor::zeros(DType::F32, {1, 16, 4 * pipe->vae().config().latent_channels});
+  for (int64_t i = 0; i < latents.numel(); ++i) latents.ptr<float>()[i] = float((i * 37) % 11) / 5.0f - 1.0f;
+  const std::vector<uint8_t> image_before = bytes_of(pipe->vae().decode_to_rgb8(latents, 8, 8));
+
+  const uint64_t t5_bytes = pipe->t5().weight_bytes(), clip_bytes = pipe->clip().weight_bytes();
+  EXPECT_GT(t5_bytes, 0u);
+  pipe->t5().offload();
+  pipe->t5().offload();  // idempotent
+  pipe->clip().offload();
+  pipe->vae().offload();
+  EXPECT_FALSE(pipe->t5().resident());
+  EXPECT_FALSE(pipe->clip().resident());
+  EXPECT_FALSE(pipe->vae().resident());
+  // The same bytes come back (each weight padded to 256 bytes in the host copy).
+  EXPECT_GE(pipe->t5().weight_bytes(), t5_bytes);
+  EXPECT_LT(pipe->t5().weight_bytes(), t5_bytes + 256 * 64);
+  EXPECT_GE(pipe->clip().weight_bytes(), clip_bytes);
+  const Tensor ids = Tensor::zeros(DType::I32, {1, 8});
+  EXPECT_NE(error_of([&] { pipe->t5().encode(ids, Tensor::empty(DType::F32, {1, 8, 40})); }).find("offloaded"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { pipe->vae().decode_to_rgb8(latents, 8, 8); }).find("offloaded"), std::string::npos);
+
+  for (int round = 0; round < 2; ++round) {  // the second offload reuses the host copy
+    pipe->t5().onload();
+    pipe->t5().onload();
+    pipe->clip().onload();
+    pipe->vae().onload();
+    EXPECT_TRUE(pipe->t5().resident());
+    const EncodedPrompts after = pipe->encode_prompts({"a red fox in the snow"}, 32);
+    EXPECT_TRUE(same_bits(after.prompt_embeds, before.prompt_embeds));
+    EXPECT_TRUE(same_bits(after.pooled, before.pooled));
+    EXPECT_EQ(bytes_of(pipe->vae().decode_to_rgb8(latents, 8, 8)), image_before);
+    pipe->t5().offload();
+    pipe->clip().offload();
+    pipe->vae().offload();
+  }
+}
+
+TEST(ComponentOffload, StorageBytesCountSharedAllocationsOnce) {
+  const Tensor a = Tensor::empty(DType::F32, {10, 4});
+  const Tensor top = a.narrow(0, 0, 5), bottom = a.narrow(0, 5, 5), b = Tensor::empty(DType::BF16, {3});
+  EXPECT_EQ(tensor_storage_bytes({&top, &bottom, &b}), 160u + 6u);
+  EXPECT_EQ(tensor_storage_bytes({&bottom}), 80u);
+  const Tensor undefined;
+  EXPECT_EQ(tensor_storage_bytes({&undefined}), 0u);
+}
+
+// The request measured from the loaded tiny pipeline, with no reserve: its components are kilobytes.
+MemoryPlanRequest tiny_request(FluxPipeline& pipe, const FluxWorkload& work, Backend& be) {
+  return measured_plan_request({1, work, 0}, pipe.transformer(), pipe.t5(), pipe.clip(), pipe.vae(),
+                               be.memory_in_use());
+}
+
+TEST(PipelineMemoryBudget, MeasuresTheLoadedComponents) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  const FluxWorkload work = pipe->workload_for(golden_params());
+  EXPECT_EQ(work.width, 32);
+  EXPECT_EQ(work.batch, 1);
+  const MemoryPlanRequest r = tiny_request(*pipe, work, *be);
+  // Every transformer tensor once, float32 on the CPU, split into its blocks and the shared rest.
+  uint64_t by_name = 0;
+  for (const auto& [name, t] : pipe->transformer().weights().by_name) by_name += t.nbytes();
+  EXPECT_EQ(r.transformer.weight_bytes(), by_name);
+  const FluxConfig& c = pipe->transformer().config();
+  ASSERT_EQ(r.transformer.block_bytes.size(), size_t(c.num_layers + c.num_single_layers));
+  for (uint64_t b : r.transformer.block_bytes) EXPECT_GT(b, 0u);
+  EXPECT_EQ(r.transformer.format, WeightFormat::BF16);
+  EXPECT_EQ(r.t5.weight_bytes, pipe->t5().weight_bytes());
+  EXPECT_EQ(r.clip.weight_bytes, pipe->clip().weight_bytes());
+  // 49,408 x 24 token embeddings dominate the tiny CLIP.
+  EXPECT_GE(r.clip.weight_bytes, 49408u * 24u * 4u);
+  EXPECT_GT(r.t5.activation_bytes, 0u);
+  EXPECT_EQ(r.reserve_bytes, 0u);
+  // Runtime LoRA slots not made yet are added as computed.
+  FluxWorkload with_lora = work;
+  with_lora.lora_rank = 4;
+  EXPECT_GT(tiny_request(*pipe, with_lora, *be).transformer.shared_bytes, r.transformer.shared_bytes);
+}
+
+TEST(PipelineMemoryBudget, OnDemandTextEncodersGiveTheSameImage) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  const GenerateParams p = golden_params();
+  const GenerateResult unlimited = pipe->generate(p);
+  EXPECT_EQ(pipe->memory_plan(), nullptr);
+
+  // The smallest budget that keeps the transformer: T5 and the VAE come and go. (CLIP's 49,408-token embedding is
+  // the largest weight of the tiny pipeline, so its encode sets the peak whether it stays or not, and it stays.)
+  const FluxWorkload work = pipe->workload_for(p);
+  const uint64_t budget = smallest_budget_with_resident_transformer(tiny_request(*pipe, work, *be));
+  const MemoryPlan* plan = pipe->set_memory_budget({budget, work, 0});
+  ASSERT_NE(plan, nullptr);
+  EXPECT_EQ(plan->component("transformer").placement, Placement::Resident);
+  EXPECT_EQ(plan->component("t5").placement, Placement::OnDemand) << plan->to_string();
+  EXPECT_LE(plan->peak_bytes, budget);
+  auto placed_as_planned = [&] {
+    EXPECT_EQ(pipe->t5().resident(), plan->component("t5").placement == Placement::Resident);
+    EXPECT_EQ(pipe->clip().resident(), plan->component("clip").placement == Placement::Resident);
+    EXPECT_EQ(pipe->vae().resident(), plan->component("vae").placement == Placement::Resident);
+  };
+  placed_as_planned();
+
+  for (int i = 0; i < 2; ++i) {  // the second image after a full round trip
+    const GenerateResult budgeted = pipe->generate(p);
+    EXPECT_TRUE(same_bits(budgeted.latents, unlimited.latents));
+    ASSERT_EQ(budgeted.images.size(), 1u);
+    EXPECT_EQ(budgeted.images[0].pixels, unlimited.images[0].pixels);
+    placed_as_planned();  // on-demand ones left after their phase
+  }
+
+  // encode_prompts on its own leaves them off the device too.
+  pipe->encode_prompts({"x"}, 16);
+  EXPECT_FALSE(pipe->t5().resident());
+
+  // No budget again: everything back, the same image.
+  EXPECT_EQ(pipe->set_memory_budget({}), nullptr);
+  EXPECT_TRUE(pipe->t5().resident());
+  EXPECT_TRUE(pipe->clip().resident());
+  EXPECT_TRUE(pipe->vae().resident());
+  EXPECT_EQ(pipe->generate(p).images[0].pixels, unlimited.images[0].pixels);
+}
+
+TEST(PipelineMemoryBudget, ABudgetThatNeedsStreamingNamesTheSmallestThatWorks) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  const FluxWorkload work = pipe->workload_for(golden_params());
+  const uint64_t smallest = smallest_budget_with_resident_transformer(tiny_request(*pipe, work, *be));
+  const std::string msg = error_of([&] { pipe->set_memory_budget({smallest - 1, work, 0}); });
+  EXPECT_NE(msg.find("needs the transformer"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("not implemented yet"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("--vram " + vram_argument(smallest)), std::string::npos) << msg;
+  EXPECT_EQ(pipe->memory_plan(), nullptr);  // nothing applied
+  EXPECT_TRUE(pipe->t5().resident());
+
+  // from_pretrained plans from the configs before loading anything, so a budget far too small fails there at once.
+  const std::string at_load =
+      error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {smallest / 4, work, 0}); });
+  EXPECT_TRUE(at_load.find("needs the transformer") != std::string::npos ||
+              at_load.find("is too small") != std::string::npos)
+      << at_load;
+  // With the default reserve (1 GB of what a GPU needs besides the weights) a few megabytes are far too little.
+  const std::string too_small = error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {1000000, work}); });
+  EXPECT_NE(too_small.find("is too small"), std::string::npos) << too_small;
+}
+
+TEST(PipelineMemoryBudget, FromPretrainedAppliesThePlan) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  auto be = make_cpu_backend();
+  auto probe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  const GenerateParams p = golden_params();
+  const FluxWorkload work = probe->workload_for(p);
+  const uint64_t budget = smallest_budget_with_resident_transformer(tiny_request(*probe, work, *be));
+  const GenerateResult unlimited = probe->generate(p);
+  probe.reset();
+
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be, {budget, work, 0});
+  ASSERT_NE(pipe->memory_plan(), nullptr);
+  EXPECT_FALSE(pipe->t5().resident());
+  EXPECT_EQ(pipe->generate(p).images[0].pixels, unlimited.images[0].pixels);
+}
+
+TEST(PipelineMemoryBudget, VramArgumentRoundsUp) {
+  EXPECT_EQ(vram_argument(24000000000ull), "24G");
+  EXPECT_EQ(vram_argument(23500000001ull), "23.6G");
+  EXPECT_EQ(parse_memory_budget(vram_argument(23456789012ull)), 23500000000ull);
+}
+
+}  // namespace
+}  // namespace fluxswap
