@@ -3,7 +3,9 @@
 // encoders come and go, and the error for a budget that would need the transformer streamed.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
+#include <tuple>
 
 #include "core/error.h"
 #include "pipeline/flux_pipeline.h"
@@ -176,12 +178,12 @@ TEST(PipelineMemoryBudget, ABudgetThatNeedsStreamingNamesTheSmallestThatWorks) {
 
   // from_pretrained plans from the configs before loading anything, so a budget far too small fails there at once.
   const std::string at_load =
-      error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {smallest / 4, work, 0}); });
+      error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {{smallest / 4, work, 0}}); });
   EXPECT_TRUE(at_load.find("needs the transformer") != std::string::npos ||
               at_load.find("is too small") != std::string::npos)
       << at_load;
   // With the default reserve (1 GB of what a GPU needs besides the weights) a few megabytes are far too little.
-  const std::string too_small = error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {1000000, work}); });
+  const std::string too_small = error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {{1000000, work}}); });
   EXPECT_NE(too_small.find("is too small"), std::string::npos) << too_small;
 }
 
@@ -195,10 +197,37 @@ TEST(PipelineMemoryBudget, FromPretrainedAppliesThePlan) {
   const GenerateResult unlimited = probe->generate(p);
   probe.reset();
 
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be, {budget, work, 0});
+  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be, {{budget, work, 0}});
   ASSERT_NE(pipe->memory_plan(), nullptr);
   EXPECT_FALSE(pipe->t5().resident());
   EXPECT_EQ(pipe->generate(p).images[0].pixels, unlimited.images[0].pixels);
+}
+
+// `fluxswap generate --vram` as a user runs it.
+std::pair<int, std::string> run_generate(const std::string& args) {
+  const std::string cmd = std::string(FLUXSWAP_BINARY) + " generate --device cpu --model " + pipeline_dir() +
+                          " -p 'a red fox' --width 32 --height 32 --steps 2 " + args + " 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  return {WEXITSTATUS(pclose(pipe)), out};
+}
+
+TEST(PipelineMemoryBudget, GenerateCommandPrintsThePlanOrTheReason) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  auto [status, out] = run_generate("--vram 24G -o " + (tmp / "a.png"));
+  ASSERT_EQ(status, 0) << out;
+  EXPECT_NE(out.find("memory   plan: resident: transformer"), std::string::npos) << out;
+  EXPECT_NE(out.find("of 24 GB"), std::string::npos) << out;
+  std::tie(status, out) = run_generate("--vram 1M -o " + (tmp / "b.png"));
+  EXPECT_EQ(status, 1) << out;
+  EXPECT_NE(out.find("is too small"), std::string::npos) << out;
+  std::tie(status, out) = run_generate("--vram 24X -o " + (tmp / "c.png"));
+  EXPECT_EQ(status, 1) << out;
+  EXPECT_NE(out.find("memory budget '24X'"), std::string::npos) << out;
 }
 
 TEST(PipelineMemoryBudget, VramArgumentRoundsUp) {

@@ -201,6 +201,12 @@ class Backend {
   virtual size_t device_memory_used() const { return 0; }
   // Starts peak_memory() again from memory_in_use(), to measure one phase's peak.
   virtual void reset_peak_memory() {}
+
+  // NF4 weights kept on the device (quant/nf4.h, bitsandbytes' layout with the standard NF4 map, float32 absmax):
+  // out (contiguous [rows, cols], compute dtype) = kNf4Code[code of element i] * absmax[i / blocksize], element i
+  // of the row-major matrix in the nibbles of packed (U8 [(rows * cols + 1) / 2], the earlier element high). A linear
+  // then runs on `out`. The default is the host reference (CPU tensors only).
+  virtual void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

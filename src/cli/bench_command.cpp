@@ -44,6 +44,7 @@ struct BenchOptions {
   int e2e_runs = 5;
   std::string tokenizers;
   std::string vram;  // --e2e: device memory budget (empty: none)
+  std::string t5 = "bf16";  // --e2e: T5 weights, bf16 or nf4
   int quality_steps = 28;   // FP8 vs bf16 over a whole sampling run (0: skip)
 };
 
@@ -441,6 +442,7 @@ void run(const BenchOptions& o) {
     e.lora_mode = o.lora_mode;
     e.lora_dir = o.lora_dir.empty() ? "/tmp" : o.lora_dir;
     e.vram = o.vram;
+    e.t5 = o.t5;
     all["device"] = backend->name();
     all["end_to_end"] = bench_end_to_end(*backend, e);
     if (!o.json_out.empty()) std::ofstream(o.json_out) << all.dump(1) << "\n";
@@ -497,6 +499,8 @@ void register_bench_command(CLI::App& app) {
   cmd->add_flag("--e2e", o->e2e, "time the whole pipeline (text encoders, steps, VAE) instead; first --sizes entry");
   cmd->add_option("--e2e-runs", o->e2e_runs, "timed generations for --e2e (median)")->check(CLI::PositiveNumber);
   cmd->add_option("--tokenizers", o->tokenizers, "--e2e: pipeline folder with tokenizer/ and tokenizer_2/");
+  cmd->add_option("--t5", o->t5, "--e2e: T5-XXL weights, bf16 (default) or nf4 (reports NF4 vs bf16 cosine)")
+      ->check(CLI::IsMember({"bf16", "nf4"}));
   cmd->add_option("--vram", o->vram, "--e2e: device memory budget, e.g. 24G (plans on-demand components; then "
                   "also times the run without it)");
   cmd->add_flag("--components", o->components, "also time CLIP-L, T5-XXL (512 tokens) and the VAE decoder (1024²)");

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -31,6 +32,29 @@ std::string tokenizer_folder(const std::string& given) {
 }
 
 double gib(uint64_t bytes) { return double(bytes) / double(1ull << 30); }
+
+const char* const kPrompt = "a photograph of an astronaut riding a horse on the moon, detailed, golden hour";
+
+// T5's embeddings of the benchmark prompt (host float32).
+Tensor t5_embeddings(T5Encoder& t5, TextTokenizer& tokenizer, Backend& be) {
+  const TokenEncoding e = tokenizer.encode(kPrompt, 512);
+  Tensor ids = Tensor::empty(DType::I32, {1, int64_t(e.ids.size())});
+  std::copy(e.ids.begin(), e.ids.end(), ids.ptr<int32_t>());
+  const Tensor ids_dev = be.empty(DType::I32, ids.shape());
+  be.copy_from_host(ids, ids_dev);
+  const Tensor out = be.empty(be.compute_dtype(), {1, ids.size(1), t5.config().d_model});
+  t5.encode(ids_dev, out);
+  return be.to_host_f32(out);
+}
+
+double cosine(const Tensor& a, const Tensor& b) {
+  double dot = 0, na = 0, nb = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double x = a.ptr<float>()[i], y = b.ptr<float>()[i];
+    dot += x * y, na += x * x, nb += y * y;
+  }
+  return dot / std::sqrt(na * nb);
+}
 
 struct Generations {
   double first_s = 0;  // the warm-up: GEMM and attention plans, buffers
@@ -82,6 +106,8 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   if (!std::filesystem::is_directory(tok + "/tokenizer") || !std::filesystem::is_directory(tok + "/tokenizer_2"))
     throw Error("--e2e needs tokenizer/ and tokenizer_2/ in " + tok + " (give a pipeline folder with --tokenizers)");
   const uint64_t budget = o.vram.empty() ? 0 : parse_memory_budget(o.vram);
+  if (o.t5 != "bf16" && o.t5 != "nf4") throw Error("--t5 must be bf16 or nf4, got '" + o.t5 + "'");
+  const bool t5_nf4 = o.t5 == "nf4";
   const bool fp8_only = budget && o.fp8;
   // An FP8-only transformer has no bf16 base to merge into: its LoRAs run as slots (as `generate` does).
   const std::string lora_mode = fp8_only ? "runtime" : o.lora_mode;
@@ -99,7 +125,8 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   if (budget) {
     be.set_memory_limit(budget);
     const MemoryPlanRequest r =
-        flux1_plan_request(budget, fp8_only ? WeightFormat::FP8 : WeightFormat::BF16, WeightFormat::BF16, work, fc);
+        flux1_plan_request(budget, fp8_only ? WeightFormat::FP8 : WeightFormat::BF16,
+                           t5_nf4 ? WeightFormat::NF4 : WeightFormat::BF16, work, fc);
     building = plan_memory(r);
     require_resident_transformer(*building, r);
   }
@@ -110,6 +137,19 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   auto clip = std::make_unique<ClipTextModel>(cc, random_clip_text_weights(cc, be, 7), be);
   if (leaves("clip")) clip->offload();
   auto t5 = std::make_unique<T5Encoder>(tc, random_t5_encoder_weights(tc, be, 7), be);
+  double t5_cosine = 0, t5_quantize_s = 0;
+  if (t5_nf4) {
+    // The same random T5 before and after NF4: how much of its output the 4-bit weights keep.
+    auto tokenizer = load_tokenizer(tok + "/tokenizer_2");
+    const Tensor full = t5_embeddings(*t5, *tokenizer, be);
+    const auto tq = Clock::now();
+    t5->quantize_nf4();
+    t5_quantize_s = seconds_since(tq);
+    t5_cosine = cosine(t5_embeddings(*t5, *tokenizer, be), full);
+    t5->release_buffers();
+    std::printf("t5       NF4 (quantised in %.1f s, %.2f GB): cosine %.5f of its 512 embeddings against bf16\n",
+                t5_quantize_s, double(t5->weight_bytes()) / 1e9, t5_cosine);
+  }
   if (leaves("t5")) t5->offload();
   auto transformer = std::make_unique<FluxTransformer>(
       fc, fp8_only ? random_flux_weights_fp8(fc, be, 1) : random_flux_weights(fc, be, 1), be);
@@ -138,7 +178,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   be.reset_peak_memory();
 
   GenerateParams p;
-  p.prompts = {"a photograph of an astronaut riding a horse on the moon, detailed, golden hour"};
+  p.prompts = {kPrompt};
   p.width = p.height = o.size;
   p.steps = o.steps;
   const Generations g = time_generations(*pipe, p, o.runs);
@@ -148,6 +188,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   const nlohmann::json per_op = profile_ops(be, [&] { pipe->generate(p); }, "one generation", 14);
   const double profiled_s = seconds_since(t0);
   const std::string what = std::string(fp8_only ? "FP8-only" : o.fp8 ? "FP8" : "bf16") +
+                           (t5_nf4 ? ", NF4 T5" : "") +
                            (o.fp8_attention ? " + FP8 attention" : "") +
                            (o.lora_rank ? ", rank-" + std::to_string(o.lora_rank) + " LoRA " + lora_mode : "") +
                            (budget ? ", --vram " + o.vram : "");
@@ -178,6 +219,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
                         {"phase_memory", phase_memory_json(g.last)},
                         {"profiled_generation_s", profiled_s},
                         {"profiled_per_op_ms", per_op}};
+  if (t5_nf4) out["t5_nf4"] = {{"cosine_vs_bf16", t5_cosine}, {"quantize_s", t5_quantize_s}};
   if (!budget) return out;
 
   // The same pipeline with everything resident and no cap: what the budget costs per image.

@@ -21,6 +21,9 @@ struct EndToEndOptions {
   // timed again without the budget for comparison. With fp8 the transformer is built FP8-only (as an FP8 checkpoint
   // loads: no bf16 copy), so its LoRA runs in runtime slots.
   std::string vram;
+  // "nf4": T5 is made in bf16, encodes the prompt once, is quantised to NF4 (T5Encoder::quantize_nf4) and runs so; the
+  // cosine of its embeddings against the bf16 ones is reported. "bf16": as made.
+  std::string t5 = "bf16";
 };
 
 nlohmann::json bench_end_to_end(Backend& backend, const EndToEndOptions& options);

@@ -27,6 +27,7 @@ struct GenerateOptions {
   int batch = 1;  // images per prompt
   bool fp8 = false, fp8_attention = false;
   std::string vram;  // device memory budget ("24G"; empty: none)
+  std::string t5 = "bf16";
 };
 
 std::string hf_hub_dir() {
@@ -62,7 +63,9 @@ void run(GenerateOptions& o) {
   std::printf("model    %s (%s)\n", model.c_str(), origin.c_str());
   const auto t0 = std::chrono::steady_clock::now();
   // Under --vram the budget holds from the first allocation: the load is planned (from the configs) before it starts.
-  MemoryBudget budget;
+  PipelineLoadOptions load;
+  load.t5_nf4 = o.t5 == "nf4";
+  MemoryBudget& budget = load.budget;
   if (!o.vram.empty()) {
     budget.bytes = parse_memory_budget(o.vram);
     budget.workload.width = o.params.width > 0 ? o.params.width : 1024;
@@ -71,7 +74,7 @@ void run(GenerateOptions& o) {
     if (o.params.max_sequence_length > 0) budget.workload.text_tokens = o.params.max_sequence_length;
     budget.workload.lora_rank = o.loras.empty() ? 0 : o.lora_max_rank;
   }
-  auto pipe = FluxPipeline::from_pretrained(model, *backend, budget);
+  auto pipe = FluxPipeline::from_pretrained(model, *backend, load);
   std::printf("loaded   in %.2f s on %s\n",
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), backend->name().c_str());
 
@@ -171,6 +174,8 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--vram", o->vram,
                   "device memory budget, e.g. 24G or 16GiB: components that do not fit stay in host memory until "
                   "used; exceeding it is an error");
+  cmd->add_option("--t5", o->t5, "T5 weights: bf16 (default) or nf4 (quantised while loading: 2.9 GB for T5-XXL)")
+      ->check(CLI::IsMember({"bf16", "nf4"}));
   cmd->add_option("--lora-mode", o->lora_mode, "merged (default) or runtime")
       ->check(CLI::IsMember({"merged", "runtime"}));
   cmd->add_option("--lora-max-rank", o->lora_max_rank, "runtime mode: slot rank per projection");

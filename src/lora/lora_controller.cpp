@@ -41,6 +41,7 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
       // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
       l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
       be.copy(l.weight, l.lora_weight.narrow(1, 0, in));
+      tr_.weights().forget(l.weight);
       l.weight = l.lora_weight.narrow(1, 0, in);
       l.lora_up = l.lora_weight.narrow(1, in, r);
     } else {

@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "quant/nf4.h"
 
 namespace fluxswap {
 
@@ -61,17 +62,33 @@ Tensor checked_tensor(const SafetensorsCollection& file, const std::string& key,
   return lookup(file, key, &shape, context);
 }
 
-Tensor load_stacked(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
-                    Backend& backend) {
+Tensor stack_on_host(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
+                     DType dtype) {
   Shape shape = part;
   shape[0] *= int64_t(keys.size());
-  Tensor host = Tensor::empty(backend.compute_dtype(), shape);
+  Tensor host = Tensor::empty(dtype, shape);
   const size_t part_elems = size_t(shape_numel(part)), part_bytes = part_elems * dtype_size(host.dtype());
   for (size_t i = 0; i < keys.size(); ++i) {
     const Tensor src = checked_tensor(file, keys[i], part);
     convert(src.dtype(), src.data(), host.dtype(), static_cast<char*>(host.data()) + i * part_bytes, part_elems);
   }
-  return backend.upload_weight(host);
+  return host;
+}
+
+Tensor load_stacked(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
+                    Backend& backend) {
+  return backend.upload_weight(stack_on_host(file, keys, part, backend.compute_dtype()));
+}
+
+Nf4Weight upload_nf4(const Tensor& host, Backend& backend) {
+  const Tensor f = host.to_f32();
+  const Nf4Tensor q = quantize_nf4_parallel(f.ptr<float>(), f.numel(), kNf4WeightBlocksize);
+  Nf4Weight w;
+  w.packed = backend.empty(DType::U8, q.packed.shape());
+  w.absmax = backend.empty(DType::F32, q.absmax.shape());
+  backend.copy_from_host(q.packed, w.packed);
+  backend.copy_from_host(q.absmax, w.absmax);  // from pageable memory: the source may go once this returns
+  return w;
 }
 
 }  // namespace fluxswap

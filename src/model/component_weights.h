@@ -29,5 +29,18 @@ Tensor checked_tensor(const SafetensorsCollection& file, const std::string& key,
 // converted to the backend's compute dtype and uploaded: e.g. q | k | v projections fused into one GEMM weight.
 Tensor load_stacked(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
                     Backend& backend);
+// The same stack on the host, in `dtype`.
+Tensor stack_on_host(const SafetensorsCollection& file, const std::vector<std::string>& keys, const Shape& part,
+                     DType dtype);
+
+// A weight kept on the device in NF4 (quant/nf4.h: bitsandbytes' layout, blocks of kNf4WeightBlocksize values with a
+// float32 absmax each, no double quantisation); a linear dequantises it (Backend::dequantize_nf4) before its product.
+inline constexpr int64_t kNf4WeightBlocksize = 64;
+struct Nf4Weight {
+  Tensor packed;  // U8 [(rows * cols + 1) / 2]
+  Tensor absmax;  // F32 [blocks]
+};
+// Quantises a host tensor of any float dtype (on every core) and uploads its codes and absmax as they are.
+Nf4Weight upload_nf4(const Tensor& host, Backend& backend);
 
 }  // namespace fluxswap

@@ -83,7 +83,10 @@ void FluxTransformer::set_fp8(bool on) {
     quantize_linear_fp8(*l, backend_);
     // An FP8 checkpoint's LoRAs run as slots, never merged: no bf16 copy is needed as a requantisation source, and
     // dropping it is what keeps such a model near 12 GB.
-    if (weights_.fp8_only) l->weight = Tensor();
+    if (weights_.fp8_only) {
+      weights_.forget(l->weight);
+      l->weight = Tensor();
+    }
   }
   fp8_ = on;
 }

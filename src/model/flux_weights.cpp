@@ -242,6 +242,10 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
   return w;
 }
 
+void FluxWeights::forget(const Tensor& t) {
+  if (t.defined()) std::erase_if(by_name, [&](const auto& kv) { return kv.second.data() == t.data(); });
+}
+
 Linear& FluxWeights::linear(const std::string& module) {
   static const std::map<std::string, Linear FluxWeights::*> global = {
       {"img_in", &FluxWeights::img_in},

@@ -55,6 +55,10 @@ struct FluxWeights {
   // The block linears exist only in FP8 (no bf16 copy on the device): the transformer cannot leave FP8 mode.
   bool fp8_only = false;
 
+  // Drops by_name's references to t's memory, so that replacing a field (a weight moved into [W | up], a bf16
+  // copy an FP8-only model does not keep) really frees it.
+  void forget(const Tensor& t);
+
   // The linear module with this internal name ("double_blocks.3.img_attn.qkv", "final_layer.linear", ...).
   // Throws Error for a name that is not a linear module of this model.
   Linear& linear(const std::string& module);

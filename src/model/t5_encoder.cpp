@@ -105,10 +105,21 @@ Tensor t5_position_bias(const Tensor& table, int64_t seq_len, int64_t max_distan
 }
 
 T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, const T5EncoderConfig& c,
-                                         Backend& backend) {
+                                         Backend& backend, bool nf4) {
   const int64_t D = c.d_model, I = c.inner_dim(), F = c.d_ff;
   auto one = [&](const std::string& key, const Shape& shape) { return load_stacked(file, {key}, shape, backend); };
+  // A linear's weight (and, in NF4, its absmax).
+  auto matrix = [&](const std::vector<std::string>& keys, const Shape& part, Tensor& weight, Tensor& absmax) {
+    if (!nf4) {
+      weight = load_stacked(file, keys, part, backend);
+      return;
+    }
+    Nf4Weight q = upload_nf4(stack_on_host(file, keys, part, DType::F32), backend);
+    weight = std::move(q.packed);
+    absmax = std::move(q.absmax);
+  };
   T5EncoderWeights w;
+  w.nf4 = nf4;
   // The embedding is tied: `shared.weight`, also written as `encoder.embed_tokens.weight` by some exports.
   const std::string embed = file.contains("shared.weight") || !file.contains("encoder.embed_tokens.weight")
                                 ? "shared.weight"
@@ -124,11 +135,11 @@ T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, cons
     const std::string sa = attn + "SelfAttention.", dense = ff + "DenseReluDense.";
     T5LayerWeights lw;
     lw.attn_norm = one(attn + "layer_norm.weight", {D});
-    lw.qkv = load_stacked(file, {sa + "q.weight", sa + "k.weight", sa + "v.weight"}, {I, D}, backend);
-    lw.o = one(sa + "o.weight", {D, I});
+    matrix({sa + "q.weight", sa + "k.weight", sa + "v.weight"}, {I, D}, lw.qkv, lw.qkv_absmax);
+    matrix({sa + "o.weight"}, {D, I}, lw.o, lw.o_absmax);
     lw.ff_norm = one(ff + "layer_norm.weight", {D});
-    lw.wi = load_stacked(file, {dense + "wi_0.weight", dense + "wi_1.weight"}, {F, D}, backend);
-    lw.wo = one(dense + "wo.weight", {D, F});
+    matrix({dense + "wi_0.weight", dense + "wi_1.weight"}, {F, D}, lw.wi, lw.wi_absmax);
+    matrix({dense + "wo.weight"}, {D, F}, lw.wo, lw.wo_absmax);
     w.layers.push_back(std::move(lw));
   }
   w.final_norm = one("encoder.final_layer_norm.weight", {D});
@@ -137,7 +148,9 @@ T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, cons
 
 std::vector<Tensor*> T5EncoderWeights::device_tensors() {
   std::vector<Tensor*> out = {&embedding, &final_norm};
-  for (T5LayerWeights& l : layers) out.insert(out.end(), {&l.attn_norm, &l.qkv, &l.o, &l.ff_norm, &l.wi, &l.wo});
+  for (T5LayerWeights& l : layers)
+    out.insert(out.end(), {&l.attn_norm, &l.qkv, &l.o, &l.ff_norm, &l.wi, &l.wo, &l.qkv_absmax, &l.o_absmax,
+                           &l.wi_absmax, &l.wo_absmax});
   return out;
 }
 
@@ -146,10 +159,10 @@ T5Encoder::T5Encoder(const T5EncoderConfig& config, T5EncoderWeights weights, Ba
   config_.validate("T5 encoder config");
 }
 
-T5Encoder T5Encoder::from_folder(const std::string& dir, Backend& backend) {
+T5Encoder T5Encoder::from_folder(const std::string& dir, Backend& backend, bool nf4) {
   const T5EncoderConfig config = T5EncoderConfig::from_json_file((fsys::path(dir) / "config.json").string());
   const SafetensorsCollection file = SafetensorsCollection::open(weights_in_folder(dir, kTransformersWeightFiles));
-  return T5Encoder(config, load_t5_encoder_weights(file, config, backend), backend);
+  return T5Encoder(config, load_t5_encoder_weights(file, config, backend, nf4), backend);
 }
 
 void T5Encoder::prepare(int64_t batch, int64_t seq_len) {
@@ -177,8 +190,27 @@ void T5Encoder::prepare(int64_t batch, int64_t seq_len) {
   buf_.attn = e({batch, seq_len, I});
   buf_.branch = e({batch, seq_len, D});
   buf_.ff = e({batch, seq_len, 2 * config_.d_ff});
+  if (weights_.nf4) {
+    const int64_t F = config_.d_ff;
+    buf_.nf4_scratch = e({std::max({3 * I * D, D * I, 2 * F * D, D * F})});
+  }
   B_ = batch;
   S_ = seq_len;
+}
+
+void T5Encoder::quantize_nf4() {
+  if (weights_.nf4) return;
+  if (!resident()) throw Error("T5 encoder: its weights are offloaded; onload() them before quantize_nf4()");
+  release_buffers();
+  for (T5LayerWeights& l : weights_.layers)
+    for (auto [weight, absmax] : {std::pair{&l.qkv, &l.qkv_absmax}, {&l.o, &l.o_absmax}, {&l.wi, &l.wi_absmax},
+                                  {&l.wo, &l.wo_absmax}}) {
+      Nf4Weight q = upload_nf4(backend_.to_host_f32(*weight), backend_);
+      *weight = std::move(q.packed);
+      *absmax = std::move(q.absmax);
+    }
+  weights_.nf4 = true;
+  offload_ = WeightOffload();  // a host copy made before holds the old layout
 }
 
 void T5Encoder::release_buffers() {
@@ -220,23 +252,35 @@ void T5Encoder::layer(const T5LayerWeights& w) {
 
   // Self-attention: T5 folds the 1/sqrt(d_kv) scale into its initialisation, so the scores are unscaled; the
   // relative position bias of the first layer is added in every layer.
+  const int64_t D = config_.d_model;
   be.rms_norm(buf_.hidden, w.attn_norm, eps, buf_.normed);
-  be.linear(buf_.normed, w.qkv, Tensor(), buf_.qkv, Activation::None);
+  linear(buf_.normed, w.qkv, w.qkv_absmax, 3 * I, D, buf_.qkv);
   be.split_heads(buf_.qkv.narrow(2, 0, I), buf_.q);
   be.split_heads(buf_.qkv.narrow(2, I, I), buf_.k);
   be.split_heads(buf_.qkv.narrow(2, 2 * I, I), buf_.v);
   be.attention_ex(buf_.q, buf_.k, buf_.v, 1.0f, position_bias_, /*causal=*/false, buf_.attn);
-  be.linear(buf_.attn, w.o, Tensor(), buf_.branch, Activation::None);
+  linear(buf_.attn, w.o, w.o_absmax, D, I, buf_.branch);
   be.add(buf_.hidden, buf_.branch);
 
   // Gated feed-forward: wo(act(wi_0 x) * wi_1 x), both input projections in one GEMM.
   be.rms_norm(buf_.hidden, w.ff_norm, eps, buf_.normed);
-  be.linear(buf_.normed, w.wi, Tensor(), buf_.ff, Activation::None);
+  linear(buf_.normed, w.wi, w.wi_absmax, 2 * F, D, buf_.ff);
   const Tensor gate = buf_.ff.narrow(2, 0, F), up = buf_.ff.narrow(2, F, F);
   be.activation(gate, config_.dense_act, gate);
   be.mul(gate, up);
-  be.linear(gate, w.wo, Tensor(), buf_.branch, Activation::None);
+  linear(gate, w.wo, w.wo_absmax, D, F, buf_.branch);
   be.add(buf_.hidden, buf_.branch);
+}
+
+void T5Encoder::linear(const Tensor& x, const Tensor& w, const Tensor& absmax, int64_t rows, int64_t cols,
+                       const Tensor& y) {
+  if (!weights_.nf4) {
+    backend_.linear(x, w, Tensor(), y, Activation::None);
+    return;
+  }
+  const Tensor dq = buf_.nf4_scratch.narrow(0, 0, rows * cols).view({rows, cols});
+  backend_.dequantize_nf4(w, absmax, kNf4WeightBlocksize, dq);
+  backend_.linear(x, dq, Tensor(), y, Activation::None);
 }
 
 }  // namespace fluxswap

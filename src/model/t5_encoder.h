@@ -54,6 +54,9 @@ struct T5LayerWeights {
   Tensor ff_norm;    // [D]
   Tensor wi;         // [2 * d_ff, D]: wi_0 (the activated gate) | wi_1 (the linear half), one GEMM
   Tensor wo;         // [D, d_ff]
+  // NF4 (T5EncoderWeights::nf4): qkv, o, wi and wo hold the packed codes of the matrices above (component_weights.h
+  // Nf4Weight), and these their float32 absmax; undefined otherwise.
+  Tensor qkv_absmax, o_absmax, wi_absmax, wo_absmax;
 };
 
 struct T5EncoderWeights {
@@ -62,22 +65,26 @@ struct T5EncoderWeights {
   Tensor relative_attention_bias;
   std::vector<T5LayerWeights> layers;
   Tensor final_norm;  // [D]
+  // The four linears of every layer are stored NF4 and dequantised one at a time before their product (about 2.9 GB
+  // for T5-XXL instead of 9.5 in bf16); the embedding and the norms stay in the compute dtype.
+  bool nf4 = false;
 
   // Every device tensor (all but the host position table), in a fixed order: what leaves the device on offload.
   std::vector<Tensor*> device_tensors();
 };
 
-// Reads, fuses and uploads every weight. Throws Error naming the file and key on a missing tensor or a shape the
-// config does not imply.
+// Reads, fuses and uploads every weight; with `nf4`, the linears are quantised to NF4 on the host first, so their
+// full-precision copies never reach the device. Throws Error naming the file and key on a missing tensor or a shape
+// the config does not imply.
 T5EncoderWeights load_t5_encoder_weights(const SafetensorsCollection& file, const T5EncoderConfig& config,
-                                         Backend& backend);
+                                         Backend& backend, bool nf4 = false);
 
 class T5Encoder {
  public:
   T5Encoder(const T5EncoderConfig& config, T5EncoderWeights weights, Backend& backend);
   // A diffusers `text_encoder_2/` folder: config.json beside model.safetensors (or model.safetensors.index.json,
-  // as FLUX.1's sharded T5-XXL ships).
-  static T5Encoder from_folder(const std::string& dir, Backend& backend);
+  // as FLUX.1's sharded T5-XXL ships); `nf4` as for load_t5_encoder_weights.
+  static T5Encoder from_folder(const std::string& dir, Backend& backend, bool nf4 = false);
 
   // Allocates the activation buffers for a batch and sequence length, and builds and uploads the position bias
   // when the length changes; kept while the shape stays the same.
@@ -100,8 +107,15 @@ class T5Encoder {
   // Frees the activation buffers and the device position bias; the next encode makes them again.
   void release_buffers();
 
+  // Stores the linears NF4 from now on (T5EncoderWeights::nf4): each is brought to the host, quantised and uploaded
+  // again, one at a time (for weights made on the device). Needs the weights resident.
+  void quantize_nf4();
+  bool nf4() const { return weights_.nf4; }
+
  private:
   void layer(const T5LayerWeights& w);
+  // y = x W^T for one of a layer's linears ([rows, cols]); an NF4 one is dequantised into the scratch first.
+  void linear(const Tensor& x, const Tensor& w, const Tensor& absmax, int64_t rows, int64_t cols, const Tensor& y);
 
   T5EncoderConfig config_;
   T5EncoderWeights weights_;
@@ -119,6 +133,7 @@ class T5Encoder {
     Tensor attn;     // [B, S, inner] attention output, heads concatenated
     Tensor branch;   // [B, S, D] output projection of a branch, before its residual add
     Tensor ff;       // [B, S, 2 * d_ff] gate | linear halves of the feed-forward
+    Tensor nf4_scratch;  // NF4: the dequantised weight of the linear about to run, as large as the largest
   } buf_;
 };
 

@@ -33,7 +33,8 @@ Tensor flux_initial_noise(uint64_t seed, int64_t batch, int64_t channels, int64_
 }
 
 std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& user_path, Backend& backend,
-                                                           const MemoryBudget& budget) {
+                                                           const PipelineLoadOptions& options) {
+  const MemoryBudget& budget = options.budget;
   const fsys::path dir = resolve_hf_cache_path(user_path);
   if (!fsys::exists(dir / "model_index.json"))
     throw Error(user_path + ": not a diffusers pipeline folder (no model_index.json)");
@@ -47,7 +48,8 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
     backend.set_memory_limit(budget.bytes);
     MemoryPlanRequest r = pipeline_plan_request(
         budget.bytes, ck.config, ck.fp8_linears ? WeightFormat::FP8 : WeightFormat::BF16,
-        T5EncoderConfig::from_json_file((dir / "text_encoder_2" / "config.json").string()), WeightFormat::BF16,
+        T5EncoderConfig::from_json_file((dir / "text_encoder_2" / "config.json").string()),
+        options.t5_nf4 ? WeightFormat::NF4 : WeightFormat::BF16,
         ClipTextConfig::from_json_file((dir / "text_encoder" / "config.json").string()),
         VaeConfig::from_json_file((dir / "vae" / "config.json").string()), budget.workload);
     r.reserve_bytes = budget.reserve_bytes;
@@ -61,7 +63,8 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
   p->t5_tokenizer_ = load_tokenizer((dir / "tokenizer_2").string());
   p->clip_ = std::make_unique<ClipTextModel>(ClipTextModel::from_folder((dir / "text_encoder").string(), backend));
   if (leaves("clip")) p->clip_->offload();
-  p->t5_ = std::make_unique<T5Encoder>(T5Encoder::from_folder((dir / "text_encoder_2").string(), backend));
+  p->t5_ = std::make_unique<T5Encoder>(
+      T5Encoder::from_folder((dir / "text_encoder_2").string(), backend, options.t5_nf4));
   if (leaves("t5")) p->t5_->offload();
   p->transformer_ = std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend), backend);
   p->vae_ = std::make_unique<VaeDecoder>(open_vae_decoder((dir / "vae").string(), backend));

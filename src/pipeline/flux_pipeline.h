@@ -60,16 +60,21 @@ struct GenerateResult {
 // normal_from_counter(seed, i) (core/counter_rng.h), then packed. Host float32 [B, (h/2)(w/2), 4C].
 Tensor flux_initial_noise(uint64_t seed, int64_t batch, int64_t channels, int64_t latent_h, int64_t latent_w);
 
+struct PipelineLoadOptions {
+  MemoryBudget budget;  // budget.bytes 0: none
+  bool t5_nf4 = false;  // T5's linears stored NF4 (quantised on the host while loading; T5-XXL 9.5 GB -> 2.9 GB)
+};
+
 class FluxPipeline {
  public:
   // A diffusers FLUX pipeline folder (model_index.json, tokenizer*/, text_encoder*/, transformer/, vae/,
   // scheduler/) or a Hugging Face cache entry of one.
-  // With a budget (budget.bytes > 0) the backend's memory is capped at it before anything is allocated, the plan is
-  // made from the component configs first (so an impossible budget fails before loading), components planned on
-  // demand leave the device right after they are loaded, and the final plan is made from the loaded sizes (see
+  // With a budget (options.budget.bytes > 0) the backend's memory is capped at it before anything is allocated, the
+  // plan is made from the component configs first (so an impossible budget fails before loading), components planned
+  // on demand leave the device right after they are loaded, and the final plan is made from the loaded sizes (see
   // set_memory_budget).
   static std::unique_ptr<FluxPipeline> from_pretrained(const std::string& path, Backend& backend,
-                                                       const MemoryBudget& budget = {});
+                                                       const PipelineLoadOptions& options = {});
   // From parts already built (benchmarks on random weights at full size); checked to fit like from_pretrained.
   static std::unique_ptr<FluxPipeline> from_components(Backend& backend, std::unique_ptr<TextTokenizer> clip_tokenizer,
                                                        std::unique_ptr<TextTokenizer> t5_tokenizer,

@@ -66,8 +66,9 @@ MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransfor
   r.budget_bytes = budget.bytes;
   r.transformer = measured_transformer_spec(transformer, work);
   Backend& be = transformer.backend();
-  r.t5 = {"t5", WeightFormat::BF16, t5.weight_bytes(),
-          scaled_to(t5_encoder_spec(t5.config(), WeightFormat::BF16, work).activation_bytes, be)};
+  const WeightFormat t5_format = t5.nf4() ? WeightFormat::NF4 : WeightFormat::BF16;
+  r.t5 = {"t5", t5_format, t5.weight_bytes(),
+          scaled_to(t5_encoder_spec(t5.config(), t5_format, work).activation_bytes, be)};
   r.clip = {"clip", WeightFormat::BF16, clip.weight_bytes(),
             scaled_to(clip_text_spec(clip.config(), work).activation_bytes, be)};
   r.vae = {"vae", WeightFormat::BF16, vae.weight_bytes(),

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 #include "core/error.h"
 #include "io/safetensors.h"
@@ -199,6 +201,42 @@ Nf4Tensor quantize_nf4(const Tensor& x, int64_t blocksize, bool double_quant) {
   Nf4Tensor t = quantize_nf4(f.ptr<float>(), f.numel(), blocksize, double_quant);
   t.shape = x.shape();
   t.dtype = x.dtype();
+  return t;
+}
+
+Nf4Tensor quantize_nf4_parallel(const float* x, int64_t n, int64_t blocksize, unsigned threads) {
+  if (!valid_blocksize(blocksize) || n < 1) return quantize_nf4(x, n, blocksize);  // its error
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t per = (blocks + int64_t(threads) - 1) / int64_t(threads);
+  Nf4Tensor t;
+  t.shape = {n};
+  t.blocksize = blocksize;
+  t.code = f32_tensor(kNf4Code);
+  t.packed = Tensor::empty(DType::U8, {(n + 1) / 2});
+  t.absmax = Tensor::empty(DType::F32, {blocks});
+  // Each thread quantises whole blocks; a block holds an even number of values (blocksize >= 32), so each part's
+  // codes start on a byte and its bytes land as they are. Only the last part can end in a pad nibble, as the whole
+  // would.
+  std::vector<std::exception_ptr> errors(threads);
+  std::vector<std::thread> pool;
+  for (unsigned w = 0; w < threads; ++w) {
+    const int64_t b0 = int64_t(w) * per, b1 = std::min(blocks, b0 + per);
+    if (b0 >= b1) break;
+    pool.emplace_back([&, w, b0, b1] {
+      try {
+        const int64_t begin = b0 * blocksize, end = std::min(n, b1 * blocksize);
+        const Nf4Tensor part = quantize_nf4(x + begin, end - begin, blocksize);
+        std::memcpy(t.packed.ptr<uint8_t>() + begin / 2, part.packed.data(), part.packed.nbytes());
+        std::memcpy(t.absmax.ptr<float>() + b0, part.absmax.data(), part.absmax.nbytes());
+      } catch (...) {
+        errors[w] = std::current_exception();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
   return t;
 }
 

@@ -92,6 +92,9 @@ struct Nf4Tensor {
 Nf4Tensor quantize_nf4(const float* x, int64_t n, int64_t blocksize = 64, bool double_quant = false);
 // A CPU tensor of any float dtype and any strides; the result keeps its shape.
 Nf4Tensor quantize_nf4(const Tensor& x, int64_t blocksize = 64, bool double_quant = false);
+// quantize_nf4(x, n, blocksize) without double quantisation, the blocks spread over `threads` threads (0: one per
+// core): the same bits, for the billions of values of a T5-XXL.
+Nf4Tensor quantize_nf4_parallel(const float* x, int64_t n, int64_t blocksize = 64, unsigned threads = 0);
 
 // The float32 absmax of every block (resolving the nested quantisation when there is one).
 std::vector<float> nf4_block_absmax(const Nf4Tensor& t);

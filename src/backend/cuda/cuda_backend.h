@@ -282,6 +282,8 @@ class CudaBackend final : public Backend {
   uint64_t memory_limit() const override { return memory_.limit(); }
   size_t device_memory_used() const override { return memory_.device_used(); }
   void reset_peak_memory() override { memory_.reset_peak(); }
+  // Defined in cuda_nf4_ops.cpp.
+  void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out) override;
 
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     const char* op = "linear";
