@@ -19,6 +19,7 @@
 #include "lora/lora_controller.h"
 #include "lora/streamed_upload.h"
 #include "test_support.h"
+#include "thread_gate.h"
 
 namespace fluxswap {
 namespace {
@@ -30,24 +31,7 @@ using Model = test::FixtureTransformer;
 
 std::shared_ptr<void> heap(size_t bytes) { return std::shared_ptr<void>(std::malloc(bytes), std::free); }
 
-// A gate a reader thread waits at, with a time limit so that a broken implementation fails instead of hanging.
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(m_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  bool pass() {  // false when the limit ran out
-    std::unique_lock<std::mutex> lock(m_);
-    return cv_.wait_for(lock, std::chrono::seconds(5), [&] { return open_; });
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
+using test::Gate;
 
 std::string fixture_lora(const std::string& name) {
   return test::fixtures_dir() + "/tiny/lora_" + name + ".safetensors";

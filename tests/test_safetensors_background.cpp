@@ -18,6 +18,7 @@
 #include "io/nonfinite_scan.h"
 #include "io/safetensors.h"
 #include "test_support.h"
+#include "thread_gate.h"
 
 namespace fluxswap {
 namespace {
@@ -26,25 +27,7 @@ std::shared_ptr<void> heap(size_t bytes) { return std::shared_ptr<void>(std::mal
 
 std::string bytes_of(const Tensor& t) { return std::string(static_cast<const char*>(t.data()), t.nbytes()); }
 
-// A gate a reader thread waits at (with a time limit, so a broken implementation fails instead of hanging).
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(m_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  // True when opened, false after the time limit.
-  bool pass(std::chrono::milliseconds limit = std::chrono::milliseconds(5000)) {
-    std::unique_lock<std::mutex> lock(m_);
-    return cv_.wait_for(lock, limit, [&] { return open_; });
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
+using test::Gate;
 
 // Three bf16 tensors after an odd-sized one (so elements straddle chunk ends), values 1.0 and neighbours; `nan_at`
 // puts a NaN into "c" at that element when >= 0.

@@ -141,11 +141,7 @@ void ClipTextModel::offload() {
 
 void ClipTextModel::onload() { offload_.onload(backend_, weights_.device_tensors(), "CLIP text model"); }
 
-uint64_t ClipTextModel::weight_bytes() {
-  if (!resident()) return offload_.arena_bytes();
-  const std::vector<Tensor*> w = weights_.device_tensors();
-  return tensor_storage_bytes({w.begin(), w.end()});
-}
+uint64_t ClipTextModel::weight_bytes() { return offload_.weight_bytes(weights_.device_tensors()); }
 
 void ClipTextModel::encode(const Tensor& ids, const std::vector<int64_t>& eos_index, const Tensor& pooled,
                            const Tensor& last_hidden) {

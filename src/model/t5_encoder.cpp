@@ -226,11 +226,7 @@ void T5Encoder::offload() {
 
 void T5Encoder::onload() { offload_.onload(backend_, weights_.device_tensors(), "T5 encoder"); }
 
-uint64_t T5Encoder::weight_bytes() {
-  if (!resident()) return offload_.arena_bytes();
-  const std::vector<Tensor*> w = weights_.device_tensors();
-  return tensor_storage_bytes({w.begin(), w.end()});
-}
+uint64_t T5Encoder::weight_bytes() { return offload_.weight_bytes(weights_.device_tensors()); }
 
 void T5Encoder::encode(const Tensor& ids, const Tensor& out) {
   if (!resident()) throw Error("T5 encoder: its weights are offloaded; onload() them before encode()");

@@ -222,11 +222,7 @@ void VaeDecoder::offload() {
 
 void VaeDecoder::onload() { offload_.onload(backend_, weights_.device_tensors(), "VAE decoder"); }
 
-uint64_t VaeDecoder::weight_bytes() {
-  if (!resident()) return offload_.arena_bytes();
-  const std::vector<Tensor*> w = weights_.device_tensors();
-  return tensor_storage_bytes({w.begin(), w.end()});
-}
+uint64_t VaeDecoder::weight_bytes() { return offload_.weight_bytes(weights_.device_tensors()); }
 
 Tensor VaeDecoder::shaped(const Tensor& arena, const Shape& shape) {
   return arena.narrow(0, 0, shape_numel(shape)).view(shape);

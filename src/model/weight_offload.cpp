@@ -95,4 +95,9 @@ uint64_t tensor_storage_bytes(const std::vector<const Tensor*>& tensors) {
   return total;
 }
 
+uint64_t WeightOffload::weight_bytes(const std::vector<Tensor*>& weights) const {
+  if (!resident_) return arena_bytes_;
+  return tensor_storage_bytes({weights.begin(), weights.end()});
+}
+
 }  // namespace fluxswap

@@ -23,6 +23,8 @@ class WeightOffload {
   bool resident() const { return resident_; }
   // Bytes one onload allocates on the device (the tensors, each aligned); 0 before the first offload.
   uint64_t arena_bytes() const { return arena_bytes_; }
+  // The component's device weight bytes: what it holds while resident, what an onload would take while offloaded.
+  uint64_t weight_bytes(const std::vector<Tensor*>& weights) const;
 
  private:
   std::vector<Tensor> host_;  // per weight, a view of the host copy (undefined for undefined weights)

@@ -41,41 +41,38 @@ __device__ inline void store_bf16(__nv_bfloat16* p, const float (&v)[VEC]) {
   }
 }
 
-__device__ inline float warp_sum(float v) {
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {  // fmaxf skips NaN, like std::fmax in the CPU references
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class Op>
+__device__ inline float warp_reduce(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = Op()(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
+__device__ inline float warp_sum(float v) { return warp_reduce<SumOp>(v); }
+__device__ inline float warp_max(float v) { return warp_reduce<MaxOp>(v); }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total. `scratch` holds 32
-// floats; the trailing barrier lets the caller reuse it immediately.
-__device__ inline float block_sum(float v, float* scratch) {
+// Reduction over the block (blockDim.x a multiple of 32, at most 1024; every thread must call it); every thread
+// gets the result. `scratch` holds 32 floats; the trailing barrier lets the caller reuse it immediately. Max starts
+// the missing warps at 0: the maxima taken here are of absolute values.
+template <class Op>
+__device__ inline float block_reduce(float v, float* scratch) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
+  v = warp_reduce<Op>(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
-  v = warp_sum(v);
+  v = warp_reduce<Op>(v);
   __syncthreads();
   return v;
 }
-
-__device__ inline float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Max over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it. No trailing barrier:
-// `scratch` must not be reused without one.
-__device__ inline float block_max(float v, float* scratch) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_max(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
-  return warp_max(v);
-}
+__device__ inline float block_sum(float v, float* scratch) { return block_reduce<SumOp>(v, scratch); }
+__device__ inline float block_max(float v, float* scratch) { return block_reduce<MaxOp>(v, scratch); }
 
 // Mean and 1 / sqrt(variance + eps) of one row of C values, the block's threads striding by VEC: two passes (the
 // row stays in L1 between them, and the variance is taken around the mean, so it has no cancellation). Ends on a

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
     if (threadIdx.x == 0) sx[r] = scale;
-    __syncthreads();  // scratch is reused by the next row's block_max
+    __syncthreads();  // every row of xs is complete before any warp reads it
   }
 
   // Each warp takes two output features at a time and issues all of their 16-byte weight loads before using
