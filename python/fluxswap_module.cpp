@@ -55,11 +55,14 @@ std::unique_ptr<Backend> backend_for(const std::string& device) {
 
 class Engine {
  public:
-  Engine(const std::string& path, const std::string& device, int64_t lora_max_rank)
+  // vram_bytes: a device memory budget (0: none), planned and enforced as `fluxswap generate --vram` does.
+  Engine(const std::string& path, const std::string& device, int64_t lora_max_rank, uint64_t vram_bytes)
       : default_rank_(lora_max_rank) {
     if (lora_max_rank <= 0) throw py::value_error("lora_max_rank must be > 0, got " + std::to_string(lora_max_rank));
     backend_ = backend_for(device);
-    pipe_ = FluxPipeline::from_pretrained(path, *backend_);
+    PipelineLoadOptions options;
+    options.budget.bytes = vram_bytes;
+    pipe_ = FluxPipeline::from_pretrained(path, *backend_, options);
   }
   ~Engine() {
     lora_.reset();  // gives the transformer back before it goes
@@ -339,8 +342,8 @@ PYBIND11_MODULE(_fluxswap, m) {
 
   using release = py::call_guard<py::gil_scoped_release>;
   py::class_<Engine>(m, "Engine")
-      .def(py::init<const std::string&, const std::string&, int64_t>(), py::arg("path"), py::arg("device"),
-           py::arg("lora_max_rank"), release())
+      .def(py::init<const std::string&, const std::string&, int64_t, uint64_t>(), py::arg("path"), py::arg("device"),
+           py::arg("lora_max_rank"), py::arg("vram_bytes") = 0, release())
       .def_property_readonly("device", &Engine::device)
       .def_property_readonly("backend_name", &Engine::backend_name)
       .def_property_readonly("dtype", &Engine::dtype)

@@ -25,8 +25,10 @@ __version__ = _fluxswap.__version__
 __all__ = ["FluxPipeline", "Pipeline", "FluxPipelineOutput", "Error", "have_cuda", "__version__"]
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+# As `fluxswap generate --vram`: K/M/G/T and KB..TB are powers of 10 (a card sold as 24 GB holds at least 24e9
+# bytes), KiB..TiB powers of 2.
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
 class FluxPipelineOutput:
@@ -183,7 +185,9 @@ class FluxPipeline:
         dtype ("bfloat16" default, or "float32"; torch dtypes and torch_dtype= work too): the CUDA backend computes
         in bfloat16, the CPU reference always in float32 (so "bfloat16" on the CPU runs float32; float32 on CUDA is
         a ValueError). device: "auto" (the GPU when this build has CUDA and a GPU is present, else the CPU), "cpu"
-        or "cuda". vram: a memory budget (bytes, or "24GB"), validated and stored as pipe.vram, NOT enforced yet.
+        or "cuda". vram: a device memory budget (bytes, or "24GB" = 24e9, "24GiB"): the engine plans which
+        components stay on the device (text encoders move there only to encode), caps its allocator at the budget
+        (going past it is an Error), and raises Error when the model cannot fit (fluxswap generate --vram, docs).
         lora_max_rank: the rank per projection runtime LoRA slots start with (they grow when an adapter needs more).
         """
         if dtype is not None and torch_dtype is not None:
@@ -194,7 +198,7 @@ class FluxPipeline:
         if dtype_name == "float32" and device_name == "cuda":
             raise ValueError("the CUDA backend computes in bfloat16; float32 needs device='cpu'")
         path = _resolve_model_path(pretrained_model_name_or_path)
-        engine = _fluxswap.Engine(path, device_name, int(lora_max_rank))
+        engine = _fluxswap.Engine(path, device_name, int(lora_max_rank), int(vram_bytes or 0))
         if dtype_name == "float32" and engine.dtype != "float32":
             del engine
             raise ValueError("device='auto' chose the GPU, which computes in bfloat16; for float32 pass device='cpu'")

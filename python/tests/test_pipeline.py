@@ -76,7 +76,7 @@ class Arguments(unittest.TestCase):
             fluxswap.FluxPipeline.from_pretrained("/nonexistent", dtype="float32", device="cuda")
 
     def test_vram_sizes(self):
-        self.assertEqual(fluxswap._vram_bytes("24GB"), 24 * 2**30)
+        self.assertEqual(fluxswap._vram_bytes("24GB"), 24 * 10**9)
         self.assertEqual(fluxswap._vram_bytes("1.5 GiB"), 3 * 2**29)
         self.assertEqual(fluxswap._vram_bytes(1000), 1000)
         self.assertIsNone(fluxswap._vram_bytes(None))
@@ -158,6 +158,12 @@ class _GoldenBase:
         self.assertEqual(out.info["steps"], int(self.meta["steps"]))
         self.assertIs(out[0], out.images)
         self.assertIs(self.call(return_dict=False)[0][0].dtype, np.dtype(np.uint8))
+
+    def test_vram_budget_is_planned(self):
+        with self.assertRaisesRegex(fluxswap.Error, "budget"):
+            fluxswap.FluxPipeline.from_pretrained(os.path.join(self.dir, "pipeline"), device=DEVICE, vram=1000)
+        pipe = fluxswap.FluxPipeline.from_pretrained(os.path.join(self.dir, "pipeline"), device=DEVICE, vram="2GB")  # the planner reserves 1 GB
+        self.assertEqual(pipe.vram, 2 * 10**9)
 
     def test_fp8_is_close_and_turning_it_off_is_exact(self):
         base = self.call().latents
