@@ -128,7 +128,7 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
         flux1_plan_request(budget, fp8_only ? WeightFormat::FP8 : WeightFormat::BF16,
                            t5_nf4 ? WeightFormat::NF4 : WeightFormat::BF16, work, fc);
     building = plan_memory(r);
-    require_resident_transformer(*building, r);
+    require_supported_transformer_placement(*building, r);
   }
   auto leaves = [&](const char* name) {
     return building && building->component(name).placement == Placement::OnDemand;

@@ -21,6 +21,8 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
     : tr_(tr), mode_(mode) {
   if (mode_ != LoraMode::Runtime) return;
   if (max_rank <= 0) throw Error("LoRA runtime mode needs a max rank > 0, got " + std::to_string(max_rank));
+  // The slots are sized from the weights: a transformer uploaded per image (memory plan) comes back meanwhile.
+  if (!tr_.resident()) tr_.onload();
   std::map<std::string, int64_t> parts;
   for (const auto& a : flux_diffusers_aliases(tr_.config())) parts[a.module] += 1;
   if (slot_modules.empty())
@@ -87,6 +89,9 @@ int64_t LoraController::slot_rank(const std::string& module) const {
 LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& active) {
   const auto t0 = std::chrono::steady_clock::now();
   const auto stacks = stack_loras(active, tr_.config());
+  if (mode_ == LoraMode::Merged && !tr_.resident())
+    throw Error("merged LoRAs are written into the transformer's weights, which are off the device between images "
+                "under this memory plan: use runtime mode (--lora-mode runtime) or a budget that keeps it resident");
   for (const auto& [module, s] : stacks) {  // check everything before touching the model
     if (mode_ == LoraMode::Merged && !tr_.weights().linear(module).weight.defined())
       throw Error("LoRA targets '" + module + "', which this model holds only in FP8 (it was loaded from an FP8 "

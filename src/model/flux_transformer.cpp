@@ -66,7 +66,21 @@ std::vector<Linear*> modulation_linears(FluxWeights& w) {
 }
 }  // namespace
 
+void FluxTransformer::offload() {
+  if (!resident()) return;
+  for (Linear* l : block_token_linears(weights_))
+    if (l->lora_weight.defined())
+      throw Error("the transformer cannot leave the device while runtime LoRA slots live inside its weights (bf16 "
+                  "runtime mode): use FP8 (--fp8), merged LoRAs, or a budget that keeps it resident");
+  // by_name holds its own references to the same memory; the struct fields are what the forward pass reads.
+  weights_.by_name.clear();
+  offload_.offload(backend_, weights_.device_tensors(), "transformer");
+}
+
+void FluxTransformer::onload() { offload_.onload(backend_, weights_.device_tensors(), "transformer"); }
+
 void FluxTransformer::set_fp8(bool on) {
+  if (!resident()) throw Error("set_fp8: the transformer's weights are off the device (memory plan)");
   if (weights_.fp8_only && !on)
     throw Error("this transformer was loaded from an FP8 checkpoint and has no bf16 block weights: FP8 mode "
                 "cannot be turned off (load a bf16 checkpoint for bf16 inference)");
@@ -106,6 +120,7 @@ float qk_scale_for(Backend& backend, std::initializer_list<const Tensor*> norms,
 }  // namespace
 
 void FluxTransformer::set_fp8_attention(bool on) {
+  if (!resident()) throw Error("set_fp8_attention: the transformer's weights are off the device (memory plan)");
   qk_scale_double_.clear();
   qk_scale_single_.clear();
   if (on) {

@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "model/flux_config.h"
 #include "model/flux_weights.h"
+#include "model/weight_offload.h"
 
 namespace fluxswap {
 
@@ -52,6 +53,14 @@ class FluxTransformer {
   // accumulation (the same 28-step quality as promoted accumulation, docs/PERF.md) and/or FP8 attention.
   void set_precision(bool fp8_linears, bool fp8_attention);
 
+  // Under a memory plan that uploads the transformer per image: its weights go to pinned host memory (the first time
+  // copied, later only freed: they do not change while off the device) and come back as one allocation. The step
+  // buffers and runtime LoRA slots stay. Refused while a runtime LoRA slot lives inside a weight ([W | up], bf16
+  // runtime mode): that weight is a view of the slot. set_fp8 / set_fp8_attention need the weights resident.
+  void offload();
+  void onload();
+  bool resident() const { return offload_.resident(); }
+
   const FluxConfig& config() const { return config_; }
   FluxWeights& weights() { return weights_; }
   Backend& backend() { return backend_; }
@@ -76,6 +85,7 @@ class FluxTransformer {
   int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
   bool fp8_ = false;
   bool fp8_attention_ = false, prepared_fp8_attention_ = false;
+  WeightOffload offload_;
   std::vector<float> qk_scale_double_, qk_scale_single_;  // per block, for FP8 attention
   // qk_norm_rope into the attention inputs, then attention over them into `out`: bf16, or FP8 at qk_scale.
   void qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope, int64_t seq_offset,

@@ -242,6 +242,26 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
   return w;
 }
 
+std::vector<Tensor*> FluxWeights::device_tensors() {
+  std::vector<Tensor*> out;
+  auto add = [&](Linear& l) { out.insert(out.end(), {&l.weight, &l.bias, &l.weight_fp8, &l.weight_scale}); };
+  for (Linear* l : {&img_in, &txt_in, &time_in, &time_out, &vector_in, &vector_out, &guidance_in, &guidance_out})
+    add(*l);
+  for (auto& b : double_blocks) {
+    for (Linear* l : {&b.img_mod, &b.txt_mod, &b.img_qkv, &b.txt_qkv, &b.img_proj, &b.txt_proj, &b.img_mlp_in,
+                      &b.txt_mlp_in, &b.img_mlp_out, &b.txt_mlp_out})
+      add(*l);
+    out.insert(out.end(), {&b.img_q_norm, &b.img_k_norm, &b.txt_q_norm, &b.txt_k_norm});
+  }
+  for (auto& b : single_blocks) {
+    for (Linear* l : {&b.modulation, &b.linear1, &b.linear2}) add(*l);
+    out.insert(out.end(), {&b.q_norm, &b.k_norm});
+  }
+  add(final_mod);
+  add(final_linear);
+  return out;
+}
+
 void FluxWeights::forget(const Tensor& t) {
   if (t.defined()) std::erase_if(by_name, [&](const auto& kv) { return kv.second.data() == t.data(); });
 }

@@ -55,6 +55,10 @@ struct FluxWeights {
   // The block linears exist only in FP8 (no bf16 copy on the device): the transformer cannot leave FP8 mode.
   bool fp8_only = false;
 
+  // Every device tensor of the model proper, in a fixed order: each linear's weight, bias and FP8 pair, and the
+  // norms; not the LoRA slots (they stay on the device when the weights leave it).
+  std::vector<Tensor*> device_tensors();
+
   // Drops by_name's references to t's memory, so that replacing a field (a weight moved into [W | up], a bf16
   // copy an FP8-only model does not keep) really frees it.
   void forget(const Tensor& t);

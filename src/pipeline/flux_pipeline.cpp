@@ -54,7 +54,7 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
         VaeConfig::from_json_file((dir / "vae" / "config.json").string()), budget.workload);
     r.reserve_bytes = budget.reserve_bytes;
     loading = plan_memory(r);
-    require_resident_transformer(*loading, r);
+    require_supported_transformer_placement(*loading, r);
   }
   auto leaves = [&](const char* name) {
     return loading && loading->component(name).placement == Placement::OnDemand;
@@ -122,6 +122,9 @@ FluxWorkload FluxPipeline::workload_for(const GenerateParams& params, int64_t lo
 // ---- memory budget ----
 
 const MemoryPlan* FluxPipeline::set_memory_budget(const MemoryBudget& budget) {
+  // A transformer uploaded per image is between images now: back on the device (the room the current plan kept for
+  // it is free), so that the new plan measures it.
+  transformer_->onload();
   if (budget.bytes == 0) {
     plan_.reset();
     backend_.set_memory_limit(0);
@@ -133,7 +136,7 @@ const MemoryPlan* FluxPipeline::set_memory_budget(const MemoryBudget& budget) {
   const MemoryPlanRequest request =
       measured_plan_request(budget, *transformer_, *t5_, *clip_, *vae_, backend_.memory_in_use());
   MemoryPlan plan = plan_memory(request);
-  require_resident_transformer(plan, request);
+  require_supported_transformer_placement(plan, request);
   plan_ = std::move(plan);
   backend_.set_memory_limit(budget.bytes);
   // Leaving first, so that what comes back finds the room the plan counts on.
@@ -169,6 +172,7 @@ void FluxPipeline::leave_phase(Component& c, const char* name) {
 void FluxPipeline::restore_placements() noexcept {
   try {
     backend_.synchronize();
+    if (on_demand("transformer")) transformer_->offload();
     if (on_demand("clip")) clip_->offload();
     if (on_demand("t5")) t5_->offload();
     if (on_demand("vae")) vae_->offload();
@@ -238,6 +242,8 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   const FluxConfig& c = transformer_->config();
 
   auto t0 = Clock::now();
+  // A transformer uploaded per image leaves before the text encoders come (offload waits for queued work).
+  if (on_demand("transformer")) transformer_->offload();
   EncodedPrompts text = encode_prompts(p.prompts, r.max_sequence_length);
   backend_.synchronize();
   r.encode_s = seconds_since(t0);
@@ -282,6 +288,14 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
   Tensor t_table = backend_.empty(DType::F32, t_host.shape());
   backend_.copy_from_host(t_host, t_table);
   t0 = Clock::now();
+  if (on_demand("transformer")) {
+    try {
+      transformer_->onload();
+    } catch (...) {
+      restore_placements();
+      throw;
+    }
+  }
   std::unique_ptr<RecordedWork> step_graph;
   for (int i = 0; i < r.steps; ++i) {
     const auto ts = Clock::now();
@@ -308,8 +322,10 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
     }
   }
   backend_.synchronize();  // so that denoise_s does not include the decode queued behind the last step
-  r.denoise_s = seconds_since(t0);
+  r.denoise_s = seconds_since(t0);  // with a transformer uploaded per image: its upload included
   r.denoise_memory = measure_memory();
+  step_graph.reset();  // the recording reads the weights' addresses, which the next onload changes
+  if (on_demand("transformer")) transformer_->offload();
 
   // The decode tail stays on the device; only the 8-bit image and the final latents come back, queued behind it
   // into pinned memory where the backend has some, so neither download stalls the decode.

@@ -93,7 +93,7 @@ class FluxPipeline {
   // (measured_plan_request), caps the backend's device memory at budget.bytes (going past it is then an Error, never
   // a silent over-use) and applies the plan: components planned on demand leave the device now (their weights wait
   // in pinned host memory) and come back only for their phase of generate(). Throws Error when nothing fits, or when
-  // the plan needs the transformer streamed or uploaded per image (not implemented yet), naming the smallest budget
+  // the plan needs the transformer streamed block by block (not implemented yet), naming the smallest budget
   // that works. Call it after LoRAs are set up (their device memory counts) and again when the workload grows.
   // budget.bytes 0: no budget, everything back on the device, no cap; returns null.
   const MemoryPlan* set_memory_budget(const MemoryBudget& budget);

@@ -62,6 +62,8 @@ TransformerSpec measured_transformer_spec(FluxTransformer& t, const FluxWorkload
 MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransformer& transformer, T5Encoder& t5,
                                         ClipTextModel& clip, VaeDecoder& vae, uint64_t memory_in_use) {
   const FluxWorkload& work = budget.workload;
+  if (!transformer.resident())
+    throw Error("memory plan: the transformer's weights are off the device; plan while they are on it");
   MemoryPlanRequest r;
   r.budget_bytes = budget.bytes;
   r.transformer = measured_transformer_spec(transformer, work);
@@ -93,15 +95,12 @@ std::string vram_argument(uint64_t bytes) {
   return s;
 }
 
-void require_resident_transformer(const MemoryPlan& plan, const MemoryPlanRequest& request) {
-  const Placement p = plan.component("transformer").placement;
-  if (p == Placement::Resident) return;
+void require_supported_transformer_placement(const MemoryPlan& plan, const MemoryPlanRequest& request) {
+  if (plan.component("transformer").placement != Placement::Streamed) return;
   const uint64_t smallest = smallest_budget_with_resident_transformer(request);
   throw Error("memory budget " + format_gb(request.budget_bytes) + ": the plan (" + plan.to_string() +
-              ") needs the transformer " +
-              (p == Placement::Streamed ? std::string("streamed block by block from pinned host memory")
-                                        : std::string("uploaded for every image")) +
-              ", which is not implemented yet; the smallest budget that keeps it resident is --vram " +
+              ") needs the transformer streamed block by block from pinned host memory, which is not implemented "
+              "yet; the smallest budget that keeps it resident is --vram " +
               vram_argument(smallest));
 }
 
