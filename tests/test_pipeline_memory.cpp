@@ -207,6 +207,11 @@ TEST(PipelineMemoryBudget, BelowTheResidentBudgetTheTransformerComesPerImage) {
     EXPECT_NE(error_of([&] { pipe->generate(p); }).find("runtime LoRA slots live inside its weights"),
               std::string::npos);
   }
+  {  // a controller that goes while the weights are away (merged: nothing applied) leaves them be
+    ASSERT_NO_THROW(pipe->generate(p));
+    ASSERT_FALSE(pipe->transformer().resident());
+    LoraController merged(pipe->transformer(), LoraMode::Merged);
+  }
   EXPECT_EQ(pipe->generate(p).images[0].pixels, unlimited.images[0].pixels) << "after the LoRA went";
   // No budget again: resident again, the same image.
   EXPECT_EQ(pipe->set_memory_budget({}), nullptr);

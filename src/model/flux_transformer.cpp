@@ -75,9 +75,13 @@ void FluxTransformer::offload() {
   // by_name holds its own references to the same memory; the struct fields are what the forward pass reads.
   weights_.by_name.clear();
   offload_.offload(backend_, weights_.device_tensors(), "transformer");
+  weights_.offloaded = true;
 }
 
-void FluxTransformer::onload() { offload_.onload(backend_, weights_.device_tensors(), "transformer"); }
+void FluxTransformer::onload() {
+  offload_.onload(backend_, weights_.device_tensors(), "transformer");
+  weights_.offloaded = false;
+}
 
 void FluxTransformer::set_fp8(bool on) {
   if (!resident()) throw Error("set_fp8: the transformer's weights are off the device (memory plan)");

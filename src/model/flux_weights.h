@@ -54,6 +54,8 @@ struct FluxWeights {
   std::map<std::string, Tensor> by_name;
   // The block linears exist only in FP8 (no bf16 copy on the device): the transformer cannot leave FP8 mode.
   bool fp8_only = false;
+  // The tensors are off the device (FluxTransformer::offload): undefined, but the modules still exist.
+  bool offloaded = false;
 
   // Every device tensor of the model proper, in a fixed order: each linear's weight, bias and FP8 pair, and the
   // norms; not the LoRA slots (they stay on the device when the weights leave it).
