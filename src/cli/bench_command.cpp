@@ -440,7 +440,7 @@ void run(const BenchOptions& o) {
     e.fp8_attention = o.fp8_attention;
     e.lora_rank = o.lora_rank;
     e.lora_mode = o.lora_mode;
-    e.lora_dir = o.lora_dir.empty() ? "/tmp" : o.lora_dir;
+    e.lora_dir = o.lora_dir;
     e.vram = o.vram;
     e.t5 = o.t5;
     all["device"] = backend->name();

@@ -11,6 +11,7 @@
 
 #include "cli/bench_timing.h"
 #include "core/error.h"
+#include "io/scratch_dir.h"
 #include "lora/lora_controller.h"
 #include "lora/random_lora.h"
 #include "model/flux_random_fp8_weights.h"
@@ -164,8 +165,11 @@ nlohmann::json bench_end_to_end(Backend& be, const EndToEndOptions& o) {
   const double build_s = seconds_since(t0);
 
   std::unique_ptr<LoraController> lora;
+  ScratchFiles scratch;  // the adapter file goes when the benchmark does, also on an error
   if (o.lora_rank > 0) {
-    const std::string file = o.lora_dir + "/fluxswap-e2e-lora-r" + std::to_string(o.lora_rank) + ".safetensors";
+    const ScratchDirChoice dir = choose_scratch_dir(o.lora_dir, random_lora_data_bytes(fc, o.lora_rank) + (1 << 20));
+    const std::string file =
+        scratch.add(dir.path + "/fluxswap-e2e-lora-r" + std::to_string(o.lora_rank) + ".safetensors");
     write_random_lora(file, fc, o.lora_rank, 100);
     lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(lora_mode), o.lora_rank);
     lora->set_adapters({{std::make_shared<LoraAdapter>(load_lora_adapter(file, fc, be.host_buffer_allocator())),

@@ -15,7 +15,7 @@ struct EndToEndOptions {
   int runs = 5, steps = 28, size = 1024;
   bool fp8 = false, fp8_attention = false;
   int64_t lora_rank = 0;  // a random rank-r LoRA on every block linear, active during the runs (0: none)
-  std::string lora_mode = "merged", lora_dir = "/tmp";
+  std::string lora_mode = "merged", lora_dir;  // empty: choose_scratch_dir's rule
   // A device memory budget ("24G", parse_memory_budget; empty: none). The backend is capped at it before anything is
   // built, components planned on demand leave the device as soon as they are made, and the same pipeline is then
   // timed again without the budget for comparison. With fp8 the transformer is built FP8-only (as an FP8 checkpoint

@@ -54,17 +54,6 @@ FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, 
 
 void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
 
-namespace {
-// The per-sample modulation linears (a sixth of the weights): in FP8 mode they stream e4m3 weights through the
-// backend's few-rows FP8 path, which halves the bytes these bandwidth-bound products read.
-std::vector<Linear*> modulation_linears(FluxWeights& w) {
-  std::vector<Linear*> out;
-  for (auto& b : w.double_blocks) out.insert(out.end(), {&b.img_mod, &b.txt_mod});
-  for (auto& b : w.single_blocks) out.push_back(&b.modulation);
-  out.push_back(&w.final_mod);
-  return out;
-}
-}  // namespace
 
 void FluxTransformer::offload() {
   if (!resident()) return;

@@ -353,6 +353,14 @@ std::vector<std::string> block_token_linear_names(const FluxConfig& config) {
   return token_linear_names(size_t(config.num_layers), size_t(config.num_single_layers));
 }
 
+std::vector<Linear*> modulation_linears(FluxWeights& w) {
+  std::vector<Linear*> out;
+  for (auto& b : w.double_blocks) out.insert(out.end(), {&b.img_mod, &b.txt_mod});
+  for (auto& b : w.single_blocks) out.push_back(&b.modulation);
+  out.push_back(&w.final_mod);
+  return out;
+}
+
 std::vector<Linear*> block_token_linears(FluxWeights& w) {
   std::vector<Linear*> out;
   for (const auto& module : token_linear_names(w.double_blocks.size(), w.single_blocks.size()))

@@ -93,6 +93,9 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
 // The linears of the blocks that read token rows (qkv, proj, MLPs, linear1/2): 99% of the step's FLOPs. FP8 mode
 // quantises these; runtime LoRA slots of these live inside [W | up] (the transformer gives their inputs room).
 std::vector<Linear*> block_token_linears(FluxWeights& weights);
+// The per-sample modulation linears (a sixth of the weights, read once per step by bandwidth-bound products): FP8
+// mode stores them in e4m3 too.
+std::vector<Linear*> modulation_linears(FluxWeights& weights);
 // Their internal module names ("double_blocks.0.img_attn.qkv", ..., "single_blocks.0.linear2"), in the same order.
 std::vector<std::string> block_token_linear_names(const FluxConfig& config);
 // weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use). Error for an FP8-only linear.

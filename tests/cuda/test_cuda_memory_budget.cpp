@@ -9,23 +9,12 @@
 #include "cuda_test_util.h"
 #include "pipeline/flux_pipeline.h"
 #include "../pipeline_golden_params.h"
+#include "../test_support.h"
 
 namespace fluxswap {
 namespace {
 
-std::string fixtures() {
-  if (const char* env = std::getenv("FLUXSWAP_FIXTURES")) return env;
-  return FLUXSWAP_FIXTURES;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 bool same_bits(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
@@ -57,7 +46,7 @@ TEST(CudaMemoryBudget, AllocatorRefusesToExceedTheLimit) {
 
 TEST(CudaMemoryBudget, TinyPipelineAtItsPlannedPeakMatchesTheUnlimitedRun) {
   FLUXSWAP_CUDA_BACKEND(gpu);
-  const std::string dir = fixtures() + "/tiny";
+  const std::string dir = test::fixtures_dir() + "/tiny";
   if (!std::filesystem::exists(dir + "/pipeline/model_index.json")) GTEST_SKIP() << "no fixtures at " << dir;
   auto g = SafetensorsFile::open(dir + "/pipeline_goldens.safetensors");
   const GenerateParams p = test::golden_generate_params(*g);
