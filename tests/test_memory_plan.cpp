@@ -13,6 +13,14 @@ constexpr uint64_t GB = 1000000000ull;
 
 using test::error_of;
 
+// The numbers below were worked out with a 1 GB reserve (the default is a measurement and may change).
+MemoryPlanRequest plan_request_1gb(uint64_t budget, WeightFormat transformer, WeightFormat t5,
+                                   const FluxWorkload& work = {}) {
+  MemoryPlanRequest r = flux1_plan_request(budget, transformer, t5, work);
+  r.reserve_bytes = GB;
+  return r;
+}
+
 TEST(MemoryPlanSizes, FluxComponentsMatchPublishedParameterCounts) {
   const FluxWorkload work;
   // FLUX.1-dev: 11,901,408,320 parameters = 19 double blocks of 339,831,296 (per stream: modulation 56,641,536,
@@ -66,7 +74,7 @@ TEST(MemoryPlanSizes, ActivationsGrowWithResolutionBatchAndLora) {
 }
 
 TEST(MemoryPlan, EightyGigabytesKeepsEverythingResident) {
-  const MemoryPlan p = plan_memory(flux1_plan_request(80 * GB, WeightFormat::BF16, WeightFormat::BF16));
+  const MemoryPlan p = plan_memory(plan_request_1gb(80 * GB, WeightFormat::BF16, WeightFormat::BF16));
   for (const auto& c : p.components) EXPECT_EQ(c.placement, Placement::Resident) << c.name;
   EXPECT_EQ(p.upload_bytes_per_image, 0u);
   EXPECT_EQ(p.pinned_host_bytes, 0u);
@@ -80,7 +88,7 @@ TEST(MemoryPlan, EightyGigabytesKeepsEverythingResident) {
 }
 
 TEST(MemoryPlan, TwentyFourGigabytesWithFp8SendsBf16T5OnDemand) {
-  const MemoryPlan p = plan_memory(flux1_plan_request(24 * GB, WeightFormat::FP8, WeightFormat::BF16));
+  const MemoryPlan p = plan_memory(plan_request_1gb(24 * GB, WeightFormat::FP8, WeightFormat::BF16));
   EXPECT_EQ(p.component("transformer").placement, Placement::Resident);
   EXPECT_EQ(p.component("t5").placement, Placement::OnDemand);
   EXPECT_EQ(p.component("clip").placement, Placement::Resident);
@@ -92,7 +100,7 @@ TEST(MemoryPlan, TwentyFourGigabytesWithFp8SendsBf16T5OnDemand) {
             "resident: transformer (fp8, 12 GB), clip (bf16, 0.2 GB), vae (bf16, 0.1 GB); on demand: t5 (bf16, "
             "9.5 GB); peak 23.5 GB of 24 GB");
   // 23.2 GB is the least that keeps this transformer resident: everything else on demand.
-  const MemoryPlanRequest r = flux1_plan_request(24 * GB, WeightFormat::FP8, WeightFormat::BF16);
+  const MemoryPlanRequest r = plan_request_1gb(24 * GB, WeightFormat::FP8, WeightFormat::BF16);
   const uint64_t smallest = smallest_budget_with_resident_transformer(r);
   EXPECT_EQ(format_gb(smallest), "23.2 GB");
   MemoryPlanRequest at = r;
@@ -106,7 +114,7 @@ TEST(MemoryPlan, TwentyFourGigabytesWithFp8SendsBf16T5OnDemand) {
 TEST(MemoryPlan, TwentyFourGigabytesWithFp8AndNf4KeepsEverythingResident) {
   // 12 + 2.9 + 0.2 + 0.1 GB of weights leave room for the 1.7 GB VAE decode beside the step buffers and the 1 GB
   // reserve.
-  const MemoryPlan p = plan_memory(flux1_plan_request(24 * GB, WeightFormat::FP8, WeightFormat::NF4));
+  const MemoryPlan p = plan_memory(plan_request_1gb(24 * GB, WeightFormat::FP8, WeightFormat::NF4));
   for (const auto& c : p.components) EXPECT_EQ(c.placement, Placement::Resident) << c.name;
   EXPECT_EQ(p.to_string(),
             "resident: transformer (fp8, 12 GB), t5 (nf4, 2.9 GB), clip (bf16, 0.2 GB), vae (bf16, 0.1 GB); "
@@ -117,7 +125,7 @@ TEST(MemoryPlan, SixteenGigabytesWithFp8AndNf4UploadsTheTransformerPerImageWhile
   // The encode phase is the tight one: T5 (2.9 GB) runs beside the 12 GB transformer and its 0.5 GB of step buffers.
   // Streaming would have to move six single blocks every step (24 GB per image); uploading the transformer and T5
   // for every image moves 14.8 GB.
-  const MemoryPlan p = plan_memory(flux1_plan_request(16 * GB, WeightFormat::FP8, WeightFormat::NF4));
+  const MemoryPlan p = plan_memory(plan_request_1gb(16 * GB, WeightFormat::FP8, WeightFormat::NF4));
   EXPECT_EQ(p.component("transformer").placement, Placement::OnDemand);
   EXPECT_EQ(p.component("t5").placement, Placement::OnDemand);
   EXPECT_EQ(format_gb(p.upload_bytes_per_image), "14.8 GB");
@@ -128,7 +136,7 @@ TEST(MemoryPlan, SixteenGigabytesWithFp8AndNf4SendsTheEncodersOnDemand) {
   // A pipeline that frees the transformer's step buffers after denoising. With the text encoders on demand, T5
   // (2.9 GB) still runs beside the 12 GB transformer. Streaming two single blocks (0.28 GB a step, 7.9 GB over 28
   // steps) plus the encoders' 3.1 GB per image is cheaper than uploading the whole transformer for every image.
-  MemoryPlanRequest r = flux1_plan_request(16 * GB, WeightFormat::FP8, WeightFormat::NF4);
+  MemoryPlanRequest r = plan_request_1gb(16 * GB, WeightFormat::FP8, WeightFormat::NF4);
   r.transformer_buffers_kept = false;
   const MemoryPlan p = plan_memory(r);
   EXPECT_EQ(p.component("t5").placement, Placement::OnDemand);
@@ -147,7 +155,7 @@ TEST(MemoryPlan, SixteenGigabytesWithFp8AndNf4SendsTheEncodersOnDemand) {
 }
 
 TEST(MemoryPlan, SixteenGigabytesStreamsABf16Transformer) {
-  const MemoryPlan p = plan_memory(flux1_plan_request(16 * GB, WeightFormat::BF16, WeightFormat::NF4));
+  const MemoryPlan p = plan_memory(plan_request_1gb(16 * GB, WeightFormat::BF16, WeightFormat::NF4));
   const auto& s = p.streaming;
   ASSERT_EQ(p.component("transformer").placement, Placement::Streamed);
   EXPECT_GT(s.resident_blocks, 0);
@@ -159,8 +167,11 @@ TEST(MemoryPlan, SixteenGigabytesStreamsABf16Transformer) {
   int double_resident = 0;
   for (int i = 0; i < 19; ++i) double_resident += s.block_resident[i];
   EXPECT_EQ(double_resident, std::min(19, s.resident_blocks));
+  // The three double blocks that stream are spread out (3, 9, 15), not the last three, so each upload has resident
+  // blocks before it to hide behind.
+  for (int i = 0; i < 19; ++i) EXPECT_EQ(s.block_resident[size_t(i)], i != 3 && i != 9 && i != 15) << "block " << i;
   // One more resident block would not fit.
-  MemoryPlanRequest r = flux1_plan_request(16 * GB, WeightFormat::BF16, WeightFormat::NF4);
+  MemoryPlanRequest r = plan_request_1gb(16 * GB, WeightFormat::BF16, WeightFormat::NF4);
   r.budget_bytes = p.peak_bytes + r.transformer.block_bytes[19] - 1;
   EXPECT_EQ(plan_memory(r).streaming.resident_blocks, s.resident_blocks);
   uint64_t on_demand = 0;
@@ -172,7 +183,7 @@ TEST(MemoryPlan, SixteenGigabytesStreamsABf16Transformer) {
 
 TEST(MemoryPlan, TooSmallBudgetNamesTheMinimum) {
   const std::string msg =
-      error_of([] { plan_memory(flux1_plan_request(4 * GB, WeightFormat::BF16, WeightFormat::BF16)); });
+      error_of([] { plan_memory(plan_request_1gb(4 * GB, WeightFormat::BF16, WeightFormat::BF16)); });
   EXPECT_NE(msg.find("a budget of 4 GB is too small"), std::string::npos) << msg;
   EXPECT_NE(msg.find("needs "), std::string::npos) << msg;
   EXPECT_NE(msg.find("0 of 57 blocks resident"), std::string::npos) << msg;
@@ -250,11 +261,12 @@ TEST(MemoryPlanRules, StreamingKeepsTheLargestBlocksAndPicksTheDepth) {
   EXPECT_EQ(p.streaming.buffer_bytes, 3 * GB);
   EXPECT_EQ(p.streaming.bytes_per_step, 4 * GB);
   EXPECT_EQ(p.upload_bytes_per_image, 40 * GB);
-  // Depth 1 only: one buffer less keeps one block more.
+  // Depth 1 only: one buffer less keeps one block more; of the four 1 GB blocks the three that stream are spread out
+  // (each upload then hides behind the resident block before it).
   r.max_prefetch_depth = 1;
   p = plan_memory(r);
   EXPECT_EQ(p.streaming.prefetch_depth, 1);
-  EXPECT_EQ(p.streaming.block_resident, (std::vector<bool>{true, true, true, false, false, false}));
+  EXPECT_EQ(p.streaming.block_resident, (std::vector<bool>{true, true, false, true, false, false}));
   // 8.5 GB leaves 5.5: three buffers of 2 GB (a 2 GB block still streams) do not fit, two do, with nothing resident.
   r.max_prefetch_depth = 2;
   r.budget_bytes = 8500000000ull;

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/registered_upload.h"
 #include "core/host_buffer.h"
 #include "core/tensor.h"
 
@@ -50,6 +51,18 @@ class Backend {
   virtual void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device);
   // Memory to read files into when their contents go to this device (empty: map them instead).
   virtual HostBufferAllocator host_buffer_allocator() { return {}; }
+  // copy_from_host_batch for sources that lie (mostly) in [region, region + bytes) of pageable memory, such as a
+  // mapped file: a backend that can pins that memory in place chunk by chunk (read-only) and sends it by DMA with no
+  // CPU copy, then unpins it (the CUDA backend returns once all is on the device). Sources outside the region, and
+  // everything on a backend or host that cannot pin (the default), go by copy_from_host_batch: never an error for
+  // want of support; the report says which way the bytes went and why.
+  virtual RegisteredUploadReport copy_from_host_registered(const void* region, size_t bytes,
+                                                           const std::vector<std::pair<Tensor, Tensor>>& host_to_device,
+                                                           const RegisteredUploadOptions& options = {});
+  // For each tensor on this backend's device (BF16, F16 or F32, contiguous): the index of its first NaN or infinity,
+  // -1 when it has none. One pass and one read back (synchronises), so uploaded data can be checked on the device
+  // before anything uses it. The default scans on the host.
+  virtual std::vector<int64_t> find_non_finite(const std::vector<Tensor>& tensors);
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   virtual void synchronize() = 0;
@@ -109,6 +122,17 @@ class Backend {
 
   // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
   virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
+  // gated_residual(x, gate, y) then layer_norm_modulate(x, shift, scale, normed), the block's residual update and the
+  // norm that reads it, in one pass over x on a backend that fuses them: x is updated in place exactly as
+  // gated_residual rounds it and normalised from those values, so x and normed are the two ops' results bit for
+  // bit. Shapes and strides as the two ops take them; normed must not overlap x or y. Throwing default.
+  virtual void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y,
+                                                  const Tensor& shift, const Tensor& scale, const Tensor& normed);
+  // The same before layer_norm_modulate_fp8 (q, q_scale as it takes them): gated_residual, then
+  // layer_norm_modulate_fp8(x, shift, scale, q, q_scale), bit for bit. Throwing default.
+  virtual void gated_residual_layer_norm_modulate_fp8(const Tensor& x, const Tensor& gate, const Tensor& y,
+                                                      const Tensor& shift, const Tensor& scale, const Tensor& q,
+                                                      const Tensor& q_scale);
 
   // y += alpha * x in float32 math (the sampler's Euler step on latents); rows, dtypes may differ.
   virtual void axpy(const Tensor& y, float alpha, const Tensor& x);
@@ -127,6 +151,26 @@ class Backend {
   // fly; wq F8_E4M3 [Nout, K] (row stride >= K), w_scale F32 [Nout].
   virtual void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                           const Tensor& y, Activation act);
+  // The activation quantiser of an FP8 linear fused into the LayerNorm that feeds it (saves a pass over the rows):
+  // layer_norm_modulate, its y rounded to the compute dtype, then quantize_fp8_rows of y, bit for bit. q F8_E4M3
+  // [B, N, C] (or [rows, C] for 2-D x) with contiguous rows, row and batch strides multiples of 16 (FP8 GEMM
+  // operands); q_scale F32 [B * N] contiguous, row (b, n) at b * N + n.
+  virtual void layer_norm_modulate_fp8(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& q,
+                                       const Tensor& q_scale);
+  // linear_fp8 of an activation quantised already (xq, x_scale as layer_norm_modulate_fp8 writes them; xq [B, N, K]
+  // or [rows, K] with y's rows): the same product, without quantising.
+  virtual void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
+                                    const Tensor& bias, const Tensor& y, Activation act);
+  // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,
+  // linear_fp8(x, wq, w_scale, bias, y, Activation::None), with the same results bit for bit. x [B, K] with
+  // contiguous rows; each item's wq F8_E4M3 [nout, K] (row stride >= K), w_scale F32 [nout], bias [nout] or undefined,
+  // y a [B, nout] view with contiguous rows (any row stride). A backend may run them all in one launch; the CUDA
+  // backend keeps each distinct item list it has seen on the device, so a list must be issued once outside a
+  // recording before record() can capture it. The default calls linear_fp8 per item.
+  struct Fp8LinearItem {
+    Tensor wq, w_scale, bias, y;
+  };
+  virtual void linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items);
   // Hopper's faster FP8 accumulation (partial sums not promoted to float32 as often). Off by default.
   virtual void set_fp8_fast_accumulation(bool) {}
   // y = act(y + (x down^T) up^T): a runtime LoRA branch (bf16) added onto an output computed already (FP8 linears).
@@ -201,6 +245,19 @@ class Backend {
   virtual size_t device_memory_used() const { return 0; }
   // Starts peak_memory() again from memory_in_use(), to measure one phase's peak.
   virtual void reset_peak_memory() {}
+  // Frees scratch the backend keeps between ops for speed (the convolutions' arena, up to ~1 GB at 1024x1024), so
+  // that under a budget the VAE's phase does not leave it to the next image's encode. Grown again on next use.
+  virtual void release_scratch() {}
+
+  // Weight streaming (memory plans that keep only some transformer blocks on the device): host -> device copies on
+  // a second queue, overlapping the compute queue. stream_upload copies host_src (pinned, from
+  // host_buffer_allocator()) into device_dst (same byte size, contiguous) once all work issued so far on the compute
+  // queue is done (the destination buffer is then free), and signals `buffer` (0 .. kStreamBuffers - 1) when done;
+  // wait_stream_upload(buffer) makes later compute work wait for the last upload signalled on it. Both may be
+  // recorded (record()): every upload must be waited for before the recording ends. The default copies at once.
+  static constexpr int kStreamBuffers = 4;
+  virtual void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer);
+  virtual void wait_stream_upload(int buffer) { (void)buffer; }
 
   // NF4 weights kept on the device (quant/nf4.h, bitsandbytes' layout with the standard NF4 map, float32 absmax):
   // out (contiguous [rows, cols], compute dtype) = kNf4Code[code of element i] * absmax[i / blocksize], element i

@@ -8,6 +8,14 @@ namespace fluxswap {
 void Backend::copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device) {
   for (const auto& [host, dst] : host_to_device) copy_from_host(host, dst);
 }
+void Backend::stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer) {
+  if (buffer < 0 || buffer >= kStreamBuffers)
+    throw Error("stream_upload: buffer " + std::to_string(buffer) + " is not in 0.." + std::to_string(kStreamBuffers - 1));
+  if (host_src.nbytes() != device_dst.nbytes())
+    throw Error("stream_upload: " + std::to_string(host_src.nbytes()) + " host bytes into a " +
+                std::to_string(device_dst.nbytes()) + "-byte device buffer");
+  copy_from_host_batch({{host_src, device_dst}});
+}
 void Backend::axpy(const Tensor&, float, const Tensor&) {
   throw Error("axpy is not implemented by the " + name() + " backend");
 }
@@ -21,6 +29,24 @@ void Backend::quantize_fp8_rows(const Tensor&, const Tensor&, const Tensor&) {
 }
 void Backend::linear_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
   throw Error("FP8 is not supported by the " + name() + " backend");
+}
+void Backend::layer_norm_modulate_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("FP8 is not supported by the " + name() + " backend");
+}
+void Backend::linear_fp8_quantized(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, Activation) {
+  throw Error("FP8 is not supported by the " + name() + " backend");
+}
+void Backend::linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) {
+  for (const Fp8LinearItem& it : items) linear_fp8(x, it.wq, it.w_scale, it.bias, it.y, Activation::None);
+}
+void Backend::gated_residual_layer_norm_modulate(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                 const Tensor&, const Tensor&) {
+  throw Error("gated_residual_layer_norm_modulate is not implemented by the " + name() + " backend");
+}
+void Backend::gated_residual_layer_norm_modulate_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                     const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("gated_residual_layer_norm_modulate_fp8 is not implemented by the " + name() + " backend");
 }
 void Backend::qk_norm_rope_fp8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, float,
                                const Tensor&, const Tensor&, const Tensor&, const Tensor&) {

@@ -33,6 +33,30 @@ void check_fp8_rows(const Tensor& q, const Tensor& scale, int64_t rows, int64_t 
 using cpu_ops::Rows;
 using cpu_ops::rows_of;
 
+// e4m3 rows [B, N, C] on the host ([rows, C] is one batch), contiguous last dimension.
+struct Fp8Rows {
+  uint8_t* p;
+  int64_t B, N, C, sb, sn;
+  uint8_t* row(int64_t b, int64_t n) const { return p + b * sb + n * sn; }
+};
+
+Fp8Rows fp8_rows_of(const Tensor& t, const char* op, const char* what) {
+  if (t.dtype() != DType::F8_E4M3 || t.device() != Device::CPU || (t.ndim() != 2 && t.ndim() != 3) ||
+      t.stride(-1) != 1)
+    cpu_ops::fail(op, std::string(what) + " must be F8_E4M3 host rows (2-D or 3-D, contiguous last dimension), got " +
+                          std::string(dtype_name(t.dtype())) + " " + shape_str(t.shape()));
+  if (t.ndim() == 3) return {t.ptr<uint8_t>(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)};
+  return {t.ptr<uint8_t>(), 1, t.size(0), t.size(1), 0, t.stride(0)};
+}
+
+// One float32 scale per row of `rows` rows, contiguous.
+void check_row_scales(const Tensor& s, int64_t rows, const char* op, const char* what) {
+  if (s.dtype() != DType::F32 || s.device() != Device::CPU || s.ndim() != 1 || s.size(0) != rows ||
+      !s.is_contiguous())
+    cpu_ops::fail(op, std::string(what) + " must be F32 [" + std::to_string(rows) + "] contiguous, got " +
+                          shape_str(s.shape()));
+}
+
 // Per-sample vectors [B, C] with any batch stride.
 struct Vecs {
   const float* p;
@@ -172,18 +196,45 @@ class CpuBackend final : public Backend {
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override {
     Rows X = rows_of(x, "linear_fp8", "input");
-    check_fp8_rows(wq, w_scale, wq.size(0), X.C, "linear_fp8");
+    Tensor xq = Tensor::empty(DType::F8_E4M3, {X.B, X.N, X.C}), xs = Tensor::empty(DType::F32, {X.B * X.N});
+    for (int64_t b = 0; b < X.B; ++b)
+      quant::quantize_rows_e4m3(X.row(b, 0), X.sn, X.N, X.C, xq.ptr<uint8_t>() + b * X.N * X.C, X.C,
+                                xs.ptr<float>() + b * X.N);
+    linear_fp8_quantized(x.ndim() == 2 ? xq.select(0, 0) : xq, xs, wq, w_scale, bias, y, act);
+  }
+
+  void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
+                            const Tensor& bias, const Tensor& y, Activation act) override {
+    const char* op = "linear_fp8_quantized";
+    const Fp8Rows X = fp8_rows_of(xq, op, "input");
+    check_row_scales(x_scale, X.B * X.N, op, "input scales");
+    check_fp8_rows(wq, w_scale, wq.size(0), X.C, op);
     Tensor w = Tensor::empty(DType::F32, {wq.size(0), X.C});
     quant::dequantize_rows_e4m3(wq.ptr<uint8_t>(), wq.stride(0), w_scale.ptr<float>(), wq.size(0), X.C,
                                 w.ptr<float>(), X.C);
-    Tensor xq = Tensor::empty(DType::F8_E4M3, {X.N, X.C}), xs = Tensor::empty(DType::F32, {X.N});
     Tensor xd = Tensor::empty(DType::F32, {X.B, X.N, X.C});
-    for (int64_t b = 0; b < X.B; ++b) {
-      quant::quantize_rows_e4m3(X.row(b, 0), X.sn, X.N, X.C, xq.ptr<uint8_t>(), X.C, xs.ptr<float>());
-      quant::dequantize_rows_e4m3(xq.ptr<uint8_t>(), X.C, xs.ptr<float>(), X.N, X.C, xd.ptr<float>() + b * X.N * X.C,
-                                  X.C);
-    }
-    linear(xd, w, bias, y, act);
+    for (int64_t b = 0; b < X.B; ++b)
+      quant::dequantize_rows_e4m3(X.row(b, 0), X.sn, x_scale.ptr<float>() + b * X.N, X.N, X.C,
+                                  xd.ptr<float>() + b * X.N * X.C, X.C);
+    linear(xq.ndim() == 2 ? xd.select(0, 0) : xd, w, bias, y, act);
+  }
+
+  // layer_norm_modulate, then the row quantiser on its float32 output (the compute dtype here).
+  void layer_norm_modulate_fp8(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& q,
+                               const Tensor& q_scale) override {
+    const char* op = "layer_norm_modulate_fp8";
+    const Rows X = rows_of(x, op, "input");
+    const Fp8Rows Q = fp8_rows_of(q, op, "output");
+    if (q.ndim() != x.ndim() || Q.B != X.B || Q.N != X.N || Q.C != X.C)
+      cpu_ops::fail(op, "output " + shape_str(q.shape()) + " does not match the input " + shape_str(x.shape()));
+    if (Q.sn % 16 || (Q.B > 1 && Q.sb % 16))
+      cpu_ops::fail(op, "the output's row and batch strides must be multiples of 16 (FP8 GEMM operands)");
+    check_row_scales(q_scale, X.B * X.N, op, "output scales");
+    Tensor y = Tensor::empty(DType::F32, x.shape());
+    layer_norm_modulate(x, shift, scale, y);
+    const Rows Y = rows_of(y, op, "normed");
+    for (int64_t b = 0; b < X.B; ++b)
+      quant::quantize_rows_e4m3(Y.row(b, 0), Y.sn, X.N, X.C, Q.row(b, 0), Q.sn, q_scale.ptr<float>() + b * X.N);
   }
 
   void add_lora_branch(const Tensor& x, const Tensor& down, const Tensor& up, const Tensor& scratch, const Tensor& y,
@@ -338,6 +389,19 @@ class CpuBackend final : public Backend {
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n)
         for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += G.at(b)[c] * Y.row(b, n)[c];
+  }
+
+  // The fused forms are, by definition, the two ops in sequence.
+  void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y, const Tensor& shift,
+                                          const Tensor& scale, const Tensor& normed) override {
+    gated_residual(x, gate, y);
+    layer_norm_modulate(x, shift, scale, normed);
+  }
+  void gated_residual_layer_norm_modulate_fp8(const Tensor& x, const Tensor& gate, const Tensor& y,
+                                              const Tensor& shift, const Tensor& scale, const Tensor& q,
+                                              const Tensor& q_scale) override {
+    gated_residual(x, gate, y);
+    layer_norm_modulate_fp8(x, shift, scale, q, q_scale);
   }
 };
 

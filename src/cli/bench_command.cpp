@@ -13,6 +13,7 @@
 #include "cli/bench_timing.h"
 #include "cli/component_bench.h"
 #include "cli/e2e_bench.h"
+#include "cli/lora_read_sweep.h"
 #include "core/compare.h"
 #include "core/error.h"
 #include "io/page_cache.h"
@@ -108,32 +109,6 @@ FluxInputs make_inputs(Backend& be, const FluxConfig& c, int size, int64_t txt, 
   return in;
 }
 
-// One adapter file read into the backend's host memory, nothing else, over reader threads, chunk sizes and copy modes
-// (pread / copy from a mapping; FLUXSWAP_READ_THREADS, _CHUNK_MB, _MMAP): the read floor of a swap on this host.
-nlohmann::json lora_read_sweep(const std::string& file, const HostBufferAllocator& host) {
-  nlohmann::json rows = nlohmann::json::array();
-  const double mb = double(std::filesystem::file_size(file)) / 1e6;
-  std::printf("  read-only sweep of %s (%.0f MB; median of 3):\n", file.c_str(), mb);
-  for (bool mapped : {false, true})
-    for (unsigned threads : {1u, 4u, 8u, 16u, 32u})
-      for (uint64_t chunk_mb : {1, 4}) {
-        SafetensorsReadOptions ro;
-        ro.threads = threads, ro.chunk_bytes = chunk_mb << 20, ro.from_mapping = mapped;
-        std::vector<double> ms;
-        for (int i = 0; i < 3; ++i) {
-          const auto t0 = Clock::now();
-          SafetensorsFile::read(file, host, ro);
-          ms.push_back(seconds_since(t0) * 1e3);
-        }
-        const double med = median_of(ms);
-        std::printf("    %-7s %2u threads, %llu MiB chunks: %6.1f ms = %5.1f GB/s\n", mapped ? "mapped" : "pread",
-                    threads, (unsigned long long)chunk_mb, med, mb / med);
-        rows.push_back({{"mode", mapped ? "mapped" : "pread"}, {"threads", threads}, {"chunk_mib", chunk_mb},
-                        {"ms_median", med}, {"gb_per_s", mb / med}});
-      }
-  return rows;
-}
-
 // Two random rank-r adapters on every block linear, swapped back and forth while a recorded step keeps running.
 // "From the file": the files sit in a RAM-backed directory (their page-cache residency is measured before timing);
 // the read runs under the upload (start_loading_lora_adapter) and a swap ends when set_adapters returns, which is
@@ -183,7 +158,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   if (std::min(resident[0], resident[1]) < 0.99)
     std::printf("  WARNING: not all in the page cache: the from-file swaps below include reading the disk\n");
   nlohmann::json sweep;
-  if (o.lora_read_sweep && host) sweep = lora_read_sweep(files.paths()[0], host);
+  if (o.lora_read_sweep) sweep = lora_read_sweep(files.paths()[0], be);
 
   // Read first, then upload and apply: the baseline the pipelining is measured against.
   std::vector<double> seq_ms, seq_read_ms;
@@ -196,6 +171,12 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   }
   // The read pipelined with the upload. The swap time is the time to the next step's start.
   std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches;
+  // FLUXSWAP_LORA_READ=register: the file mapped and pinned in place instead of read (its "read" is map + parse).
+  const bool mapped_read = lora_file_read_from_env() == LoraFileRead::Register;
+  nlohmann::json mapped_uploads = nlohmann::json::array();
+  std::printf("  swaps from the file read by %s\n",
+              mapped_read ? "FLUXSWAP_LORA_READ=register: mapped, pinned in place, DMA, NaN/Inf checked on the device"
+                          : "pread into pinned memory (FLUXSWAP_LORA_READ=pread), NaN/Inf checked on the host");
   Tensor out_b;
   std::shared_ptr<LoraAdapter> kept[2];
   for (int s = 1; s <= o.swaps; ++s) {
@@ -211,6 +192,21 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     read_ms.push_back(kept[s % 2]->arriving ? kept[s % 2]->arriving->read_seconds() * 1e3 : started_ms);
     wait_ms.push_back(rep.file_wait_seconds * 1e3);
     batches.push_back(double(rep.upload_batches));
+    if (rep.mapped_uploads) {
+      const RegisteredUploadReport& m = rep.mapped_upload;
+      std::printf("    swap %d: mapped upload %s (%zu of %zu chunks pinned%s%s); on the device %.1f ms after the map, "
+                  "pinning %.1f ms over the threads, DMA %.1f, waited %.1f, unpinning %.1f, device NaN/Inf check %.2f "
+                  "ms\n",
+                  s, m.registered ? "pinned in place" : "NOT pinned", m.registered_chunks, m.chunks,
+                  m.fallback.empty() ? "" : ": ", m.fallback.c_str(), m.on_device_seconds * 1e3,
+                  m.register_seconds * 1e3, m.dma_seconds * 1e3, m.wait_seconds * 1e3, m.unregister_seconds * 1e3,
+                  rep.device_check_seconds * 1e3);
+      mapped_uploads.push_back({{"registered", m.registered}, {"fallback", m.fallback}, {"chunks", m.chunks},
+                                {"on_device_ms", m.on_device_seconds * 1e3}, {"register_ms", m.register_seconds * 1e3},
+                                {"dma_ms", m.dma_seconds * 1e3}, {"wait_ms", m.wait_seconds * 1e3},
+                                {"unregister_ms", m.unregister_seconds * 1e3}, {"returned_ms", m.total_seconds * 1e3},
+                                {"device_check_ms", rep.device_check_seconds * 1e3}, {"support", m.support}});
+    }
     if (s == 1) out_b = be.to_host_f32(out);
   }
   if (!kept[0]) kept[0] = load(0);
@@ -260,9 +256,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
               median_of(swap_step_ms));
   std::printf("  swap from the file, whole file read first: median %.1f ms (read + parse %.1f ms)\n",
               median_of(seq_ms), median_of(seq_read_ms));
-  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time) median %.1f ms; kept "
+  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time%s) median %.1f ms; kept "
               "on the device median %.1f ms\n",
-              host_median, median_of(cached_ms));
+              mapped_read ? "; here the mappings, pinned again each time" : "", host_median, median_of(cached_ms));
   std::printf("  (hidden = read + swap from host memory - swap: the time the read and the upload ran at once)\n");
   std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0)\n",
               a_vs_b, a_again);
@@ -292,6 +288,8 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"graph_recaptures_during_swaps", 0},
           {"a_vs_b_rel_diff", a_vs_b},
           {"a_again_rel_diff", a_again},
+          {"lora_read", mapped_read ? "register" : "pread"},
+          {"mapped_uploads", mapped_uploads},
           {"read_sweep", sweep}};
 }
 

@@ -60,6 +60,11 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   static std::shared_ptr<SafetensorsFile> read_in_background(const std::string& path,
                                                              const HostBufferAllocator& allocate,
                                                              const SafetensorsReadOptions& options = {});
+  // Maps the file read-only and shared (MAP_SHARED: the page cache's own pages, which an upload can pin in place and
+  // send by DMA with no CPU copy; Backend::copy_from_host_registered), with the page table filled at once only when
+  // `populate` (MAP_POPULATE is one thread's work; pinning fills it too, from several threads). Validates like open();
+  // nothing checks the values.
+  static std::shared_ptr<SafetensorsFile> open_shared(const std::string& path, bool populate);
   // Parses an in-memory image (fuzzing, tests, network uploads); `label` stands for the path in messages.
   static std::shared_ptr<SafetensorsFile> from_bytes(std::string bytes, const std::string& label);
 
@@ -68,6 +73,8 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
+  // Where the tensors' bytes are (the data region, after the header), wherever this file's image lives.
+  std::pair<const void*, size_t> data_region() const { return {data_, size_ - size_t(data_ - bytes_)}; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }  // in data-offset order
   std::vector<std::string> keys() const;                                    // sorted

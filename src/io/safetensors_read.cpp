@@ -212,6 +212,26 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
   return f;
 }
 
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open_shared(const std::string& path, bool populate) {
+  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = path;
+  Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (fd.fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd.fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file, expected a .safetensors file");
+  f->size_ = size_t(st.st_size);
+  if (f->size_ >= 8) {  // mmap of an empty file fails; short files are reported by parse()
+    void* m = ::mmap(nullptr, f->size_, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd.fd, 0);
+    if (m == MAP_FAILED)
+      throw Error(path + ": cannot mmap " + std::to_string(f->size_) + " bytes: " + std::strerror(errno));
+    f->mapping_ = m;
+    f->bytes_ = static_cast<const uint8_t*>(m);
+  }
+  f->parse();
+  return f;
+}
+
 bool SafetensorsFile::arrived(const void* p, size_t n) const {
   if (!background_) return true;
   const auto* q = static_cast<const uint8_t*>(p);

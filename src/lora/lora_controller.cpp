@@ -39,7 +39,8 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
     l.lora_down = be.empty(be.compute_dtype(), {r, in});
     be.zero(l.lora_down);
     // (FP8 linears add the branch after their own GEMM and never read [W | up]; without W it cannot be built.)
-    if (l.weight.defined() && std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
+    // (A streamed block's weight passes through a shared buffer each step: its slot cannot live inside it.)
+    if (l.weight.defined() && !l.streamed && std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
       // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
       l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
       be.copy(l.weight, l.lora_weight.narrow(1, 0, in));
@@ -96,6 +97,10 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
     if (mode_ == LoraMode::Merged && !tr_.weights().linear(module).weight.defined())
       throw Error("LoRA targets '" + module + "', which this model holds only in FP8 (it was loaded from an FP8 "
                   "checkpoint): merged mode needs its bf16 weight; use runtime mode (--lora-mode runtime)");
+    if (mode_ == LoraMode::Merged && tr_.weights().linear(module).streamed)
+      throw Error("LoRA targets '" + module + "', whose block streams from host memory under this memory plan: "
+                  "merged mode writes the weights on the device; use runtime mode (--lora-mode runtime) or a budget "
+                  "that keeps the transformer resident");
     if (mode_ != LoraMode::Runtime) continue;
     const int64_t cap = slot_rank(module);
     if (cap == 0)
@@ -165,11 +170,18 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
   }
   // A file still being read goes up in batches as its chunks land; its values are checked once all are in. A bad
   // value throws here, before the adapter is cached or the model touched (the device copy is simply dropped).
-  const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
-                                                        [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
-  wait_until_loaded(*adapter);
-  report.file_wait_seconds += sent.waited_seconds;
-  report.upload_batches += sent.batches;
+  if (adapter->mapped) {  // pinned in place and sent by DMA, values checked on the device
+    double check_s = 0;
+    report.mapped_upload = upload_mapped_adapter(be, *adapter, copies, &check_s);
+    report.device_check_seconds += check_s;
+    ++report.mapped_uploads;
+  } else {
+    const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
+                                                          [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
+    wait_until_loaded(*adapter);
+    report.file_wait_seconds += sent.waited_seconds;
+    report.upload_batches += sent.batches;
+  }
   cache_.push_back(std::move(d));
   return cache_.back();
 }
@@ -251,6 +263,7 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
     if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);
     changed_.insert(module);
   }
+  tr_.weights_changed();  // host copies kept for offloading now hold the old values
 }
 
 void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& stacks,
@@ -259,27 +272,30 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
   // Each pair's down fills its rank rows of the slot; alpha * up its rank columns of its output rows. The rest of
   // the slot is zero and adds nothing.
   std::vector<Backend::ScaledCopy> fill;
+  std::vector<SlotRegion> regions;
   for (const auto& [module, s] : stacks) {
-    Linear& l = tr_.weights().linear(module);
     for (const PlacedPair& pp : s.pairs) {
       const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
-      const int64_t r = p.down.size(0);
-      fill.push_back({dev[pp.adapter]->down[pp.pair], l.lora_down.narrow(0, pp.rank_offset, r), 1.0f});
-      fill.push_back({dev[pp.adapter]->up[pp.pair], l.lora_up.narrow(0, p.row, p.rows).narrow(1, pp.rank_offset, r),
-                      pp.alpha});
+      const int64_t r = p.down.size(0), in = p.down.size(1);
+      regions.push_back({module, false, pp.rank_offset, r, 0, in});
+      fill.push_back({dev[pp.adapter]->down[pp.pair], slot_region(regions.back()), 1.0f});
+      regions.push_back({module, true, p.row, p.rows, pp.rank_offset, r});
+      fill.push_back({dev[pp.adapter]->up[pp.pair], slot_region(regions.back()), pp.alpha});
     }
   }
   // Slots are zero outside what the last fill wrote, so only the parts of it that this fill does not overwrite are
   // cleared first: nothing when the adapters keep their layout (same ranks and targets, the common swap) instead of
   // two memsets per module. Parts of one fill never overlap (each pair has its own rank range).
-  using Region = std::tuple<const void*, int64_t, int64_t>;
-  std::set<Region> next;
-  for (const auto& c : fill) next.emplace(c.dst.data(), c.dst.size(0), c.dst.size(1));
-  for (const Tensor& old : filled_)
-    if (!next.count(Region(old.data(), old.size(0), old.size(1)))) be.zero(old);
+  const std::set<SlotRegion> next(regions.begin(), regions.end());
+  for (const SlotRegion& old : filled_)
+    if (!next.count(old)) be.zero(slot_region(old));
   be.scaled_copy_batch(fill);
-  filled_.clear();
-  for (auto& c : fill) filled_.push_back(std::move(c.dst));
+  filled_ = std::move(regions);
+}
+
+Tensor LoraController::slot_region(const SlotRegion& r) {
+  const Linear& l = tr_.weights().linear(r.module);
+  return (r.up ? l.lora_up : l.lora_down).narrow(0, r.row, r.rows).narrow(1, r.col, r.cols);
 }
 
 }  // namespace fluxswap

@@ -31,6 +31,11 @@ struct LoraApplyReport {
   // host -> device batches their uploads went in.
   double file_wait_seconds = 0;
   size_t upload_batches = 0;
+  // Adapters uploaded from a mapped file pinned in place (FLUXSWAP_LORA_READ=register): how many, the last one's
+  // upload as the backend reports it, and the device-side NaN/Inf checks' time.
+  size_t mapped_uploads = 0;
+  RegisteredUploadReport mapped_upload;
+  double device_check_seconds = 0;
 };
 
 class LoraController {
@@ -72,7 +77,16 @@ class LoraController {
   LoraMode mode_;
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
   std::set<std::string> changed_;                          // merged: modules that currently differ from the base
-  std::vector<Tensor> filled_;  // runtime: the parts of slots the last fill wrote (all else in the slots is zero)
+  // Runtime: the parts of slots the last fill wrote (all else in the slots is zero), by module, so that a slot the
+  // transformer moved since (block streaming splits [W | up]) is still found.
+  struct SlotRegion {
+    std::string module;
+    bool up = false;
+    int64_t row = 0, rows = 0, col = 0, cols = 0;
+    auto operator<=>(const SlotRegion&) const = default;
+  };
+  Tensor slot_region(const SlotRegion& r);
+  std::vector<SlotRegion> filled_;
   std::list<DeviceAdapter> cache_;  // a list: set_adapters holds pointers to entries while adding more
   size_t cache_capacity_ = 2;
   size_t upload_batch_bytes_ = size_t(16) << 20;

@@ -57,6 +57,7 @@ void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
 
 void FluxTransformer::offload() {
   if (!resident()) return;
+  if (streamer_.active()) throw Error("internal: a transformer streaming its blocks is not also uploaded per image");
   for (Linear* l : block_token_linears(weights_))
     if (l->lora_weight.defined())
       throw Error("the transformer cannot leave the device while runtime LoRA slots live inside its weights (bf16 "
@@ -74,6 +75,9 @@ void FluxTransformer::onload() {
 
 void FluxTransformer::set_fp8(bool on) {
   if (!resident()) throw Error("set_fp8: the transformer's weights are off the device (memory plan)");
+  if (streamer_.active())
+    throw Error("set_fp8: the transformer streams its blocks from host memory under this memory plan; choose the "
+                "precision before the plan (load an FP8 checkpoint for FP8 under a small budget)");
   if (weights_.fp8_only && !on)
     throw Error("this transformer was loaded from an FP8 checkpoint and has no bf16 block weights: FP8 mode "
                 "cannot be turned off (load a bf16 checkpoint for bf16 inference)");
@@ -96,34 +100,116 @@ void FluxTransformer::set_fp8(bool on) {
     }
   }
   fp8_ = on;
+  weights_changed();
 }
 
-namespace {
-// 448 / (sqrt(D) * max |w|) over a block's q and k norm weights: after RMSNorm |x_i| <= sqrt(D), the weight scales
-// it, and RoPE's rotation keeps each pair's norm, so no q or k element of the block can exceed 448 in e4m3.
-float qk_scale_for(Backend& backend, std::initializer_list<const Tensor*> norms, int64_t head_dim) {
-  float m = 0.0f;
-  for (const Tensor* t : norms) {
-    const Tensor w = backend.to_host_f32(*t);
-    for (int64_t i = 0; i < w.numel(); ++i) m = std::max(m, std::fabs(w.ptr<float>()[i]));
-  }
-  if (!(m > 0.0f) || !std::isfinite(m)) throw Error("FP8 attention: a q/k norm weight is all zero or not finite");
-  return 448.0f / (std::sqrt(float(head_dim)) * m * 1.001f);  // the margin covers bf16/rsqrt rounding
+void FluxTransformer::weights_changed() {
+  if (resident()) offload_.invalidate();
+  for (size_t b = 0; b < weights_.double_blocks.size() + weights_.single_blocks.size(); ++b)
+    if (!streamer_.streamed(b)) streamer_.invalidate(b);
 }
-}  // namespace
+
+const std::vector<float>& FluxTransformer::qk_norm_maxima() {
+  const size_t blocks = weights_.double_blocks.size() + weights_.single_blocks.size();
+  if (qk_norm_max_.size() == blocks) return qk_norm_max_;
+  if (!resident()) throw Error("FP8 attention: the transformer's weights are off the device (memory plan)");
+  // (Blocks loaded into host memory for streaming have host norms.)
+  auto max_abs = [&](const Tensor& t) {
+    const Tensor w = t.device() == Device::CPU ? t.to_f32() : backend_.to_host_f32(t);
+    float m = 0.0f;
+    for (int64_t i = 0; i < w.numel(); ++i) m = std::max(m, std::fabs(w.ptr<float>()[i]));
+    return m;
+  };
+  std::vector<float> out;
+  for (const auto& b : weights_.double_blocks)
+    out.push_back(std::max({max_abs(b.txt_q_norm), max_abs(b.txt_k_norm), max_abs(b.img_q_norm), max_abs(b.img_k_norm)}));
+  for (const auto& b : weights_.single_blocks) out.push_back(std::max(max_abs(b.q_norm), max_abs(b.k_norm)));
+  qk_norm_max_ = std::move(out);
+  return qk_norm_max_;
+}
 
 void FluxTransformer::set_fp8_attention(bool on) {
-  if (!resident()) throw Error("set_fp8_attention: the transformer's weights are off the device (memory plan)");
   qk_scale_double_.clear();
   qk_scale_single_.clear();
   if (on) {
-    const int64_t hd = config_.attention_head_dim;
-    for (const auto& b : weights_.double_blocks)
-      qk_scale_double_.push_back(
-          qk_scale_for(backend_, {&b.txt_q_norm, &b.txt_k_norm, &b.img_q_norm, &b.img_k_norm}, hd));
-    for (const auto& b : weights_.single_blocks) qk_scale_single_.push_back(qk_scale_for(backend_, {&b.q_norm, &b.k_norm}, hd));
+    // 448 / (sqrt(D) * max |w|) over a block's q and k norm weights: after RMSNorm |x_i| <= sqrt(D), the weight
+    // scales it, and RoPE's rotation keeps each pair's norm, so no q or k element of the block can exceed 448 in e4m3.
+    const std::vector<float>& m = qk_norm_maxima();
+    const float root = std::sqrt(float(config_.attention_head_dim));
+    for (size_t b = 0; b < m.size(); ++b) {
+      if (!(m[b] > 0.0f) || !std::isfinite(m[b]))
+        throw Error("FP8 attention: a q/k norm weight of block " + std::to_string(b) + " is all zero or not finite");
+      const float scale = 448.0f / (root * m[b] * 1.001f);  // the margin covers bf16/rsqrt rounding
+      (b < weights_.double_blocks.size() ? qk_scale_double_ : qk_scale_single_).push_back(scale);
+    }
   }
   fp8_attention_ = on;
+}
+
+void FluxTransformer::stream_blocks(const std::vector<bool>& block_resident, int prefetch_depth) {
+  if (!resident()) throw Error("stream_blocks: the transformer's weights are off the device (memory plan)");
+  qk_norm_maxima();  // FP8 attention's scales come from norms that are about to leave
+  const size_t blocks = weights_.double_blocks.size() + weights_.single_blocks.size();
+  const bool any = std::find(block_resident.begin(), block_resident.end(), false) != block_resident.end();
+  std::vector<std::vector<Tensor*>> tensors = weights_.block_tensors();
+  for (size_t b = 0; b < blocks && any; ++b) {
+    if (b < block_resident.size() && block_resident[b]) continue;
+    for (Linear* l : weights_.block_linears(b)) {
+      if (!l->lora_weight.defined()) continue;
+      // [W | up] cannot pass through a shared buffer with the slot in it: W and up become separate matrices.
+      const Tensor w = backend_.empty(l->weight.dtype(), l->weight.shape());
+      const Tensor up = backend_.empty(l->lora_up.dtype(), l->lora_up.shape());
+      backend_.copy(l->weight, w);
+      backend_.copy(l->lora_up, up);
+      l->lora_weight = Tensor();
+      l->weight = w;
+      l->lora_up = up;
+    }
+    // by_name's references would keep the device copies alive.
+    for (Tensor* t : tensors[b]) weights_.forget(*t);
+  }
+  streamer_.configure(backend_, tensors, any ? block_resident : std::vector<bool>{}, prefetch_depth);
+  for (size_t b = 0; b < blocks; ++b)
+    for (Linear* l : weights_.block_linears(b)) l->streamed = streamer_.streamed(b);
+}
+
+std::vector<uint64_t> FluxTransformer::block_weight_bytes() {
+  std::vector<uint64_t> out;
+  std::vector<std::vector<Tensor*>> tensors = weights_.block_tensors();
+  for (size_t b = 0; b < tensors.size(); ++b) {
+    if (streamer_.streamed(b)) {
+      out.push_back(streamer_.block_upload_bytes(b));
+      continue;
+    }
+    // A weight inside [W | up] counts its own columns; the slot counts with the shared part.
+    std::vector<const Tensor*> plain;
+    uint64_t in_slots = 0;
+    for (Tensor* t : tensors[b]) plain.push_back(t);
+    for (Linear* l : weights_.block_linears(b))
+      if (l->lora_weight.defined()) {
+        std::erase(plain, &l->weight);
+        in_slots += l->weight.numel() * dtype_size(l->weight.dtype());
+      }
+    out.push_back(tensor_storage_bytes(plain) + in_slots);
+  }
+  return out;
+}
+
+uint64_t FluxTransformer::shared_weight_bytes() {
+  std::vector<const Tensor*> shared;
+  for (Tensor* t : weights_.shared_tensors()) shared.push_back(t);
+  uint64_t slots = 0;
+  auto add_slots = [&](Linear& l) {
+    if (l.lora_down.defined()) slots += l.lora_down.numel() * dtype_size(l.lora_down.dtype());
+    if (l.lora_up.defined()) slots += l.lora_up.numel() * dtype_size(l.lora_up.dtype());
+  };
+  for (Linear* l : {&weights_.img_in, &weights_.txt_in, &weights_.time_in, &weights_.time_out, &weights_.vector_in,
+                    &weights_.vector_out, &weights_.guidance_in, &weights_.guidance_out, &weights_.final_mod,
+                    &weights_.final_linear})
+    add_slots(*l);
+  for (size_t b = 0; b < weights_.double_blocks.size() + weights_.single_blocks.size(); ++b)
+    for (Linear* l : weights_.block_linears(b)) add_slots(*l);
+  return tensor_storage_bytes(shared) + slots;
 }
 
 void FluxTransformer::set_precision(bool fp8_linears, bool fp8_attention) {
@@ -180,9 +266,22 @@ void FluxTransformer::linear_roomy(const Tensor& x_room, int64_t in, const Linea
   backend_.linear(x_room.narrow(-1, 0, in + R), l.lora_weight, l.bias, y, act);
 }
 
+void FluxTransformer::norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& normed_room,
+                                  const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& y,
+                                  Activation act) {
+  if (quantized_input(l)) {
+    backend_.layer_norm_modulate_fp8(x, shift, scale, q8, q8_scale);
+    backend_.linear_fp8_quantized(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, y, act);
+    return;
+  }
+  const int64_t D = x.size(-1);
+  backend_.layer_norm_modulate(x, shift, scale, normed_room.narrow(-1, 0, D));
+  linear_roomy(normed_room, D, l, y, act);
+}
+
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
   if (batch == B_ && img_tokens == Ni_ && txt_tokens == Nt_ && lora_rank_ == prepared_lora_rank_ &&
-      fp8_attention_ == prepared_fp8_attention_)
+      fp8_attention_ == prepared_fp8_attention_ && fp8_ == prepared_fp8_)
     return;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), S = img_tokens + txt_tokens;
   const int64_t H = config_.num_attention_heads, hd = config_.attention_head_dim;
@@ -216,7 +315,12 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.attn_mlp_room = e({batch, S, D + M + R});
   buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);
   if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
+  if (fp8_) {
+    buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
+    buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
+  }
   prepared_lora_rank_ = lora_rank_;
+  prepared_fp8_ = fp8_;
   prepared_fp8_attention_ = fp8_attention_;
   B_ = batch;
   Ni_ = img_tokens;
@@ -263,10 +367,17 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
   linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
 
-  for (size_t i = 0; i < weights_.double_blocks.size(); ++i)
+  // Streamed blocks (memory plan) arrive on the copy queue while earlier blocks compute.
+  streamer_.begin(be);
+  const size_t nd = weights_.double_blocks.size();
+  for (size_t i = 0; i < nd; ++i) {
+    streamer_.before_block(be, i);
     double_block(weights_.double_blocks[i], in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f);
-  for (size_t i = 0; i < weights_.single_blocks.size(); ++i)
+  }
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) {
+    streamer_.before_block(be, nd + i);
     single_block(weights_.single_blocks[i], in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f);
+  }
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
   Tensor mod = buf_.mod_img.narrow(1, 0, 2 * D);
@@ -286,23 +397,28 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   // The *_room views run on into the buffers' spare columns (in double blocks the attention output's neighbours,
   // attn_mlp's MLP columns, are unused and serve as its room).
   struct Stream {
-    Tensor x, normed, normed_room, branch, qkv, mlp, mlp_room, attn, attn_room;
+    Tensor x, normed_room, branch, qkv, mlp, mlp_room, attn, attn_room, q8, q8_scale;
     const Tensor& mod;
   };
+  const int64_t B = B_;
   auto stream_views = [&](int64_t start, int64_t n, const Tensor& mod) {
     const Tensor proj_in = rows(buf_.proj_in_room, start, n), attn_mlp = rows(buf_.attn_mlp_room, start, n);
-    const Tensor normed = rows(buf_.normed_room, start, n);
-    return Stream{rows(buf_.stream, start, n), cols(normed, 0, D), normed, rows(buf_.branch, start, n),
+    Tensor q8, q8_scale;
+    if (buf_.normed_q8.defined()) {
+      q8 = buf_.normed_q8.narrow(0, B * start, B * n).view({B, n, D});
+      q8_scale = buf_.normed_q8_scale.narrow(0, B * start, B * n);
+    }
+    return Stream{rows(buf_.stream, start, n), rows(buf_.normed_room, start, n), rows(buf_.branch, start, n),
                   cols(proj_in, 0, 3 * D), cols(proj_in, 3 * D, M), cols(proj_in, 3 * D, proj_in.size(2) - 3 * D),
-                  cols(attn_mlp, 0, D), attn_mlp, mod};
+                  cols(attn_mlp, 0, D), attn_mlp, q8, q8_scale, mod};
   };
   Stream txt = stream_views(0, Nt, buf_.mod_txt), img = stream_views(Nt, Ni, buf_.mod_img);
 
   // Joint attention over text and image tokens; each stream has its own projections and norms.
-  be.layer_norm_modulate(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed);
-  be.layer_norm_modulate(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed);
-  linear_roomy(txt.normed_room, D, w.txt_qkv, txt.qkv);
-  linear_roomy(img.normed_room, D, w.img_qkv, img.qkv);
+  norm_linear(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed_room, txt.q8, txt.q8_scale, w.txt_qkv,
+              txt.qkv, Activation::None);
+  norm_linear(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed_room, img.q8, img.q8_scale, w.img_qkv,
+              img.qkv, Activation::None);
   qk_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, qk_scale);
   qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
   attend(cols(buf_.attn_mlp, 0, D), qk_scale);
@@ -314,8 +430,8 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   // Feed-forward, per stream.
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
                                     std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
-    be.layer_norm_modulate(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed);
-    linear_roomy(s->normed_room, D, *mlp_in, s->mlp, Activation::GeluTanh);
+    norm_linear(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed_room, s->q8, s->q8_scale, *mlp_in, s->mlp,
+                Activation::GeluTanh);
     linear_roomy(s->mlp_room, M, *mlp_out, s->branch);
     be.gated_residual(s->x, chunk(s->mod, 5, D), s->branch);
   }
@@ -326,13 +442,23 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
   Tensor mod = buf_.mod_img.narrow(1, 0, 3 * D);
   linear(buf_.temb_silu, w.modulation, mod);
-  be.layer_norm_modulate(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed);
 
-  // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues.
+  // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues (and, in FP8,
+  // read one quantisation of the normed rows).
   Tensor qkv = cols(buf_.proj_in, 0, 3 * D);
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
-  linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
-  linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
+  if (quantized_input(w.linear1)) {
+    const Tensor q8 = buf_.normed_q8.view({B_, Nt_ + Ni_, D});
+    be.layer_norm_modulate_fp8(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), q8, buf_.normed_q8_scale);
+    be.linear_fp8_quantized(q8, buf_.normed_q8_scale, qkv_proj.weight_fp8, qkv_proj.weight_scale, qkv_proj.bias, qkv,
+                            Activation::None);
+    be.linear_fp8_quantized(q8, buf_.normed_q8_scale, mlp_in.weight_fp8, mlp_in.weight_scale, mlp_in.bias,
+                            cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
+  } else {
+    be.layer_norm_modulate(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed);
+    linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
+    linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
+  }
   qk_rope(qkv, w.q_norm, w.k_norm, rope, 0, qk_scale);
   attend(cols(buf_.attn_mlp, 0, D), qk_scale);
 

@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "model/flux_config.h"
+#include "model/block_streaming.h"
 #include "model/flux_weights.h"
 #include "model/weight_offload.h"
 
@@ -61,6 +62,20 @@ class FluxTransformer {
   void onload();
   bool resident() const { return offload_.resident(); }
 
+  // Under a memory plan that streams blocks (memory_plan.h): the blocks with block_resident[b] false (execution
+  // order: double blocks, then single blocks) move to pinned host memory and are uploaded into prefetch_depth + 1
+  // device buffers on the backend's copy queue, prefetch_depth blocks ahead of the one computing; the others stay
+  // (or come back). Empty, or all true: no streaming. A bf16 runtime LoRA slot inside a streamed [W | up] moves to a
+  // separate up matrix (slots always stay on the device). Merged LoRAs and set_fp8 are refused while streaming.
+  void stream_blocks(const std::vector<bool>& block_resident, int prefetch_depth);
+  const BlockStreamer& streaming() const { return streamer_; }
+  // Device bytes of each block (execution order; a streamed one: what it uploads per step) and of the rest
+  // (embedders, final layer, every runtime LoRA slot): what a memory plan moves or keeps.
+  std::vector<uint64_t> block_weight_bytes();
+  uint64_t shared_weight_bytes();
+  // The weights changed on the device (merged LoRA, requantisation): host copies kept for offloading are stale.
+  void weights_changed();
+
   const FluxConfig& config() const { return config_; }
   FluxWeights& weights() { return weights_; }
   Backend& backend() { return backend_; }
@@ -74,6 +89,12 @@ class FluxTransformer {
   // two halves share it).
   void linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y,
                     Activation act = Activation::None, bool down_done = false);
+  // LayerNorm + modulate of x, then the linear `l` of it into y. An FP8 linear without a runtime slot gets its input
+  // quantised by the LayerNorm kernel itself (rows of q8 / q8_scale: the e4m3 codes and per-token scales) and skips
+  // its own quantiser; otherwise the bf16 rows go to normed_room as for linear_roomy.
+  void norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& normed_room,
+                   const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& y, Activation act);
+  static bool quantized_input(const Linear& l) { return l.weight_fp8.defined() && !l.lora_down.defined(); }
   // qk_scale: the block's FP8 attention scale (unused in bf16 attention).
   void double_block(const DoubleBlockWeights& w, const Tensor& rope, float qk_scale);
   void single_block(const SingleBlockWeights& w, const Tensor& rope, float qk_scale);
@@ -84,9 +105,13 @@ class FluxTransformer {
 
   int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
   bool fp8_ = false;
-  bool fp8_attention_ = false, prepared_fp8_attention_ = false;
+  bool fp8_attention_ = false, prepared_fp8_attention_ = false, prepared_fp8_ = false;
   WeightOffload offload_;
+  BlockStreamer streamer_;
   std::vector<float> qk_scale_double_, qk_scale_single_;  // per block, for FP8 attention
+  // Per block, max |w| over its q/k norm weights (FP8 attention's scales), read while the block was on the device.
+  std::vector<float> qk_norm_max_;
+  const std::vector<float>& qk_norm_maxima();
   // qk_norm_rope into the attention inputs, then attention over them into `out`: bf16, or FP8 at qk_scale.
   void qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope, int64_t seq_offset,
                float qk_scale);
@@ -109,6 +134,10 @@ class FluxTransformer {
     // [B, S, D + M] (+ R) attention output, then the MLP activations (linear2's input)
     Tensor attn_mlp, attn_mlp_room;
     Tensor lora_scratch; // [B, S, R] x @ down^T of runtime LoRA slots; undefined without slots
+    // FP8 mode: LayerNorm outputs quantised for the linear they feed (norm_linear), e4m3 [B * S, D] and per-row
+    // scales [B * S]: a double block's text stream takes the first B * Nt rows as [B, Nt, D], its image stream the
+    // rest; a single block all of them as [B, S, D].
+    Tensor normed_q8, normed_q8_scale;
   } buf_;
 };
 

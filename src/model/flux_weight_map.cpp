@@ -146,4 +146,14 @@ std::vector<WeightSpec> flux_weight_specs(const FluxConfig& c, FluxNaming naming
   return specs;
 }
 
+bool flux_block_index(const std::string& name, const FluxConfig& c, size_t* index) {
+  for (const auto& [prefix, base] : {std::pair<std::string, int64_t>{"double_blocks.", 0},
+                                     std::pair<std::string, int64_t>{"single_blocks.", c.num_layers}}) {
+    if (name.rfind(prefix, 0) != 0) continue;
+    *index = size_t(base + std::stoll(name.substr(prefix.size())));
+    return true;
+  }
+  return false;
+}
+
 }  // namespace fluxswap

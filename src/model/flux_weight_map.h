@@ -42,4 +42,8 @@ struct ModuleAlias {
 };
 std::vector<ModuleAlias> flux_diffusers_aliases(const FluxConfig& config);
 
+// Which block an internal tensor name belongs to, in execution order (double blocks, then single blocks); false for
+// the shared part (embedders, final layer).
+bool flux_block_index(const std::string& name, const FluxConfig& config, size_t* index);
+
 }  // namespace fluxswap

@@ -242,23 +242,48 @@ FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string
   return w;
 }
 
-std::vector<Tensor*> FluxWeights::device_tensors() {
+std::vector<Linear*> FluxWeights::block_linears(size_t b) {
+  if (b < double_blocks.size()) {
+    DoubleBlockWeights& d = double_blocks[b];
+    return {&d.img_mod, &d.txt_mod, &d.img_qkv, &d.txt_qkv, &d.img_proj, &d.txt_proj, &d.img_mlp_in, &d.txt_mlp_in,
+            &d.img_mlp_out, &d.txt_mlp_out};
+  }
+  SingleBlockWeights& sb = single_blocks.at(b - double_blocks.size());
+  return {&sb.modulation, &sb.linear1, &sb.linear2};
+}
+
+namespace {
+void add_linear_tensors(std::vector<Tensor*>& out, Linear& l) {
+  out.insert(out.end(), {&l.weight, &l.bias, &l.weight_fp8, &l.weight_scale});
+}
+}  // namespace
+
+std::vector<std::vector<Tensor*>> FluxWeights::block_tensors() {
+  std::vector<std::vector<Tensor*>> out(double_blocks.size() + single_blocks.size());
+  for (size_t b = 0; b < out.size(); ++b) {
+    for (Linear* l : block_linears(b)) add_linear_tensors(out[b], *l);
+    if (b < double_blocks.size()) {
+      DoubleBlockWeights& d = double_blocks[b];
+      out[b].insert(out[b].end(), {&d.img_q_norm, &d.img_k_norm, &d.txt_q_norm, &d.txt_k_norm});
+    } else {
+      SingleBlockWeights& sb = single_blocks[b - double_blocks.size()];
+      out[b].insert(out[b].end(), {&sb.q_norm, &sb.k_norm});
+    }
+  }
+  return out;
+}
+
+std::vector<Tensor*> FluxWeights::shared_tensors() {
   std::vector<Tensor*> out;
-  auto add = [&](Linear& l) { out.insert(out.end(), {&l.weight, &l.bias, &l.weight_fp8, &l.weight_scale}); };
-  for (Linear* l : {&img_in, &txt_in, &time_in, &time_out, &vector_in, &vector_out, &guidance_in, &guidance_out})
-    add(*l);
-  for (auto& b : double_blocks) {
-    for (Linear* l : {&b.img_mod, &b.txt_mod, &b.img_qkv, &b.txt_qkv, &b.img_proj, &b.txt_proj, &b.img_mlp_in,
-                      &b.txt_mlp_in, &b.img_mlp_out, &b.txt_mlp_out})
-      add(*l);
-    out.insert(out.end(), {&b.img_q_norm, &b.img_k_norm, &b.txt_q_norm, &b.txt_k_norm});
-  }
-  for (auto& b : single_blocks) {
-    for (Linear* l : {&b.modulation, &b.linear1, &b.linear2}) add(*l);
-    out.insert(out.end(), {&b.q_norm, &b.k_norm});
-  }
-  add(final_mod);
-  add(final_linear);
+  for (Linear* l : {&img_in, &txt_in, &time_in, &time_out, &vector_in, &vector_out, &guidance_in, &guidance_out,
+                    &final_mod, &final_linear})
+    add_linear_tensors(out, *l);
+  return out;
+}
+
+std::vector<Tensor*> FluxWeights::device_tensors() {
+  std::vector<Tensor*> out = shared_tensors();
+  for (const auto& block : block_tensors()) out.insert(out.end(), block.begin(), block.end());
   return out;
 }
 
@@ -313,7 +338,12 @@ Linear& FluxWeights::linear(const std::string& module) {
   throw bad();
 }
 
-FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, WeightLoadReport* report) {
+FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, WeightLoadReport* report,
+                              const std::vector<bool>& keep_on_host) {
+  auto on_host = [&](const std::string& name) {
+    size_t block = 0;
+    return flux_block_index(name, ck.config, &block) && block < keep_on_host.size() && keep_on_host[block];
+  };
   std::set<std::string> fp8_weights;  // internal names of the weights loaded as FP8
   if (ck.fp8_linears)
     for (const auto& module : block_token_linear_names(ck.config)) fp8_weights.insert(module + ".weight");
@@ -326,16 +356,16 @@ FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, Weight
       Tensor q = Tensor::empty(DType::F8_E4M3, spec.shape), scales = Tensor::empty(DType::F32, {spec.shape[0]});
       assemble_fp8(ck, spec, q, scales, used);
       for (const auto& [name, t] : {std::pair{module + ".weight_fp8", q}, {module + ".weight_scale", scales}}) {
-        Tensor dev = upload_as_is(backend, t);
-        bytes += dev.nbytes();
+        Tensor dev = on_host(name) ? t : upload_as_is(backend, t);
+        bytes += on_host(name) ? 0 : dev.nbytes();
         m.emplace(name, std::move(dev));
       }
       continue;
     }
     Tensor host = Tensor::empty(backend.compute_dtype(), spec.shape);
     assemble(ck, spec, host, used);
-    Tensor dev = backend.upload_weight(host);
-    bytes += dev.nbytes();
+    Tensor dev = on_host(spec.name) ? host : backend.upload_weight(host);
+    bytes += on_host(spec.name) ? 0 : dev.nbytes();
     m.emplace(spec.name, std::move(dev));
   }
   if (report) {
@@ -372,6 +402,15 @@ void quantize_linear_fp8(Linear& l, Backend& backend) {
   if (!l.weight.defined())
     throw Error("this linear exists only in FP8 (the model was loaded from an FP8 checkpoint): there is no bf16 "
                 "weight to quantise");
+  if (l.weight.device() == Device::CPU && backend.device() != Device::CPU) {
+    const Tensor w = l.weight.to_f32();
+    const int64_t rows = w.size(0), cols = w.size(1);
+    l.weight_fp8 = Tensor::empty(DType::F8_E4M3, w.shape());
+    l.weight_scale = Tensor::empty(DType::F32, {rows});
+    quant::quantize_rows_e4m3(w.ptr<float>(), cols, rows, cols, l.weight_fp8.ptr<uint8_t>(), cols,
+                              l.weight_scale.ptr<float>());
+    return;
+  }
   if (!l.weight_fp8.defined()) {
     l.weight_fp8 = backend.empty(DType::F8_E4M3, l.weight.shape());
     l.weight_scale = backend.empty(DType::F32, {l.weight.size(0)});

@@ -21,6 +21,9 @@ struct Linear {
   // bf16 `weight` stays as the pristine source it is requantised from (merged LoRA), except in an FP8-only model
   // (loaded from an FP8 checkpoint), whose block linears have no `weight` at all.
   Tensor weight_fp8, weight_scale;
+  // Its block is streamed (memory plan): the weights live in pinned host memory and pass through a device buffer
+  // shared with other blocks every step, so nothing may write them on the device (no merged LoRA, no [W | up]).
+  bool streamed = false;
 };
 
 
@@ -60,6 +63,12 @@ struct FluxWeights {
   // Every device tensor of the model proper, in a fixed order: each linear's weight, bias and FP8 pair, and the
   // norms; not the LoRA slots (they stay on the device when the weights leave it).
   std::vector<Tensor*> device_tensors();
+  // The same split by owner: each block's tensors (double blocks, then single blocks, as they run) and the rest
+  // (embedders, final layer).
+  std::vector<std::vector<Tensor*>> block_tensors();
+  std::vector<Tensor*> shared_tensors();
+  // The linears of block b (execution order).
+  std::vector<Linear*> block_linears(size_t b);
 
   // Drops by_name's references to t's memory, so that replacing a field (a weight moved into [W | up], a bf16
   // copy an FP8-only model does not keep) really frees it.
@@ -85,7 +94,12 @@ struct WeightLoadReport {
 // stored otherwise (F8_E5M2, bf16, ...) are quantised per row at load. Every other weight stored in FP8 is
 // dequantised (value x scale) to the compute dtype. `<module>.scale_input` and the `scaled_fp8` marker are
 // ComfyUI's and ignored.
-FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend, WeightLoadReport* report = nullptr);
+//
+// keep_on_host[b] (blocks in execution order; empty: none): block b's tensors stay in host memory, for a memory plan
+// that streams it (FluxTransformer::stream_blocks moves them into pinned memory), so that loading stays within a
+// budget that cannot hold the whole transformer.
+FluxWeights load_flux_weights(const FluxCheckpoint& checkpoint, Backend& backend, WeightLoadReport* report = nullptr,
+                              const std::vector<bool>& keep_on_host = {});
 
 // Builds the struct view from a complete by_name map (used by loaders and by tests that make weights directly).
 FluxWeights flux_weights_from_map(const FluxConfig& config, std::map<std::string, Tensor> by_name);
@@ -98,7 +112,8 @@ std::vector<Linear*> block_token_linears(FluxWeights& weights);
 std::vector<Linear*> modulation_linears(FluxWeights& weights);
 // Their internal module names ("double_blocks.0.img_attn.qkv", ..., "single_blocks.0.linear2"), in the same order.
 std::vector<std::string> block_token_linear_names(const FluxConfig& config);
-// weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use). Error for an FP8-only linear.
+// weight_fp8/weight_scale of `l` from its bf16 weight (allocated on first use). Error for an FP8-only linear. A weight
+// in host memory (a block kept there for streaming) is quantised on the host, with the same rounding.
 void quantize_linear_fp8(Linear& l, Backend& backend);
 
 }  // namespace fluxswap

@@ -213,6 +213,7 @@ std::vector<Tensor*> VaeDecoderWeights::device_tensors() {
 void VaeDecoder::release_buffers() {
   buf_ = Buffers{};
   B_ = h_ = w_ = 0;
+  backend_.release_scratch();
 }
 
 void VaeDecoder::offload() {

@@ -1,6 +1,7 @@
 #include "model/weight_offload.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 
 #include "core/error.h"
@@ -52,7 +53,10 @@ void WeightOffload::offload(Backend& backend, const std::vector<Tensor*>& weight
       const Tensor& w = *weights[i];
       if (!w.defined()) continue;
       host_[i] = Tensor::borrow(base + offset_[i], w.dtype(), w.shape(), Device::CPU, host_arena_.owner());
-      backend.copy_to_host(w, host_[i]);
+      if (w.device() == Device::CPU)
+        std::memcpy(host_[i].data(), w.data(), w.nbytes());
+      else
+        backend.copy_to_host(w, host_[i]);
     }
     arena_bytes_ = total;
     backend.synchronize();  // the copies land before the device memory they read is freed
@@ -77,6 +81,29 @@ void WeightOffload::onload(Backend& backend, const std::vector<Tensor*>& weights
       *weights[i] = Tensor::borrow(base + offset_[i], host_[i].dtype(), host_[i].shape(), backend.device(),
                                    arena.owner());
   resident_ = true;
+}
+
+void WeightOffload::invalidate() {
+  if (!resident_) throw Error("internal: weights changed while offloaded");
+  host_arena_ = Tensor();
+  host_.clear();
+  offset_.clear();
+  arena_bytes_ = 0;
+}
+
+void WeightOffload::bind(const Tensor& device_bytes, const std::vector<Tensor*>& weights, const std::string& what) {
+  if (resident_) throw Error(what + ": only offloaded weights can be bound to other device memory");
+  if (weights.size() != host_.size())
+    throw Error(what + ": binding " + std::to_string(weights.size()) + " weights, but " + std::to_string(host_.size()) +
+                " were offloaded");
+  if (device_bytes.nbytes() < arena_bytes_)
+    throw Error(what + ": a " + std::to_string(device_bytes.nbytes()) + "-byte buffer cannot hold " +
+                std::to_string(arena_bytes_) + " bytes of weights");
+  auto* base = static_cast<unsigned char*>(device_bytes.data());
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (host_[i].defined())
+      *weights[i] = Tensor::borrow(base + offset_[i], host_[i].dtype(), host_[i].shape(), device_bytes.device(),
+                                   device_bytes.owner());
 }
 
 uint64_t tensor_storage_bytes(const std::vector<const Tensor*>& tensors) {

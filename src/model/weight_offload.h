@@ -1,6 +1,7 @@
 #pragma once
 // A component's weights leaving the device between uses and coming back (under a memory budget the text encoders
-// encode, then leave). The first offload copies the weights into one host buffer (pinned where the backend has
+// encode, then leave). Weights already in host memory (loaded there for a streamed transformer block) are copied
+// in by the first offload like device ones. The first offload copies the weights into one host buffer (pinned where the backend has
 // pinned memory), which then stays: these components never change their weights, so later offloads only free the
 // device copies, and every onload is one device allocation filled by one batched transfer.
 #include <cstdint>
@@ -21,6 +22,13 @@ class WeightOffload {
   void offload(Backend& backend, const std::vector<Tensor*>& weights, const std::string& what);
   void onload(Backend& backend, const std::vector<Tensor*>& weights, const std::string& what);
   bool resident() const { return resident_; }
+  // The weights changed on the device (a merged LoRA, a requantisation): the next offload copies them again.
+  void invalidate();
+  // While offloaded: points the weights at `device_bytes` (U8, at least arena_bytes()) with the host copy's layout,
+  // without copying; whoever owns that memory fills it (weight streaming uploads host_arena() into it per step).
+  void bind(const Tensor& device_bytes, const std::vector<Tensor*>& weights, const std::string& what);
+  // The host copy of every weight, laid out as one onload places them (undefined before the first offload).
+  const Tensor& host_arena() const { return host_arena_; }
   // Bytes one onload allocates on the device (the tensors, each aligned); 0 before the first offload.
   uint64_t arena_bytes() const { return arena_bytes_; }
   // The component's device weight bytes: what it holds while resident, what an onload would take while offloaded.

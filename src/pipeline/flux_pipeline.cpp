@@ -54,7 +54,6 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
         VaeConfig::from_json_file((dir / "vae" / "config.json").string()), budget.workload);
     r.reserve_bytes = budget.reserve_bytes;
     loading = plan_memory(r);
-    require_supported_transformer_placement(*loading, r);
   }
   auto leaves = [&](const char* name) {
     return loading && loading->component(name).placement == Placement::OnDemand;
@@ -66,7 +65,14 @@ std::unique_ptr<FluxPipeline> FluxPipeline::from_pretrained(const std::string& u
   p->t5_ = std::make_unique<T5Encoder>(
       T5Encoder::from_folder((dir / "text_encoder_2").string(), backend, options.t5_nf4));
   if (leaves("t5")) p->t5_->offload();
-  p->transformer_ = std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend), backend);
+  // A transformer the budget cannot hold whole loads its streamed blocks into host memory.
+  std::vector<bool> on_host;
+  const bool streamed = loading && loading->component("transformer").placement == Placement::Streamed;
+  if (streamed)
+    for (bool resident : loading->streaming.block_resident) on_host.push_back(!resident);
+  p->transformer_ =
+      std::make_unique<FluxTransformer>(ck.config, load_flux_weights(ck, backend, nullptr, on_host), backend);
+  if (streamed) p->transformer_->stream_blocks(loading->streaming.block_resident, loading->streaming.prefetch_depth);
   p->vae_ = std::make_unique<VaeDecoder>(open_vae_decoder((dir / "vae").string(), backend));
   if (leaves("vae")) p->vae_->offload();
   p->scheduler_config_ = FlowMatchSchedulerConfig::from_json_file((dir / "scheduler" / "scheduler_config.json").string());
@@ -128,6 +134,7 @@ const MemoryPlan* FluxPipeline::set_memory_budget(const MemoryBudget& budget) {
   if (budget.bytes == 0) {
     plan_.reset();
     backend_.set_memory_limit(0);
+    transformer_->stream_blocks({}, 0);
     clip_->onload();
     t5_->onload();
     vae_->onload();
@@ -135,11 +142,12 @@ const MemoryPlan* FluxPipeline::set_memory_budget(const MemoryBudget& budget) {
   }
   const MemoryPlanRequest request =
       measured_plan_request(budget, *transformer_, *t5_, *clip_, *vae_, backend_.memory_in_use());
-  MemoryPlan plan = plan_memory(request);
-  require_supported_transformer_placement(plan, request);
-  plan_ = std::move(plan);
+  plan_ = plan_memory(request);
   backend_.set_memory_limit(budget.bytes);
   // Leaving first, so that what comes back finds the room the plan counts on.
+  const bool streamed = plan_->component("transformer").placement == Placement::Streamed;
+  transformer_->stream_blocks(streamed ? plan_->streaming.block_resident : std::vector<bool>{},
+                              plan_->streaming.prefetch_depth);
   if (on_demand("clip")) clip_->offload();
   if (on_demand("t5")) t5_->offload();
   if (on_demand("vae")) vae_->offload();

@@ -92,10 +92,11 @@ class FluxPipeline {
   // Plans where each component lives under budget.bytes from the loaded components' real sizes
   // (measured_plan_request), caps the backend's device memory at budget.bytes (going past it is then an Error, never
   // a silent over-use) and applies the plan: components planned on demand leave the device now (their weights wait
-  // in pinned host memory) and come back only for their phase of generate(). Throws Error when nothing fits, or when
-  // the plan needs the transformer streamed block by block (not implemented yet), naming the smallest budget
-  // that works. Call it after LoRAs are set up (their device memory counts) and again when the workload grows.
-  // budget.bytes 0: no budget, everything back on the device, no cap; returns null.
+  // in pinned host memory) and come back only for their phase of generate(); a streamed transformer keeps the planned
+  // blocks in pinned host memory and uploads them every step (FluxTransformer::stream_blocks). Throws Error when
+  // nothing fits. Call it after LoRAs are set up (their device memory counts) and again when the workload grows.
+  // budget.bytes 0: no budget, everything back on the device (a streamed transformer's blocks too), no cap; returns
+  // null.
   const MemoryPlan* set_memory_budget(const MemoryBudget& budget);
   const MemoryPlan* memory_plan() const { return plan_ ? &*plan_ : nullptr; }
   // What generate(params) will run, for a plan: its size, batch and T5 tokens with the defaults resolved, and the

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <optional>
 
 #include "core/error.h"
 #include "model/flux_weight_map.h"
@@ -78,19 +79,81 @@ struct TransformerChoice {
   StreamingPlan streaming;
 };
 
-// Which blocks stay resident when `count` of them do: the largest, so the fewest bytes move per step.
+// Which blocks stay resident when `count` of them do: the largest, so the fewest bytes move per step. Among blocks
+// of the size where resident ones run out (FLUX: the single blocks), the streamed ones are spread evenly: each
+// upload then has the resident blocks before it to hide behind instead of all of them queueing at the end.
 std::vector<bool> largest_blocks(const std::vector<uint64_t>& sizes, int count) {
   std::vector<size_t> order(sizes.size());
   std::iota(order.begin(), order.end(), size_t(0));
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return sizes[a] > sizes[b]; });
   std::vector<bool> resident(sizes.size(), false);
   for (int i = 0; i < count; ++i) resident[order[i]] = true;
+  if (count == 0 || count == int(sizes.size())) return resident;
+  const uint64_t boundary = sizes[order[size_t(count) - 1]];
+  std::vector<size_t> tied;  // execution order
+  for (size_t b = 0; b < sizes.size(); ++b)
+    if (sizes[b] == boundary) tied.push_back(b);
+  size_t streamed = 0;
+  for (size_t b : tied) streamed += !resident[b];
+  if (streamed == 0) return resident;
+  for (size_t b : tied) resident[b] = true;
+  for (size_t i = 0; i < streamed; ++i) resident[tied[(2 * i + 1) * tied.size() / (2 * streamed)]] = false;
   return resident;
 }
 
-StreamingPlan streaming_plan(const TransformerSpec& t, int resident_count, int depth) {
+// The other way to keep `count` blocks: the streamed ones evenly spaced over the whole step whatever their sizes, so
+// that uploads can run from the first block to the last. Moves more bytes (larger blocks stream too) but may hide
+// them where streaming only the smaller blocks puts every upload at the end of the step.
+std::vector<bool> spread_blocks(size_t n, int count) {
+  std::vector<bool> resident(n, true);
+  const size_t streamed = n - size_t(count);
+  for (size_t i = 0; i < streamed; ++i) resident[(2 * i + 1) * n / (2 * streamed)] = false;
+  return resident;
+}
+
+// A step's length in units of one block's compute, for comparing streaming patterns: every block computes in one unit
+// (FLUX's double and single blocks have the same FLOPs per token) and the mean block uploads in `mean_upload` units.
+// As BlockStreamer issues them: the first `depth` uploads at the start, then the one `depth` ahead when a streamed
+// block is about to compute (its buffer is free once the blocks before have run); the copy engine takes them in
+// order; a streamed block waits for its upload.
+double simulated_step(const std::vector<uint64_t>& sizes, const std::vector<bool>& resident, int depth,
+                      double mean_upload) {
+  double mean = 0;
+  for (uint64_t b : sizes) mean += double(b);
+  mean /= double(std::max<size_t>(1, sizes.size())) * mean_upload;
+  std::vector<size_t> streamed;
+  for (size_t b = 0; b < sizes.size(); ++b)
+    if (!resident[b]) streamed.push_back(b);
+  std::vector<double> done(streamed.size(), 0);
+  double copy_free = 0, t = 0;
+  auto upload = [&](size_t k, double when) {
+    copy_free = std::max(copy_free, when) + double(sizes[streamed[k]]) / mean;
+    done[k] = copy_free;
+  };
+  for (size_t k = 0; k < streamed.size() && k < size_t(depth); ++k) upload(k, 0);
+  for (size_t b = 0, j = 0; b < sizes.size(); ++b) {
+    if (!resident[b]) {
+      if (j + size_t(depth) < streamed.size()) upload(j + size_t(depth), t);
+      t = std::max(t, done[j++]);
+    }
+    t += 1;
+  }
+  return t;
+}
+
+// How long the mean FLUX block takes to upload, in block computes, at 1024x1024: a bf16 block (424 MB) crosses PCIe
+// 4.0 (~25 GB/s) in about the time an RTX 3090/4090 computes it (~15 ms); an FP8 block is half the bytes but computes
+// about 2.5x faster on FP8 tensor cores, so its upload takes about two computes (measured on the H100 over PCIe 5.0:
+// 3.9 ms against 1.7 ms).
+double mean_block_upload_units(WeightFormat format) { return format == WeightFormat::FP8 ? 2.0 : 1.0; }
+
+enum class BlockChoice { Largest, Spread };
+
+StreamingPlan streaming_plan(const TransformerSpec& t, int resident_count, int depth,
+                             BlockChoice choice = BlockChoice::Largest) {
   StreamingPlan s;
-  s.block_resident = largest_blocks(t.block_bytes, resident_count);
+  s.block_resident = choice == BlockChoice::Largest ? largest_blocks(t.block_bytes, resident_count)
+                                                    : spread_blocks(t.block_bytes.size(), resident_count);
   s.resident_blocks = resident_count;
   s.prefetch_depth = depth;
   uint64_t largest_streamed = 0;
@@ -186,17 +249,25 @@ MemoryPlan plan_memory(const MemoryPlanRequest& r) {
         consider(evaluate(r, {Placement::Resident, {}}, t5, clip, vae));
         consider(evaluate(r, {Placement::OnDemand, {}}, t5, clip, vae));
         if (blocks == 0) continue;
-        // Streaming: the most resident blocks that fit at the preferred depth, else at depth 1 (see memory_plan.h).
+        // Streaming: the most resident blocks that fit at the preferred depth, else at depth 1 (see memory_plan.h),
+        // the largest kept or the streamed ones spread out, whichever the step model says runs faster.
         for (int depth = std::clamp(r.max_prefetch_depth, 1, 2); depth >= 1; --depth) {
-          int most = -1;
-          for (int k = blocks - 1; k >= 0 && most < 0; --k) {
-            const MemoryPlan p =
-                evaluate(r, {Placement::Streamed, streaming_plan(r.transformer, k, depth)}, t5, clip, vae);
-            if (p.peak_bytes <= r.budget_bytes) most = k;
-            if (k == 0) consider(p);  // the most frugal candidates, for the error message
+          std::optional<MemoryPlan> chosen;
+          double chosen_step = 0;
+          for (BlockChoice choice : {BlockChoice::Largest, BlockChoice::Spread}) {
+            for (int k = blocks - 1; k >= 0; --k) {
+              const MemoryPlan p =
+                  evaluate(r, {Placement::Streamed, streaming_plan(r.transformer, k, depth, choice)}, t5, clip, vae);
+              if (k == 0) consider(p);  // the most frugal candidates, for the error message
+              if (p.peak_bytes > r.budget_bytes) continue;
+              const double step = simulated_step(r.transformer.block_bytes, p.streaming.block_resident, depth,
+                                                 mean_block_upload_units(r.transformer.format));
+              if (!chosen || step < chosen_step) chosen = p, chosen_step = step;
+              break;
+            }
           }
-          if (most >= 0) {
-            consider(evaluate(r, {Placement::Streamed, streaming_plan(r.transformer, most, depth)}, t5, clip, vae));
+          if (chosen) {
+            consider(*chosen);
             break;
           }
         }
@@ -270,16 +341,6 @@ uint64_t weight_storage_bytes(WeightFormat format, int64_t numel, int64_t rows) 
 namespace {
 constexpr uint64_t kBf16 = 2;
 }  // namespace
-
-bool flux_block_index(const std::string& name, const FluxConfig& c, size_t* index) {
-  for (const auto& [prefix, base] : {std::pair<std::string, int64_t>{"double_blocks.", 0},
-                                     std::pair<std::string, int64_t>{"single_blocks.", c.num_layers}}) {
-    if (name.rfind(prefix, 0) != 0) continue;
-    *index = size_t(base + std::stoll(name.substr(prefix.size())));
-    return true;
-  }
-  return false;
-}
 
 TransformerSpec flux_transformer_spec(const FluxConfig& c, WeightFormat format, const FluxWorkload& w) {
   TransformerSpec t;

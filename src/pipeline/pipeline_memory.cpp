@@ -17,35 +17,15 @@ uint64_t scaled_to(uint64_t bf16_bytes, const Backend& backend) {
 
 TransformerSpec measured_transformer_spec(FluxTransformer& t, const FluxWorkload& work) {
   const FluxConfig& c = t.config();
-  FluxWeights& w = t.weights();
   TransformerSpec s;
   s.format = t.fp8() ? WeightFormat::FP8 : WeightFormat::BF16;
-  // Every tensor the transformer holds, grouped by block: the map by name (what was loaded) and each linear's
-  // working tensors (FP8 copies, LoRA slots), which the map does not list.
-  const size_t blocks = size_t(c.num_layers + c.num_single_layers);
-  std::vector<std::vector<const Tensor*>> groups(blocks + 1);  // the last one is the shared part
-  auto group_of = [&](const std::string& name) -> std::vector<const Tensor*>& {
-    size_t block = 0;
-    return flux_block_index(name, c, &block) ? groups[block] : groups[blocks];
-  };
-  for (const auto& [name, tensor] : w.by_name) group_of(name).push_back(&tensor);
+  // Every tensor the transformer holds: per block (a streamed one: what it uploads) and the rest, runtime LoRA
+  // slots included (they never leave the device).
+  s.block_bytes = t.block_weight_bytes();
+  s.shared_bytes = t.shared_weight_bytes();
   bool has_slots = false;
-  for (const WeightSpec& spec : flux_weight_specs(c, FluxNaming::BFL)) {
-    const std::string suffix = ".weight";
-    if (spec.shape.size() != 2 || spec.name.size() <= suffix.size() ||
-        spec.name.compare(spec.name.size() - suffix.size(), suffix.size(), suffix) != 0)
-      continue;
-    const std::string module = spec.name.substr(0, spec.name.size() - suffix.size());
-    Linear& l = w.linear(module);
-    has_slots = has_slots || l.lora_down.defined();
-    for (const Tensor* x : {&l.weight, &l.bias, &l.lora_down, &l.lora_up, &l.lora_weight, &l.weight_fp8,
-                            &l.weight_scale})
-      group_of(module).push_back(x);
-  }
-  s.block_bytes.resize(blocks);
-  for (size_t b = 0; b < blocks; ++b) s.block_bytes[b] = tensor_storage_bytes(groups[b]);
-  s.shared_bytes = tensor_storage_bytes(groups[blocks]);
-
+  for (size_t b = 0; b < s.block_bytes.size(); ++b)
+    for (Linear* l : t.weights().block_linears(b)) has_slots = has_slots || l->lora_down.defined();
   const TransformerSpec computed = flux_transformer_spec(c, s.format, work);
   if (work.lora_rank > 0 && !has_slots) {
     FluxWorkload without = work;
@@ -76,7 +56,10 @@ MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransfor
   r.vae = {"vae", WeightFormat::BF16, vae.weight_bytes(),
            scaled_to(vae_decoder_spec(vae.config(), work).activation_bytes, be)};
 
-  uint64_t resident = r.transformer.weight_bytes();
+  // What the device holds of the transformer now: a streamed one its shared part, resident blocks and buffers.
+  uint64_t resident = r.transformer.shared_bytes + transformer.streaming().buffer_bytes();
+  for (size_t b = 0; b < r.transformer.block_bytes.size(); ++b)
+    if (!transformer.streaming().streamed(b)) resident += r.transformer.block_bytes[b];
   if (t5.resident()) resident += r.t5.weight_bytes;
   if (clip.resident()) resident += r.clip.weight_bytes;
   if (vae.resident()) resident += r.vae.weight_bytes;
@@ -95,13 +78,6 @@ std::string vram_argument(uint64_t bytes) {
   return s;
 }
 
-void require_supported_transformer_placement(const MemoryPlan& plan, const MemoryPlanRequest& request) {
-  if (plan.component("transformer").placement != Placement::Streamed) return;
-  const uint64_t smallest = smallest_budget_with_resident_transformer(request);
-  throw Error("memory budget " + format_gb(request.budget_bytes) + ": the plan (" + plan.to_string() +
-              ") needs the transformer streamed block by block from pinned host memory, which is not implemented "
-              "yet; the smallest budget that keeps it resident is --vram " +
-              vram_argument(smallest));
-}
+
 
 }  // namespace fluxswap

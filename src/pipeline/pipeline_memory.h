@@ -26,10 +26,6 @@ struct MemoryBudget {
 MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransformer& transformer, T5Encoder& t5,
                                         ClipTextModel& clip, VaeDecoder& vae, uint64_t memory_in_use);
 
-// Throws Error when the plan streams the transformer block by block (not implemented yet): resident and uploaded
-// per image are. The message names the budget, the plan, and the smallest budget that keeps it resident.
-void require_supported_transformer_placement(const MemoryPlan& plan, const MemoryPlanRequest& request);
-
 // The budget as a --vram value that is at least `bytes`: "23.6G" (rounded up to 0.1 GB).
 std::string vram_argument(uint64_t bytes);
 

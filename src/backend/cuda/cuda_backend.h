@@ -107,6 +107,8 @@ inline void check_lora_factors(const Tensor& down, const Tensor& up, const cuda:
 }
 
 struct PinnedStaging;
+struct CopyQueue;
+struct Fp8GemvLists;
 
 // The stream is shared with recordings, which may outlive the backend.
 struct StreamHolder {
@@ -282,6 +284,11 @@ class CudaBackend final : public Backend {
   uint64_t memory_limit() const override { return memory_.limit(); }
   size_t device_memory_used() const override { return memory_.device_used(); }
   void reset_peak_memory() override { memory_.reset_peak(); }
+  // Defined in cuda_image_ops.cpp.
+  void release_scratch() override;
+  // Defined in cuda_weight_streaming.cpp.
+  void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer) override;
+  void wait_stream_upload(int buffer) override;
   // Defined in cuda_nf4_ops.cpp.
   void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out) override;
 
@@ -381,6 +388,11 @@ class CudaBackend final : public Backend {
 
   // Defined in cuda_batch_upload.cpp.
   void copy_from_host_batch(const std::vector<std::pair<Tensor, Tensor>>& host_to_device) override;
+  // Defined in cuda_registered_upload.cpp.
+  RegisteredUploadReport copy_from_host_registered(const void* region, size_t bytes,
+                                                   const std::vector<std::pair<Tensor, Tensor>>& host_to_device,
+                                                   const RegisteredUploadOptions& options) override;
+  std::vector<int64_t> find_non_finite(const std::vector<Tensor>& tensors) override;
   HostBufferAllocator host_buffer_allocator() override {
     return [pool = pinned_](size_t bytes) { return pool->allocate(bytes); };
   }
@@ -400,6 +412,16 @@ class CudaBackend final : public Backend {
   void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override;
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override;
+  void layer_norm_modulate_fp8(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& q,
+                               const Tensor& q_scale) override;
+  void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
+                            const Tensor& bias, const Tensor& y, Activation act) override;
+  void linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) override;
+  void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y, const Tensor& shift,
+                                          const Tensor& scale, const Tensor& normed) override;
+  void gated_residual_layer_norm_modulate_fp8(const Tensor& x, const Tensor& gate, const Tensor& y,
+                                              const Tensor& shift, const Tensor& scale, const Tensor& q,
+                                              const Tensor& q_scale) override;
   void set_fp8_fast_accumulation(bool on) override;
 
   // Defined in cuda_text_ops.cpp.
@@ -500,9 +522,11 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasLtFp8Linear> fp8_;
   bool fp8_fast_accum_ = false;
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
+  std::shared_ptr<Fp8GemvLists> fp8_gemv_lists_;  // linear_fp8_batch's item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;
+  std::shared_ptr<CopyQueue> copy_queue_;  // weight streaming's stream and events, made on first use
   std::unique_ptr<cuda::CublasLtLinear> gemm_;
   AttentionMode attention_mode_;
   std::unique_ptr<cuda::CudnnAttention> cudnn_;

@@ -94,7 +94,17 @@ bool cudnn_conv_ready(ImageState& st, ConvShape& shape, bool aligned, bool captu
     return false;
   }
   if (st.refused.count(shape)) return false;
-  if (st.cudnn && st.cudnn->has_plan(shape)) return true;
+  if (st.cudnn && st.cudnn->has_plan(shape)) {
+    if (capturing) return true;  // (recordings keep their scratch)
+    try {
+      st.cudnn->ensure_scratch(shape, memory);  // released between decodes under a budget
+      return true;
+    } catch (const Error& e) {
+      if (st.mode != ConvMode::Auto) throw;
+      std::fprintf(stderr, "fluxswap: %s; using the built-in convolution\n", e.what());
+      return false;
+    }
+  }
   if (capturing) bad(op, "a new convolution shape was first issued while recording; run the work once before record()");
   try {
     if (!st.cudnn) st.cudnn = std::make_unique<CudnnConv>(stream);
@@ -137,6 +147,11 @@ void CudaBackend::conv2d(const Tensor& x, const Tensor& w, const Tensor& bias, i
     else
       launch_direct_conv(args, stream());
   });
+}
+
+void CudaBackend::release_scratch() {
+  ImageState& st = image_state(stream_);
+  if (st.cudnn) st.cudnn->release_scratch();
 }
 
 void CudaBackend::group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int groups, float eps,

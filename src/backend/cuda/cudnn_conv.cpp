@@ -172,6 +172,18 @@ void CudnnConv::grow_scratch(size_t bytes, DeviceMemory& memory) {
   scratch_recorded_ = false;
 }
 
+void CudnnConv::ensure_scratch(const ConvShape& s, DeviceMemory& memory) {
+  const size_t need = plans_.at(s)->parts.total;
+  if (need > scratch_bytes_) grow_scratch(need, memory);
+}
+
+void CudnnConv::release_scratch() {
+  if (scratch_recorded_ || !scratch_) return;
+  check(cudaStreamSynchronize(stream_), "conv2d", "cudaStreamSynchronize");
+  scratch_.reset();
+  scratch_bytes_ = 0;
+}
+
 void CudnnConv::run(const ConvShape& s, const void* x, const void* w, const void* bias, void* y, bool capturing) {
   const Plan& plan = *plans_.at(s);
   const char* op = "conv2d";
@@ -208,6 +220,8 @@ CudnnConv::CudnnConv(cudaStream_t stream) : stream_(stream) {
 CudnnConv::~CudnnConv() = default;
 void CudnnConv::build(const ConvShape&, DeviceMemory&) {}
 void CudnnConv::grow_scratch(size_t, DeviceMemory&) {}
+void CudnnConv::ensure_scratch(const ConvShape&, DeviceMemory&) {}
+void CudnnConv::release_scratch() {}
 void CudnnConv::run(const ConvShape&, const void*, const void*, const void*, void*, bool) {}
 
 #endif

@@ -43,6 +43,10 @@ class CudnnConv {
   // Enqueues the convolution of a shape whose plan exists; every pointer 16-byte aligned, bias null when the shape
   // has none. `capturing`: the stream is being recorded.
   void run(const ConvShape& shape, const void* x, const void* w, const void* bias, void* y, bool capturing);
+  // The scratch for a shape whose plan exists, grown again after release_scratch (throws Error past a budget).
+  void ensure_scratch(const ConvShape& shape, DeviceMemory& memory);
+  // Frees the scratch arena between uses (a budget needs the room between decodes) unless a recording may use it.
+  void release_scratch();
 
  private:
   struct Plan;

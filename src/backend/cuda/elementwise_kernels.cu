@@ -3,6 +3,7 @@
 // operand's rows are 16-byte aligned, else 1.
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device_utils.cuh"
+#include "backend/cuda/gated_residual_device.cuh"
 #include "core/counter_rng.h"
 
 namespace fluxswap::cuda {
@@ -35,7 +36,7 @@ struct GatedResidualOp {
     load_bf16<VEC>(gate.p + b * gate.sb + c, g);
     load_bf16<VEC>(row_ptr(y, b, n) + c, d);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) a[i] += g[i] * d[i];
+    for (int i = 0; i < VEC; ++i) a[i] = gated_residual_value(a[i], g[i], d[i]);
     store_bf16<VEC>(row_ptr(x, b, n) + c, a);
   }
 };

@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "backend/cuda/device_utils.cuh"
+#include "backend/cuda/fp8_quant_device.cuh"
 #include "backend/cuda/fp8_quant_kernels.h"
 #include "quant/fp8.h"
 
@@ -11,50 +12,49 @@ namespace fluxswap::cuda {
 
 namespace {
 
-using quant::kE4m3AmaxFloor;
-using quant::kE4m3Max;
+// Rows that fit in shared memory (40 KiB, under the 48 KiB a block gets without opting in: up to 20480 values,
+// every FLUX width) go there with cp.async: each thread issues all of its 16-byte copies before waiting for any,
+// holds no registers for them, and reads its own chunks back for the max and again for the conversion, so a row
+// crosses HBM once. At most 256
+// threads a block keep several rows per SM in flight (FLUX's 15360-wide rows: 30 KiB, 7 per SM; 3072: 21), and one
+// row's reduction and stores overlap the others' loads. The predecessor (registers, up to 1024 threads a row: one
+// row per SM at 15360) spent its barriers with nothing else in flight and reached ~60% of HBM bandwidth.
+constexpr int64_t kSmemRowBytes = 40 * 1024;
+constexpr int kSmemMaxThreads = 256;
+constexpr int kSmemChunksPerThread = 4;  // below 256 threads: few enough that rows of 3072 get 96 threads
 
-// 16-byte chunks (8 bf16) a thread keeps in registers between the amax pass and the conversion pass, at up to
-// 1024 threads a row: rows of up to 16384 values are read from memory once, longer ones re-read the rest (from L2).
-// Two chunks and wide blocks measured fastest on an H100 (2.5-2.6 TB/s at FLUX widths; eight chunks at 256
-// threads reached 1.3): more warps in flight per row beat more loads in flight per thread.
+// Rows wider than that: registers for the first 16384 values at up to 1024 threads a row, the rest re-read (from L2).
 constexpr int kQuantCache = 2;
 constexpr int kQuantMaxThreads = 1024;
 
-// fmaxf skips NaN, like std::fmax in the CPU reference.
-__device__ inline float amax8(const uint4& raw) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  float m = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
-  }
-  return m;
+__device__ inline void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 }
 
-// __fmul_rn: a plain correctly rounded product (never contracted), as the CPU's x * inv. The conversion is
-// cvt.rn.satfinite on sm_89+, and the header's bit-identical software path below it.
-__device__ inline uint2 quantize8(const uint4& raw, float inv) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  uint32_t word[2];
-#pragma unroll
-  for (int w = 0; w < 2; ++w) {
-    uint32_t packed = 0;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float2 f = __bfloat1622float2(h[2 * w + i]);
-      const __nv_fp8x2_storage_t pair = __nv_cvt_float2_to_fp8x2(
-          make_float2(__fmul_rn(f.x, inv), __fmul_rn(f.y, inv)), __NV_SATFINITE, __NV_E4M3);
-      packed |= uint32_t(pair) << (16 * i);  // the low byte of a pair is its first element
-    }
-    word[w] = packed;
-  }
-  return make_uint2(word[0], word[1]);
+// Completes this thread's cp.async copies and makes them visible to it (only to it: each thread reads back just
+// the chunks it copied, so no barrier is needed).
+__device__ inline void cp_async_wait_own() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 }
 
-// quant/fp8.h's e4m3_row_scale and e4m3_inverse_scale, correctly rounded whatever -prec-div says.
-__device__ inline float row_scale(float amax) { return __fdiv_rn(fmaxf(amax, kE4m3AmaxFloor), kE4m3Max); }
+__global__ void __launch_bounds__(kSmemMaxThreads)
+    quantize_rows_smem_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int chunks, uint8_t* __restrict__ q,
+                              int64_t ldq, float* __restrict__ scales) {
+  extern __shared__ uint4 row[];  // `chunks` 16-byte chunks of 8 values
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const __nv_bfloat16* xr = x + r * ldx;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x) cp_async16(row + i, xr + int64_t(i) * 8);
+  cp_async_wait_own();
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x) amax = fmaxf(amax, amax8(row[i]));
+  const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
+  if (threadIdx.x == 0) scales[r] = scale;
+  uint8_t* qr = q + r * ldq;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x)
+    *reinterpret_cast<uint2*>(qr + int64_t(i) * 8) = quantize8(row[i], inv);
+}
 
 __global__ void __launch_bounds__(kQuantMaxThreads, 1) quantize_rows_vec8_kernel(const __nv_bfloat16* __restrict__ x, int64_t ldx, int64_t cols,
                                           uint8_t* __restrict__ q, int64_t ldq, float* __restrict__ scales) {
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kQuantMaxThreads, 1) quantize_rows_vec8_kernel
   }
   for (int64_t c = first + kQuantCache * step; c < cols; c += step)
     amax = fmaxf(amax, amax8(*reinterpret_cast<const uint4*>(xr + c)));
-  const float scale = row_scale(block_max(amax, scratch)), inv = __frcp_rn(scale);
+  const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
   if (threadIdx.x == 0) scales[r] = scale;
 #pragma unroll
   for (int i = 0; i < kQuantCache; ++i) {
@@ -94,10 +94,9 @@ __global__ void __launch_bounds__(kQuantMaxThreads) quantize_rows_scalar_kernel(
   uint8_t* qr = q + r * ldq;
   float amax = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) amax = fmaxf(amax, fabsf(__bfloat162float(xr[c])));
-  const float scale = row_scale(block_max(amax, scratch)), inv = __frcp_rn(scale);
+  const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
   if (threadIdx.x == 0) scales[r] = scale;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    qr[c] = __nv_cvt_float_to_fp8(__fmul_rn(__bfloat162float(xr[c]), inv), __NV_SATFINITE, __NV_E4M3);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) qr[c] = quantize1(__bfloat162float(xr[c]), inv);
 }
 
 // e4m3 -> half is exact (half has more exponent and mantissa bits), and so is half -> float.
@@ -183,7 +182,22 @@ void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows
     return;
   }
   const bool vec = cols % 8 == 0 && ldx % 8 == 0 && aligned(x, 16) && ldq % 8 == 0 && aligned(q, 8);
-  if (vec) {
+  if (vec && cols * 2 <= kSmemRowBytes) {
+    // All the shared memory the rows ask for, so their count per SM is what limits it (a preference, set once).
+    static const bool carveout = [] {
+      if (cudaFuncSetAttribute(quantize_rows_smem_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared)) != cudaSuccess)
+        cudaGetLastError();  // only a preference: the launch below works without it
+      return true;
+    }();
+    (void)carveout;
+    const int chunks = int(cols / 8);
+    const int threads =
+        std::clamp(round_up_32((chunks + kSmemChunksPerThread - 1) / kSmemChunksPerThread), 32, kSmemMaxThreads);
+    quantize_rows_smem_kernel<<<unsigned(rows), threads, size_t(cols) * 2, stream>>>(x, ldx, chunks, q, ldq,
+                                                                                      scales);
+    check_launch(op, "quantize_rows_smem_kernel");
+  } else if (vec) {
     const int threads = std::clamp(round_up_32((cols / 8 + kQuantCache - 1) / kQuantCache), 32, kQuantMaxThreads);
     quantize_rows_vec8_kernel<<<unsigned(rows), threads, 0, stream>>>(x, ldx, cols, q, ldq, scales);
     check_launch(op, "quantize_rows_vec8_kernel");

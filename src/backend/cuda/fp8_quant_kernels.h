@@ -16,8 +16,8 @@ namespace fluxswap::cuda {
 
 // x rows [rows, cols] at row stride ldx -> q rows [rows, cols] at row stride ldq (bytes), scales[rows] (float32).
 // One block per row; 16-byte loads when x and its stride allow (cols a multiple of 8, x 16-byte aligned, ldx a
-// multiple of 8, q 8-byte aligned, ldq a multiple of 8), else element by element. The same launcher quantises
-// weights: [out, in] rows give one scale per output feature.
+// multiple of 8, q 8-byte aligned, ldq a multiple of 8), rows of up to 20480 values staged in shared memory, else
+// element by element. The same launcher quantises weights: [out, in] rows give one scale per output feature.
 void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t cols, uint8_t* q,
                                int64_t ldq, float* scales, cudaStream_t stream, const char* op = "quantize_fp8");
 

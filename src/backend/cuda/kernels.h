@@ -27,6 +27,30 @@ void launch_timestep_embedding(const float* t, float t_scale, const RowsView& ou
 void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
                                 cudaStream_t stream);
 
+// e4m3 rows [B, N, C] (bytes; strides in bytes) and one float32 scale per row, row (b, n) at scales[b * N + n].
+struct Fp8RowsOut {
+  uint8_t* q;
+  int64_t sb, sn;
+  float* scales;
+};
+// launch_layer_norm_modulate with y rounded to bf16 and quantised per row as launch_quantize_rows_e4m3 does
+// (fp8_quant_kernels.h), bit for bit: the same kernel choice and arithmetic as launch_layer_norm_modulate into
+// 16-byte-aligned rows. q: row and batch strides multiples of 8, 8-byte aligned.
+void launch_layer_norm_modulate_fp8(const RowsView& x, const VecsView& shift, const VecsView& scale,
+                                    const Fp8RowsOut& q, cudaStream_t stream);
+
+// launch_gated_residual(x, gate, branch) then launch_layer_norm_modulate(x, shift, scale, y) (or its _fp8 form into
+// q), bit for bit, in one kernel: a row of x is read, updated, written back and normalised by one block, from
+// registers at FLUX's widths. The LayerNorm part takes the kernel the unfused launcher would (same alignment rules);
+// where gate or branch cannot follow its 16-byte path (misaligned while x, shift, scale and y are aligned), the two
+// unfused kernels run instead. y and q must not overlap x or branch.
+void launch_gated_residual_layer_norm_modulate(const RowsView& x, const VecsView& gate, const RowsView& branch,
+                                               const VecsView& shift, const VecsView& scale, const RowsView& y,
+                                               cudaStream_t stream);
+void launch_gated_residual_layer_norm_modulate_fp8(const RowsView& x, const VecsView& gate, const RowsView& branch,
+                                                   const VecsView& shift, const VecsView& scale, const Fp8RowsOut& q,
+                                                   cudaStream_t stream);
+
 struct QkvHeads {
   __nv_bfloat16 *q, *k, *v;  // contiguous [B, H, S, D]
   int64_t H, S, D;

@@ -1,9 +1,13 @@
-// layer_norm_modulate (one block per row, float32 two-pass statistics; FLUX's widths from registers) and qk_norm_rope (one warp per token and
-// head: RMSNorm of q and k in float32, RoPE on pairs (2j, 2j+1), v copied, all written head-major).
+// layer_norm_modulate (one block per row, float32 two-pass statistics; FLUX's widths from registers), in bf16 or
+// quantised per row to e4m3 for an FP8 linear, optionally after the gated residual that updates its input, and
+// qk_norm_rope (one warp per token and head: RMSNorm of q and k in float32, RoPE on pairs (2j, 2j+1), v copied, all
+// written head-major).
 #include <cuda_fp8.h>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device_utils.cuh"
+#include "backend/cuda/fp8_quant_device.cuh"
+#include "backend/cuda/gated_residual_device.cuh"
 
 namespace fluxswap::cuda {
 
@@ -11,43 +15,158 @@ namespace {
 
 constexpr int kNormThreads = 128;
 
-// Statistics by row_mean_rstd, then the output: three passes over the row, the last two from L1.
+// One element of y, its products spelled out: the bf16 and the FP8 instantiations below must agree bit for bit, so
+// no contraction may be left to the compiler's choice (the sum and the difference cannot be contracted).
+__device__ __forceinline__ float modulate(float v, float mean, float inv, float scale, float shift) {
+  return __fmaf_rn(__fmul_rn(v - mean, inv), 1.0f + scale, shift);
+}
+
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return raw;
+}
+
+// y of the VEC elements at c: loads x, shift and scale there.
 template <int VEC>
+__device__ __forceinline__ void modulated(const __nv_bfloat16* xr, const __nv_bfloat16* sh, const __nv_bfloat16* sc,
+                                          int64_t c, float mean, float inv, float (&v)[VEC]) {
+  float h[VEC], s[VEC];
+  load_bf16<VEC>(xr + c, v);
+  load_bf16<VEC>(sh + c, h);
+  load_bf16<VEC>(sc + c, s);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) v[i] = modulate(v[i], mean, inv, s[i], h[i]);
+}
+
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&v)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
+// The gated residual in front of the norm (x += gate[b] * branch), used by the kResidual instantiations only.
+struct Residual {
+  VecsView gate;
+  RowsView branch;
+};
+
+// The residual update of one row by its block, chunk by chunk, written back before the statistics read the row
+// again (the caller's barrier makes every thread's part visible to the others).
+template <int VEC>
+__device__ __forceinline__ void gated_residual_row(__nv_bfloat16* xr, const Residual& res, int64_t b, int64_t n,
+                                                   int64_t C) {
+  const __nv_bfloat16 *gr = res.gate.p + b * res.gate.sb, *br = row_ptr(res.branch, b, n);
+  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
+    float a[VEC], g[VEC], d[VEC];
+    load_bf16<VEC>(xr + c, a);
+    load_bf16<VEC>(gr + c, g);
+    load_bf16<VEC>(br + c, d);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) a[i] = gated_residual_value(a[i], g[i], d[i]);
+    store_bf16<VEC>(xr + c, a);
+  }
+}
+
+// The same for a row held in registers: v receives the updated values as bf16 holds them, which is what the unfused
+// LayerNorm reads back. Every load is issued before the first store: as far as the compiler knows a store to x could
+// alias a later load, which would otherwise serialise the chunks.
+template <int CHUNKS>
+__device__ __forceinline__ void gated_residual_regs(__nv_bfloat16* xr, const Residual& res, int64_t b, int64_t n,
+                                                    float (&v)[CHUNKS][8]) {
+  const __nv_bfloat16 *gr = res.gate.p + b * res.gate.sb, *br = row_ptr(res.branch, b, n);
+  uint4 xv[CHUNKS], gv[CHUNKS], bv[CHUNKS];
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    const int64_t c = (i * kNormThreads + threadIdx.x) * 8;
+    xv[i] = *reinterpret_cast<const uint4*>(xr + c);
+    gv[i] = *reinterpret_cast<const uint4*>(gr + c);
+    bv[i] = *reinterpret_cast<const uint4*>(br + c);
+  }
+#pragma unroll
+  for (int i = 0; i < CHUNKS; ++i) {
+    float g[8], d[8];
+    unpack_bf16x8(xv[i], v[i]);
+    unpack_bf16x8(gv[i], g);
+    unpack_bf16x8(bv[i], d);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[i][e] = gated_residual_value(v[i][e], g[e], d[e]);
+    const uint4 rounded = pack_bf16x8(v[i]);
+    *reinterpret_cast<uint4*>(xr + (i * kNormThreads + threadIdx.x) * 8) = rounded;
+    unpack_bf16x8(rounded, v[i]);
+  }
+}
+
+// Statistics by row_mean_rstd, then the output: three passes over the row, the last two from L1. The FP8 form
+// needs the row's max |y| before its first code, so it computes y twice (the same arithmetic both times) instead
+// of keeping a row of unknown width. With kResidual the row is updated first, and the passes read it back.
+template <int VEC, bool kFp8, bool kResidual>
 __global__ void __launch_bounds__(kNormThreads)
-    layer_norm_modulate_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y) {
+    layer_norm_modulate_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y, Fp8RowsOut q, Residual res) {
   __shared__ float scratch[32];
   const int64_t b = blockIdx.x / x.N, n = blockIdx.x - b * x.N, C = x.C;
+  if constexpr (kResidual) {
+    gated_residual_row<VEC>(row_ptr(x, b, n), res, b, n, C);
+    __syncthreads();
+  }
   const __nv_bfloat16* xr = row_ptr(x, b, n);
   const float2 stats = row_mean_rstd<VEC>(xr, C, 1e-6f, scratch);
   const float mean = stats.x, inv = stats.y;
   float v[VEC];
   const __nv_bfloat16 *sh = shift.p + b * shift.sb, *sc = scale.p + b * scale.sb;
-  __nv_bfloat16* yr = row_ptr(y, b, n);
-  for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
-    float h[VEC], s[VEC];
-    load_bf16<VEC>(xr + c, v);
-    load_bf16<VEC>(sh + c, h);
-    load_bf16<VEC>(sc + c, s);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = (v[i] - mean) * inv * (1.0f + s[i]) + h[i];
-    store_bf16<VEC>(yr + c, v);
+  if constexpr (!kFp8) {
+    __nv_bfloat16* yr = row_ptr(y, b, n);
+    for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
+      modulated<VEC>(xr, sh, sc, c, mean, inv, v);
+      store_bf16<VEC>(yr + c, v);
+    }
+  } else {
+    float amax = 0.0f;
+    for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
+      modulated<VEC>(xr, sh, sc, c, mean, inv, v);
+      if constexpr (VEC == 8)
+        amax = fmaxf(amax, amax8(pack_bf16x8(v)));
+      else
+        amax = fmaxf(amax, fabsf(bf16_round(v[0])));
+    }
+    const float s = e4m3_row_scale_dev(block_max(amax, scratch)), rinv = __frcp_rn(s);
+    if (threadIdx.x == 0) q.scales[b * x.N + n] = s;
+    uint8_t* qr = q.q + b * q.sb + n * q.sn;
+    for (int64_t c = threadIdx.x * VEC; c < C; c += kNormThreads * VEC) {
+      modulated<VEC>(xr, sh, sc, c, mean, inv, v);
+      if constexpr (VEC == 8)
+        *reinterpret_cast<uint2*>(qr + c) = quantize8(pack_bf16x8(v), rinv);
+      else
+        qr[c] = quantize1(bf16_round(v[0]), rinv);
+    }
   }
 }
 
 // Rows of exactly CHUNKS * 1024 elements (FLUX: 3072): the row is read once into registers, so the statistics
-// and the output cost no second pass through the caches.
-template <int CHUNKS>
+// and the output cost no second pass through the caches; the FP8 form quantises from the same registers. With
+// kResidual the row is updated in registers and written back once: x crosses HBM once each way.
+template <int CHUNKS, bool kFp8, bool kResidual>
 __global__ void __launch_bounds__(kNormThreads)
-    layer_norm_modulate_regs_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y) {
+    layer_norm_modulate_regs_kernel(RowsView x, VecsView shift, VecsView scale, RowsView y, Fp8RowsOut q,
+                                    Residual res) {
   __shared__ float scratch[32];
   const int64_t b = blockIdx.x / x.N, n = blockIdx.x - b * x.N;
   constexpr int C = CHUNKS * kNormThreads * 8;
-  const __nv_bfloat16* xr = row_ptr(x, b, n);
+  __nv_bfloat16* xr = row_ptr(x, b, n);
   float v[CHUNKS][8];
+  if constexpr (kResidual) gated_residual_regs<CHUNKS>(xr, res, b, n, v);
   float sum = 0.0f;
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
-    load_bf16<8>(xr + (i * kNormThreads + threadIdx.x) * 8, v[i]);
+    if constexpr (!kResidual) load_bf16<8>(xr + (i * kNormThreads + threadIdx.x) * 8, v[i]);
 #pragma unroll
     for (int e = 0; e < 8; ++e) sum += v[i][e];
   }
@@ -59,7 +178,8 @@ __global__ void __launch_bounds__(kNormThreads)
     for (int e = 0; e < 8; ++e) sq += (v[i][e] - mean) * (v[i][e] - mean);
   const float inv = rsqrtf(block_sum(sq, scratch) / float(C) + 1e-6f);
   const __nv_bfloat16 *sh = shift.p + b * shift.sb, *sc = scale.p + b * scale.sb;
-  __nv_bfloat16* yr = row_ptr(y, b, n);
+  uint4 out[CHUNKS];
+  float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < CHUNKS; ++i) {
     const int64_t c = (i * kNormThreads + threadIdx.x) * 8;
@@ -67,8 +187,20 @@ __global__ void __launch_bounds__(kNormThreads)
     load_bf16<8>(sh + c, h);
     load_bf16<8>(sc + c, k);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) v[i][e] = (v[i][e] - mean) * inv * (1.0f + k[e]) + h[e];
-    store_bf16<8>(yr + c, v[i]);
+    for (int e = 0; e < 8; ++e) v[i][e] = modulate(v[i][e], mean, inv, k[e], h[e]);
+    out[i] = pack_bf16x8(v[i]);
+    if constexpr (kFp8)
+      amax = fmaxf(amax, amax8(out[i]));
+    else
+      *reinterpret_cast<uint4*>(row_ptr(y, b, n) + c) = out[i];
+  }
+  if constexpr (kFp8) {
+    const float s = e4m3_row_scale_dev(block_max(amax, scratch)), rinv = __frcp_rn(s);
+    if (threadIdx.x == 0) q.scales[b * x.N + n] = s;
+    uint8_t* qr = q.q + b * q.sb + n * q.sn;
+#pragma unroll
+    for (int i = 0; i < CHUNKS; ++i)
+      *reinterpret_cast<uint2*>(qr + (i * kNormThreads + threadIdx.x) * 8) = quantize8(out[i], rinv);
   }
 }
 
@@ -216,21 +348,81 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(Rope
 
 }  // namespace
 
-void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
-                                cudaStream_t stream) {
+namespace {
+
+// The kernel choice of every form; `vec8` includes the bf16 output's alignment for the bf16 form only, so the FP8
+// form matches the bf16 form into aligned rows. The residual forms take the kernel the plain ones would, so their
+// statistics are summed in the same order.
+template <bool kFp8, bool kResidual>
+void launch_norm(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
+                 const Fp8RowsOut& q, const Residual& res, bool vec8, cudaStream_t stream, const char* op) {
   const int64_t rows = x.B * x.N;
   if (rows == 0) return;
-  if (rows > int64_t(INT32_MAX)) fail("layer_norm_modulate", "launch", "too many rows");
-  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale) && vec8_ok(y);
-  if (vec8 && x.C == 3 * kNormThreads * 8)
-    layer_norm_modulate_regs_kernel<3><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
-  else if (vec8 && x.C == 4 * kNormThreads * 8)
-    layer_norm_modulate_regs_kernel<4><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
+  if (rows > int64_t(INT32_MAX)) fail(op, "launch", "too many rows");
+  const unsigned grid = unsigned(rows);
+  constexpr int T = kNormThreads;
+  if (vec8 && x.C == 3 * T * 8)
+    layer_norm_modulate_regs_kernel<3, kFp8, kResidual><<<grid, T, 0, stream>>>(x, shift, scale, y, q, res);
+  else if (vec8 && x.C == 4 * T * 8)
+    layer_norm_modulate_regs_kernel<4, kFp8, kResidual><<<grid, T, 0, stream>>>(x, shift, scale, y, q, res);
   else if (vec8)
-    layer_norm_modulate_kernel<8><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
+    layer_norm_modulate_kernel<8, kFp8, kResidual><<<grid, T, 0, stream>>>(x, shift, scale, y, q, res);
   else
-    layer_norm_modulate_kernel<1><<<unsigned(rows), kNormThreads, 0, stream>>>(x, shift, scale, y);
-  check_launch("layer_norm_modulate", "layer_norm_modulate_kernel");
+    layer_norm_modulate_kernel<1, kFp8, kResidual><<<grid, T, 0, stream>>>(x, shift, scale, y, q, res);
+  check_launch(op, "layer_norm_modulate_kernel");
+}
+
+void check_fp8_out(const Fp8RowsOut& q, const char* op) {
+  if (q.sn % 8 || q.sb % 8 || reinterpret_cast<uintptr_t>(q.q) % 8)
+    fail(op, "launch", "e4m3 rows must start on 8-byte boundaries (strides multiples of 8)");
+}
+
+// The fused forms' residual operands follow the LayerNorm's access width: a misaligned gate or branch beside rows
+// the norm reads 16 bytes at a time is left to the unfused pair (rare: the transformer's operands are aligned).
+bool residual_fits(const Residual& res, bool vec8) { return !vec8 || (vec8_ok(res.gate) && vec8_ok(res.branch)); }
+
+}  // namespace
+
+void launch_layer_norm_modulate(const RowsView& x, const VecsView& shift, const VecsView& scale, const RowsView& y,
+                                cudaStream_t stream) {
+  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale) && vec8_ok(y);
+  launch_norm<false, false>(x, shift, scale, y, Fp8RowsOut{}, Residual{}, vec8, stream, "layer_norm_modulate");
+}
+
+void launch_layer_norm_modulate_fp8(const RowsView& x, const VecsView& shift, const VecsView& scale,
+                                    const Fp8RowsOut& q, cudaStream_t stream) {
+  const char* op = "layer_norm_modulate_fp8";
+  check_fp8_out(q, op);
+  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale);
+  launch_norm<true, false>(x, shift, scale, RowsView{}, q, Residual{}, vec8, stream, op);
+}
+
+void launch_gated_residual_layer_norm_modulate(const RowsView& x, const VecsView& gate, const RowsView& branch,
+                                               const VecsView& shift, const VecsView& scale, const RowsView& y,
+                                               cudaStream_t stream) {
+  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale) && vec8_ok(y);
+  const Residual res{gate, branch};
+  if (!residual_fits(res, vec8)) {
+    launch_gated_residual(x, gate, branch, stream);
+    launch_layer_norm_modulate(x, shift, scale, y, stream);
+    return;
+  }
+  launch_norm<false, true>(x, shift, scale, y, Fp8RowsOut{}, res, vec8, stream, "gated_residual_layer_norm_modulate");
+}
+
+void launch_gated_residual_layer_norm_modulate_fp8(const RowsView& x, const VecsView& gate, const RowsView& branch,
+                                                   const VecsView& shift, const VecsView& scale, const Fp8RowsOut& q,
+                                                   cudaStream_t stream) {
+  const char* op = "gated_residual_layer_norm_modulate_fp8";
+  check_fp8_out(q, op);
+  const bool vec8 = vec8_ok(x) && vec8_ok(shift) && vec8_ok(scale);
+  const Residual res{gate, branch};
+  if (!residual_fits(res, vec8)) {
+    launch_gated_residual(x, gate, branch, stream);
+    launch_layer_norm_modulate_fp8(x, shift, scale, q, stream);
+    return;
+  }
+  launch_norm<true, true>(x, shift, scale, RowsView{}, q, res, vec8, stream, op);
 }
 
 void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const __nv_bfloat16* k_norm,
