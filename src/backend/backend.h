@@ -59,10 +59,6 @@ class Backend {
   virtual RegisteredUploadReport copy_from_host_registered(const void* region, size_t bytes,
                                                            const std::vector<std::pair<Tensor, Tensor>>& host_to_device,
                                                            const RegisteredUploadOptions& options = {});
-  // For each tensor on this backend's device (BF16, F16 or F32, contiguous): the index of its first NaN or infinity,
-  // -1 when it has none. One pass and one read back (synchronises), so uploaded data can be checked on the device
-  // before anything uses it. The default scans on the host.
-  virtual std::vector<int64_t> find_non_finite(const std::vector<Tensor>& tensors);
   // Device -> host float32 copy (synchronises).
   virtual Tensor to_host_f32(const Tensor& src) = 0;
   virtual void synchronize() = 0;

@@ -1,7 +1,9 @@
 #pragma once
 // Host -> device copies straight out of pageable memory pinned in place for the copy: a file mapped from the page
 // cache (or tmpfs), so that an upload from a file costs the DMA and the pinning instead of a CPU copy into pinned
-// memory first (13-16 GB/s on the lent H100 host whatever the reader does: under half of what the bus takes).
+// memory first (13-16 GB/s on the lent H100 host whatever the reader does: under half of what the bus takes). Only
+// `fluxswap bench --lora-read-sweep` uses it, to time it: as the LoRA swap path it was measured slower than a pread
+// into pinned memory (pinning runs at only ~10 GB/s there).
 // Backend::copy_from_host_registered takes these; the types live here so that backend.h stays small.
 #include <cstddef>
 #include <string>
@@ -10,14 +12,11 @@ namespace fluxswap {
 
 struct RegisteredUploadOptions {
   // Pinning walks the page table and pins every 4 KiB page, so the region is pinned chunk by chunk and each chunk
-  // goes by DMA while the next ones are being pinned. 0: FLUXSWAP_REGISTER_CHUNK_MB when set, else 64 MiB.
-  size_t chunk_bytes = 0;
-  // Threads pinning chunks at once. 0: FLUXSWAP_REGISTER_THREADS when set, else 4.
-  unsigned threads = 0;
+  // goes by DMA while the next ones are being pinned.
+  size_t chunk_bytes = size_t(64) << 20;
+  // Threads pinning chunks at once.
+  unsigned threads = 4;
 };
-
-// Zero fields filled from the environment or the defaults above.
-RegisteredUploadOptions resolve_registered_upload_options(const RegisteredUploadOptions& options);
 
 struct RegisteredUploadReport {
   bool registered = false;  // every byte inside the region went by DMA from memory pinned in place

@@ -171,12 +171,6 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   }
   // The read pipelined with the upload. The swap time is the time to the next step's start.
   std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches;
-  // FLUXSWAP_LORA_READ=register: the file mapped and pinned in place instead of read (its "read" is map + parse).
-  const bool mapped_read = lora_file_read_from_env() == LoraFileRead::Register;
-  nlohmann::json mapped_uploads = nlohmann::json::array();
-  std::printf("  swaps from the file read by %s\n",
-              mapped_read ? "FLUXSWAP_LORA_READ=register: mapped, pinned in place, DMA, NaN/Inf checked on the device"
-                          : "pread into pinned memory (FLUXSWAP_LORA_READ=pread), NaN/Inf checked on the host");
   Tensor out_b;
   std::shared_ptr<LoraAdapter> kept[2];
   for (int s = 1; s <= o.swaps; ++s) {
@@ -192,21 +186,6 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     read_ms.push_back(kept[s % 2]->arriving ? kept[s % 2]->arriving->read_seconds() * 1e3 : started_ms);
     wait_ms.push_back(rep.file_wait_seconds * 1e3);
     batches.push_back(double(rep.upload_batches));
-    if (rep.mapped_uploads) {
-      const RegisteredUploadReport& m = rep.mapped_upload;
-      std::printf("    swap %d: mapped upload %s (%zu of %zu chunks pinned%s%s); on the device %.1f ms after the map, "
-                  "pinning %.1f ms over the threads, DMA %.1f, waited %.1f, unpinning %.1f, device NaN/Inf check %.2f "
-                  "ms\n",
-                  s, m.registered ? "pinned in place" : "NOT pinned", m.registered_chunks, m.chunks,
-                  m.fallback.empty() ? "" : ": ", m.fallback.c_str(), m.on_device_seconds * 1e3,
-                  m.register_seconds * 1e3, m.dma_seconds * 1e3, m.wait_seconds * 1e3, m.unregister_seconds * 1e3,
-                  rep.device_check_seconds * 1e3);
-      mapped_uploads.push_back({{"registered", m.registered}, {"fallback", m.fallback}, {"chunks", m.chunks},
-                                {"on_device_ms", m.on_device_seconds * 1e3}, {"register_ms", m.register_seconds * 1e3},
-                                {"dma_ms", m.dma_seconds * 1e3}, {"wait_ms", m.wait_seconds * 1e3},
-                                {"unregister_ms", m.unregister_seconds * 1e3}, {"returned_ms", m.total_seconds * 1e3},
-                                {"device_check_ms", rep.device_check_seconds * 1e3}, {"support", m.support}});
-    }
     if (s == 1) out_b = be.to_host_f32(out);
   }
   if (!kept[0]) kept[0] = load(0);
@@ -256,9 +235,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
               median_of(swap_step_ms));
   std::printf("  swap from the file, whole file read first: median %.1f ms (read + parse %.1f ms)\n",
               median_of(seq_ms), median_of(seq_read_ms));
-  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time%s) median %.1f ms; kept "
+  std::printf("  swap between adapters kept parsed in host memory only (uploaded every time) median %.1f ms; kept "
               "on the device median %.1f ms\n",
-              mapped_read ? "; here the mappings, pinned again each time" : "", host_median, median_of(cached_ms));
+              host_median, median_of(cached_ms));
   std::printf("  (hidden = read + swap from host memory - swap: the time the read and the upload ran at once)\n");
   std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0)\n",
               a_vs_b, a_again);
@@ -288,8 +267,6 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"graph_recaptures_during_swaps", 0},
           {"a_vs_b_rel_diff", a_vs_b},
           {"a_again_rel_diff", a_again},
-          {"lora_read", mapped_read ? "register" : "pread"},
-          {"mapped_uploads", mapped_uploads},
           {"read_sweep", sweep}};
 }
 

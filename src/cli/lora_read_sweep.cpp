@@ -192,7 +192,7 @@ void registered_rows(const std::string& file, Backend& be, const Tensor& dev, do
   for (uint64_t chunk_mib : {16, 64, 256})
     for (unsigned threads : {1u, 4u})
       for (bool per_tensor : {false, true}) {
-        if (per_tensor && (chunk_mib != 64 || threads != 4)) continue;  // the swap's default, as a swap sends it
+        if (per_tensor && (chunk_mib != 64 || threads != 4)) continue;  // the defaults, one copy per tensor
         row(rows, {{"mode", "register-chunked"}, {"chunk_mib", chunk_mib}, {"threads", threads},
                    {"per_tensor", per_tensor}},
             [&](nlohmann::json& r) {

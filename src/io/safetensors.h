@@ -61,9 +61,9 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
                                                              const HostBufferAllocator& allocate,
                                                              const SafetensorsReadOptions& options = {});
   // Maps the file read-only and shared (MAP_SHARED: the page cache's own pages, which an upload can pin in place and
-  // send by DMA with no CPU copy; Backend::copy_from_host_registered), with the page table filled at once only when
-  // `populate` (MAP_POPULATE is one thread's work; pinning fills it too, from several threads). Validates like open();
-  // nothing checks the values.
+  // send by DMA with no CPU copy; Backend::copy_from_host_registered, timed by `bench --lora-read-sweep`), with the
+  // page table filled at once only when `populate` (MAP_POPULATE is one thread's work; pinning fills it too, from
+  // several threads). Validates like open(); nothing checks the values.
   static std::shared_ptr<SafetensorsFile> open_shared(const std::string& path, bool populate);
   // Parses an in-memory image (fuzzing, tests, network uploads); `label` stands for the path in messages.
   static std::shared_ptr<SafetensorsFile> from_bytes(std::string bytes, const std::string& label);

@@ -26,8 +26,6 @@ struct LoraPair {
   Tensor up_bias;  // [rows]; undefined unless the file has one (PEFT lora_B.bias)
   float scale = 1.0f;  // alpha / r as the format defines it (the user's weight multiplies it later)
   std::string source;  // the file's key stem, for messages
-  // The file keys of down, up and up_bias (empty when absent), for messages about values checked after the upload.
-  std::string down_key, up_key, up_bias_key;
 };
 
 struct LoraAdapter {
@@ -41,18 +39,7 @@ struct LoraAdapter {
   // are checked once it is in. Null for an adapter parsed from a complete file (checked already).
   std::shared_ptr<const SafetensorsFile> arriving;
   std::vector<std::string> unchecked;  // sorted
-  // Set by map_lora_adapter(): the file, mapped shared and never copied on the host; its pages are pinned in place
-  // and sent by DMA (Backend::copy_from_host_registered), and the values of the pairs' down / up / up_bias are checked
-  // on the device after the upload, before the model is touched (Backend::find_non_finite; everything else, such as
-  // alphas and rows the host reordered, was checked while parsing). The mapping is dropped off the caller's thread.
-  std::shared_ptr<const SafetensorsFile> mapped;
 };
-
-// How a LoRA file is read for an upload from it (start_loading_lora_adapter), from FLUXSWAP_LORA_READ: "pread"
-// (default: read into pinned memory by several threads, values checked on the way) or "register" (map_lora_adapter).
-// Throws Error naming the variable for any other value.
-enum class LoraFileRead { Pread, Register };
-LoraFileRead lora_file_read_from_env();
 
 // Detects the format, maps every key onto the internal layout and validates shapes against `config` and values
 // (NaN/Inf). Throws Error naming the file and key(s): unmatched keys are listed, never silently dropped.
@@ -64,14 +51,9 @@ LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config,
 // in `host` memory in the background (SafetensorsFile::read_in_background), so LoraController::set_adapters can
 // upload each tensor as it lands. Structural errors (names, shapes, dtypes) are thrown here; a NaN/Inf or a read
 // error surfaces from wait_until_loaded() (which set_adapters calls before it changes the model). Without `host`,
-// the file is mapped and everything is checked here, as by load_lora_adapter. With FLUXSWAP_LORA_READ=register, the
-// file is mapped for a pinned-in-place upload instead (map_lora_adapter), whatever `host` is.
+// the file is mapped and everything is checked here, as by load_lora_adapter.
 LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
                                        const HostBufferAllocator& host, const SafetensorsReadOptions& read = {});
-// The file mapped (SafetensorsFile::open_shared, populated when FLUXSWAP_LORA_MAP_POPULATE=1) and parsed, with the
-// values of the uploaded tensors left for the device to check (see LoraAdapter::mapped). Structural errors and
-// non-finite alphas are thrown here.
-LoraAdapter map_lora_adapter(const std::string& path, const FluxConfig& config);
 // Blocks until the adapter's file is in memory and checks its values; throws Error naming the file and the key of
 // the first non-finite value (again on every call). Returns at once for an adapter that is complete.
 void wait_until_loaded(const LoraAdapter& adapter);

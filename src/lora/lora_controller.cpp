@@ -170,18 +170,11 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
   }
   // A file still being read goes up in batches as its chunks land; its values are checked once all are in. A bad
   // value throws here, before the adapter is cached or the model touched (the device copy is simply dropped).
-  if (adapter->mapped) {  // pinned in place and sent by DMA, values checked on the device
-    double check_s = 0;
-    report.mapped_upload = upload_mapped_adapter(be, *adapter, copies, &check_s);
-    report.device_check_seconds += check_s;
-    ++report.mapped_uploads;
-  } else {
-    const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
-                                                          [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
-    wait_until_loaded(*adapter);
-    report.file_wait_seconds += sent.waited_seconds;
-    report.upload_batches += sent.batches;
-  }
+  const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
+                                                        [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
+  wait_until_loaded(*adapter);
+  report.file_wait_seconds += sent.waited_seconds;
+  report.upload_batches += sent.batches;
   cache_.push_back(std::move(d));
   return cache_.back();
 }

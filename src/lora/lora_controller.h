@@ -31,11 +31,6 @@ struct LoraApplyReport {
   // host -> device batches their uploads went in.
   double file_wait_seconds = 0;
   size_t upload_batches = 0;
-  // Adapters uploaded from a mapped file pinned in place (FLUXSWAP_LORA_READ=register): how many, the last one's
-  // upload as the backend reports it, and the device-side NaN/Inf checks' time.
-  size_t mapped_uploads = 0;
-  RegisteredUploadReport mapped_upload;
-  double device_check_seconds = 0;
 };
 
 class LoraController {

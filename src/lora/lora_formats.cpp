@@ -3,7 +3,6 @@
 // validate and convert each down/up pair. Every key ends up in a pair, in ignored_keys, or in an Error.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -13,7 +12,6 @@
 #include <tuple>
 
 #include "core/error.h"
-#include "io/deferred_release.h"
 #include "lora/lora_adapter.h"
 #include "lora/lora_key_mapping.h"
 #include "lora/lora_scaling.h"
@@ -274,7 +272,6 @@ LoraPair build_pair(const SafetensorsFile& file, const std::string& stem, const 
   if (!k.up_bias.empty()) p.up_bias = to_internal_rows(file, float_view(file, k.up_bias), t);
   p.scale = lora_pair_scale(format, t, rank, alpha, peft, path, k.down);
   p.source = stem;
-  p.down_key = k.down, p.up_key = k.up, p.up_bias_key = k.up_bias;
   return p;
 }
 
@@ -296,12 +293,9 @@ void check_no_overlap(const std::string& path, const std::vector<LoraPair>& pair
   }
 }
 
-// Whether the target's rows are stored in another order than the module's (its up / up_bias are copied, reordered).
-bool reordered(const LoraTarget& t) { return !(t.blocks.size() == 1 && t.blocks[0].src_row == 0); }
+}  // namespace
 
-// values_on_device: the tensors uploaded as they are in the file are left for the device to check after their upload
-// (map_lora_adapter); the rest (alphas, rows copied into another order) is checked here.
-LoraAdapter parse(const SafetensorsFile& file, const FluxConfig& config, bool values_on_device) {
+LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& config) {
   const std::string& path = file.path();
   const std::vector<std::string> keys = file.keys();
   if (std::none_of(keys.begin(), keys.end(), [](const std::string& k) { return k.find("lora") != std::string::npos; }))
@@ -350,16 +344,7 @@ LoraAdapter parse(const SafetensorsFile& file, const FluxConfig& config, bool va
   for (const auto& [stem, t] : targets)
     for (const std::string& key : stems.at(*stem).present()) used.push_back(key);
   std::sort(used.begin(), used.end());
-  if (values_on_device) {
-    std::vector<std::string> on_host;
-    for (const auto& [stem, t] : targets) {
-      const StemKeys& k = stems.at(*stem);
-      for (const std::string* key : {&k.alpha, &k.up, &k.up_bias})
-        if (!key->empty() && (key == &k.alpha || reordered(t))) on_host.push_back(*key);
-    }
-    std::sort(on_host.begin(), on_host.end());
-    check_finite(file, on_host);
-  } else if (file.complete()) {
+  if (file.complete()) {
     file.wait_until_read();  // a background read that is over: its findings, without a second scan
     check_finite(file, used);
   } else {
@@ -375,41 +360,12 @@ LoraAdapter parse(const SafetensorsFile& file, const FluxConfig& config, bool va
   return adapter;
 }
 
-}  // namespace
-
-LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& config) {
-  return parse(file, config, false);
-}
-
-LoraFileRead lora_file_read_from_env() {
-  const char* v = std::getenv("FLUXSWAP_LORA_READ");
-  if (!v || !*v || std::string_view(v) == "pread") return LoraFileRead::Pread;
-  if (std::string_view(v) == "register") return LoraFileRead::Register;
-  throw Error(std::string("FLUXSWAP_LORA_READ='") + v + "': expected pread or register");
-}
-
-LoraAdapter map_lora_adapter(const std::string& path, const FluxConfig& config) {
-  const char* populate = std::getenv("FLUXSWAP_LORA_MAP_POPULATE");
-  const auto file = SafetensorsFile::open_shared(path, populate && std::string_view(populate) == "1");
-  LoraAdapter adapter = parse(*file, config, true);
-  // Every reference to the mapping goes through one handle whose last copy unmaps off the thread that drops it.
-  const std::shared_ptr<void> handle = releasing_in_background(file);
-  auto rehome = [&](Tensor& t) {
-    if (t.defined() && t.owner().get() == handle.get())
-      t = Tensor::borrow(t.data(), t.dtype(), t.shape(), Device::CPU, handle);
-  };
-  for (LoraPair& p : adapter.pairs) rehome(p.down), rehome(p.up), rehome(p.up_bias);
-  adapter.mapped = std::shared_ptr<const SafetensorsFile>(handle, file.get());
-  return adapter;
-}
-
 LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config, const HostBufferAllocator& host) {
   return parse_lora_adapter(host ? *SafetensorsFile::read(path, host) : *SafetensorsFile::open(path), config);
 }
 
 LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
                                        const HostBufferAllocator& host, const SafetensorsReadOptions& read) {
-  if (lora_file_read_from_env() == LoraFileRead::Register) return map_lora_adapter(path, config);
   if (!host) return load_lora_adapter(path, config);
   return parse_lora_adapter(*SafetensorsFile::read_in_background(path, host, read), config);
 }

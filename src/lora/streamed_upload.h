@@ -6,10 +6,8 @@
 #include <utility>
 #include <vector>
 
-#include "backend/backend.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
-#include "lora/lora_adapter.h"
 
 namespace fluxswap {
 
@@ -25,12 +23,5 @@ struct StreamedUploadStats {
 // every copy exactly once, in order. Throws Error from the file when its read fails before a source is in.
 StreamedUploadStats upload_as_it_arrives(const SafetensorsFile* file, const HostToDevice& copies,
                                          size_t min_batch_bytes, const std::function<void(const HostToDevice&)>& send);
-
-// The upload of an adapter mapped for a pinned-in-place upload (map_lora_adapter): `copies` (views of
-// adapter.mapped's data region -> device) go by Backend::copy_from_host_registered, then every destination is
-// checked on the device before anything reads it. A NaN or infinity throws Error naming the file, the key and the
-// element (the destinations are then garbage the caller drops). `check_seconds` gets the device check's time.
-RegisteredUploadReport upload_mapped_adapter(Backend& be, const LoraAdapter& adapter, const HostToDevice& copies,
-                                             double* check_seconds = nullptr);
 
 }  // namespace fluxswap

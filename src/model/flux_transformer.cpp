@@ -266,17 +266,66 @@ void FluxTransformer::linear_roomy(const Tensor& x_room, int64_t in, const Linea
   backend_.linear(x_room.narrow(-1, 0, in + R), l.lora_weight, l.bias, y, act);
 }
 
-void FluxTransformer::norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& normed_room,
-                                  const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& y,
-                                  Activation act) {
+void FluxTransformer::norm(const Tensor& x, const Residual& pending, const Tensor& shift, const Tensor& scale,
+                           const Tensor& normed, const Tensor& q8, const Tensor& q8_scale) {
+  Backend& be = backend_;
+  if (q8.defined()) {
+    if (pending.gate.defined())
+      be.gated_residual_layer_norm_modulate_fp8(x, pending.gate, pending.branch, shift, scale, q8, q8_scale);
+    else
+      be.layer_norm_modulate_fp8(x, shift, scale, q8, q8_scale);
+  } else if (pending.gate.defined()) {
+    be.gated_residual_layer_norm_modulate(x, pending.gate, pending.branch, shift, scale, normed);
+  } else {
+    be.layer_norm_modulate(x, shift, scale, normed);
+  }
+}
+
+void FluxTransformer::apply(const Tensor& x, const Residual& pending) {
+  if (pending.gate.defined()) backend_.gated_residual(x, pending.gate, pending.branch);
+}
+
+void FluxTransformer::norm_linear(const Tensor& x, const Residual& pending, const Tensor& shift, const Tensor& scale,
+                                  const Tensor& normed_room, const Tensor& q8, const Tensor& q8_scale, const Linear& l,
+                                  const Tensor& y, Activation act) {
   if (quantized_input(l)) {
-    backend_.layer_norm_modulate_fp8(x, shift, scale, q8, q8_scale);
+    norm(x, pending, shift, scale, Tensor(), q8, q8_scale);
     backend_.linear_fp8_quantized(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, y, act);
     return;
   }
   const int64_t D = x.size(-1);
-  backend_.layer_norm_modulate(x, shift, scale, normed_room.narrow(-1, 0, D));
+  norm(x, pending, shift, scale, normed_room.narrow(-1, 0, D), Tensor(), Tensor());
   linear_roomy(normed_room, D, l, y, act);
+}
+
+void FluxTransformer::modulation_of(size_t b) {
+  const size_t nd = weights_.double_blocks.size();
+  if (b < nd) {
+    linear(buf_.temb_silu, weights_.double_blocks[b].img_mod, buf_.mod_img[b]);
+    linear(buf_.temb_silu, weights_.double_blocks[b].txt_mod, buf_.mod_txt[b]);
+  } else if (b < nd + weights_.single_blocks.size()) {
+    linear(buf_.temb_silu, weights_.single_blocks[b - nd].modulation, buf_.mod_single[b - nd]);
+  } else {
+    linear(buf_.temb_silu, weights_.final_mod, buf_.mod_final);
+  }
+}
+
+void FluxTransformer::modulations_up_front() {
+  // FP8 ones without a runtime slot go together (one launch streams all their weights); the rest one by one.
+  std::vector<Backend::Fp8LinearItem> batch;
+  auto add = [&](const Linear& l, const Tensor& y) {
+    if (l.weight_fp8.defined() && !l.lora_down.defined())
+      batch.push_back({l.weight_fp8, l.weight_scale, l.bias, y});
+    else
+      linear(buf_.temb_silu, l, y);
+  };
+  for (size_t i = 0; i < weights_.double_blocks.size(); ++i) {
+    add(weights_.double_blocks[i].img_mod, buf_.mod_img[i]);
+    add(weights_.double_blocks[i].txt_mod, buf_.mod_txt[i]);
+  }
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) add(weights_.single_blocks[i].modulation, buf_.mod_single[i]);
+  add(weights_.final_mod, buf_.mod_final);
+  if (!batch.empty()) backend_.linear_fp8_batch(buf_.temb_silu, batch);
 }
 
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
@@ -293,8 +342,19 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.emb_part = e({batch, D});
   buf_.temb = e({batch, D});
   buf_.temb_silu = e({batch, D});
-  buf_.mod_img = e({batch, 6 * D});
-  buf_.mod_txt = e({batch, 6 * D});
+  const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
+  buf_.mod_all = e({batch, int64_t(nd) * 12 * D + int64_t(ns) * 3 * D + 2 * D});
+  int64_t at = 0;
+  auto take = [&](int64_t width) {
+    at += width;
+    return buf_.mod_all.narrow(1, at - width, width);
+  };
+  for (size_t i = 0; i < nd; ++i) {
+    buf_.mod_img.push_back(take(6 * D));
+    buf_.mod_txt.push_back(take(6 * D));
+  }
+  for (size_t i = 0; i < ns; ++i) buf_.mod_single.push_back(take(3 * D));
+  buf_.mod_final = take(2 * D);
   buf_.stream = e({batch, S, D});
   const int64_t R = lora_rank_;
   buf_.normed_room = e({batch, S, D + R});
@@ -367,31 +427,38 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
   linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
 
-  // Streamed blocks (memory plan) arrive on the copy queue while earlier blocks compute.
+  // Streamed blocks (memory plan) arrive on the copy queue while earlier blocks compute; their modulation weights
+  // with them, so only a transformer without streamed blocks computes every modulation up front.
+  const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
+  if (!streamer_.active()) modulations_up_front();
   streamer_.begin(be);
-  const size_t nd = weights_.double_blocks.size();
+  pending_txt_ = pending_img_ = pending_all_ = Residual{};
   for (size_t i = 0; i < nd; ++i) {
     streamer_.before_block(be, i);
-    double_block(weights_.double_blocks[i], in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f);
+    if (streamer_.active()) modulation_of(i);
+    double_block(i, in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f);
   }
-  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) {
+  // A single block normalises text and image rows together under one modulation: the streams' own gates go first.
+  apply(rows(buf_.stream, 0, Nt), pending_txt_);
+  apply(rows(buf_.stream, Nt, Ni), pending_img_);
+  for (size_t i = 0; i < ns; ++i) {
     streamer_.before_block(be, nd + i);
-    single_block(weights_.single_blocks[i], in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f);
+    if (streamer_.active()) modulation_of(nd + i);
+    single_block(i, in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f);
   }
+  apply(buf_.stream, pending_all_);
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
-  Tensor mod = buf_.mod_img.narrow(1, 0, 2 * D);
-  linear(buf_.temb_silu, weights_.final_mod, mod);
+  if (streamer_.active()) modulation_of(nd + ns);
+  const Tensor& mod = buf_.mod_final;
   Tensor img = rows(buf_.stream, Nt, Ni), normed = rows(buf_.normed, Nt, Ni);
   be.layer_norm_modulate(img, chunk(mod, 0, D), chunk(mod, 1, D), normed);
   linear(normed, weights_.final_linear, out);
 }
 
-void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& rope, float qk_scale) {
-  Backend& be = backend_;
+void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale) {
+  const DoubleBlockWeights& w = weights_.double_blocks[i];
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), Nt = Nt_, Ni = Ni_;
-  linear(buf_.temb_silu, w.img_mod, buf_.mod_img);
-  linear(buf_.temb_silu, w.txt_mod, buf_.mod_txt);
 
   // Each stream's views: residual, normed input, projection output, qkv, MLP activations.
   // The *_room views run on into the buffers' spare columns (in double blocks the attention output's neighbours,
@@ -399,9 +466,10 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
   struct Stream {
     Tensor x, normed_room, branch, qkv, mlp, mlp_room, attn, attn_room, q8, q8_scale;
     const Tensor& mod;
+    Residual& pending;  // the previous block's last residual, then this block's
   };
   const int64_t B = B_;
-  auto stream_views = [&](int64_t start, int64_t n, const Tensor& mod) {
+  auto stream_views = [&](int64_t start, int64_t n, const Tensor& mod, Residual& pending) {
     const Tensor proj_in = rows(buf_.proj_in_room, start, n), attn_mlp = rows(buf_.attn_mlp_room, start, n);
     Tensor q8, q8_scale;
     if (buf_.normed_q8.defined()) {
@@ -410,38 +478,36 @@ void FluxTransformer::double_block(const DoubleBlockWeights& w, const Tensor& ro
     }
     return Stream{rows(buf_.stream, start, n), rows(buf_.normed_room, start, n), rows(buf_.branch, start, n),
                   cols(proj_in, 0, 3 * D), cols(proj_in, 3 * D, M), cols(proj_in, 3 * D, proj_in.size(2) - 3 * D),
-                  cols(attn_mlp, 0, D), attn_mlp, q8, q8_scale, mod};
+                  cols(attn_mlp, 0, D), attn_mlp, q8, q8_scale, mod, pending};
   };
-  Stream txt = stream_views(0, Nt, buf_.mod_txt), img = stream_views(Nt, Ni, buf_.mod_img);
+  Stream txt = stream_views(0, Nt, buf_.mod_txt[i], pending_txt_), img = stream_views(Nt, Ni, buf_.mod_img[i], pending_img_);
 
-  // Joint attention over text and image tokens; each stream has its own projections and norms.
-  norm_linear(txt.x, chunk(txt.mod, 0, D), chunk(txt.mod, 1, D), txt.normed_room, txt.q8, txt.q8_scale, w.txt_qkv,
-              txt.qkv, Activation::None);
-  norm_linear(img.x, chunk(img.mod, 0, D), chunk(img.mod, 1, D), img.normed_room, img.q8, img.q8_scale, w.img_qkv,
-              img.qkv, Activation::None);
+  // Joint attention over text and image tokens; each stream has its own projections and norms. (Each stream's
+  // branch rows are read by its fused LayerNorm before its projection writes them again.)
+  for (auto [s, qkv] : {std::pair{&txt, &w.txt_qkv}, std::pair{&img, &w.img_qkv}})
+    norm_linear(s->x, s->pending, chunk(s->mod, 0, D), chunk(s->mod, 1, D), s->normed_room, s->q8, s->q8_scale, *qkv,
+                s->qkv, Activation::None);
   qk_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, qk_scale);
   qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
   attend(cols(buf_.attn_mlp, 0, D), qk_scale);
   linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
-  be.gated_residual(txt.x, chunk(txt.mod, 2, D), txt.branch);
   linear_roomy(img.attn_room, D, w.img_proj, img.branch);
-  be.gated_residual(img.x, chunk(img.mod, 2, D), img.branch);
 
-  // Feed-forward, per stream.
+  // Feed-forward, per stream: the attention's residual goes in with the LayerNorm, the MLP's stays pending.
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
                                     std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
-    norm_linear(s->x, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed_room, s->q8, s->q8_scale, *mlp_in, s->mlp,
-                Activation::GeluTanh);
+    norm_linear(s->x, {chunk(s->mod, 2, D), s->branch}, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed_room,
+                s->q8, s->q8_scale, *mlp_in, s->mlp, Activation::GeluTanh);
     linear_roomy(s->mlp_room, M, *mlp_out, s->branch);
-    be.gated_residual(s->x, chunk(s->mod, 5, D), s->branch);
+    s->pending = {chunk(s->mod, 5, D), s->branch};
   }
 }
 
-void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& rope, float qk_scale) {
+void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale) {
+  const SingleBlockWeights& w = weights_.single_blocks[i];
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
-  Tensor mod = buf_.mod_img.narrow(1, 0, 3 * D);
-  linear(buf_.temb_silu, w.modulation, mod);
+  const Tensor& mod = buf_.mod_single[i];
 
   // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues (and, in FP8,
   // read one quantisation of the normed rows).
@@ -449,13 +515,13 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
   if (quantized_input(w.linear1)) {
     const Tensor q8 = buf_.normed_q8.view({B_, Nt_ + Ni_, D});
-    be.layer_norm_modulate_fp8(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), q8, buf_.normed_q8_scale);
+    norm(buf_.stream, pending_all_, chunk(mod, 0, D), chunk(mod, 1, D), Tensor(), q8, buf_.normed_q8_scale);
     be.linear_fp8_quantized(q8, buf_.normed_q8_scale, qkv_proj.weight_fp8, qkv_proj.weight_scale, qkv_proj.bias, qkv,
                             Activation::None);
     be.linear_fp8_quantized(q8, buf_.normed_q8_scale, mlp_in.weight_fp8, mlp_in.weight_scale, mlp_in.bias,
                             cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
   } else {
-    be.layer_norm_modulate(buf_.stream, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed);
+    norm(buf_.stream, pending_all_, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed, Tensor(), Tensor());
     linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
     linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
   }
@@ -464,7 +530,7 @@ void FluxTransformer::single_block(const SingleBlockWeights& w, const Tensor& ro
 
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
   linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
-  be.gated_residual(buf_.stream, chunk(mod, 2, D), buf_.branch);
+  pending_all_ = {chunk(mod, 2, D), buf_.branch};
 }
 
 }  // namespace fluxswap

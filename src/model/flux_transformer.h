@@ -89,15 +89,31 @@ class FluxTransformer {
   // two halves share it).
   void linear_roomy(const Tensor& x_room, int64_t in, const Linear& l, const Tensor& y,
                     Activation act = Activation::None, bool down_done = false);
-  // LayerNorm + modulate of x, then the linear `l` of it into y. An FP8 linear without a runtime slot gets its input
-  // quantised by the LayerNorm kernel itself (rows of q8 / q8_scale: the e4m3 codes and per-token scales) and skips
-  // its own quantiser; otherwise the bf16 rows go to normed_room as for linear_roomy.
-  void norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& normed_room,
-                   const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& y, Activation act);
+  // A gated residual add x += gate * branch not applied yet: the LayerNorm that reads x next applies it in the same
+  // pass over x (undefined gate: none pending).
+  struct Residual {
+    Tensor gate, branch;
+  };
+  // LayerNorm + modulate of x (after `pending`), then the linear `l` of it into y. An FP8 linear without a runtime
+  // slot gets its input quantised by the LayerNorm kernel itself (rows of q8 / q8_scale: the e4m3 codes and per-token
+  // scales) and skips its own quantiser; otherwise the bf16 rows go to normed_room as for linear_roomy.
+  void norm_linear(const Tensor& x, const Residual& pending, const Tensor& shift, const Tensor& scale,
+                   const Tensor& normed_room, const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& y,
+                   Activation act);
+  // The LayerNorm alone, into bf16 normed rows or e4m3 q8 rows (q8 defined), after `pending`.
+  void norm(const Tensor& x, const Residual& pending, const Tensor& shift, const Tensor& scale, const Tensor& normed,
+            const Tensor& q8, const Tensor& q8_scale);
+  void apply(const Tensor& x, const Residual& pending);
+  // Every block's AdaLN modulation vectors into its slice of buf_.mod_all: up front in one batched launch where the
+  // weights are all on the device, else block by block as streamed blocks arrive.
+  void modulations_up_front();
+  void modulation_of(size_t block);
   static bool quantized_input(const Linear& l) { return l.weight_fp8.defined() && !l.lora_down.defined(); }
   // qk_scale: the block's FP8 attention scale (unused in bf16 attention).
-  void double_block(const DoubleBlockWeights& w, const Tensor& rope, float qk_scale);
-  void single_block(const SingleBlockWeights& w, const Tensor& rope, float qk_scale);
+  // Each leaves its last gated residual pending (pending_txt_ / pending_img_, pending_all_) for the next LayerNorm.
+  void double_block(size_t i, const Tensor& rope, float qk_scale);
+  void single_block(size_t i, const Tensor& rope, float qk_scale);
+  Residual pending_txt_, pending_img_, pending_all_;
 
   FluxConfig config_;
   FluxWeights weights_;
@@ -122,7 +138,11 @@ class FluxTransformer {
     Tensor emb_part;     // [B, D]
     Tensor temb;         // [B, D] conditioning vector
     Tensor temb_silu;    // [B, D] SiLU(temb), the input of every modulation
-    Tensor mod_img, mod_txt;  // [B, 6D]
+    // [B, sum of the modulation widths]: per double block img then txt (6D each), per single block 3D, the final
+    // layer 2D; the views per block below.
+    Tensor mod_all;
+    std::vector<Tensor> mod_img, mod_txt, mod_single;
+    Tensor mod_final;
     Tensor stream;       // [B, S, D] residual stream, text first
     // The buffers that feed block linears have R = lora_rank_ spare columns for linear_roomy (none without slots):
     // *_room is the whole buffer, the plain name its first columns.

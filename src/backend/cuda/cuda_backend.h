@@ -392,7 +392,6 @@ class CudaBackend final : public Backend {
   RegisteredUploadReport copy_from_host_registered(const void* region, size_t bytes,
                                                    const std::vector<std::pair<Tensor, Tensor>>& host_to_device,
                                                    const RegisteredUploadOptions& options) override;
-  std::vector<int64_t> find_non_finite(const std::vector<Tensor>& tensors) override;
   HostBufferAllocator host_buffer_allocator() override {
     return [pool = pinned_](size_t bytes) { return pool->allocate(bytes); };
   }

@@ -3,7 +3,6 @@
 // few threads while the issuing thread sends each chunk as soon as it is pinned, and a last thread unpins each chunk
 // once its DMA is done; the call returns when everything is on the device and unpinned. Any chunk that cannot be
 // pinned goes the ordinary (staged) way instead, and the report says why.
-// Also the device-side NaN/Inf scan that such an upload needs (the bytes never pass through the host's caches).
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,7 +13,6 @@
 #include <thread>
 
 #include "backend/cuda/cuda_backend.h"
-#include "backend/cuda/nonfinite_kernels.h"
 
 namespace fluxswap::cuda {
 
@@ -98,11 +96,10 @@ std::vector<Chunk> plan_chunks(const std::vector<Piece>& sorted, size_t chunk, s
 
 RegisteredUploadReport CudaBackend::copy_from_host_registered(
     const void* region, size_t region_bytes, const std::vector<std::pair<Tensor, Tensor>>& host_to_device,
-    const RegisteredUploadOptions& options) {
+    const RegisteredUploadOptions& o) {
   const char* op = "copy_from_host_registered";
   const auto t0 = Clock::now();
   if (capturing_) bad(op, "host uploads cannot be recorded");
-  const RegisteredUploadOptions o = resolve_registered_upload_options(options);
   RegisteredUploadReport r;
   const char* lo = static_cast<const char*>(region);
   const char* hi = lo + region_bytes;
@@ -274,46 +271,6 @@ RegisteredUploadReport CudaBackend::copy_from_host_registered(
   r.registered = r.registered_chunks == chunks.size();
   r.total_seconds = seconds_since(t0);
   return r;
-}
-
-std::vector<int64_t> CudaBackend::find_non_finite(const std::vector<Tensor>& tensors) {
-  const char* op = "find_non_finite";
-  if (capturing_) bad(op, "the scan reads its result back and cannot be recorded");
-  std::vector<NonFiniteDesc> descs;
-  int64_t blocks = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const Tensor& t = tensors[i];
-    const std::string what = "tensor " + std::to_string(i);
-    if (!t.defined() || t.device() != Device::CUDA) bad(op, what + " must be a CUDA tensor");
-    check_contiguous(t, op, what.c_str());
-    uint32_t mask = 0;
-    switch (t.dtype()) {
-      case DType::BF16: mask = 0x7f80u; break;
-      case DType::F16: mask = 0x7c00u; break;
-      case DType::F32: mask = 0x7f800000u; break;
-      default: bad(op, what + " is " + std::string(dtype_name(t.dtype())) + ", expected BF16, F16 or F32");
-    }
-    descs.push_back({t.data(), t.numel(), blocks, mask, int32_t(dtype_size(t.dtype()))});
-    blocks += (t.numel() + kNonFiniteTile - 1) / kNonFiniteTile;
-  }
-  std::vector<int64_t> first(tensors.size(), -1);
-  if (blocks == 0) return first;
-  const size_t desc_bytes = descs.size() * sizeof(NonFiniteDesc);
-  const size_t result_offset = (desc_bytes + 255) / 256 * 256;
-  auto scratch = memory_.allocate(result_offset + tensors.size() * sizeof(unsigned long long), op);
-  char* base = static_cast<char*>(scratch.get());
-  auto* found = reinterpret_cast<unsigned long long*>(base + result_offset);
-  check(cudaMemcpyAsync(base, descs.data(), desc_bytes, cudaMemcpyHostToDevice, stream()), op, "cudaMemcpyAsync");
-  check(cudaMemsetAsync(found, 0xff, tensors.size() * sizeof(unsigned long long), stream()), op, "cudaMemsetAsync");
-  launch_find_non_finite(reinterpret_cast<const NonFiniteDesc*>(base), int(descs.size()), blocks, found, stream());
-  std::vector<unsigned long long> host(tensors.size());
-  check(cudaMemcpyAsync(host.data(), found, host.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost,
-                        stream()),
-        op, "cudaMemcpyAsync");
-  check(cudaStreamSynchronize(stream()), op, "cudaStreamSynchronize");  // `scratch` may go only after this
-  for (size_t i = 0; i < host.size(); ++i)
-    if (host[i] != ~0ull) first[i] = int64_t(host[i]);
-  return first;
 }
 
 }  // namespace fluxswap::cuda
