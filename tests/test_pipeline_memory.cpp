@@ -267,11 +267,6 @@ TEST(PipelineMemoryBudget, GenerateCommandPrintsThePlanOrTheReason) {
   EXPECT_NE(out.find("memory budget '24X'"), std::string::npos) << out;
 }
 
-TEST(PipelineMemoryBudget, VramArgumentRoundsUp) {
-  EXPECT_EQ(vram_argument(24000000000ull), "24G");
-  EXPECT_EQ(vram_argument(23500000001ull), "23.6G");
-  EXPECT_EQ(parse_memory_budget(vram_argument(23456789012ull)), 23500000000ull);
-}
 
 }  // namespace
 }  // namespace fluxswap

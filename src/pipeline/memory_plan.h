@@ -102,7 +102,7 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const MemoryPlanRequest& request);
 
 // The smallest budget under which plan_memory keeps the transformer resident (the request's budget is ignored):
-// what to suggest while streaming and per-image transformer uploads are not implemented.
+// below it every image uploads transformer weights, per image or per step.
 uint64_t smallest_budget_with_resident_transformer(const MemoryPlanRequest& request);
 
 // "24G", "24GB", "16000M", "24GiB", "1.5T" (case-insensitive; spaces allowed before the unit): K/M/G/T and

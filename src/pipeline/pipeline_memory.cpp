@@ -1,10 +1,6 @@
 #include "pipeline/pipeline_memory.h"
 
-#include <cstdio>
-#include <map>
-
 #include "core/error.h"
-#include "model/flux_weight_map.h"
 
 namespace fluxswap {
 
@@ -68,15 +64,6 @@ MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransfor
   return r;
 }
 
-std::string vram_argument(uint64_t bytes) {
-  const uint64_t tenths = (bytes + 99999999ull) / 100000000ull;
-  char s[32];
-  if (tenths % 10 == 0)
-    std::snprintf(s, sizeof s, "%lluG", (unsigned long long)(tenths / 10));
-  else
-    std::snprintf(s, sizeof s, "%llu.%lluG", (unsigned long long)(tenths / 10), (unsigned long long)(tenths % 10));
-  return s;
-}
 
 
 

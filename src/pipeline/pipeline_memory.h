@@ -26,7 +26,4 @@ struct MemoryBudget {
 MemoryPlanRequest measured_plan_request(const MemoryBudget& budget, FluxTransformer& transformer, T5Encoder& t5,
                                         ClipTextModel& clip, VaeDecoder& vae, uint64_t memory_in_use);
 
-// The budget as a --vram value that is at least `bytes`: "23.6G" (rounded up to 0.1 GB).
-std::string vram_argument(uint64_t bytes);
-
 }  // namespace fluxswap
