@@ -81,8 +81,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaFp8AttentionOp,
                                            Case{1, 4, 1024, 128}));
 
 // At FLUX.1's size (24 heads, 4608 tokens) on the GPU alone (the CPU reference would take minutes): the same inputs
-// give the same bits every run, eager and replayed. (A merged LoRA swapped away and back changed the FLUX-sized step
-// with FP8 attention on, by up to 6%, and not without it: this says whether the attention itself is the cause.)
+// must give the same bits every run, eager and replayed. KNOWN FAILURE (session 4): alone it passes (8 of 8 equal);
+// after the rest of the suite 2 to 8 of the 8 repeats differ by up to 5-10% of the output's max, so some part of
+// the FP8 attention path reads memory it does not own or races (a merged LoRA swapped away and back also changed
+// the FLUX-sized step with FP8 attention on, and not without it). Zeroing cuDNN's workspace and the scale slots on
+// allocation did not change it.
 TEST(CudaFp8AttentionFluxSize, RepeatsBitForBit) {
   FLUXSWAP_CUDA_BACKEND(gpu);
   const int64_t B = 1, H = 24, S = 4608, D = 128;
