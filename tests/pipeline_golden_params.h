@@ -5,6 +5,7 @@
 
 #include "io/safetensors.h"
 #include "pipeline/flux_pipeline.h"
+#include "test_support.h"
 
 namespace fluxswap::test {
 
@@ -19,6 +20,13 @@ inline GenerateParams golden_generate_params(const SafetensorsFile& goldens) {
   p.guidance = meta.at("guidance") == "none" ? 0.0f : std::stof(meta.at("guidance"));
   p.latents = goldens.tensor("latents_in");
   return p;
+}
+
+// The tiny fixture pipeline and the settings of its goldens.
+inline std::string tiny_pipeline_dir() { return fixtures_dir() + "/tiny/pipeline"; }
+inline GenerateParams tiny_golden_params() {
+  auto g = SafetensorsFile::open(fixtures_dir() + "/tiny/pipeline_goldens.safetensors");
+  return golden_generate_params(*g);
 }
 
 }  // namespace fluxswap::test

@@ -17,18 +17,8 @@
 namespace fluxswap {
 namespace {
 
+using test::same_bits;
 using test::error_of;
-
-std::string pipeline_dir() { return test::fixtures_dir() + "/tiny/pipeline"; }
-
-GenerateParams golden_params() {
-  auto g = SafetensorsFile::open(test::fixtures_dir() + "/tiny/pipeline_goldens.safetensors");
-  return test::golden_generate_params(*g);
-}
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
 
 double max_rel_diff(const Tensor& a, const Tensor& b) {
   double worst = 0, scale = 0;
@@ -46,8 +36,8 @@ size_t block_count(FluxPipeline& p) {
 TEST(BlockStreaming, AnyStreamedBlocksGiveTheSameBits) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const GenerateResult resident = pipe->generate(p);
   const size_t n = block_count(*pipe);
   ASSERT_GE(n, 3u);
@@ -95,8 +85,8 @@ TEST(BlockStreaming, AnyStreamedBlocksGiveTheSameBits) {
 TEST(BlockStreaming, PlansMeasureWhatStreamedBlocksUpload) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const GenerateResult unlimited = pipe->generate(p);
   const FluxWorkload work = pipe->workload_for(p);
   auto request = [&] {
@@ -132,8 +122,8 @@ TEST(BlockStreaming, PlansMeasureWhatStreamedBlocksUpload) {
 TEST(BlockStreaming, RuntimeLorasStayOnTheDeviceMergedAreRefused) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const FluxConfig& c = pipe->transformer().config();
   const auto a = std::make_shared<LoraAdapter>(load_lora_adapter(test::fixtures_dir() + "/tiny/lora_a_peft.safetensors", c));
   const auto b = std::make_shared<LoraAdapter>(load_lora_adapter(test::fixtures_dir() + "/tiny/lora_b_peft.safetensors", c));

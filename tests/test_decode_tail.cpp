@@ -18,6 +18,8 @@
 namespace fluxswap {
 namespace {
 
+using test::same_bytes;
+
 Tensor random_tensor(const Shape& shape, uint32_t seed, float std = 1.0f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, std);
@@ -27,10 +29,6 @@ Tensor random_tensor(const Shape& shape, uint32_t seed, float std = 1.0f) {
 }
 
 // Bit for bit, so that signed zeros and NaN payloads count too.
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
-
 TEST(DecodeTail, UnpackUnscaleIsTheHostHelpersBitForBit) {
   auto cpu = make_cpu_backend();
   const VaeConfig c = VaeConfig::flux1();

@@ -15,14 +15,8 @@
 namespace fluxswap {
 namespace {
 
-void fill_normal(const Tensor& t, std::mt19937& rng, float std, float mean = 0.0f) {
-  std::normal_distribution<float> n(mean, std);
-  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = n(rng);
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
+using test::fill_normal;
+using test::same_bytes;
 
 struct NormCase {
   int64_t B, N, C;

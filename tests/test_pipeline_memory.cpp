@@ -17,28 +17,18 @@
 namespace fluxswap {
 namespace {
 
+using test::same_bits;
 using test::error_of;
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
 
 std::vector<uint8_t> bytes_of(const Tensor& t) {
   const auto* p = static_cast<const uint8_t*>(t.data());
   return {p, p + t.nbytes()};
 }
 
-std::string pipeline_dir() { return test::fixtures_dir() + "/tiny/pipeline"; }
-
-GenerateParams golden_params() {
-  auto g = SafetensorsFile::open(test::fixtures_dir() + "/tiny/pipeline_goldens.safetensors");
-  return test::golden_generate_params(*g);
-}
-
 TEST(ComponentOffload, TextEncodersAndVaeComeBackBitIdentical) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
   const EncodedPrompts before = pipe->encode_prompts({"a red fox in the snow"}, 32);
   const Tensor latents = Tensor::zeros(DType::F32, {1, 16, 4 * pipe->vae().config().latent_channels});
   for (int64_t i = 0; i < latents.numel(); ++i) latents.ptr<float>()[i] = float((i * 37) % 11) / 5.0f - 1.0f;
@@ -96,8 +86,8 @@ MemoryPlanRequest tiny_request(FluxPipeline& pipe, const FluxWorkload& work, Bac
 TEST(PipelineMemoryBudget, MeasuresTheLoadedComponents) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const FluxWorkload work = pipe->workload_for(golden_params());
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const FluxWorkload work = pipe->workload_for(test::tiny_golden_params());
   EXPECT_EQ(work.width, 32);
   EXPECT_EQ(work.batch, 1);
   const MemoryPlanRequest r = tiny_request(*pipe, work, *be);
@@ -124,8 +114,8 @@ TEST(PipelineMemoryBudget, MeasuresTheLoadedComponents) {
 TEST(PipelineMemoryBudget, OnDemandTextEncodersGiveTheSameImage) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const GenerateResult unlimited = pipe->generate(p);
   EXPECT_EQ(pipe->memory_plan(), nullptr);
 
@@ -168,8 +158,8 @@ TEST(PipelineMemoryBudget, OnDemandTextEncodersGiveTheSameImage) {
 TEST(PipelineMemoryBudget, BelowTheResidentBudgetTheTransformerComesPerImage) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const GenerateResult unlimited = pipe->generate(p);
   const FluxWorkload work = pipe->workload_for(p);
   MemoryPlanRequest request = tiny_request(*pipe, work, *be);
@@ -220,21 +210,21 @@ TEST(PipelineMemoryBudget, BelowTheResidentBudgetTheTransformerComesPerImage) {
 
   // With the default reserve (1 GB of what a GPU needs besides the weights) a few megabytes are far too little, and
   // from_pretrained says so before loading anything.
-  const std::string too_small = error_of([&] { FluxPipeline::from_pretrained(pipeline_dir(), *be, {{1000000, work}}); });
+  const std::string too_small = error_of([&] { FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be, {{1000000, work}}); });
   EXPECT_NE(too_small.find("is too small"), std::string::npos) << too_small;
 }
 
 TEST(PipelineMemoryBudget, FromPretrainedAppliesThePlan) {
   FLUXSWAP_REQUIRE_FIXTURES();
   auto be = make_cpu_backend();
-  auto probe = FluxPipeline::from_pretrained(pipeline_dir(), *be);
-  const GenerateParams p = golden_params();
+  auto probe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
+  const GenerateParams p = test::tiny_golden_params();
   const FluxWorkload work = probe->workload_for(p);
   const uint64_t budget = smallest_budget_with_resident_transformer(tiny_request(*probe, work, *be));
   const GenerateResult unlimited = probe->generate(p);
   probe.reset();
 
-  auto pipe = FluxPipeline::from_pretrained(pipeline_dir(), *be, {{budget, work, 0}});
+  auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be, {{budget, work, 0}});
   ASSERT_NE(pipe->memory_plan(), nullptr);
   EXPECT_FALSE(pipe->t5().resident());
   EXPECT_EQ(pipe->generate(p).images[0].pixels, unlimited.images[0].pixels);
@@ -242,7 +232,7 @@ TEST(PipelineMemoryBudget, FromPretrainedAppliesThePlan) {
 
 // `fluxswap generate --vram` as a user runs it.
 std::pair<int, std::string> run_generate(const std::string& args) {
-  const std::string cmd = std::string(FLUXSWAP_BINARY) + " generate --device cpu --model " + pipeline_dir() +
+  const std::string cmd = std::string(FLUXSWAP_BINARY) + " generate --device cpu --model " + test::tiny_pipeline_dir() +
                           " -p 'a red fox' --width 32 --height 32 --steps 2 " + args + " 2>&1";
   FILE* pipe = popen(cmd.c_str(), "r");
   if (!pipe) return {-1, ""};
@@ -266,7 +256,6 @@ TEST(PipelineMemoryBudget, GenerateCommandPrintsThePlanOrTheReason) {
   EXPECT_EQ(status, 1) << out;
   EXPECT_NE(out.find("memory budget '24X'"), std::string::npos) << out;
 }
-
 
 }  // namespace
 }  // namespace fluxswap

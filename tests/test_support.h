@@ -1,13 +1,15 @@
 #pragma once
 // Shared by the tests: where the golden fixtures are (env FLUXSWAP_FIXTURES overrides the build-time path), a
-// temporary folder that cleans itself up, and the message of an expected Error.
+// temporary folder that cleans itself up, the message of an expected Error, and byte-level tensor comparisons.
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <random>
 #include <string>
 
 #include "core/error.h"
+#include "core/tensor.h"
 
 namespace fluxswap::test {
 
@@ -34,6 +36,21 @@ inline bool have_fixtures() { return std::filesystem::exists(fixtures_dir() + "/
 
 #define FLUXSWAP_REQUIRE_FIXTURES() \
   if (!::fluxswap::test::have_fixtures()) GTEST_SKIP() << "no fixtures at " << ::fluxswap::test::fixtures_dir()
+
+// The same bytes (host tensors of any shape with as many bytes).
+inline bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
+}
+// The same dtype, shape and bytes (host tensors).
+inline bool same_bits(const Tensor& a, const Tensor& b) {
+  return a.dtype() == b.dtype() && a.shape() == b.shape() && same_bytes(a, b);
+}
+
+// Host float32 t filled with normal(mean, std) values.
+inline void fill_normal(const Tensor& t, std::mt19937& rng, float std, float mean = 0.0f) {
+  std::normal_distribution<float> n(mean, std);
+  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = n(rng);
+}
 
 class TempDir {
  public:

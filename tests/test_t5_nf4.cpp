@@ -16,6 +16,7 @@
 namespace fluxswap {
 namespace {
 
+using test::same_bytes;
 using test::error_of;
 
 std::vector<float> normals(size_t n, unsigned seed) {
@@ -24,10 +25,6 @@ std::vector<float> normals(size_t n, unsigned seed) {
   std::vector<float> v(n);
   for (float& x : v) x = d(rng);
   return v;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
 }
 
 TEST(Nf4Parallel, SameBitsAsTheSerialQuantiser) {

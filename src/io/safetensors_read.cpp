@@ -43,11 +43,26 @@ void read_exactly(int fd, uint8_t* dst, size_t bytes, uint64_t offset, const std
 // Closes the descriptor unless it was handed on.
 struct Fd {
   int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  Fd(Fd&& other) noexcept : fd(other.release()) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
   ~Fd() {
     if (fd >= 0) ::close(fd);
   }
   int release() { return std::exchange(fd, -1); }
 };
+
+// The file opened for reading, with its size; Error naming it unless it is a regular file.
+Fd open_regular_file(const std::string& path, size_t* size) {
+  Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  if (fd.fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd.fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file, expected a .safetensors file");
+  *size = size_t(st.st_size);
+  return fd;
+}
 
 uint64_t env_or(const char* name, uint64_t fallback) {
   const char* v = std::getenv(name);
@@ -170,12 +185,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
   const auto started = std::chrono::steady_clock::now();
   std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->path_ = path;
-  Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (fd.fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd.fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file, expected a .safetensors file");
-  f->size_ = size_t(st.st_size);
+  Fd fd = open_regular_file(path, &f->size_);
   f->buffer_ = allocate(std::max<size_t>(f->size_, 1));
   if (!f->buffer_) throw Error(path + ": cannot allocate " + std::to_string(f->size_) + " bytes to read it into");
   auto* bytes = static_cast<uint8_t*>(f->buffer_.get());
@@ -215,12 +225,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open_shared(const std::string& path, bool populate) {
   std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->path_ = path;
-  Fd fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
-  if (fd.fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd.fd, &st) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) throw Error(path + ": not a regular file, expected a .safetensors file");
-  f->size_ = size_t(st.st_size);
+  Fd fd = open_regular_file(path, &f->size_);
   if (f->size_ >= 8) {  // mmap of an empty file fails; short files are reported by parse()
     void* m = ::mmap(nullptr, f->size_, PROT_READ, MAP_SHARED | (populate ? MAP_POPULATE : 0), fd.fd, 0);
     if (m == MAP_FAILED)

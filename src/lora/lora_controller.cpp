@@ -40,7 +40,7 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
     be.zero(l.lora_down);
     // (FP8 linears add the branch after their own GEMM and never read [W | up]; without W it cannot be built.)
     // (A streamed block's weight passes through a shared buffer each step: its slot cannot live inside it.)
-    if (l.weight.defined() && !l.streamed && std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
+    if (l.weight.defined() && !tr_.streamed(module) && std::find(roomy.begin(), roomy.end(), &l) != roomy.end()) {
       // The weight moves into [W | up] (its old allocation is freed), so the slot costs what a separate one would.
       l.lora_weight = be.empty(l.weight.dtype(), {out, in + r});
       be.copy(l.weight, l.lora_weight.narrow(1, 0, in));
@@ -97,7 +97,7 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
     if (mode_ == LoraMode::Merged && !tr_.weights().linear(module).weight.defined())
       throw Error("LoRA targets '" + module + "', which this model holds only in FP8 (it was loaded from an FP8 "
                   "checkpoint): merged mode needs its bf16 weight; use runtime mode (--lora-mode runtime)");
-    if (mode_ == LoraMode::Merged && tr_.weights().linear(module).streamed)
+    if (mode_ == LoraMode::Merged && tr_.streamed(module))
       throw Error("LoRA targets '" + module + "', whose block streams from host memory under this memory plan: "
                   "merged mode writes the weights on the device; use runtime mode (--lora-mode runtime) or a budget "
                   "that keeps the transformer resident");

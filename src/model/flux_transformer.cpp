@@ -5,6 +5,7 @@
 #include <initializer_list>
 
 #include "core/error.h"
+#include "model/flux_weight_map.h"
 
 namespace fluxswap {
 
@@ -148,9 +149,10 @@ void FluxTransformer::set_fp8_attention(bool on) {
 
 void FluxTransformer::stream_blocks(const std::vector<bool>& block_resident, int prefetch_depth) {
   if (!resident()) throw Error("stream_blocks: the transformer's weights are off the device (memory plan)");
-  qk_norm_maxima();  // FP8 attention's scales come from norms that are about to leave
   const size_t blocks = weights_.double_blocks.size() + weights_.single_blocks.size();
   const bool any = std::find(block_resident.begin(), block_resident.end(), false) != block_resident.end();
+  if (!any && !streamer_.active()) return;  // (every plan asks; most stream nothing)
+  if (any) qk_norm_maxima();  // FP8 attention's scales come from norms that are about to leave
   std::vector<std::vector<Tensor*>> tensors = weights_.block_tensors();
   for (size_t b = 0; b < blocks && any; ++b) {
     if (b < block_resident.size() && block_resident[b]) continue;
@@ -169,8 +171,11 @@ void FluxTransformer::stream_blocks(const std::vector<bool>& block_resident, int
     for (Tensor* t : tensors[b]) weights_.forget(*t);
   }
   streamer_.configure(backend_, tensors, any ? block_resident : std::vector<bool>{}, prefetch_depth);
-  for (size_t b = 0; b < blocks; ++b)
-    for (Linear* l : weights_.block_linears(b)) l->streamed = streamer_.streamed(b);
+}
+
+bool FluxTransformer::streamed(const std::string& module) const {
+  size_t block = 0;
+  return flux_block_index(module, config_, &block) && streamer_.streamed(block);
 }
 
 std::vector<uint64_t> FluxTransformer::block_weight_bytes() {
@@ -203,10 +208,7 @@ uint64_t FluxTransformer::shared_weight_bytes() {
     if (l.lora_down.defined()) slots += l.lora_down.numel() * dtype_size(l.lora_down.dtype());
     if (l.lora_up.defined()) slots += l.lora_up.numel() * dtype_size(l.lora_up.dtype());
   };
-  for (Linear* l : {&weights_.img_in, &weights_.txt_in, &weights_.time_in, &weights_.time_out, &weights_.vector_in,
-                    &weights_.vector_out, &weights_.guidance_in, &weights_.guidance_out, &weights_.final_mod,
-                    &weights_.final_linear})
-    add_slots(*l);
+  for (Linear* l : weights_.shared_linears()) add_slots(*l);
   for (size_t b = 0; b < weights_.double_blocks.size() + weights_.single_blocks.size(); ++b)
     for (Linear* l : weights_.block_linears(b)) add_slots(*l);
   return tensor_storage_bytes(shared) + slots;

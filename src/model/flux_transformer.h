@@ -69,6 +69,10 @@ class FluxTransformer {
   // separate up matrix (slots always stay on the device). Merged LoRAs and set_fp8 are refused while streaming.
   void stream_blocks(const std::vector<bool>& block_resident, int prefetch_depth);
   const BlockStreamer& streaming() const { return streamer_; }
+  // Whether the module (internal name) belongs to a streamed block: its weights live in pinned host memory and pass
+  // through a device buffer shared with other blocks every step, so nothing may write them on the device (no merged
+  // LoRA, no [W | up] slot).
+  bool streamed(const std::string& module) const;
   // Device bytes of each block (execution order; a streamed one: what it uploads per step) and of the rest
   // (embedders, final layer, every runtime LoRA slot): what a memory plan moves or keeps.
   std::vector<uint64_t> block_weight_bytes();

@@ -273,11 +273,14 @@ std::vector<std::vector<Tensor*>> FluxWeights::block_tensors() {
   return out;
 }
 
+std::vector<Linear*> FluxWeights::shared_linears() {
+  return {&img_in, &txt_in, &time_in, &time_out, &vector_in, &vector_out, &guidance_in, &guidance_out, &final_mod,
+          &final_linear};
+}
+
 std::vector<Tensor*> FluxWeights::shared_tensors() {
   std::vector<Tensor*> out;
-  for (Linear* l : {&img_in, &txt_in, &time_in, &time_out, &vector_in, &vector_out, &guidance_in, &guidance_out,
-                    &final_mod, &final_linear})
-    add_linear_tensors(out, *l);
+  for (Linear* l : shared_linears()) add_linear_tensors(out, *l);
   return out;
 }
 

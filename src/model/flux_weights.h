@@ -21,9 +21,6 @@ struct Linear {
   // bf16 `weight` stays as the pristine source it is requantised from (merged LoRA), except in an FP8-only model
   // (loaded from an FP8 checkpoint), whose block linears have no `weight` at all.
   Tensor weight_fp8, weight_scale;
-  // Its block is streamed (memory plan): the weights live in pinned host memory and pass through a device buffer
-  // shared with other blocks every step, so nothing may write them on the device (no merged LoRA, no [W | up]).
-  bool streamed = false;
 };
 
 
@@ -67,6 +64,8 @@ struct FluxWeights {
   // (embedders, final layer).
   std::vector<std::vector<Tensor*>> block_tensors();
   std::vector<Tensor*> shared_tensors();
+  // The linears outside the blocks (embedders, final layer; undefined guidance ones included).
+  std::vector<Linear*> shared_linears();
   // The linears of block b (execution order).
   std::vector<Linear*> block_linears(size_t b);
 

@@ -13,6 +13,7 @@
 #include "backend/backend.h"
 #include "core/compare.h"
 #include "core/error.h"
+#include "../test_support.h"
 
 namespace fluxswap::test {
 
@@ -57,6 +58,14 @@ struct Pair {
     return {gpu.narrow(dim, start, length), cpu.narrow(dim, start, length)};
   }
 };
+
+// A device tensor's bytes on the host, as they are (no conversion).
+inline Tensor download_raw(Backend& gpu, const Tensor& t) {
+  Tensor h = Tensor::empty(t.dtype(), t.shape());
+  gpu.copy_to_host(t, h);
+  gpu.synchronize();
+  return h;
+}
 
 // Random bf16 values on the GPU; the CPU side holds the same values in float32.
 inline Pair random_pair(Backend& gpu, const Shape& shape, uint64_t seed, float std = 1.0f, float mean = 0.0f) {

@@ -16,9 +16,7 @@
 namespace fluxswap {
 namespace {
 
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
+using test::same_bits;
 
 std::vector<bool> every_other(const FluxConfig& c, bool first) {
   std::vector<bool> m(size_t(c.num_layers + c.num_single_layers));

@@ -25,13 +25,6 @@
 namespace fluxswap::test {
 namespace {
 
-Tensor download_codes(Backend& gpu, const Tensor& t) {
-  Tensor h = Tensor::empty(t.dtype(), t.shape());
-  gpu.copy_to_host(t, h);
-  gpu.synchronize();
-  return h;
-}
-
 // [rows, ld] e4m3 codes, all NaN (0x7F, from quantised NaN rows): bytes an op must not write stay so.
 Tensor poisoned_codes(Backend& gpu, int64_t rows, int64_t ld) {
   const Pair nan = nan_pair(gpu, {rows, ld});
@@ -84,7 +77,7 @@ class CudaFp8FusedNorm : public GpuAndCpu, public ::testing::WithParamInterface<
     const Tensor s = gpu_->empty(DType::F32, {B * N});
     gpu_->layer_norm_modulate_fp8(x_.view.gpu, shift_.gpu, scale_.gpu, q, s);
     *scales_host = gpu_->to_host_f32(s);
-    return download_codes(*gpu_, buf);
+    return download_raw(*gpu_, buf);
   }
   RowsCase x_;
   Pair mod_, shift_, scale_;
@@ -102,7 +95,7 @@ TEST_P(CudaFp8FusedNorm, IsTheTwoGpuOpsBitForBit) {
   gpu_->layer_norm_modulate(x_.view.gpu, shift_.gpu, scale_.gpu, y);
   const Tensor q2 = gpu_->empty(DType::F8_E4M3, {B * N, C}), s2 = gpu_->empty(DType::F32, {B * N});
   gpu_->quantize_fp8_rows(y.view({B * N, C}), q2, s2);
-  const Tensor q_two = download_codes(*gpu_, q2), s_two = gpu_->to_host_f32(s2);
+  const Tensor q_two = download_raw(*gpu_, q2), s_two = gpu_->to_host_f32(s2);
 
   EXPECT_EQ(std::memcmp(s_fused.data(), s_two.data(), s_two.nbytes()), 0) << "row scales";
   int64_t bad = 0, pad = 0;
@@ -239,7 +232,7 @@ TEST_P(CudaFp8QuantizedLinear, MatchesLinearFp8AndTheCpu) {
   const double vs_linear = max_rel_error(got, gpu_->to_host_f32(y_lin));
 
   // The CPU on the GPU's own codes and scales.
-  const Tensor codes = download_codes(*gpu_, xq_buf);
+  const Tensor codes = download_raw(*gpu_, xq_buf);
   const Tensor y_cpu = output(*cpu_);
   cpu_->linear_fp8_quantized(codes.view({B, N, ldq}).narrow(2, 0, K), gpu_->to_host_f32(xs), wq.cpu, ws.cpu,
                              bias.cpu, y_cpu, act);
@@ -290,7 +283,7 @@ TEST_P(CudaFp8RowQuantiser, MatchesTheCpuBitForBit) {
   const Tensor buf = poisoned_codes(*gpu_, rows, ldq);
   const Tensor s = gpu_->empty(DType::F32, {rows});
   gpu_->quantize_fp8_rows(x.gpu, buf.narrow(1, 0, cols), s);
-  const Tensor got = download_codes(*gpu_, buf), s_got = gpu_->to_host_f32(s);
+  const Tensor got = download_raw(*gpu_, buf), s_got = gpu_->to_host_f32(s);
   const Tensor want = Tensor::empty(DType::F8_E4M3, {rows, cols}), s_want = Tensor::empty(DType::F32, {rows});
   cpu_->quantize_fp8_rows(x.cpu, want, s_want);
   EXPECT_EQ(std::memcmp(s_got.data(), s_want.data(), s_want.nbytes()), 0) << "row scales";

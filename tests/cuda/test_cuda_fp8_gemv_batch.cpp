@@ -16,17 +16,6 @@
 namespace fluxswap::test {
 namespace {
 
-Tensor raw(Backend& gpu, const Tensor& t) {
-  Tensor h = Tensor::empty(t.dtype(), t.shape());
-  gpu.copy_to_host(t, h);
-  gpu.synchronize();
-  return h;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
-
 // An FP8 linear on the GPU, and its host copy for the CPU reference.
 struct Fp8Linear {
   Tensor wq, ws, bias;              // GPU
@@ -41,7 +30,7 @@ Fp8Linear make_linear(Backend& gpu, int64_t nout, int64_t K, uint64_t seed, bool
   l.wq = gpu.empty(DType::F8_E4M3, {nout, K});
   l.ws = gpu.empty(DType::F32, {nout});
   gpu.quantize_fp8_rows(w.gpu, l.wq, l.ws);
-  l.wq_cpu = raw(gpu, l.wq);
+  l.wq_cpu = download_raw(gpu, l.wq);
   l.ws_cpu = gpu.to_host_f32(l.ws);
   if (with_bias) {
     const Pair b = random_pair(gpu, {nout}, seed + 1, 0.5f);
@@ -77,8 +66,8 @@ std::vector<Backend::Fp8LinearItem> items_of(const std::vector<Fp8Linear>& ls, c
 }
 
 void expect_same_outputs(Backend& gpu, const Outputs& a, const Outputs& b, const std::string& what) {
-  EXPECT_TRUE(same_bytes(raw(gpu, a.wide), raw(gpu, b.wide))) << what << ": outputs in the wide buffer";
-  EXPECT_TRUE(same_bytes(raw(gpu, a.own), raw(gpu, b.own))) << what << ": the output of its own";
+  EXPECT_TRUE(same_bytes(download_raw(gpu, a.wide), download_raw(gpu, b.wide))) << what << ": outputs in the wide buffer";
+  EXPECT_TRUE(same_bytes(download_raw(gpu, a.own), download_raw(gpu, b.own))) << what << ": the output of its own";
 }
 
 struct BatchCase {

@@ -40,17 +40,6 @@ std::string case_name(const Case& c) {
          name_of(c.layout);
 }
 
-Tensor raw(Backend& gpu, const Tensor& t) {
-  Tensor h = Tensor::empty(t.dtype(), t.shape());
-  gpu.copy_to_host(t, h);
-  gpu.synchronize();
-  return h;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
-
 // [rows, ld] e4m3 codes, all NaN (0x7F): bytes an op must not write stay so.
 Tensor poisoned_codes(Backend& gpu, int64_t rows, int64_t ld) {
   const Pair nan = nan_pair(gpu, {rows, ld});
@@ -111,8 +100,8 @@ TEST_P(CudaFusedResidualNorm, Bf16FormIsTheTwoGpuOpsBitForBit) {
                                            normed);
   gpu_->gated_residual(x_of(stream2_), chunk(2).gpu, branch_.gpu);
   gpu_->layer_norm_modulate(x_of(stream2_), chunk(3).gpu, chunk(4).gpu, normed_full2.narrow(1, 2, N).narrow(2, 0, C));
-  EXPECT_TRUE(same_bytes(raw(*gpu_, stream_.gpu), raw(*gpu_, stream2_))) << "the residual stream";
-  EXPECT_TRUE(same_bytes(raw(*gpu_, normed_full.gpu), raw(*gpu_, normed_full2))) << "the normed buffer";
+  EXPECT_TRUE(same_bytes(download_raw(*gpu_, stream_.gpu), download_raw(*gpu_, stream2_))) << "the residual stream";
+  EXPECT_TRUE(same_bytes(download_raw(*gpu_, normed_full.gpu), download_raw(*gpu_, normed_full2))) << "the normed buffer";
   const Tensor cpu_normed = Tensor::empty(DType::F32, {B, N, C});
   check_against_cpu(x_of(stream_.gpu), normed, cpu_normed);
 }
@@ -128,9 +117,9 @@ TEST_P(CudaFusedResidualNorm, Fp8FormIsTheTwoGpuOpsBitForBit) {
   gpu_->gated_residual(x_of(stream2_), chunk(2).gpu, branch_.gpu);
   gpu_->layer_norm_modulate_fp8(x_of(stream2_), chunk(3).gpu, chunk(4).gpu, q_full2.view({B, N, ldq}).narrow(2, 0, C),
                                 s2);
-  EXPECT_TRUE(same_bytes(raw(*gpu_, stream_.gpu), raw(*gpu_, stream2_))) << "the residual stream";
-  EXPECT_TRUE(same_bytes(raw(*gpu_, q_full), raw(*gpu_, q_full2))) << "e4m3 codes (and padding)";
-  EXPECT_TRUE(same_bytes(raw(*gpu_, s), raw(*gpu_, s2))) << "row scales";
+  EXPECT_TRUE(same_bytes(download_raw(*gpu_, stream_.gpu), download_raw(*gpu_, stream2_))) << "the residual stream";
+  EXPECT_TRUE(same_bytes(download_raw(*gpu_, q_full), download_raw(*gpu_, q_full2))) << "e4m3 codes (and padding)";
+  EXPECT_TRUE(same_bytes(download_raw(*gpu_, s), download_raw(*gpu_, s2))) << "row scales";
   const Tensor cpu_normed = Tensor::empty(DType::F32, {B, N, C});
   check_against_cpu(x_of(stream_.gpu), Tensor(), cpu_normed);
 }

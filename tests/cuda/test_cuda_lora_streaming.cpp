@@ -22,10 +22,6 @@ SafetensorsReadOptions small_chunks() {
   return o;
 }
 
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
-
 TEST(CudaLoraStreaming, AStreamedAdapterGivesTheBitsOfOneReadFirst) {
   FLUXSWAP_REQUIRE_FIXTURES();
   FLUXSWAP_CUDA_BACKEND(gpu);

@@ -14,11 +14,8 @@
 namespace fluxswap {
 namespace {
 
+using test::same_bits;
 using test::error_of;
-
-bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.dtype() == b.dtype() && a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.nbytes()) == 0;
-}
 
 TEST(CudaMemoryBudget, AllocatorRefusesToExceedTheLimit) {
   FLUXSWAP_CUDA_BACKEND(gpu);

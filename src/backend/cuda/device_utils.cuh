@@ -10,17 +10,21 @@
 
 namespace fluxswap::cuda {
 
+// Eight bf16 values packed in 16 bytes, as float.
+__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&v)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+
 template <int VEC>
 __device__ inline void load_bf16(const __nv_bfloat16* p, float (&v)[VEC]) {
   if constexpr (VEC == 8) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
+    unpack_bf16x8(*reinterpret_cast<const uint4*>(p), v);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = __bfloat162float(p[i]);

@@ -43,15 +43,6 @@ __device__ __forceinline__ void modulated(const __nv_bfloat16* xr, const __nv_bf
 
 __device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
-__device__ __forceinline__ void unpack_bf16x8(const uint4& raw, float (&v)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
 
 // The gated residual in front of the norm (x += gate[b] * branch), used by the kResidual instantiations only.
 struct Residual {
