@@ -434,21 +434,21 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
   if (!streamer_.active()) modulations_up_front();
   streamer_.begin(be);
-  pending_txt_ = pending_img_ = pending_all_ = Residual{};
+  Residual txt_pending, img_pending, pending;
   for (size_t i = 0; i < nd; ++i) {
     streamer_.before_block(be, i);
     if (streamer_.active()) modulation_of(i);
-    double_block(i, in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f);
+    double_block(i, in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f, txt_pending, img_pending);
   }
   // A single block normalises text and image rows together under one modulation: the streams' own gates go first.
-  apply(rows(buf_.stream, 0, Nt), pending_txt_);
-  apply(rows(buf_.stream, Nt, Ni), pending_img_);
+  apply(rows(buf_.stream, 0, Nt), txt_pending);
+  apply(rows(buf_.stream, Nt, Ni), img_pending);
   for (size_t i = 0; i < ns; ++i) {
     streamer_.before_block(be, nd + i);
     if (streamer_.active()) modulation_of(nd + i);
-    single_block(i, in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f);
+    single_block(i, in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f, pending);
   }
-  apply(buf_.stream, pending_all_);
+  apply(buf_.stream, pending);
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
   if (streamer_.active()) modulation_of(nd + ns);
@@ -458,7 +458,8 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   linear(normed, weights_.final_linear, out);
 }
 
-void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale) {
+void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale, Residual& txt_pending,
+                                   Residual& img_pending) {
   const DoubleBlockWeights& w = weights_.double_blocks[i];
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim(), Nt = Nt_, Ni = Ni_;
 
@@ -482,7 +483,8 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale)
                   cols(proj_in, 0, 3 * D), cols(proj_in, 3 * D, M), cols(proj_in, 3 * D, proj_in.size(2) - 3 * D),
                   cols(attn_mlp, 0, D), attn_mlp, q8, q8_scale, mod, pending};
   };
-  Stream txt = stream_views(0, Nt, buf_.mod_txt[i], pending_txt_), img = stream_views(Nt, Ni, buf_.mod_img[i], pending_img_);
+  Stream txt = stream_views(0, Nt, buf_.mod_txt[i], txt_pending);
+  Stream img = stream_views(Nt, Ni, buf_.mod_img[i], img_pending);
 
   // Joint attention over text and image tokens; each stream has its own projections and norms. (Each stream's
   // branch rows are read by its fused LayerNorm before its projection writes them again.)
@@ -505,7 +507,7 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale)
   }
 }
 
-void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale) {
+void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale, Residual& pending) {
   const SingleBlockWeights& w = weights_.single_blocks[i];
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
@@ -517,13 +519,13 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale)
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
   if (quantized_input(w.linear1)) {
     const Tensor q8 = buf_.normed_q8.view({B_, Nt_ + Ni_, D});
-    norm(buf_.stream, pending_all_, chunk(mod, 0, D), chunk(mod, 1, D), Tensor(), q8, buf_.normed_q8_scale);
+    norm(buf_.stream, pending, chunk(mod, 0, D), chunk(mod, 1, D), Tensor(), q8, buf_.normed_q8_scale);
     be.linear_fp8_quantized(q8, buf_.normed_q8_scale, qkv_proj.weight_fp8, qkv_proj.weight_scale, qkv_proj.bias, qkv,
                             Activation::None);
     be.linear_fp8_quantized(q8, buf_.normed_q8_scale, mlp_in.weight_fp8, mlp_in.weight_scale, mlp_in.bias,
                             cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
   } else {
-    norm(buf_.stream, pending_all_, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed, Tensor(), Tensor());
+    norm(buf_.stream, pending, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed, Tensor(), Tensor());
     linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
     linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
   }
@@ -532,7 +534,7 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale)
 
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
   linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
-  pending_all_ = {chunk(mod, 2, D), buf_.branch};
+  pending = {chunk(mod, 2, D), buf_.branch};
 }
 
 }  // namespace fluxswap

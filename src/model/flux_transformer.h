@@ -114,10 +114,10 @@ class FluxTransformer {
   void modulation_of(size_t block);
   static bool quantized_input(const Linear& l) { return l.weight_fp8.defined() && !l.lora_down.defined(); }
   // qk_scale: the block's FP8 attention scale (unused in bf16 attention).
-  // Each leaves its last gated residual pending (pending_txt_ / pending_img_, pending_all_) for the next LayerNorm.
-  void double_block(size_t i, const Tensor& rope, float qk_scale);
-  void single_block(size_t i, const Tensor& rope, float qk_scale);
-  Residual pending_txt_, pending_img_, pending_all_;
+  // Each applies the residual the previous block left pending (per stream, or over all rows) in its first
+  // LayerNorm and leaves its own last one there for the next.
+  void double_block(size_t i, const Tensor& rope, float qk_scale, Residual& txt_pending, Residual& img_pending);
+  void single_block(size_t i, const Tensor& rope, float qk_scale, Residual& pending);
 
   FluxConfig config_;
   FluxWeights weights_;

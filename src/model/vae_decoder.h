@@ -102,8 +102,8 @@ class VaeDecoder {
 
   // Under a memory budget: offload() frees the device weights (kept in host memory, pinned on the GPU) and the
   // arenas, onload() brings the weights back in one transfer. Results are bit-identical either way. Both
-  // idempotent; decoding refuses to run while offloaded. release_buffers() frees only the arenas (and with them the
-  // last decode_to_rgb8 result).
+  // idempotent; decoding refuses to run while offloaded. release_buffers() frees the arenas (and with them the last
+  // decode_to_rgb8 result) and the backend's convolution scratch, not the weights.
   void offload();
   void onload();
   bool resident() const { return offload_.resident(); }
