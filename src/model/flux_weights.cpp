@@ -354,22 +354,22 @@ FluxWeights load_flux_weights(const FluxCheckpoint& ck, Backend& backend, Weight
   std::set<std::string> used;
   size_t bytes = 0;
   for (const WeightSpec& spec : flux_weight_specs(ck.config, ck.naming)) {
+    const bool host = on_host(spec.name);
+    auto place = [&](const std::string& name, const Tensor& t, Tensor dev) {
+      bytes += host ? 0 : dev.nbytes();
+      m.emplace(name, host ? t : std::move(dev));
+    };
     if (fp8_weights.count(spec.name)) {
       const std::string module = spec.name.substr(0, spec.name.size() - 7);
       Tensor q = Tensor::empty(DType::F8_E4M3, spec.shape), scales = Tensor::empty(DType::F32, {spec.shape[0]});
       assemble_fp8(ck, spec, q, scales, used);
-      for (const auto& [name, t] : {std::pair{module + ".weight_fp8", q}, {module + ".weight_scale", scales}}) {
-        Tensor dev = on_host(name) ? t : upload_as_is(backend, t);
-        bytes += on_host(name) ? 0 : dev.nbytes();
-        m.emplace(name, std::move(dev));
-      }
+      for (const auto& [name, t] : {std::pair{module + ".weight_fp8", q}, {module + ".weight_scale", scales}})
+        place(name, t, host ? Tensor() : upload_as_is(backend, t));
       continue;
     }
-    Tensor host = Tensor::empty(backend.compute_dtype(), spec.shape);
-    assemble(ck, spec, host, used);
-    Tensor dev = on_host(spec.name) ? host : backend.upload_weight(host);
-    bytes += on_host(spec.name) ? 0 : dev.nbytes();
-    m.emplace(spec.name, std::move(dev));
+    Tensor t = Tensor::empty(backend.compute_dtype(), spec.shape);
+    assemble(ck, spec, t, used);
+    place(spec.name, t, host ? Tensor() : backend.upload_weight(t));
   }
   if (report) {
     report->tensors_loaded = m.size();
