@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "core/compare.h"
@@ -94,6 +95,68 @@ TEST_P(Fp8AttentionOp, CloseToExactAttention) {
 INSTANTIATE_TEST_SUITE_P(Shapes, Fp8AttentionOp,
                          ::testing::Values(AttentionCase{1, 2, 64, 16}, AttentionCase{2, 3, 77, 32},
                                            AttentionCase{1, 2, 129, 128}));
+
+// The e4m3 form keeps the values attention_fp8 writes: its codes times the one row scale are exactly them.
+TEST(Fp8AttentionOp, RowsFormHoldsTheSameValues) {
+  const int64_t B = 2, H = 2, S = 40, D = 16;
+  auto be = make_cpu_backend();
+  std::mt19937 rng(5);
+  Tensor q8 = Tensor::empty(DType::F8_E4M3, {B, H, S, D}), k8 = Tensor::empty(DType::F8_E4M3, {B, H, S, D});
+  for (Tensor* t : {&q8, &k8}) {
+    const Tensor f = random_tensor({B, H, S, D}, rng, 60.0f);
+    for (int64_t i = 0; i < f.numel(); ++i) t->ptr<uint8_t>()[i] = quant::e4m3_from_f32(f.ptr<float>()[i]);
+  }
+  const Tensor v = random_tensor({B, H, S, D}, rng, 2.0f);
+  float vmax = 0;
+  for (int64_t i = 0; i < v.numel(); ++i) vmax = std::max(vmax, std::fabs(v.ptr<float>()[i]));
+  Tensor amax = Tensor::zeros(DType::F32, {1});
+  Tensor out = Tensor::empty(DType::F32, {B, S, H * D}), out8 = Tensor::empty(DType::F8_E4M3, {B, S, H * D});
+  Tensor scale = Tensor::empty(DType::F32, {B * S});
+  amax.ptr<float>()[0] = vmax;
+  be->attention_fp8(q8, k8, v, 8.0f, amax, out);
+  amax.ptr<float>()[0] = vmax;
+  be->attention_fp8_rows(q8, k8, v, 8.0f, amax, out8, scale);
+  EXPECT_EQ(amax.ptr<float>()[0], 0.0f) << "left at zero for the next layer";
+  int64_t mismatches = 0;
+  for (int64_t r = 0; r < B * S; ++r) {
+    EXPECT_EQ(scale.ptr<float>()[r], scale.ptr<float>()[0]) << "one scale for every row";
+    for (int64_t c = 0; c < H * D; ++c)
+      mismatches += quant::e4m3_to_f32(out8.ptr<uint8_t>()[r * H * D + c]) * scale.ptr<float>()[r] !=
+                    out.ptr<float>()[r * H * D + c];
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_GT(max_rel_error(Tensor::zeros(DType::F32, out.shape()), out), 0.0) << "an all-zero output tests nothing";
+}
+
+// quantize_fp8_rows_joined is the row quantiser of [a8 * a_scale | b]: codes and scales bit for bit, with b a
+// strided view and several batches.
+TEST(Fp8JoinedRows, EqualTheRowQuantiserOfTheJoinedValues) {
+  auto be = make_cpu_backend();
+  std::mt19937 rng(9);
+  const int64_t Bn = 2, N = 5, rows = Bn * N, ca = 24, cb = 40;
+  Tensor a8 = Tensor::empty(DType::F8_E4M3, {rows, ca}), a_scale = random_tensor({rows}, rng, 1.0f);
+  const Tensor af = random_tensor({rows, ca}, rng, 100.0f);
+  for (int64_t i = 0; i < af.numel(); ++i) a8.ptr<uint8_t>()[i] = quant::e4m3_from_f32(af.ptr<float>()[i]);
+  for (int64_t r = 0; r < rows; ++r) a_scale.ptr<float>()[r] = std::fabs(a_scale.ptr<float>()[r]) + 0.01f;
+  a_scale.ptr<float>()[3] = 1e-6f;  // a row where b dominates
+  const Tensor wide = random_tensor({Bn, N, cb + 8}, rng, 3.0f);
+  const Tensor b = wide.narrow(2, 4, cb);
+  Tensor joined = Tensor::empty(DType::F32, {rows, ca + cb});
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < ca; ++c)
+      joined.ptr<float>()[r * (ca + cb) + c] = quant::e4m3_to_f32(a8.ptr<uint8_t>()[r * ca + c]) * a_scale.ptr<float>()[r];
+    for (int64_t c = 0; c < cb; ++c) joined.ptr<float>()[r * (ca + cb) + ca + c] = b.ptr<float>()[(r / N) * b.stride(0) + (r % N) * b.stride(1) + c];
+  }
+  Tensor q = Tensor::empty(DType::F8_E4M3, {rows, ca + cb}), qs = Tensor::empty(DType::F32, {rows});
+  Tensor ref = Tensor::empty(DType::F8_E4M3, {rows, ca + cb}), refs = Tensor::empty(DType::F32, {rows});
+  be->quantize_fp8_rows_joined(a8, a_scale, b, q, qs);
+  be->quantize_fp8_rows(joined, ref, refs);
+  EXPECT_EQ(std::memcmp(q.data(), ref.data(), size_t(q.nbytes())), 0);
+  EXPECT_EQ(std::memcmp(qs.data(), refs.data(), size_t(qs.nbytes())), 0);
+  using ::testing::HasSubstr;
+  EXPECT_THAT(test::error_of([&] { be->quantize_fp8_rows_joined(a8, a_scale, b.narrow(1, 0, 4), q, qs); }),
+              HasSubstr("rows"));
+}
 
 TEST(Fp8AttentionOp, BadArgumentsNameTheProblem) {
   auto be = make_cpu_backend();

@@ -115,6 +115,12 @@ class Backend {
   // written in the compute dtype as rows [B, S, H*D]. Leaves v_amax = 0 for the next layer's qk_norm_rope_fp8.
   virtual void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
                              const Tensor& v_amax, const Tensor& out);
+  // attention_fp8 with the output kept in e4m3 for FP8 linears to read (linear_fp8_quantized,
+  // quantize_fp8_rows_joined): out8 F8_E4M3 [B, S, H*D] contiguous holds the output's codes at its one scale, and
+  // out_scale F32 [B * S] that scale's inverse for every row (all equal), so out8 * out_scale are the values
+  // attention_fp8 writes before rounding them to the compute dtype. Leaves v_amax = 0 as attention_fp8 does.
+  virtual void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                                  const Tensor& v_amax, const Tensor& out8, const Tensor& out_scale);
 
   // x += gate[b] * y.  x, y rows [B, N, C]; gate [B, C].
   virtual void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) = 0;
@@ -143,6 +149,12 @@ class Backend {
   // q[r] = e4m3(x[r] / scale[r]) with scale[r] = max|x[r]| / 448: x a 2-D view with contiguous rows in the compute
   // dtype, q F8_E4M3 [rows, cols] (row stride >= cols), scale F32 [rows]. Quantises weights per output feature.
   virtual void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale);
+  // quantize_fp8_rows of rows made of two parts side by side, [a | b]: a8 F8_E4M3 [rows, Ca] (row stride >= Ca)
+  // with a_scale F32 [rows] (its values a8 * a_scale, each product rounded to float32), b rows [B, N, Cb] in the
+  // compute dtype (B * N = rows, evenly strided); q F8_E4M3 [rows, Ca + Cb] (row stride >= Ca + Cb), scale F32
+  // [rows]. A single block's linear2 input: the attention output as attention_fp8_rows left it, beside the MLP's.
+  virtual void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
+                                        const Tensor& scale);
   // y = act(fp8(x) wq^T * (x's row scales outer w_scale) + bias): x rows as for linear(), quantised per row on the
   // fly; wq F8_E4M3 [Nout, K] (row stride >= K), w_scale F32 [Nout].
   virtual void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,

@@ -55,6 +55,13 @@ void Backend::qk_norm_rope_fp8(const Tensor&, const Tensor&, const Tensor&, cons
 void Backend::attention_fp8(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&, const Tensor&) {
   throw Error("FP8 attention is not supported by the " + name() + " backend");
 }
+void Backend::attention_fp8_rows(const Tensor&, const Tensor&, const Tensor&, float, const Tensor&, const Tensor&,
+                                 const Tensor&) {
+  throw Error("FP8 attention is not supported by the " + name() + " backend");
+}
+void Backend::quantize_fp8_rows_joined(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("FP8 is not supported by the " + name() + " backend");
+}
 void Backend::add_lora_branch(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {
   throw Error("add_lora_branch is not implemented by the " + name() + " backend");
 }

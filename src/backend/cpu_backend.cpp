@@ -382,6 +382,33 @@ class CpuBackend final : public Backend {
     v_amax.ptr<float>()[0] = 0.0f;
   }
 
+  void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
+                          const Tensor& out8, const Tensor& out_scale) override {
+    cpu_ops::attention_fp8(q8, k8, v, qk_scale, v_amax.ptr<float>()[0], Tensor(), out8, out_scale);
+    v_amax.ptr<float>()[0] = 0.0f;
+  }
+
+  // The float32 values of [a8 * a_scale | b], then the row quantiser.
+  void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
+                                const Tensor& scale) override {
+    const char* op = "quantize_fp8_rows_joined";
+    const Fp8Rows A = fp8_rows_of(a8, op, "a8");
+    const Rows Bv = rows_of(b, op, "b");
+    const int64_t rows = A.B * A.N, ca = A.C, cb = Bv.C;
+    if (Bv.B * Bv.N != rows || (Bv.B != 1 && Bv.sb != Bv.N * Bv.sn))
+      cpu_ops::fail(op, "b must have a8's " + std::to_string(rows) + " rows, evenly strided, got " + shape_str(b.shape()));
+    check_row_scales(a_scale, rows, op, "a_scale");
+    check_fp8_rows(q, scale, rows, ca + cb, op);
+    std::vector<float> joined(size_t(rows * (ca + cb)));
+    for (int64_t r = 0; r < rows; ++r) {
+      float* j = joined.data() + r * (ca + cb);
+      const uint8_t* ar = A.row(r / A.N, r % A.N);
+      for (int64_t c = 0; c < ca; ++c) j[c] = quant::e4m3_to_f32(ar[c]) * a_scale.ptr<float>()[r];
+      std::memcpy(j + ca, Bv.row(r / Bv.N, r % Bv.N), size_t(cb) * sizeof(float));
+    }
+    quant::quantize_rows_e4m3(joined.data(), ca + cb, rows, ca + cb, q.ptr<uint8_t>(), q.stride(0), scale.ptr<float>());
+  }
+
   void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {
     Rows X = rows_of(x, "gated_residual", "residual"), Y = rows_of(y, "gated_residual", "gated branch");
     Vecs G = vecs_of(gate, "gate");

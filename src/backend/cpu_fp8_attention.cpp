@@ -47,19 +47,29 @@ float max_abs_rows(const Tensor& v, int64_t seq_offset, int64_t n) {
 }
 
 void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, float v_amax,
-                   const Tensor& out) {
-  const char* op = "attention_fp8";
+                   const Tensor& out, const Tensor& out8, const Tensor& out_scale) {
+  const char* op = out8.defined() ? "attention_fp8_rows" : "attention_fp8";
   if (q8.ndim() != 4) fail(op, "q8 must be [B, H, S, D], got " + shape_str(q8.shape()));
   const int64_t B = q8.size(0), H = q8.size(1), S = q8.size(2), D = q8.size(3);
   check_heads(q8, DType::F8_E4M3, q8.shape(), op, "q8");
   check_heads(k8, DType::F8_E4M3, q8.shape(), op, "k8");
   check_heads(v, DType::F32, q8.shape(), op, "v");
-  const Rows O = rows_of(out, op, "output");
-  if (O.B != B || O.N != S || O.C != H * D) fail(op, "output " + shape_str(out.shape()) + " does not match q8");
+  Rows O{};
+  if (out8.defined()) {
+    if (out8.dtype() != DType::F8_E4M3 || out8.shape() != Shape{B, S, H * D} || !out8.is_contiguous())
+      fail(op, "out8 must be F8_E4M3 " + shape_str({B, S, H * D}) + " contiguous, got " + shape_str(out8.shape()));
+    if (out_scale.dtype() != DType::F32 || out_scale.numel() != B * S || !out_scale.is_contiguous())
+      fail(op, "out_scale must be F32 [" + std::to_string(B * S) + "] contiguous, got " + shape_str(out_scale.shape()));
+  } else {
+    O = rows_of(out, op, "output");
+    if (O.B != B || O.N != S || O.C != H * D) fail(op, "output " + shape_str(out.shape()) + " does not match q8");
+  }
   if (!(qk_scale > 0.0f) || !std::isfinite(qk_scale)) fail(op, "qk_scale must be a positive finite number");
 
   const float v_scale = quant::kE4m3Max / std::max(v_amax, quant::kE4m3AmaxFloor);
   const float p_scale = quant::kE4m3Max, o_scale = v_scale;
+  const float o_descale = 1.0f / o_scale;  // the GPU multiplies by the reciprocal, as here
+  if (out8.defined()) std::fill_n(out_scale.ptr<float>(), B * S, o_descale);
   const int64_t n = B * H * S * D;
   std::vector<float> qd(static_cast<size_t>(n)), kd(static_cast<size_t>(n)), vd(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
@@ -88,8 +98,13 @@ void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk
                 vd.data() + head, int(D), 0.0f, o.data(), int(D));
     const int64_t b = bh / H, h = bh % H;
     for (int64_t i = 0; i < S; ++i)
-      for (int64_t d = 0; d < D; ++d)
-        O.row(b, i)[h * D + d] = round_e4m3(float(o[size_t(i * D + d)] / row_sum[size_t(i)]) * o_scale) / o_scale;
+      for (int64_t d = 0; d < D; ++d) {
+        const uint8_t code = quant::e4m3_from_f32(float(o[size_t(i * D + d)] / row_sum[size_t(i)]) * o_scale);
+        if (out8.defined())
+          out8.ptr<uint8_t>()[(b * S + i) * H * D + h * D + d] = code;
+        else
+          O.row(b, i)[h * D + d] = quant::e4m3_to_f32(code) * o_descale;
+      }
   }
 }
 

@@ -55,8 +55,10 @@ void quantize_qk_heads_e4m3(const Tensor& q, const Tensor& k, int64_t seq_offset
                             const Tensor& q8, const Tensor& k8);
 // max |v| over the same positions.
 float max_abs_rows(const Tensor& v, int64_t seq_offset, int64_t n);
+// The output as rows [B, S, H*D] of float32 values (out), or, with out8 defined, as their e4m3 codes (F8_E4M3
+// [B, S, H*D] contiguous) and every row's scale in out_scale (F32 [B * S]).
 void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, float v_amax,
-                   const Tensor& out);
+                   const Tensor& out, const Tensor& out8 = Tensor(), const Tensor& out_scale = Tensor());
 
 // --- Shared helpers.
 

@@ -381,6 +381,12 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
     buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
     buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
   }
+  if (fp8_ && fp8_attention_) {
+    buf_.attn_q8 = backend_.empty(DType::F8_E4M3, {batch, S, D});
+    buf_.attn_q8_scale = backend_.empty(DType::F32, {batch * S});
+    buf_.attn_mlp_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D + M});
+    buf_.attn_mlp_q8_scale = backend_.empty(DType::F32, {batch * S});
+  }
   prepared_lora_rank_ = lora_rank_;
   prepared_fp8_ = fp8_;
   prepared_fp8_attention_ = fp8_attention_;
@@ -485,6 +491,9 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   };
   Stream txt = stream_views(0, Nt, buf_.mod_txt[i], txt_pending);
   Stream img = stream_views(Nt, Ni, buf_.mod_img[i], img_pending);
+  // FP8 attention's e4m3 output goes straight into FP8 projections (one scale for all rows, so any B * n of them
+  // serve as a stream's row scales).
+  const bool e4m3_out = fp8_attention_ && quantized_input(w.txt_proj) && quantized_input(w.img_proj);
 
   // Joint attention over text and image tokens; each stream has its own projections and norms. (Each stream's
   // branch rows are read by its fused LayerNorm before its projection writes them again.)
@@ -493,9 +502,17 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
                 s->qkv, Activation::None);
   qk_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, qk_scale);
   qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
-  attend(cols(buf_.attn_mlp, 0, D), qk_scale);
-  linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
-  linear_roomy(img.attn_room, D, w.img_proj, img.branch);
+  if (e4m3_out) {
+    backend_.attention_fp8_rows(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
+    for (auto [start, n, proj, branch] : {std::tuple{int64_t(0), Nt, &w.txt_proj, &txt.branch},
+                                          std::tuple{Nt, Ni, &w.img_proj, &img.branch}})
+      backend_.linear_fp8_quantized(rows(buf_.attn_q8, start, n), buf_.attn_q8_scale.narrow(0, 0, B * n),
+                                    proj->weight_fp8, proj->weight_scale, proj->bias, *branch, Activation::None);
+  } else {
+    attend(cols(buf_.attn_mlp, 0, D), qk_scale);
+    linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
+    linear_roomy(img.attn_room, D, w.img_proj, img.branch);
+  }
 
   // Feed-forward, per stream: the attention's residual goes in with the LayerNorm, the MLP's stays pending.
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
@@ -530,10 +547,20 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
     linear_roomy(buf_.normed_room, D, mlp_in, cols(buf_.attn_mlp, D, M), Activation::GeluTanh, true);
   }
   qk_rope(qkv, w.q_norm, w.k_norm, rope, 0, qk_scale);
-  attend(cols(buf_.attn_mlp, 0, D), qk_scale);
-
-  // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place.
-  linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
+  // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place. With FP8
+  // attention and an FP8 linear2, the attention's e4m3 output is quantised with the MLP's rows from its codes.
+  if (fp8_attention_ && quantized_input(w.linear2)) {
+    const int64_t rows_all = B_ * (Nt_ + Ni_);
+    be.attention_fp8_rows(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
+    be.quantize_fp8_rows_joined(buf_.attn_q8.view({rows_all, D}), buf_.attn_q8_scale, cols(buf_.attn_mlp, D, M),
+                                buf_.attn_mlp_q8, buf_.attn_mlp_q8_scale);
+    be.linear_fp8_quantized(buf_.attn_mlp_q8.view({B_, Nt_ + Ni_, D + M}), buf_.attn_mlp_q8_scale,
+                            w.linear2.weight_fp8, w.linear2.weight_scale, w.linear2.bias, buf_.branch,
+                            Activation::None);
+  } else {
+    attend(cols(buf_.attn_mlp, 0, D), qk_scale);
+    linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
+  }
   pending = {chunk(mod, 2, D), buf_.branch};
 }
 

@@ -162,6 +162,9 @@ class FluxTransformer {
     // scales [B * S]: a double block's text stream takes the first B * Nt rows as [B, Nt, D], its image stream the
     // rest; a single block all of them as [B, S, D].
     Tensor normed_q8, normed_q8_scale;
+    // FP8 attention with FP8 linears: its e4m3 output [B, S, D] with every row's scale [B * S] (attention_fp8_rows),
+    // and a single block's linear2 input quantised from it and the MLP rows, [B * S, D + M] with row scales.
+    Tensor attn_q8, attn_q8_scale, attn_mlp_q8, attn_mlp_q8_scale;
   } buf_;
 };
 

@@ -4,7 +4,11 @@
 // Tolerance: the GPU rounds bf16 inputs and quantises probabilities against a running row maximum (the CPU against
 // the true one), so e4m3 codes differ at rounding boundaries: max|a-b| <= 8% of max|b|, cosine >= 0.998 for the op;
 // the transformers as the FP8 linear test, 5e-2 and 0.999 (measured values are printed).
+#include <random>
+
 #include "../fixture_transformer.h"
+#include "core/dtype.h"
+#include "quant/fp8.h"
 #include "cuda_test_util.h"
 #include "gpu_fixture_model.h"
 
@@ -67,6 +71,24 @@ TEST_P(CudaFp8AttentionOp, MatchesTheCpuReferenceEagerAndReplayed) {
   EXPECT_LE(err, 0.08 * mag);
   EXPECT_GE(cos, 0.998);
   EXPECT_EQ(gpu->to_host_f32(g.amax).ptr<float>()[0], 0.0f) << "v_amax left at zero";
+
+  // The e4m3 form: the same cuDNN output as codes and one row scale, which the bf16 form multiplies out and rounds.
+  {
+    const Tensor out8 = gpu->empty(DType::F8_E4M3, {B, S, H * D}), scale = gpu->empty(DType::F32, {B * S});
+    gpu->qk_norm_rope_fp8(qkv.gpu.narrow(1, 0, half), q_norm.gpu, k_norm.gpu, rope.gpu, 0, qk_scale, g.q8, g.k8, g.v,
+                          g.amax);
+    gpu->qk_norm_rope_fp8(qkv.gpu.narrow(1, half, S - half), q_norm.gpu, k_norm.gpu, rope.gpu, half, qk_scale, g.q8,
+                          g.k8, g.v, g.amax);
+    gpu->attention_fp8_rows(g.q8, g.k8, g.v, qk_scale, g.amax, out8, scale);
+    const Tensor codes = download_raw(*gpu, out8), scales = download_raw(*gpu, scale);
+    EXPECT_EQ(gpu->to_host_f32(g.amax).ptr<float>()[0], 0.0f) << "v_amax left at zero";
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < codes.numel(); ++i) {
+      const float value = quant::e4m3_to_f32(codes.ptr<uint8_t>()[i]) * scales.ptr<float>()[i / (H * D)];
+      mismatches += bf16_to_f32(f32_to_bf16(value)) != eager.ptr<float>()[i];
+    }
+    EXPECT_EQ(mismatches, 0) << "the e4m3 form holds the values the bf16 form writes";
+  }
 
   // Replays of a recording give the eager result bit for bit (every scale is computed on the device).
   auto work = gpu->record([&] { run(*gpu, g, qkv.gpu, q_norm.gpu, k_norm.gpu, rope.gpu); });
@@ -132,6 +154,45 @@ TEST(CudaFp8AttentionFluxSize, RepeatsBitForBit) {
               worst);
   EXPECT_EQ(differing_runs, 0);
 }
+
+// The row quantiser of [a8 * a_scale | b] (a single block's linear2 input with the attention output in e4m3) on the
+// GPU against the CPU reference, bit for bit: FLUX's widths (shared-memory path), batches with a strided b, and
+// widths only the element-wise path takes.
+struct JoinedCase {
+  int64_t B, N, ca, cb;
+};
+class CudaFp8JoinedRows : public ::testing::TestWithParam<JoinedCase> {};
+
+TEST_P(CudaFp8JoinedRows, MatchTheCpuBitForBit) {
+  const auto [Bn, N, ca, cb] = GetParam();
+  FLUXSWAP_CUDA_BACKEND(gpu);
+  auto cpu = make_cpu_backend();
+  const int64_t rows = Bn * N;
+  std::mt19937 rng(uint32_t(rows + ca + cb));
+  std::normal_distribution<float> normal(0.0f, 80.0f);
+  Tensor a8 = Tensor::empty(DType::F8_E4M3, {rows, ca}), a_scale = Tensor::empty(DType::F32, {rows});
+  for (int64_t i = 0; i < a8.numel(); ++i) a8.ptr<uint8_t>()[i] = quant::e4m3_from_f32(normal(rng));
+  for (int64_t r = 0; r < rows; ++r) a_scale.ptr<float>()[r] = 0.002f * float(r % 7 + 1);
+  const Pair wide = random_pair(*gpu, {Bn, N, cb + 8}, 31, 0.5f);
+  const Pair b = wide.narrow(2, 8, cb);
+  const Tensor a8_gpu = gpu->empty(DType::F8_E4M3, {rows, ca}), scale_gpu = gpu->empty(DType::F32, {rows});
+  gpu->copy_from_host(a8, a8_gpu);
+  gpu->copy_from_host(a_scale, scale_gpu);
+  const Tensor q = gpu->empty(DType::F8_E4M3, {rows, ca + cb}), qs = gpu->empty(DType::F32, {rows});
+  gpu->quantize_fp8_rows_joined(a8_gpu, scale_gpu, b.gpu, q, qs);
+  Tensor ref = Tensor::empty(DType::F8_E4M3, {rows, ca + cb}), refs = Tensor::empty(DType::F32, {rows});
+  cpu->quantize_fp8_rows_joined(a8, a_scale, b.cpu, ref, refs);
+  const Tensor got = download_raw(*gpu, q), got_s = download_raw(*gpu, qs);
+  int64_t codes = 0, scales = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) codes += got.ptr<uint8_t>()[i] != ref.ptr<uint8_t>()[i];
+  for (int64_t r = 0; r < rows; ++r) scales += got_s.ptr<float>()[r] != refs.ptr<float>()[r];
+  EXPECT_EQ(codes, 0);
+  EXPECT_EQ(scales, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Widths, CudaFp8JoinedRows,
+                         ::testing::Values(JoinedCase{1, 64, 3072, 12288}, JoinedCase{2, 5, 32, 48},
+                                           JoinedCase{1, 7, 24, 40}));
 
 class CudaFp8AttentionTransformer : public ::testing::TestWithParam<std::string> {};
 

@@ -355,6 +355,8 @@ class CudaBackend final : public Backend {
                         const Tensor& v_amax) override;
   void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                      const Tensor& out) override;
+  void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
+                          const Tensor& out8, const Tensor& out_scale) override;
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
     const char* op = "attention";
@@ -409,6 +411,8 @@ class CudaBackend final : public Backend {
 
   // Defined in cuda_fp8_ops.cpp.
   void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override;
+  void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
+                                const Tensor& scale) override;
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override;
   void layer_norm_modulate_fp8(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& q,
@@ -472,6 +476,11 @@ class CudaBackend final : public Backend {
                                 seq_offset, heads, fp8, stream());
     });
   }
+
+  // FP8 attention up to cuDNN's e4m3 output in o8 (checks, buffers, v quantised): the part attention_fp8 and
+  // attention_fp8_rows share. Returns the device scalars it used (cuda_fp8_attention_ops.cpp).
+  float* run_fp8_attention(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
+                           uint8_t* o8, const char* op);
 
   // Runs one op's launches, between an event pair while profiling (never inside a recording).
   template <class F>

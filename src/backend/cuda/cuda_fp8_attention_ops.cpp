@@ -40,18 +40,15 @@ void CudaBackend::qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, cons
   qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, v, v, v, &target, op);
 }
 
-void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
-                                const Tensor& v_amax, const Tensor& out) {
-  const char* op = "attention_fp8";
+// Checks, v quantised, cuDNN's e4m3 attention into o8 (contiguous [B, S, H*D]); returns the slots it used.
+float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                                      const Tensor& v_amax, uint8_t* o8, const char* op) {
   check_heads(v, DType::BF16, v.shape(), op, "v");
   check_heads(q8, DType::F8_E4M3, v.shape(), op, "q8");
   check_heads(k8, DType::F8_E4M3, v.shape(), op, "k8");
   check_amax(v_amax, op);
   check_qk_scale(qk_scale, op);
   const int64_t B = v.size(0), H = v.size(1), S = v.size(2), D = v.size(3);
-  const cuda::RowsView O = rows_of(out, op, "output");
-  if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match v");
-  // cuDNN writes e4m3 rows [B, S, H*D] (contiguous) into a scratch buffer that the dequantisation reads.
   const cuda::AttentionShape shape{B, H, S, D, S * H * D, H * D, /*fp8=*/true};
   if (attention_mode_ == AttentionMode::Naive) bad(op, "needs cuDNN (FLUXSWAP_ATTENTION=naive is set)");
   if (!cudnn_ || !cudnn_->has_plan(shape)) {
@@ -66,18 +63,50 @@ void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor
   }
   if (!fp8_attention_v8_.defined() || fp8_attention_v8_.numel() < n) {
     if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
-    fp8_attention_retired_.push_back(fp8_attention_v8_);  // a recording may still use the outgrown ones
-    fp8_attention_retired_.push_back(fp8_attention_o8_);
+    fp8_attention_retired_.push_back(fp8_attention_v8_);  // a recording may still use the outgrown one
     fp8_attention_v8_ = empty(DType::F8_E4M3, {n});
-    fp8_attention_o8_ = empty(DType::F8_E4M3, {n});
   }
   float* slots = fp8_attention_slots_.ptr<float>();
   auto* v8 = static_cast<uint8_t*>(fp8_attention_v8_.data());
+  cuda::launch_quantize_v_e4m3(v.ptr<__nv_bfloat16>(), v8, n, v_amax.ptr<float>(), qk_scale, slots, stream());
+  cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots);
+  return slots;
+}
+
+void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                                const Tensor& v_amax, const Tensor& out) {
+  const char* op = "attention_fp8";
+  const cuda::RowsView O = rows_of(out, op, "output");
+  if (v.ndim() != 4 || O.B != v.size(0) || O.N != v.size(2) || O.C != v.size(1) * v.size(3))
+    bad(op, "output " + shape_str(out.shape()) + " does not match v " + shape_str(v.shape()));
+  // cuDNN writes e4m3 rows [B, S, H*D] (contiguous) into a scratch buffer that the dequantisation reads.
+  const int64_t n = v.numel();
+  if (!fp8_attention_o8_.defined() || fp8_attention_o8_.numel() < n) {
+    if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
+    fp8_attention_retired_.push_back(fp8_attention_o8_);
+    fp8_attention_o8_ = empty(DType::F8_E4M3, {n});
+  }
   auto* o8 = static_cast<uint8_t*>(fp8_attention_o8_.data());
   timed(op, [&] {
-    cuda::launch_quantize_v_e4m3(v.ptr<__nv_bfloat16>(), v8, n, v_amax.ptr<float>(), qk_scale, slots, stream());
-    cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots);
+    const float* slots = run_fp8_attention(q8, k8, v, qk_scale, v_amax, o8, op);
     cuda::launch_dequantize_attention_e4m3(o8, slots, v_amax.ptr<float>(), O, stream());
+  });
+}
+
+void CudaBackend::attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
+                                     const Tensor& v_amax, const Tensor& out8, const Tensor& out_scale) {
+  const char* op = "attention_fp8_rows";
+  check_cuda_tensor(out8, op, "out8", DType::F8_E4M3);
+  if (v.ndim() != 4 || out8.shape() != Shape{v.size(0), v.size(2), v.size(1) * v.size(3)} || !out8.is_contiguous())
+    bad(op, "out8 must be [B, S, H*D] contiguous for v " + shape_str(v.shape()) + ", got " + shape_str(out8.shape()));
+  if (reinterpret_cast<uintptr_t>(out8.data()) % 16) bad(op, "out8 must be 16-byte aligned");
+  check_cuda_tensor(out_scale, op, "out_scale", DType::F32);
+  const int64_t rows = v.size(0) * v.size(2);
+  if (out_scale.numel() != rows || !out_scale.is_contiguous())
+    bad(op, "out_scale must be F32 [" + std::to_string(rows) + "] contiguous, got " + shape_str(out_scale.shape()));
+  timed(op, [&] {
+    const float* slots = run_fp8_attention(q8, k8, v, qk_scale, v_amax, static_cast<uint8_t*>(out8.data()), op);
+    cuda::launch_output_scales(slots, v_amax.ptr<float>(), out_scale.ptr<float>(), rows, stream());
   });
 }
 

@@ -166,6 +166,24 @@ void CudaBackend::quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tens
   });
 }
 
+void CudaBackend::quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
+                                           const Tensor& scale) {
+  const char* op = "quantize_fp8_rows_joined";
+  const Fp8RowsView A = fp8_rows_view(a8, op, "a8");
+  if (A.B != 1 && A.sb != A.N * A.sn) bad(op, "a8 rows must be evenly strided across the batch");
+  const Matrix Bm = as_matrix(rows_of(b, op, "b"), op, "b");
+  const int64_t rows = A.B * A.N, ca = A.C, cb = b.size(-1);
+  if (Bm.rows != rows) bad(op, "b has " + std::to_string(Bm.rows) + " rows, a8 " + std::to_string(rows));
+  check_row_scales(a_scale, rows, op, "a_scale");
+  check_fp8_rows(q, scale, ca + cb, op, "output");
+  if (q.size(0) != rows) bad(op, "output must have " + std::to_string(rows) + " rows");
+  timed(op, [&] {
+    launch_quantize_joined_rows_e4m3(A.p, A.sn, a_scale.ptr<float>(), ca, static_cast<const __nv_bfloat16*>(Bm.p),
+                                     Bm.ld, cb, rows, static_cast<uint8_t*>(q.data()), q.stride(0),
+                                     scale.ptr<float>(), stream(), op);
+  });
+}
+
 void CudaBackend::set_fp8_fast_accumulation(bool on) {
   if (on == fp8_fast_accum_) return;
   if (capturing_) bad("set_fp8_fast_accumulation", "cannot change while recording");

@@ -1,6 +1,8 @@
 #include "backend/cuda/cudnn_attention.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -14,6 +16,15 @@
 #endif
 
 namespace fluxswap::cuda {
+
+InputFence input_fence_from_env() {
+  const char* env = std::getenv("FLUXSWAP_ATTENTION_FENCE");
+  if (!env || !*env || !std::strcmp(env, "none")) return InputFence::None;
+  if (!std::strcmp(env, "event")) return InputFence::Event;
+  if (!std::strcmp(env, "memset")) return InputFence::Memset;
+  if (!std::strcmp(env, "kernel")) return InputFence::Kernel;
+  throw Error(std::string("FLUXSWAP_ATTENTION_FENCE='") + env + "': expected none, event, memset or kernel");
+}
 
 #if FLUXSWAP_HAVE_CUDNN
 
@@ -46,12 +57,33 @@ struct CudnnAttention::Plan {
 };
 
 CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream)
-    : memory_(memory), handle_(std::make_unique<Handle>()) {
+    : memory_(memory), stream_(stream), handle_(std::make_unique<Handle>()) {
   check_cudnn(cudnnCreate(&handle_->h), "cudnnCreate");
   check_cudnn(cudnnSetStream(handle_->h, stream), "cudnnSetStream");
+  fence_word_ = memory_.allocate(16, "attention fence");
+  check(cudaEventCreateWithFlags(&fence_event_, cudaEventDisableTiming), "attention", "cudaEventCreateWithFlags");
 }
 
-CudnnAttention::~CudnnAttention() = default;
+CudnnAttention::~CudnnAttention() {
+  if (fence_event_) cudaEventDestroy(fence_event_);
+}
+
+void CudnnAttention::fence_inputs() {
+  switch (fence_) {
+    case InputFence::None:
+      return;
+    case InputFence::Event:
+      check(cudaEventRecord(fence_event_, stream_), "attention", "cudaEventRecord");
+      check(cudaStreamWaitEvent(stream_, fence_event_, 0), "attention", "cudaStreamWaitEvent");
+      return;
+    case InputFence::Memset:
+      check(cudaMemsetAsync(fence_word_.get(), 0, 4, stream_), "attention", "cudaMemsetAsync");
+      return;
+    case InputFence::Kernel:
+      launch_ordering_fence(stream_);
+      return;
+  }
+}
 
 void CudnnAttention::build(const AttentionShape& s) {
   auto graph = std::make_shared<fe::graph::Graph>();
@@ -119,6 +151,7 @@ void CudnnAttention::run(const AttentionShape& s, const void* q, const void* k, 
                                           {kK, const_cast<void*>(k)},
                                           {kV, const_cast<void*>(v)},
                                           {kO, out}};
+  fence_inputs();
   check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
 }
 
@@ -131,6 +164,7 @@ void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void
                                           {kO, o8}};
   for (int i : {kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO})
     pack.emplace(kSlot0 + i, slots + i);
+  fence_inputs();
   check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
 }
 
@@ -144,6 +178,7 @@ CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t) : memory_(mem
               "reconfigure)");
 }
 CudnnAttention::~CudnnAttention() = default;
+void CudnnAttention::fence_inputs() {}
 void CudnnAttention::build(const AttentionShape&) {}
 void CudnnAttention::run(const AttentionShape&, const void*, const void*, const void*, void*) {}
 void CudnnAttention::run_fp8(const AttentionShape&, const void*, const void*, const void*, void*, float*) {}

@@ -26,4 +26,12 @@ void launch_quantize_v_e4m3(const __nv_bfloat16* v, uint8_t* v8, int64_t n, cons
 void launch_dequantize_attention_e4m3(const uint8_t* o8, const float* slots, float* v_amax, const RowsView& out,
                                       cudaStream_t stream);
 
+// out_scale[0 .. rows) = slots[kDescaleO] (cuDNN's e4m3 output kept as the FP8 input of a linear: one scale per row,
+// all the same); then *v_amax = 0, as the dequantisation leaves it.
+void launch_output_scales(const float* slots, float* v_amax, float* out_scale, int64_t rows, cudaStream_t stream);
+
+// An empty kernel: work after it in the stream starts only once everything before it has finished, even work
+// launched as a programmatic dependent of it.
+void launch_ordering_fence(cudaStream_t stream);
+
 }  // namespace fluxswap::cuda

@@ -131,6 +131,83 @@ __global__ void dequantize_rows_kernel(const uint8_t* __restrict__ q, int64_t ld
   }
 }
 
+// 16 e4m3 codes times one scale: their max |value|, and their values re-quantised at `inv` (16 codes).
+__device__ inline float amax16_e4m3(const uint4& raw, float scale) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  float m = 0.0f;
+#pragma unroll
+  for (int w = 0; w < 4; ++w)
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const float2 f = decode2(uint16_t(words[w] >> (16 * p)));
+      m = fmaxf(m, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+  return __fmul_rn(m, scale);  // rounding is monotonic: the max of the products
+}
+__device__ inline uint4 requantize16_e4m3(const uint4& raw, float scale, float inv) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const float2 f = decode2(uint16_t(words[w] >> (16 * p)));
+      packed |= uint32_t(quantize1(__fmul_rn(f.x, scale), inv)) << (16 * p);
+      packed |= uint32_t(quantize1(__fmul_rn(f.y, scale), inv)) << (16 * p + 8);
+    }
+    out[w] = packed;
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// Rows [a | b]: a as e4m3 codes with a scale per row (16 codes a chunk), b bf16 (8 values a chunk), staged in
+// shared memory as quantize_rows_smem_kernel stages one row, so each crosses HBM once.
+__global__ void __launch_bounds__(kSmemMaxThreads)
+    quantize_joined_rows_smem_kernel(const uint8_t* __restrict__ a, int64_t lda, const float* __restrict__ a_scale,
+                                     int a_chunks, const __nv_bfloat16* __restrict__ b, int64_t ldb, int b_chunks,
+                                     uint8_t* __restrict__ q, int64_t ldq, float* __restrict__ scales) {
+  extern __shared__ uint4 row[];
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const int chunks = a_chunks + b_chunks;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x)
+    cp_async16(row + i, i < a_chunks ? static_cast<const void*>(a + r * lda + int64_t(i) * 16)
+                                     : static_cast<const void*>(b + r * ldb + int64_t(i - a_chunks) * 8));
+  cp_async_wait_own();
+  const float sa = a_scale[r];
+  float amax = 0.0f;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x)
+    amax = fmaxf(amax, i < a_chunks ? amax16_e4m3(row[i], sa) : amax8(row[i]));
+  const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
+  if (threadIdx.x == 0) scales[r] = scale;
+  uint8_t* qr = q + r * ldq;
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+    if (i < a_chunks)
+      *reinterpret_cast<uint4*>(qr + int64_t(i) * 16) = requantize16_e4m3(row[i], sa, inv);
+    else
+      *reinterpret_cast<uint2*>(qr + int64_t(a_chunks) * 16 + int64_t(i - a_chunks) * 8) = quantize8(row[i], inv);
+  }
+}
+
+// The same, element by element (any widths and alignments).
+__global__ void quantize_joined_rows_scalar_kernel(const uint8_t* __restrict__ a, int64_t lda,
+                                                   const float* __restrict__ a_scale, int64_t ca,
+                                                   const __nv_bfloat16* __restrict__ b, int64_t ldb, int64_t cb,
+                                                   uint8_t* __restrict__ q, int64_t ldq, float* __restrict__ scales) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const float sa = a_scale[r];
+  auto value = [&](int64_t c) {
+    return c < ca ? __fmul_rn(decode2(a[r * lda + c]).x, sa) : __bfloat162float(b[r * ldb + c - ca]);
+  };
+  float amax = 0.0f;
+  for (int64_t c = threadIdx.x; c < ca + cb; c += blockDim.x) amax = fmaxf(amax, fabsf(value(c)));
+  const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
+  if (threadIdx.x == 0) scales[r] = scale;
+  for (int64_t c = threadIdx.x; c < ca + cb; c += blockDim.x) q[r * ldq + c] = quantize1(value(c), inv);
+}
+
 __device__ inline float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
@@ -206,6 +283,35 @@ void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows
     quantize_rows_scalar_kernel<<<unsigned(rows), threads, 0, stream>>>(x, ldx, cols, q, ldq, scales);
     check_launch(op, "quantize_rows_scalar_kernel");
   }
+}
+
+void launch_quantize_joined_rows_e4m3(const uint8_t* a, int64_t lda, const float* a_scale, int64_t ca,
+                                     const __nv_bfloat16* b, int64_t ldb, int64_t cb, int64_t rows, uint8_t* q,
+                                     int64_t ldq, float* scales, cudaStream_t stream, const char* op) {
+  if (rows == 0) return;
+  if (rows > int64_t(0x7fffffff)) fail(op, "launch_quantize_joined_rows_e4m3", "too many rows for one grid");
+  const bool vec = ca % 16 == 0 && lda % 16 == 0 && aligned(a, 16) && cb % 8 == 0 && ldb % 8 == 0 && aligned(b, 16) &&
+                   ldq % 16 == 0 && aligned(q, 16);
+  if (vec && ca + cb * 2 <= kSmemRowBytes && ca + cb > 0) {
+    static const bool carveout = [] {
+      if (cudaFuncSetAttribute(quantize_joined_rows_smem_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared)) != cudaSuccess)
+        cudaGetLastError();  // only a preference
+      return true;
+    }();
+    (void)carveout;
+    const int a_chunks = int(ca / 16), b_chunks = int(cb / 8);
+    const int threads = std::clamp(
+        round_up_32((a_chunks + b_chunks + kSmemChunksPerThread - 1) / kSmemChunksPerThread), 32, kSmemMaxThreads);
+    quantize_joined_rows_smem_kernel<<<unsigned(rows), threads, size_t(ca + cb * 2), stream>>>(
+        a, lda, a_scale, a_chunks, b, ldb, b_chunks, q, ldq, scales);
+    check_launch(op, "quantize_joined_rows_smem_kernel");
+    return;
+  }
+  const int threads = std::clamp(round_up_32((ca + cb + 7) / 8), 32, 256);
+  quantize_joined_rows_scalar_kernel<<<unsigned(rows), threads, 0, stream>>>(a, lda, a_scale, ca, b, ldb, cb, q, ldq,
+                                                                             scales);
+  check_launch(op, "quantize_joined_rows_scalar_kernel");
 }
 
 void launch_dequantize_rows_e4m3(const uint8_t* q, int64_t ldq, const float* scales, int64_t rows, int64_t cols,

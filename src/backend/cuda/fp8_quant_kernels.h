@@ -21,6 +21,16 @@ namespace fluxswap::cuda {
 void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows, int64_t cols, uint8_t* q,
                                int64_t ldq, float* scales, cudaStream_t stream, const char* op = "quantize_fp8");
 
+// The row quantiser over rows made of two parts side by side, [a | b]: a as e4m3 codes (rows [rows, ca] at
+// stride lda bytes) whose values are code * a_scale[r], b bf16 (rows [rows, cb] at stride ldb). Exactly
+// launch_quantize_rows_e4m3 of those float values (a's products correctly rounded), into q rows [rows, ca + cb].
+// Rows staged in shared memory when ca, lda, ldq are multiples of 16, cb, ldb of 8, pointers 16-byte aligned and
+// ca + 2 cb <= 40 KiB; else element by element.
+void launch_quantize_joined_rows_e4m3(const uint8_t* a, int64_t lda, const float* a_scale, int64_t ca,
+                                     const __nv_bfloat16* b, int64_t ldb, int64_t cb, int64_t rows, uint8_t* q,
+                                     int64_t ldq, float* scales, cudaStream_t stream,
+                                     const char* op = "quantize_fp8_rows_joined");
+
 // y[r, c] = bf16(e4m3(q[r, c]) * scales[r]).
 void launch_dequantize_rows_e4m3(const uint8_t* q, int64_t ldq, const float* scales, int64_t rows, int64_t cols,
                                  __nv_bfloat16* y, int64_t ldy, cudaStream_t stream,

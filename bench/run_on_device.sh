@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU machine's side of a session: run after `scripts/device_bundle.sh` here, through the device tool with carry
+# [".device"] and the command `bench/run_on_device.sh JOB...`. Each job logs to $OUT/<job>.log (and JSON where the
+# bench writes it) and prints a short summary last, so the reply's tail holds the figures.
+#   tests      the whole CUDA test suite
+#   ordering   cuDNN's FP8 attention alone and between its neighbours (with cuDNN's own log in $OUT)
+#   lanes      FP8 + FP8 attention step, side lane off and on, in one process each (bf16 timed in both)
+#   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure), lanes on
+#   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
+#   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
+set -uo pipefail
+source .device/env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+summary=()
+for job in "$@"; do
+  start=$(date +%s)
+  case "$job" in
+    tests)
+      fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) |tests ran" ;;
+    ordering)
+      CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn.log" \
+        fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
+        tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|FluxSize|FAILED|PASSED"
+      gzip -f "$OUT/cudnn.log" 2>/dev/null ;;
+    lanes)
+      for lanes in 0 1; do
+        FLUXSWAP_LANES=$lanes fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
+          --quality-steps 0 --no-profile --json "$OUT/lanes$lanes.json" > "$OUT/lanes$lanes.log" 2>&1
+        grep -E "ms/step|x bf16" "$OUT/lanes$lanes.log" | sed "s/^/lanes=$lanes /"
+      done ;;
+    fp8lora)
+      fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention --quality-steps 28 \
+        --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora.json" > "$OUT/fp8lora.log" 2>&1
+      grep -E "ms/step|cosine|swap|bit" "$OUT/fp8lora.log" | head -30 ;;
+    bf16lora)
+      fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \
+        --json "$OUT/bf16lora.json" > "$OUT/bf16lora.log" 2>&1
+      grep -E "ms/step|swap|bit" "$OUT/bf16lora.log" | head -30 ;;
+    e2e)
+      fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
+        --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+      grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
+    *) echo "unknown job $job" ;;
+  esac
+  summary+=("$job: $(( $(date +%s) - start )) s")
+done
+printf '%s\n' "${summary[@]}"
