@@ -22,7 +22,7 @@ for job in "$@"; do
     ordering)
       CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn.log" \
         fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
-        tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|FluxSize|FAILED|PASSED"
+        tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|plans|FluxSize|FAILED|PASSED"
       gzip -f "$OUT/cudnn.log" 2>/dev/null ;;
     lanes)
       for lanes in 0 1; do

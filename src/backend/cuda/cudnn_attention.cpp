@@ -54,7 +54,37 @@ struct CudnnAttention::Handle {
 struct CudnnAttention::Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   std::shared_ptr<void> workspace;
+  int64_t workspace_bytes = 0;
+  int64_t index = -1;  // the heuristics' choice
+  void execute(cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack) const {
+    if (index < 0)
+      check_fe(graph->execute(h, pack, workspace.get()), "cudnn_frontend execute");
+    else
+      check_fe(graph->execute_plan_at_index(h, pack, workspace.get(), index), "cudnn_frontend execute_plan_at_index");
+  }
 };
+
+int64_t CudnnAttention::plan_count(const AttentionShape& shape) const {
+  return plans_.at(shape)->graph->get_execution_plan_count();
+}
+
+std::string CudnnAttention::plan_name(const AttentionShape& shape, int64_t index) const {
+  std::string name;
+  check_fe(plans_.at(shape)->graph->get_plan_name_at_index(index, name), "cudnn_frontend get_plan_name_at_index");
+  return name;
+}
+
+void CudnnAttention::use_plan(const AttentionShape& shape, int64_t index) {
+  Plan& plan = *plans_.at(shape);
+  check_fe(plan.graph->build_plan_at_index(index), "cudnn_frontend build_plan_at_index");
+  int64_t ws = 0;
+  check_fe(plan.graph->get_workspace_size_plan_at_index(index, ws), "cudnn_frontend get_workspace_size");
+  if (ws > plan.workspace_bytes) {
+    plan.workspace = memory_.allocate(size_t(ws), "attention workspace");
+    plan.workspace_bytes = ws;
+  }
+  plan.index = index;
+}
 
 CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream)
     : memory_(memory), stream_(stream), handle_(std::make_unique<Handle>()) {
@@ -142,6 +172,7 @@ void CudnnAttention::build(const AttentionShape& s) {
   auto plan = std::make_unique<Plan>();
   plan->graph = std::move(graph);
   plan->workspace = memory_.allocate(size_t(ws), "attention workspace");
+  plan->workspace_bytes = ws;
   plans_.emplace(s, std::move(plan));
 }
 
@@ -152,7 +183,7 @@ void CudnnAttention::run(const AttentionShape& s, const void* q, const void* k, 
                                           {kV, const_cast<void*>(v)},
                                           {kO, out}};
   fence_inputs();
-  check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
+  plan.execute(handle_->h, pack);
 }
 
 void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void* k8, const void* v8, void* o8,
@@ -165,7 +196,7 @@ void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void
   for (int i : {kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO})
     pack.emplace(kSlot0 + i, slots + i);
   fence_inputs();
-  check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
+  plan.execute(handle_->h, pack);
 }
 
 #else
@@ -179,6 +210,9 @@ CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t) : memory_(mem
 }
 CudnnAttention::~CudnnAttention() = default;
 void CudnnAttention::fence_inputs() {}
+int64_t CudnnAttention::plan_count(const AttentionShape&) const { return 0; }
+std::string CudnnAttention::plan_name(const AttentionShape&, int64_t) const { return ""; }
+void CudnnAttention::use_plan(const AttentionShape&, int64_t) {}
 void CudnnAttention::build(const AttentionShape&) {}
 void CudnnAttention::run(const AttentionShape&, const void*, const void*, const void*, void*) {}
 void CudnnAttention::run_fp8(const AttentionShape&, const void*, const void*, const void*, void*, float*) {}

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 
 #include "backend/cuda/device_memory.h"
 
@@ -42,6 +43,12 @@ class CudnnAttention {
   // scales read from, and the probabilities' and output's amax written to, `slots` (fp8_attention_kernels.h).
   void run_fp8(const AttentionShape& shape, const void* q8, const void* k8, const void* v8, void* o8, float* slots);
   void set_input_fence(InputFence fence) { fence_ = fence; }
+
+  // The execution plans cuDNN's heuristics offer for a built shape, best first: how many, their names, and which
+  // one run()/run_fp8() execute (use_plan builds it; throws Error with cuDNN's reason when it cannot be built).
+  int64_t plan_count(const AttentionShape& shape) const;
+  std::string plan_name(const AttentionShape& shape, int64_t index) const;
+  void use_plan(const AttentionShape& shape, int64_t index);
 
  private:
   struct Plan;
