@@ -146,6 +146,10 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   const double capture_s = seconds_since(t0);
   const Timing with = time_replays(be, *graph, o.steps);
   const Tensor out_a = be.to_host_f32(out);
+  // The same adapter replayed once more: the run-to-run floor that a swap back is held to (0 but with FP8 attention,
+  // whose cuDNN kernel is not run-to-run reproducible).
+  graph->replay();
+  const double a_rerun = max_rel_error(out_a, be.to_host_f32(out));
 
   // Untimed swaps first: pinning 700 MB costs more than reading it, so the pinned pool gets the buffers that the
   // adapters alive at once (active, two kept on the device, one arriving) need before anything is timed.
@@ -239,8 +243,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
               "on the device median %.1f ms\n",
               host_median, median_of(cached_ms));
   std::printf("  (hidden = read + swap from host memory - swap: the time the read and the upload ran at once)\n");
-  std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0)\n",
-              a_vs_b, a_again);
+  std::printf("  check: output A vs B differs by %.3g (must be > 0), A after swapping back vs A: %.3g (must be 0, or "
+              "within A replayed again without a swap: %.3g)\n",
+              a_vs_b, a_again, a_rerun);
   return {{"rank", o.lora_rank},
           {"mode", o.lora_mode},
           {"lora_dir", dir.path},
@@ -267,6 +272,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"graph_recaptures_during_swaps", 0},
           {"a_vs_b_rel_diff", a_vs_b},
           {"a_again_rel_diff", a_again},
+          {"a_rerun_rel_diff", a_rerun},
           {"read_sweep", sweep}};
 }
 

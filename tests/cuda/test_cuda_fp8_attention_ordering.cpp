@@ -1,9 +1,13 @@
-// cuDNN's FP8 attention at FLUX.1's size (24 heads, 4608 tokens) on its own and between the kernels around it: the
-// same inputs must give the same e4m3 bytes every time; inputs written by the kernel just before it (the v
-// quantisation, as every layer does with a new v) must be the ones it reads, as with a device synchronisation in
-// between; and every output byte must be written. The production sequence (v quantisation, cuDNN, dequantisation)
-// is also recorded into a graph, whose kernels and dependency kinds are printed: a programmatic edge there means a
-// kernel may start before the one it follows has finished.
+// cuDNN's attention at FLUX.1's size (24 heads, 4608 tokens), on its own and between the kernels around it.
+//
+// What session 5 measured on the H100 (cuDNN 9.14): the bf16 kernel reproduces its output bit for bit whatever ran
+// before it. The FP8 kernel (engine 2, the heuristics' first plan) writes every output byte and repeats bit for bit
+// when it starts on an idle GPU, but when it follows other work without a host wait, about one layer in 16 comes out
+// a little different (a few hundred to ~65k of its 14M e4m3 codes, each one or two codes away): its result depends
+// on timing. No fence between the writer of its inputs and cuDNN (an event, a memset, an empty kernel) changed that,
+// the recorded graph has only full dependencies, and cuDNN's only other plan for the shape is faster but differs on
+// every run by millions of codes. So FP8 attention is not run-to-run reproducible; these tests hold bf16 to bit
+// equality and FP8 to that bound (a layer's differing codes <= 1% of them, none more than two codes away).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -110,7 +114,7 @@ class CudnnFp8AttentionOrdering : public ::testing::Test {
     int64_t n = 0;
     for (size_t i = 0; i < a.size(); ++i)
       if (a[i] != b[i]) {
-        if (n < 2 && std::strcmp(what, "replayed") && std::strcmp(what, "eager"))
+        if (n < 2)
           std::printf("[ ordering ] %s: byte %zu (token %zu, column %zu) 0x%02x vs 0x%02x\n", what, i,
                       i / size_t(H * D), i % size_t(H * D), a[i], b[i]);
         ++n;
@@ -149,33 +153,36 @@ TEST_F(CudnnFp8AttentionOrdering, WritesEveryOutputByte) {
   EXPECT_EQ(nan, 0);
 }
 
-const char* fence_name(cuda::InputFence f) {
-  switch (f) {
-    case cuda::InputFence::None: return "none";
-    case cuda::InputFence::Event: return "event";
-    case cuda::InputFence::Memset: return "memset";
-    case cuda::InputFence::Kernel: return "kernel";
+// Codes that differ between two outputs: how many, and the largest distance between two codes of the same sign
+// (e4m3 codes order like their magnitudes), or 255 for a sign change.
+struct CodeDiff {
+  int64_t count = 0;
+  int steps = 0;
+};
+CodeDiff code_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  CodeDiff d;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i] == b[i]) continue;
+    ++d.count;
+    const int steps = (a[i] ^ b[i]) & 0x80 ? 255 : std::abs(int(a[i] & 0x7f) - int(b[i] & 0x7f));
+    d.steps = std::max(d.steps, steps);
   }
-  return "?";
+  return d;
 }
 
 // Alternating v sources, each layer's v written by the kernel right before cuDNN's (the v quantisation in FP8, a
-// random fill in bf16): every output must equal the one made with a synchronisation between the two, eager and
-// replayed from a recording. Every fence is tried and reported; the default one must pass.
-TEST_F(CudnnFp8AttentionOrdering, ReadsTheInputsTheKernelBeforeItWrote) {
+// random fill in bf16), eager and replayed from a recording, against the output made with a host wait in between.
+TEST_F(CudnnFp8AttentionOrdering, AttentionAfterTheKernelThatWroteItsInputs) {
   const cuda::AttentionShape bf16_shape{B, H, S, D, S * H * D, H * D, /*fp8=*/false};
   attention_->build(bf16_shape);
   Device v16 = alloc(N * 2), o16 = alloc(N * 2), copies[2] = {alloc(N * 2), alloc(N * 2)};
-  const cuda::InputFence chosen = cuda::input_fence_from_env();
   for (bool fp8 : {true, false}) {
     const size_t out_bytes = size_t(fp8 ? N : 2 * N);
     void* out = fp8 ? o8_.p() : o16.p();
-    auto issue = [&](int v) {
-      if (fp8) {
-        layer(v == 1, false);
-        return;
-      }
+    auto issue = [&](int v, bool wait) {
+      if (fp8) return layer(v == 1, wait);
       cuda::launch_fill_normal(v16.p(), true, N, 100 + uint64_t(v), 0.0f, v ? 2.0f : 1.0f, stream_);
+      if (wait) sync();
       attention_->run(bf16_shape, q_bf16_.p(), k_bf16_.p(), v16.p(), o16.p());
     };
     auto download = [&](const void* p) {
@@ -184,101 +191,49 @@ TEST_F(CudnnFp8AttentionOrdering, ReadsTheInputsTheKernelBeforeItWrote) {
       check(cudaMemcpy(h.data(), p, h.size(), cudaMemcpyDeviceToHost), "test", "cudaMemcpy");
       return h;
     };
-    for (cuda::InputFence fence : {cuda::InputFence::None, cuda::InputFence::Event, cuda::InputFence::Memset,
-                                   cuda::InputFence::Kernel}) {
-      attention_->set_input_fence(fence);
-      std::vector<uint8_t> ref[2];
-      for (int v = 0; v < 2; ++v) {
-        if (fp8) {
-          layer(v == 1, true);
-        } else {
-          cuda::launch_fill_normal(v16.p(), true, N, 100 + uint64_t(v), 0.0f, v ? 2.0f : 1.0f, stream_);
-          sync();
-          attention_->run(bf16_shape, q_bf16_.p(), k_bf16_.p(), v16.p(), o16.p());
-        }
-        ref[v] = download(out);
-      }
-      ASSERT_GT(differing(ref[0], ref[1], "a vs b (expected to differ)"), 0);
-      int64_t worst = 0, bad_eager = 0, bad_replayed = 0;
-      for (int i = 0; i < 16; ++i) {
-        issue(i % 2);
-        const int64_t d = differing(download(out), ref[i % 2], "eager");
-        worst = std::max(worst, d);
-        bad_eager += d != 0;
-      }
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "test", "cudaStreamBeginCapture");
-      for (int v = 0; v < 2; ++v) {
-        issue(v);
-        check(cudaMemcpyAsync(copies[v].p(), out, out_bytes, cudaMemcpyDeviceToDevice, stream_), "test",
-              "cudaMemcpyAsync");
-      }
-      check(cudaStreamEndCapture(stream_, &graph), "test", "cudaStreamEndCapture");
-      check(cudaGraphInstantiate(&exec, graph, 0), "test", "cudaGraphInstantiate");
-      cudaGraphDestroy(graph);
-      for (int r = 0; r < 8; ++r) {
-        check(cudaGraphLaunch(exec, stream_), "test", "cudaGraphLaunch");
-        for (int v = 0; v < 2; ++v) {
-          const int64_t d = differing(download(copies[v].p()), ref[v], "replayed");
-          worst = std::max(worst, d);
-          bad_replayed += d != 0;
-        }
-      }
-      cudaGraphExecDestroy(exec);
-      std::printf("[ ordering ] %s fence=%s: %lld of 16 eager and %lld of 16 replayed layers differ from their "
-                  "synchronised result (worst %lld bytes)\n",
-                  fp8 ? "fp8" : "bf16", fence_name(fence), (long long)bad_eager, (long long)bad_replayed,
-                  (long long)worst);
-      if (fence == chosen) {
-        EXPECT_EQ(bad_eager, 0) << (fp8 ? "fp8" : "bf16") << ", fence " << fence_name(fence);
-        EXPECT_EQ(bad_replayed, 0) << (fp8 ? "fp8" : "bf16") << ", fence " << fence_name(fence);
-      }
-    }
-    attention_->set_input_fence(chosen);
-  }
-}
-
-// Every plan cuDNN offers for the FLUX-sized FP8 attention: whether it reproduces its synchronised outputs when the
-// v quantisation runs right before it, and its time (20 back-to-back runs). Printed as a table.
-TEST_F(CudnnFp8AttentionOrdering, EveryPlanTimedAndChecked) {
-  const int64_t count = attention_->plan_count(shape_);
-  std::printf("[ plans ] %lld plans for FP8 B %lld H %lld S %lld D %lld\n", (long long)count, (long long)B,
-              (long long)H, (long long)S, (long long)D);
-  cudaEvent_t start = nullptr, stop = nullptr;
-  check(cudaEventCreate(&start), "test", "cudaEventCreate");
-  check(cudaEventCreate(&stop), "test", "cudaEventCreate");
-  for (int64_t i = 0; i < count; ++i) {
-    const std::string name = attention_->plan_name(shape_, i);
-    try {
-      attention_->use_plan(shape_, i);
-    } catch (const Error& e) {
-      std::printf("[ plans ] %lld %s: not built (%s)\n", (long long)i, name.c_str(), e.what());
-      continue;
-    }
     std::vector<uint8_t> ref[2];
     for (int v = 0; v < 2; ++v) {
-      layer(v == 1, true);
-      ref[v] = output();
+      issue(v, true);
+      ref[v] = download(out);
     }
-    int64_t bad = 0, worst = 0;
-    for (int r = 0; r < 12; ++r) {
-      layer(r % 2 == 1, false);
-      const int64_t d = differing(output(), ref[r % 2], "replayed");
-      bad += d != 0;
-      worst = std::max(worst, d);
+    ASSERT_GT(code_diff(ref[0], ref[1]).count, 0) << "the two v sources must give different outputs";
+    std::vector<CodeDiff> diffs;
+    for (int i = 0; i < 16; ++i) {
+      issue(i % 2, false);
+      diffs.push_back(code_diff(download(out), ref[i % 2]));
     }
-    check(cudaEventRecord(start, stream_), "test", "cudaEventRecord");
-    for (int r = 0; r < 20; ++r) attention_->run_fp8(shape_, q8_.p(), k8_.p(), v8_.p(), o8_.p(), slots_.p<float>());
-    check(cudaEventRecord(stop, stream_), "test", "cudaEventRecord");
-    sync();
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop), "test", "cudaEventElapsedTime");
-    std::printf("[ plans ] %lld %s: %.1f us per attention; %lld of 12 unsynchronised runs differ (worst %lld bytes)\n",
-                (long long)i, name.c_str(), 1000.0 * ms / 20, (long long)bad, (long long)worst);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "test", "cudaStreamBeginCapture");
+    for (int v = 0; v < 2; ++v) {
+      issue(v, false);
+      check(cudaMemcpyAsync(copies[v].p(), out, out_bytes, cudaMemcpyDeviceToDevice, stream_), "test",
+            "cudaMemcpyAsync");
+    }
+    check(cudaStreamEndCapture(stream_, &graph), "test", "cudaStreamEndCapture");
+    check(cudaGraphInstantiate(&exec, graph, 0), "test", "cudaGraphInstantiate");
+    cudaGraphDestroy(graph);
+    for (int r = 0; r < 8; ++r) {
+      check(cudaGraphLaunch(exec, stream_), "test", "cudaGraphLaunch");
+      for (int v = 0; v < 2; ++v) diffs.push_back(code_diff(download(copies[v].p()), ref[v]));
+    }
+    cudaGraphExecDestroy(exec);
+    int differing = 0, steps = 0;
+    int64_t worst = 0;
+    for (const CodeDiff& d : diffs) {
+      differing += d.count > 0;
+      worst = std::max(worst, d.count);
+      steps = std::max(steps, d.steps);
+    }
+    std::printf("[ ordering ] %s: %d of %zu layers differ from their output after a host wait (worst %lld bytes, "
+                "%d codes apart)\n", fp8 ? "fp8" : "bf16", differing, diffs.size(), (long long)worst, steps);
+    if (fp8) {
+      EXPECT_LE(worst, N / 100);
+      EXPECT_LE(steps, 2);
+    } else {
+      EXPECT_EQ(differing, 0);
+    }
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
 }
 
 // The recorded sequence: which kernels cuDNN launches, and whether any dependency between them is programmatic.

@@ -1,8 +1,6 @@
 #include "backend/cuda/cudnn_attention.h"
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -16,15 +14,6 @@
 #endif
 
 namespace fluxswap::cuda {
-
-InputFence input_fence_from_env() {
-  const char* env = std::getenv("FLUXSWAP_ATTENTION_FENCE");
-  if (!env || !*env || !std::strcmp(env, "none")) return InputFence::None;
-  if (!std::strcmp(env, "event")) return InputFence::Event;
-  if (!std::strcmp(env, "memset")) return InputFence::Memset;
-  if (!std::strcmp(env, "kernel")) return InputFence::Kernel;
-  throw Error(std::string("FLUXSWAP_ATTENTION_FENCE='") + env + "': expected none, event, memset or kernel");
-}
 
 #if FLUXSWAP_HAVE_CUDNN
 
@@ -54,66 +43,15 @@ struct CudnnAttention::Handle {
 struct CudnnAttention::Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   std::shared_ptr<void> workspace;
-  int64_t workspace_bytes = 0;
-  int64_t index = -1;  // the heuristics' choice
-  void execute(cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack) const {
-    if (index < 0)
-      check_fe(graph->execute(h, pack, workspace.get()), "cudnn_frontend execute");
-    else
-      check_fe(graph->execute_plan_at_index(h, pack, workspace.get(), index), "cudnn_frontend execute_plan_at_index");
-  }
 };
 
-int64_t CudnnAttention::plan_count(const AttentionShape& shape) const {
-  return plans_.at(shape)->graph->get_execution_plan_count();
-}
-
-std::string CudnnAttention::plan_name(const AttentionShape& shape, int64_t index) const {
-  std::string name;
-  check_fe(plans_.at(shape)->graph->get_plan_name_at_index(index, name), "cudnn_frontend get_plan_name_at_index");
-  return name;
-}
-
-void CudnnAttention::use_plan(const AttentionShape& shape, int64_t index) {
-  Plan& plan = *plans_.at(shape);
-  check_fe(plan.graph->build_plan_at_index(index), "cudnn_frontend build_plan_at_index");
-  int64_t ws = 0;
-  check_fe(plan.graph->get_workspace_size_plan_at_index(index, ws), "cudnn_frontend get_workspace_size");
-  if (ws > plan.workspace_bytes) {
-    plan.workspace = memory_.allocate(size_t(ws), "attention workspace");
-    plan.workspace_bytes = ws;
-  }
-  plan.index = index;
-}
-
 CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream)
-    : memory_(memory), stream_(stream), handle_(std::make_unique<Handle>()) {
+    : memory_(memory), handle_(std::make_unique<Handle>()) {
   check_cudnn(cudnnCreate(&handle_->h), "cudnnCreate");
   check_cudnn(cudnnSetStream(handle_->h, stream), "cudnnSetStream");
-  fence_word_ = memory_.allocate(16, "attention fence");
-  check(cudaEventCreateWithFlags(&fence_event_, cudaEventDisableTiming), "attention", "cudaEventCreateWithFlags");
 }
 
-CudnnAttention::~CudnnAttention() {
-  if (fence_event_) cudaEventDestroy(fence_event_);
-}
-
-void CudnnAttention::fence_inputs() {
-  switch (fence_) {
-    case InputFence::None:
-      return;
-    case InputFence::Event:
-      check(cudaEventRecord(fence_event_, stream_), "attention", "cudaEventRecord");
-      check(cudaStreamWaitEvent(stream_, fence_event_, 0), "attention", "cudaStreamWaitEvent");
-      return;
-    case InputFence::Memset:
-      check(cudaMemsetAsync(fence_word_.get(), 0, 4, stream_), "attention", "cudaMemsetAsync");
-      return;
-    case InputFence::Kernel:
-      launch_ordering_fence(stream_);
-      return;
-  }
-}
+CudnnAttention::~CudnnAttention() = default;
 
 void CudnnAttention::build(const AttentionShape& s) {
   auto graph = std::make_shared<fe::graph::Graph>();
@@ -172,7 +110,6 @@ void CudnnAttention::build(const AttentionShape& s) {
   auto plan = std::make_unique<Plan>();
   plan->graph = std::move(graph);
   plan->workspace = memory_.allocate(size_t(ws), "attention workspace");
-  plan->workspace_bytes = ws;
   plans_.emplace(s, std::move(plan));
 }
 
@@ -182,8 +119,7 @@ void CudnnAttention::run(const AttentionShape& s, const void* q, const void* k, 
                                           {kK, const_cast<void*>(k)},
                                           {kV, const_cast<void*>(v)},
                                           {kO, out}};
-  fence_inputs();
-  plan.execute(handle_->h, pack);
+  check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
 }
 
 void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void* k8, const void* v8, void* o8,
@@ -195,8 +131,7 @@ void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void
                                           {kO, o8}};
   for (int i : {kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO})
     pack.emplace(kSlot0 + i, slots + i);
-  fence_inputs();
-  plan.execute(handle_->h, pack);
+  check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
 }
 
 #else
@@ -209,10 +144,6 @@ CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t) : memory_(mem
               "reconfigure)");
 }
 CudnnAttention::~CudnnAttention() = default;
-void CudnnAttention::fence_inputs() {}
-int64_t CudnnAttention::plan_count(const AttentionShape&) const { return 0; }
-std::string CudnnAttention::plan_name(const AttentionShape&, int64_t) const { return ""; }
-void CudnnAttention::use_plan(const AttentionShape&, int64_t) {}
 void CudnnAttention::build(const AttentionShape&) {}
 void CudnnAttention::run(const AttentionShape&, const void*, const void*, const void*, void*) {}
 void CudnnAttention::run_fp8(const AttentionShape&, const void*, const void*, const void*, void*, float*) {}

@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <string>
 
 #include "backend/cuda/device_memory.h"
 
@@ -20,11 +19,6 @@ struct AttentionShape {
   bool fp8 = false;  // e4m3 q, k, v and output (see run_fp8)
   auto operator<=>(const AttentionShape&) const = default;
 };
-
-// What orders cuDNN's attention kernel after the kernel that wrote its inputs (experiment, session 5): nothing but
-// stream order, an event recorded and waited on the same stream, a 4-byte memset, or an empty kernel of ours.
-enum class InputFence { None, Event, Memset, Kernel };
-InputFence input_fence_from_env();  // FLUXSWAP_ATTENTION_FENCE=none|event|memset|kernel
 
 class CudnnAttention {
  public:
@@ -42,23 +36,11 @@ class CudnnAttention {
   // The FP8 form (shape.fp8): e4m3 q, k, v [B, H, S, D] and output (at the shape's strides), the descales and
   // scales read from, and the probabilities' and output's amax written to, `slots` (fp8_attention_kernels.h).
   void run_fp8(const AttentionShape& shape, const void* q8, const void* k8, const void* v8, void* o8, float* slots);
-  void set_input_fence(InputFence fence) { fence_ = fence; }
-
-  // The execution plans cuDNN's heuristics offer for a built shape, best first: how many, their names, and which
-  // one run()/run_fp8() execute (use_plan builds it; throws Error with cuDNN's reason when it cannot be built).
-  int64_t plan_count(const AttentionShape& shape) const;
-  std::string plan_name(const AttentionShape& shape, int64_t index) const;
-  void use_plan(const AttentionShape& shape, int64_t index);
 
  private:
   struct Plan;
   struct Handle;
-  void fence_inputs();
   DeviceMemory& memory_;
-  cudaStream_t stream_ = nullptr;
-  InputFence fence_ = input_fence_from_env();
-  std::shared_ptr<void> fence_word_;
-  cudaEvent_t fence_event_ = nullptr;
   std::unique_ptr<Handle> handle_;
   std::map<AttentionShape, std::unique_ptr<Plan>> plans_;
 };

@@ -67,8 +67,6 @@ __global__ void dequantize_attention_kernel(const uint8_t* __restrict__ o8, cons
   }
 }
 
-__global__ void ordering_fence_kernel() {}
-
 __global__ void output_scales_kernel(const float* slots, float* v_amax, float* out_scale, int64_t rows) {
   const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (first == 0) *v_amax = 0.0f;  // cuDNN and the v quantisation, which read it, ran before this kernel
@@ -77,11 +75,6 @@ __global__ void output_scales_kernel(const float* slots, float* v_amax, float* o
 }
 
 }  // namespace
-
-void launch_ordering_fence(cudaStream_t stream) {
-  ordering_fence_kernel<<<1, 32, 0, stream>>>();
-  check_launch("attention", "ordering_fence_kernel");
-}
 
 void launch_output_scales(const float* slots, float* v_amax, float* out_scale, int64_t rows, cudaStream_t stream) {
   output_scales_kernel<<<grid_for(rows > 0 ? rows : 1, kThreads), kThreads, 0, stream>>>(slots, v_amax, out_scale,

@@ -30,8 +30,4 @@ void launch_dequantize_attention_e4m3(const uint8_t* o8, const float* slots, flo
 // all the same); then *v_amax = 0, as the dequantisation leaves it.
 void launch_output_scales(const float* slots, float* v_amax, float* out_scale, int64_t rows, cudaStream_t stream);
 
-// An empty kernel: work after it in the stream starts only once everything before it has finished, even work
-// launched as a programmatic dependent of it.
-void launch_ordering_fence(cudaStream_t stream);
-
 }  // namespace fluxswap::cuda
