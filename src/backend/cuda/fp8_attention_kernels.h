@@ -23,8 +23,9 @@ struct VHeads {
   int64_t B, H, S, D, sb, sh, ss;
 };
 
-// v8 (contiguous [B, H, S, D]) = e4m3(v * 448 / max(*v_amax, floor)) (D and the strides multiples of 8, v 16-byte
-// aligned); the first thread also fills `slots` (q and k descales 1 / qk_scale).
+// v8 (contiguous [B, H, S, D]) = e4m3(v * 448 / max(*v_amax, floor)) (16-byte loads when D and the strides are
+// multiples of 8 and v is 16-byte aligned, else one value at a time); the first thread also fills `slots` (q and k
+// descales 1 / qk_scale).
 void launch_quantize_v_e4m3(const VHeads& v, uint8_t* v8, const float* v_amax, float qk_scale, float* slots,
                             cudaStream_t stream);
 
