@@ -4,8 +4,7 @@
 # bench writes it) and prints a short summary last, so the reply's tail holds the figures.
 #   tests      the whole CUDA test suite
 #   ordering   cuDNN's FP8 attention alone and between its neighbours (with cuDNN's own log in $OUT)
-#   lanes      FP8 + FP8 attention step, side lane off and on, in one process each (bf16 timed in both)
-#   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure), lanes on
+#   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
 set -uo pipefail
@@ -22,14 +21,8 @@ for job in "$@"; do
     ordering)
       CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn.log" \
         fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
-        tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|plans|FluxSize|FAILED|PASSED"
+        tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|FluxSize|FAILED|PASSED"
       gzip -f "$OUT/cudnn.log" 2>/dev/null ;;
-    lanes)
-      for lanes in 0 1; do
-        FLUXSWAP_LANES=$lanes fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
-          --quality-steps 0 --no-profile --json "$OUT/lanes$lanes.json" > "$OUT/lanes$lanes.log" 2>&1
-        grep -E "ms/step|x bf16" "$OUT/lanes$lanes.log" | sed "s/^/lanes=$lanes /"
-      done ;;
     fp8lora)
       fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention --quality-steps 28 \
         --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora.json" > "$OUT/fp8lora.log" 2>&1

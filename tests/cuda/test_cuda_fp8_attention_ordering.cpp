@@ -13,9 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <random>
-#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"

@@ -1,5 +1,6 @@
 // The FP8 attention ops of the CUDA backend: qk_norm_rope writing e4m3 q and k, then v quantised, cuDNN's FP8
-// flash attention, and its e4m3 output back to bf16 rows. Every scale is computed on the device (v's from the amax
+// flash attention, and its e4m3 output either back to bf16 rows (attention_fp8) or kept with its row scales for the
+// FP8 linears that read it (attention_fp8_rows). Every scale is computed on the device (v's from the amax
 // qk_norm_rope_fp8 gathers), so the sequence records into a CUDA graph like the bf16 one.
 #include <cmath>
 
