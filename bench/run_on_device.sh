@@ -7,6 +7,7 @@
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
+#   fp8plan=N  FP8 + FP8 attention (no LoRA) with cuDNN's candidate attention plan N instead of its first choice
 set -uo pipefail
 source .device/env.sh
 OUT=${OUT:-/tmp/out}
@@ -35,6 +36,10 @@ for job in "$@"; do
       fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
         --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
+    fp8plan=*)
+      FLUXSWAP_CUDNN_FP8_PLAN=${job#fp8plan=} fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
+        --fp8-attention --quality-steps 28 --json "$OUT/$job.json" > "$OUT/$job.log" 2>&1
+      grep -E "ms/step|cosine|attention" "$OUT/$job.log" | head -20 ;;
     *) echo "unknown job $job" ;;
   esac
   summary+=("$job: $(( $(date +%s) - start )) s")

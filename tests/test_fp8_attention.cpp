@@ -80,6 +80,15 @@ TEST_P(Fp8AttentionOp, CloseToExactAttention) {
   Tensor fp8 = Tensor::empty(DType::F32, {B, S, H * D});
   be->attention_fp8(q8, k8, v2, qk_scale, amax, fp8);
   EXPECT_EQ(amax.ptr<float>()[0], 0.0f) << "attention_fp8 leaves v_amax at zero for the next layer";
+
+  // The transformer's way: no v from the RoPE op, attention reading v from the qkv rows. Same values exactly.
+  Tensor q8b = Tensor::empty(DType::F8_E4M3, heads), k8b = Tensor::empty(DType::F8_E4M3, heads);
+  be->qk_norm_rope_fp8(qkv.narrow(1, 0, half), q_norm, k_norm, rope, 0, qk_scale, q8b, k8b, Tensor(), amax);
+  be->qk_norm_rope_fp8(qkv.narrow(1, half, S - half), q_norm, k_norm, rope, half, qk_scale, q8b, k8b, Tensor(), amax);
+  EXPECT_EQ(amax.ptr<float>()[0], vmax);
+  Tensor from_rows = Tensor::empty(DType::F32, {B, S, H * D});
+  be->attention_fp8(q8b, k8b, qkv.narrow(2, 2 * H * D, H * D), qk_scale, amax, from_rows);
+  EXPECT_EQ(max_rel_error(from_rows, fp8), 0.0);
   const double cos = cosine_similarity(fp8, exact);
   double err = 0, mag = 0;
   for (int64_t i = 0; i < exact.numel(); ++i) {

@@ -105,12 +105,14 @@ class Backend {
 
   // FP8 attention (e4m3 q, k, v, probabilities and output, one scale per tensor). Throwing defaults for backends
   // without it. qk_norm_rope_fp8 is qk_norm_rope writing q8 = e4m3(q * qk_scale), k8 = e4m3(k * qk_scale)
-  // (F8_E4M3 [B, H, S, D]) and v in the compute dtype, and raises v_amax (F32 [1], >= 0) to max |v| of its rows.
+  // (F8_E4M3 [B, H, S, D]) and v in the compute dtype (undefined v: not written, for an attention that reads v from
+  // the qkv rows), and raises v_amax (F32 [1], >= 0) to max |v| of its rows.
   // qk_scale must keep |q|, |k| <= 448: after RMSNorm |x_i| <= sqrt(D) max|w|, and the rotation keeps pair norms.
   virtual void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                                 int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8,
                                 const Tensor& v, const Tensor& v_amax);
-  // out = softmax(q k^T / sqrt(D)) v from qk_norm_rope_fp8's outputs: v is quantised with 448 / v_amax, the
+  // out = softmax(q k^T / sqrt(D)) v from qk_norm_rope_fp8's outputs (v: its [B, H, S, D] heads, or rows
+  // [B, S, H*D] in the compute dtype at any row stride, the v columns of the qkv rows): v is quantised with 448 / v_amax, the
   // probabilities with 448 and the output with 448 / v_amax (|out| <= max |v|: a convex combination), then out is
   // written in the compute dtype as rows [B, S, H*D]. Leaves v_amax = 0 for the next layer's qk_norm_rope_fp8.
   virtual void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,

@@ -368,24 +368,33 @@ class CpuBackend final : public Backend {
                         const Tensor& v_amax) override {
     if (v_amax.dtype() != DType::F32 || v_amax.numel() != 1)
       throw Error("cpu backend: qk_norm_rope_fp8: v_amax must be F32 [1], got " + shape_str(v_amax.shape()));
-    Tensor q = Tensor::empty(DType::F32, v.shape()), k = Tensor::empty(DType::F32, v.shape());
-    qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, q, k, v);
+    Tensor q = Tensor::empty(DType::F32, q8.shape()), k = Tensor::empty(DType::F32, q8.shape());
+    const Tensor vh = v.defined() ? v : Tensor::empty(DType::F32, q8.shape());
+    qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, q, k, vh);
     const int64_t n = qkv.size(1);
     cpu_ops::quantize_qk_heads_e4m3(q, k, seq_offset, n, qk_scale, q8, k8);
     float& amax = v_amax.ptr<float>()[0];
-    amax = std::max(amax, cpu_ops::max_abs_rows(v, seq_offset, n));
+    amax = std::max(amax, cpu_ops::max_abs_rows(vh, seq_offset, n));
   }
 
   void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                      const Tensor& out) override {
-    cpu_ops::attention_fp8(q8, k8, v, qk_scale, v_amax.ptr<float>()[0], out);
+    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8), qk_scale, v_amax.ptr<float>()[0], out);
     v_amax.ptr<float>()[0] = 0.0f;
   }
 
   void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                           const Tensor& out8, const Tensor& out_scale) override {
-    cpu_ops::attention_fp8(q8, k8, v, qk_scale, v_amax.ptr<float>()[0], Tensor(), out8, out_scale);
+    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8), qk_scale, v_amax.ptr<float>()[0], Tensor(), out8, out_scale);
     v_amax.ptr<float>()[0] = 0.0f;
+  }
+
+  // FP8 attention's v: heads [B, H, S, D] as they are, or rows [B, S, H*D] (the v columns of qkv) split into heads.
+  Tensor v_heads(const Tensor& v, const Tensor& q8) {
+    if (v.ndim() != 3) return v;
+    Tensor heads = Tensor::empty(DType::F32, q8.shape());
+    split_heads(v, heads);
+    return heads;
   }
 
   // The float32 values of [a8 * a_scale | b], then the row quantiser.

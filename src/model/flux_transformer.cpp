@@ -222,15 +222,16 @@ void FluxTransformer::set_precision(bool fp8_linears, bool fp8_attention) {
 
 void FluxTransformer::qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                               int64_t seq_offset, float qk_scale) {
+  // FP8 attention reads v from the qkv rows (v_rows()): only max |v| is gathered here.
   if (fp8_attention_)
-    backend_.qk_norm_rope_fp8(qkv, q_norm, k_norm, rope, seq_offset, qk_scale, buf_.q8, buf_.k8, buf_.v, buf_.v_amax);
+    backend_.qk_norm_rope_fp8(qkv, q_norm, k_norm, rope, seq_offset, qk_scale, buf_.q8, buf_.k8, Tensor(), buf_.v_amax);
   else
     backend_.qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, buf_.q, buf_.k, buf_.v);
 }
 
 void FluxTransformer::attend(const Tensor& out, float qk_scale) {
   if (fp8_attention_)
-    backend_.attention_fp8(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, out);
+    backend_.attention_fp8(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, out);
   else
     backend_.attention(buf_.q, buf_.k, buf_.v, out);
 }
@@ -372,8 +373,8 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   } else {
     buf_.q = e({batch, H, S, hd});
     buf_.k = e({batch, H, S, hd});
+    buf_.v = e({batch, H, S, hd});
   }
-  buf_.v = e({batch, H, S, hd});
   buf_.attn_mlp_room = e({batch, S, D + M + R});
   buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);
   if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
@@ -503,7 +504,7 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   qk_rope(txt.qkv, w.txt_q_norm, w.txt_k_norm, rope, 0, qk_scale);
   qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
   if (e4m3_out) {
-    backend_.attention_fp8_rows(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
+    backend_.attention_fp8_rows(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
     for (auto [start, n, proj, branch] : {std::tuple{int64_t(0), Nt, &w.txt_proj, &txt.branch},
                                           std::tuple{Nt, Ni, &w.img_proj, &img.branch}})
       backend_.linear_fp8_quantized(rows(buf_.attn_q8, start, n), buf_.attn_q8_scale.narrow(0, 0, B * n),
@@ -551,7 +552,7 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
   // attention and an FP8 linear2, the attention's e4m3 output is quantised with the MLP's rows from its codes.
   if (fp8_attention_ && quantized_input(w.linear2)) {
     const int64_t rows_all = B_ * (Nt_ + Ni_);
-    be.attention_fp8_rows(buf_.q8, buf_.k8, buf_.v, qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
+    be.attention_fp8_rows(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
     be.quantize_fp8_rows_joined(buf_.attn_q8.view({rows_all, D}), buf_.attn_q8_scale, cols(buf_.attn_mlp, D, M),
                                 buf_.attn_mlp_q8, buf_.attn_mlp_q8_scale);
     be.linear_fp8_quantized(buf_.attn_mlp_q8.view({B_, Nt_ + Ni_, D + M}), buf_.attn_mlp_q8_scale,

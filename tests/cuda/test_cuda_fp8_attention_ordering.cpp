@@ -66,9 +66,9 @@ class CudnnFp8AttentionOrdering : public ::testing::Test {
     put_scalar(amax_qk_, std::max(mq, mk));
     put_scalar(amax_a_, upload_normal(v_a_, rng, 1.0f, 0));
     put_scalar(amax_b_, upload_normal(v_b_, rng, 3.0f, 0.5f));
-    cuda::launch_quantize_v_e4m3(q_bf16_.p<__nv_bfloat16>(), q8_.p<uint8_t>(), N, amax_qk_.p<float>(), qk_scale_,
+    cuda::launch_quantize_v_e4m3(heads(q_bf16_), q8_.p<uint8_t>(), amax_qk_.p<float>(), qk_scale_,
                                  qkv_slots_.p<float>(), stream_);
-    cuda::launch_quantize_v_e4m3(k_bf16_.p<__nv_bfloat16>(), k8_.p<uint8_t>(), N, amax_qk_.p<float>(), qk_scale_,
+    cuda::launch_quantize_v_e4m3(heads(k_bf16_), k8_.p<uint8_t>(), amax_qk_.p<float>(), qk_scale_,
                                  qkv_slots_.p<float>(), stream_);
     sync();
   }
@@ -77,6 +77,7 @@ class CudnnFp8AttentionOrdering : public ::testing::Test {
   }
 
   Device alloc(size_t bytes) { return {memory_->allocate(bytes, "test")}; }
+  static cuda::VHeads heads(const Device& d) { return {d.p<__nv_bfloat16>(), B, H, S, D, H * S * D, S * D, D}; }
   void sync() { check(cudaStreamSynchronize(stream_), "test", "cudaStreamSynchronize"); }
   void put_scalar(const Device& d, float v) {
     check(cudaMemcpy(d.p(), &v, sizeof v, cudaMemcpyHostToDevice), "test", "cudaMemcpy");
@@ -103,8 +104,8 @@ class CudnnFp8AttentionOrdering : public ::testing::Test {
   // One layer's FP8 attention as the backend issues it (v quantised just before cuDNN reads it), optionally with a
   // device synchronisation between the two.
   void layer(bool v_b, bool sync_before_cudnn) {
-    cuda::launch_quantize_v_e4m3((v_b ? v_b_ : v_a_).p<__nv_bfloat16>(), v8_.p<uint8_t>(), N,
-                                 (v_b ? amax_b_ : amax_a_).p<float>(), qk_scale_, slots_.p<float>(), stream_);
+    cuda::launch_quantize_v_e4m3(heads(v_b ? v_b_ : v_a_), v8_.p<uint8_t>(), (v_b ? amax_b_ : amax_a_).p<float>(),
+                                 qk_scale_, slots_.p<float>(), stream_);
     if (sync_before_cudnn) sync();
     attention_->run_fp8(shape_, q8_.p(), k8_.p(), v8_.p(), o8_.p(), slots_.p<float>());
   }

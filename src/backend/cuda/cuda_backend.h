@@ -346,7 +346,14 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                     int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
-    qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q, k, v, nullptr, "qk_norm_rope");
+    const char* op = "qk_norm_rope";
+    for (const Tensor* t : {&q, &k, &v}) {
+      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
+      check_contiguous(*t, op, "q, k, v");
+      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
+    }
+    qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q.shape(), q.ptr<__nv_bfloat16>(),
+                         k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), nullptr, op);
   }
 
   // Defined in cuda_fp8_attention_ops.cpp.
@@ -448,19 +455,16 @@ class CudaBackend final : public Backend {
   void copy_to_host(const Tensor& src, const Tensor& host_dst) override;
 
  private:
-  // qk_norm_rope's checks and launch; with `fp8`, q and k go to its e4m3 target and only v is written here.
+  // qk_norm_rope's checks and launch into q, k, v heads of shape `heads` ([B, H, S, D]); with `fp8`, q and k go to
+  // its e4m3 target instead, and v (bf16) is written only when given.
   void qk_norm_rope_checked(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
-                            int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v,
-                            const cuda::Fp8QkTarget* fp8, const char* op) {
+                            int64_t seq_offset, const Shape& heads, __nv_bfloat16* q, __nv_bfloat16* k,
+                            __nv_bfloat16* v, const cuda::Fp8QkTarget* fp8, const char* op) {
     const cuda::RowsView X = rows_of(qkv, op, "qkv");
-    for (const Tensor* t : {&q, &k, &v}) {
-      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
-      check_contiguous(*t, op, "q, k, v");
-      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
-    }
-    const int64_t H = q.size(1), S = q.size(2), D = q.size(3);
-    if (X.C != 3 * H * D || seq_offset < 0 || seq_offset + X.N > S || q.size(0) != X.B)
-      bad(op, "qkv " + shape_str(qkv.shape()) + " does not fit q " + shape_str(q.shape()) + " at offset " +
+    if (heads.size() != 4) bad(op, "q, k, v must be [B, H, S, D], got " + shape_str(heads));
+    const int64_t H = heads[1], S = heads[2], D = heads[3];
+    if (X.C != 3 * H * D || seq_offset < 0 || seq_offset + X.N > S || heads[0] != X.B)
+      bad(op, "qkv " + shape_str(qkv.shape()) + " does not fit heads " + shape_str(heads) + " at offset " +
                   std::to_string(seq_offset));
     for (const Tensor* t : {&q_norm, &k_norm}) {
       check_cuda_tensor(*t, op, "norm weight", DType::BF16);
@@ -470,10 +474,10 @@ class CudaBackend final : public Backend {
     check_contiguous(rope, op, "rope");
     if (rope.ndim() != 3 || rope.size(0) < seq_offset + X.N || rope.size(1) != D / 2 || rope.size(2) != 2)
       bad(op, "rope table " + shape_str(rope.shape()) + " does not cover the positions");
-    const cuda::QkvHeads heads{q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), H, S, D};
+    const cuda::QkvHeads out{q, k, v, H, S, D};
     timed(op, [&] {
       cuda::launch_qk_norm_rope(X, q_norm.ptr<__nv_bfloat16>(), k_norm.ptr<__nv_bfloat16>(), rope.ptr<float>(),
-                                seq_offset, heads, fp8, stream());
+                                seq_offset, out, fp8, stream());
     });
   }
 

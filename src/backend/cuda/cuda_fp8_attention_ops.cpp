@@ -31,25 +31,38 @@ void CudaBackend::qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, cons
                                    int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8,
                                    const Tensor& v, const Tensor& v_amax) {
   const char* op = "qk_norm_rope_fp8";
-  check_heads(q8, DType::F8_E4M3, v.shape(), op, "q8");
-  check_heads(k8, DType::F8_E4M3, v.shape(), op, "k8");
+  check_heads(q8, DType::F8_E4M3, q8.shape(), op, "q8");
+  check_heads(k8, DType::F8_E4M3, q8.shape(), op, "k8");
+  if (v.defined()) check_heads(v, DType::BF16, q8.shape(), op, "v");
   check_amax(v_amax, op);
   check_qk_scale(qk_scale, op);
   const cuda::Fp8QkTarget target{static_cast<uint8_t*>(q8.data()), static_cast<uint8_t*>(k8.data()), qk_scale,
                                  v_amax.ptr<float>()};
-  // The bf16 form's checks and launch, with q and k going to the e4m3 target (its bf16 q, k pointers are unused).
-  qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, v, v, v, &target, op);
+  qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q8.shape(), nullptr, nullptr,
+                       v.defined() ? v.ptr<__nv_bfloat16>() : nullptr, &target, op);
+}
+
+// v as the quantiser reads it: heads [B, H, S, D] (contiguous), or the v columns of qkv rows [B, S, H*D].
+static cuda::VHeads v_heads_of(const Tensor& v, const Shape& heads, const char* op) {
+  if (v.ndim() == 4) {
+    check_heads(v, DType::BF16, heads, op, "v");
+    return {v.ptr<__nv_bfloat16>(), heads[0], heads[1], heads[2], heads[3], v.stride(0), v.stride(1), v.stride(2)};
+  }
+  const cuda::RowsView V = rows_of(v, op, "v rows");
+  if (V.B != heads[0] || V.N != heads[2] || V.C != heads[1] * heads[3])
+    bad(op, "v rows " + shape_str(v.shape()) + " do not match the heads " + shape_str(heads));
+  return {V.p, heads[0], heads[1], heads[2], heads[3], V.sb, heads[3], V.sn};
 }
 
 // Checks, v quantised, cuDNN's e4m3 attention into o8 (contiguous [B, S, H*D]); returns the slots it used.
 float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
                                       const Tensor& v_amax, uint8_t* o8, const char* op) {
-  check_heads(v, DType::BF16, v.shape(), op, "v");
-  check_heads(q8, DType::F8_E4M3, v.shape(), op, "q8");
-  check_heads(k8, DType::F8_E4M3, v.shape(), op, "k8");
+  check_heads(q8, DType::F8_E4M3, q8.shape(), op, "q8");
+  check_heads(k8, DType::F8_E4M3, q8.shape(), op, "k8");
+  const cuda::VHeads vh = v_heads_of(v, q8.shape(), op);
   check_amax(v_amax, op);
   check_qk_scale(qk_scale, op);
-  const int64_t B = v.size(0), H = v.size(1), S = v.size(2), D = v.size(3);
+  const int64_t B = q8.size(0), H = q8.size(1), S = q8.size(2), D = q8.size(3);
   const cuda::AttentionShape shape{B, H, S, D, S * H * D, H * D, /*fp8=*/true};
   if (attention_mode_ == AttentionMode::Naive) bad(op, "needs cuDNN (FLUXSWAP_ATTENTION=naive is set)");
   if (!cudnn_ || !cudnn_->has_plan(shape)) {
@@ -69,7 +82,7 @@ float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const 
   }
   float* slots = fp8_attention_slots_.ptr<float>();
   auto* v8 = static_cast<uint8_t*>(fp8_attention_v8_.data());
-  cuda::launch_quantize_v_e4m3(v.ptr<__nv_bfloat16>(), v8, n, v_amax.ptr<float>(), qk_scale, slots, stream());
+  cuda::launch_quantize_v_e4m3(vh, v8, v_amax.ptr<float>(), qk_scale, slots, stream());
   cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots);
   return slots;
 }
@@ -78,10 +91,10 @@ void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor
                                 const Tensor& v_amax, const Tensor& out) {
   const char* op = "attention_fp8";
   const cuda::RowsView O = rows_of(out, op, "output");
-  if (v.ndim() != 4 || O.B != v.size(0) || O.N != v.size(2) || O.C != v.size(1) * v.size(3))
-    bad(op, "output " + shape_str(out.shape()) + " does not match v " + shape_str(v.shape()));
+  if (q8.ndim() != 4 || O.B != q8.size(0) || O.N != q8.size(2) || O.C != q8.size(1) * q8.size(3))
+    bad(op, "output " + shape_str(out.shape()) + " does not match q8 " + shape_str(q8.shape()));
   // cuDNN writes e4m3 rows [B, S, H*D] (contiguous) into a scratch buffer that the dequantisation reads.
-  const int64_t n = v.numel();
+  const int64_t n = q8.numel();
   if (!fp8_attention_o8_.defined() || fp8_attention_o8_.numel() < n) {
     if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
     fp8_attention_retired_.push_back(fp8_attention_o8_);
@@ -98,11 +111,12 @@ void CudaBackend::attention_fp8_rows(const Tensor& q8, const Tensor& k8, const T
                                      const Tensor& v_amax, const Tensor& out8, const Tensor& out_scale) {
   const char* op = "attention_fp8_rows";
   check_cuda_tensor(out8, op, "out8", DType::F8_E4M3);
-  if (v.ndim() != 4 || out8.shape() != Shape{v.size(0), v.size(2), v.size(1) * v.size(3)} || !out8.is_contiguous())
-    bad(op, "out8 must be [B, S, H*D] contiguous for v " + shape_str(v.shape()) + ", got " + shape_str(out8.shape()));
+  if (q8.ndim() != 4 || out8.shape() != Shape{q8.size(0), q8.size(2), q8.size(1) * q8.size(3)} ||
+      !out8.is_contiguous())
+    bad(op, "out8 must be [B, S, H*D] contiguous for q8 " + shape_str(q8.shape()) + ", got " + shape_str(out8.shape()));
   if (reinterpret_cast<uintptr_t>(out8.data()) % 16) bad(op, "out8 must be 16-byte aligned");
   check_cuda_tensor(out_scale, op, "out_scale", DType::F32);
-  const int64_t rows = v.size(0) * v.size(2);
+  const int64_t rows = q8.size(0) * q8.size(2);
   if (out_scale.numel() != rows || !out_scale.is_contiguous())
     bad(op, "out_scale must be F32 [" + std::to_string(rows) + "] contiguous, got " + shape_str(out_scale.shape()));
   timed(op, [&] {

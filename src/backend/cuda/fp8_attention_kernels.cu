@@ -18,9 +18,7 @@ __device__ inline float v_scale_of(const float* v_amax) {
   return __fdiv_rn(quant::kE4m3Max, fmaxf(*v_amax, quant::kE4m3AmaxFloor));
 }
 
-__global__ void quantize_v_kernel(const __nv_bfloat16* __restrict__ v, uint8_t* __restrict__ v8, int64_t n8,
-                                  const float* v_amax, float qk_scale, float* slots) {
-  const float scale = v_scale_of(v_amax);
+__device__ inline void write_slots(float scale, float qk_scale, float* slots) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     slots[kDescaleQ] = slots[kDescaleK] = __frcp_rn(qk_scale);
     slots[kDescaleV] = __frcp_rn(scale);
@@ -29,8 +27,17 @@ __global__ void quantize_v_kernel(const __nv_bfloat16* __restrict__ v, uint8_t* 
     slots[kScaleO] = scale;  // |out| <= max |v|
     slots[kDescaleO] = __frcp_rn(scale);
   }
+}
+
+// A thread per 8 values of a head row (grid-stride); the 16-byte loads need D and the strides multiples of 8.
+__global__ void quantize_v_kernel(VHeads v, uint8_t* __restrict__ v8, int64_t n8, const float* v_amax,
+                                  float qk_scale, float* slots) {
+  const float scale = v_scale_of(v_amax);
+  write_slots(scale, qk_scale, slots);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint4 raw = reinterpret_cast<const uint4*>(v)[i];
+    // Element i * 8 of the [B, H, S, D] output, read from wherever v keeps it.
+    const int64_t e = i * 8, d = e % v.D, t = e / v.D, s = t % v.S, bh = t / v.S;
+    const uint4 raw = *reinterpret_cast<const uint4*>(v.p + (bh / v.H) * v.sb + (bh % v.H) * v.sh + s * v.ss + d);
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
     uint32_t word[2];
 #pragma unroll
@@ -41,6 +48,18 @@ __global__ void quantize_v_kernel(const __nv_bfloat16* __restrict__ v, uint8_t* 
       word[w] = lo | (hi << 16);
     }
     reinterpret_cast<uint2*>(v8)[i] = make_uint2(word[0], word[1]);
+  }
+}
+
+// The same one value at a time, for any strides.
+__global__ void quantize_v_scalar_kernel(VHeads v, uint8_t* __restrict__ v8, int64_t n, const float* v_amax,
+                                         float qk_scale, float* slots) {
+  const float scale = v_scale_of(v_amax);
+  write_slots(scale, qk_scale, slots);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = e % v.D, t = e / v.D, s = t % v.S, bh = t / v.S;
+    const float x = __bfloat162float(v.p[(bh / v.H) * v.sb + (bh % v.H) * v.sh + s * v.ss + d]);
+    v8[e] = __nv_cvt_float_to_fp8(x * scale, __NV_SATFINITE, __NV_E4M3);
   }
 }
 
@@ -82,10 +101,16 @@ void launch_output_scales(const float* slots, float* v_amax, float* out_scale, i
   check_launch("attention_fp8_rows", "output_scales_kernel");
 }
 
-void launch_quantize_v_e4m3(const __nv_bfloat16* v, uint8_t* v8, int64_t n, const float* v_amax, float qk_scale,
-                            float* slots, cudaStream_t stream) {
-  if (n % 8 || reinterpret_cast<uintptr_t>(v) % 16 || reinterpret_cast<uintptr_t>(v8) % 8)
-    fail("attention_fp8", "launch", "v must be a multiple of 8 values on 16-byte boundaries");
+void launch_quantize_v_e4m3(const VHeads& v, uint8_t* v8, const float* v_amax, float qk_scale, float* slots,
+                            cudaStream_t stream) {
+  const int64_t n = v.B * v.H * v.S * v.D;
+  if (v.D % 8 || v.sb % 8 || v.sh % 8 || v.ss % 8 || reinterpret_cast<uintptr_t>(v.p) % 16 ||
+      reinterpret_cast<uintptr_t>(v8) % 8) {
+    const unsigned blocks = unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, 132 * 16));
+    quantize_v_scalar_kernel<<<blocks ? blocks : 1, kThreads, 0, stream>>>(v, v8, n, v_amax, qk_scale, slots);
+    check_launch("attention_fp8", "quantize_v_scalar_kernel");
+    return;
+  }
   const int64_t n8 = n / 8;
   const unsigned blocks = unsigned(std::min<int64_t>((n8 + kThreads - 1) / kThreads, 132 * 16));
   quantize_v_kernel<<<blocks ? blocks : 1, kThreads, 0, stream>>>(v, v8, n8, v_amax, qk_scale, slots);

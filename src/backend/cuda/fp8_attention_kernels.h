@@ -16,10 +16,18 @@ enum Fp8AttentionSlot : int {
   kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO, kDescaleO, kFp8AttentionSlots
 };
 
-// v8[i] = e4m3(v[i] * 448 / max(*v_amax, floor)) for n contiguous bf16 values (n a multiple of 8, 16-byte aligned
-// pointers); the first thread also fills `slots` (q and k descales 1 / qk_scale).
-void launch_quantize_v_e4m3(const __nv_bfloat16* v, uint8_t* v8, int64_t n, const float* v_amax, float qk_scale,
-                            float* slots, cudaStream_t stream);
+// bf16 v as [B, H, S, D] at any strides (elements): contiguous heads, or the v columns of qkv rows [B, S, 3 H D]
+// (sb = the rows' batch stride, sh = D, ss = the row stride).
+struct VHeads {
+  const __nv_bfloat16* p;
+  int64_t B, H, S, D, sb, sh, ss;
+};
+
+// v8 (contiguous [B, H, S, D]) = e4m3(v * 448 / max(*v_amax, floor)) (16-byte loads when D and the strides are
+// multiples of 8 and v is 16-byte aligned, else one value at a time); the first thread also fills `slots` (q and k
+// descales 1 / qk_scale).
+void launch_quantize_v_e4m3(const VHeads& v, uint8_t* v8, const float* v_amax, float qk_scale, float* slots,
+                            cudaStream_t stream);
 
 // out rows [B, S, H*D] (bf16) = e4m3 o8 (contiguous [B, S, H*D]) * slots[kDescaleO]; then *v_amax = 0, the state
 // the next layer's qk_norm_rope_fp8 starts from.

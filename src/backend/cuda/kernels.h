@@ -56,7 +56,8 @@ struct QkvHeads {
   int64_t H, S, D;
 };
 // FP8 attention's form of the output: q and k as e4m3 at qk_scale (contiguous [B, H, S, D] bytes) instead of
-// QkvHeads' q and k, v still bf16, and max |v| raised into *v_amax.
+// QkvHeads' q and k, v still bf16 (or not written when QkvHeads' v is null: attention_fp8 then reads it from the
+// qkv rows), and max |v| raised into *v_amax.
 struct Fp8QkTarget {
   uint8_t *q8 = nullptr, *k8 = nullptr;
   float qk_scale = 1.0f;

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_kernel(RopeParam
     const __nv_bfloat162* v_src = reinterpret_cast<const __nv_bfloat162*>(src + 2 * H * D);
     __nv_bfloat162* v_dst = reinterpret_cast<__nv_bfloat162*>(p.out.v + dst_off);
     for (int64_t j = lane; j < half; j += 32) {
-      v_dst[j] = v_src[j];
+      if (!kFp8 || p.out.v) v_dst[j] = v_src[j];
       if constexpr (kFp8) v_max = fmaxf(v_max, abs_max2(v_src[j]));
     }
 
@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(Rope
     const uint2 k_raw = *reinterpret_cast<const uint2*>(src + H * D);
     const uint2 v_raw = *reinterpret_cast<const uint2*>(src + 2 * H * D);
     const float4 cs = *reinterpret_cast<const float4*>(p.rope + (s * (D / 2) + 2 * lane) * 2);  // (cos, sin) x 2
-    *reinterpret_cast<uint2*>(p.out.v + dst_off) = v_raw;
+    if (!kFp8 || p.out.v) *reinterpret_cast<uint2*>(p.out.v + dst_off) = v_raw;
     if constexpr (kFp8)
       v_max = fmaxf(abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw.x)),
                     abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw.y)));
