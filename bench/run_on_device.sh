@@ -6,6 +6,7 @@
 #   ordering   cuDNN's FP8 attention alone and between its neighbours (with cuDNN's own log in $OUT)
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
+#   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
 #   fp8plan=N  FP8 + FP8 attention (no LoRA) with cuDNN's candidate attention plan N instead of its first choice
 set -uo pipefail
@@ -32,10 +33,18 @@ for job in "$@"; do
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \
         --json "$OUT/bf16lora.json" > "$OUT/bf16lora.log" 2>&1
       grep -E "ms/step|swap|bit" "$OUT/bf16lora.log" | head -30 ;;
+    bf16merged)
+      fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode merged --swaps 8 \
+        --json "$OUT/bf16merged.json" > "$OUT/bf16merged.log" 2>&1
+      grep -E "ms/step|swap|bit" "$OUT/bf16merged.log" | head -30 ;;
     e2e)
       fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
         --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
+    fp8split)
+      FLUXSWAP_SPLIT_LINEAR1=1 fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
+        --json "$OUT/fp8split.json" > "$OUT/fp8split.log" 2>&1
+      grep -E "ms/step|per-op" "$OUT/fp8split.log" | head -20 ;;
     fp8plan=*)
       FLUXSWAP_CUDNN_FP8_PLAN=${job#fp8plan=} fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
         --fp8-attention --quality-steps 28 --json "$OUT/$job.json" > "$OUT/$job.log" 2>&1

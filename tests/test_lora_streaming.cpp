@@ -89,6 +89,7 @@ TEST_P(LoraStreaming, AStreamedAdapterGivesTheBitsOfOneReadFirst) {
     arriving += bool(s->arriving);  // parsed before the read was over
     const LoraApplyReport r = lora.set_adapters({{s, 1.0f}});
     EXPECT_GE(r.upload_batches, 1u);
+    if (GetParam() == LoraMode::Merged && s->arriving) EXPECT_GE(r.merged_while_reading, 1u) << name;
     EXPECT_EQ(max_rel_error(m.run(), loaded), 0.0) << name;
   }
   EXPECT_GE(arriving, 1u);

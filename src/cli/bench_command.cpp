@@ -174,7 +174,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     seq_ms.push_back(seconds_since(t0) * 1e3);
   }
   // The read pipelined with the upload. The swap time is the time to the next step's start.
-  std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches;
+  std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches, early;
   Tensor out_b;
   std::shared_ptr<LoraAdapter> kept[2];
   for (int s = 1; s <= o.swaps; ++s) {
@@ -190,6 +190,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     read_ms.push_back(kept[s % 2]->arriving ? kept[s % 2]->arriving->read_seconds() * 1e3 : started_ms);
     wait_ms.push_back(rep.file_wait_seconds * 1e3);
     batches.push_back(double(rep.upload_batches));
+    early.push_back(double(rep.merged_while_reading));
     if (s == 1) out_b = be.to_host_f32(out);
   }
   if (!kept[0]) kept[0] = load(0);
@@ -231,8 +232,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
               first_apply_s * 1e3, capture_s);
   for (size_t i = 0; i < swap_ms.size(); ++i)
     std::printf("    swap %zu from the file: read %.1f ms; next step can start at %.1f ms (%.1f ms after the read "
-                "ended; waited %.1f ms for the file, %d upload batches); hidden %.1f ms\n",
-                i + 1, read_ms[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]), hidden_ms[i]);
+                "ended; waited %.1f ms for the file, %d upload batches, %d modules merged while reading); hidden %.1f ms\n",
+                i + 1, read_ms[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]), int(early[i]),
+                hidden_ms[i]);
   std::printf("  swap from the file, read pipelined with the upload: median %.1f ms to the next step's start (read "
               "%.1f ms, then %.1f ms; hidden %.1f ms against reading first), + next step %.1f ms\n",
               median_of(swap_ms), median_of(read_ms), median_of(after_read_ms), median_of(hidden_ms),
@@ -263,6 +265,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"hidden_ms_all", hidden_ms},
           {"file_wait_ms_all", wait_ms},
           {"upload_batches_all", batches},
+          {"merged_while_reading_all", early},
           {"sequential_swap_ms_median", median_of(seq_ms)},
           {"sequential_swap_ms_all", seq_ms},
           {"sequential_read_parse_ms_median", median_of(seq_read_ms)},

@@ -111,14 +111,16 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
     if (s.has_bias)
       throw Error("LoRA on '" + module + "' carries a bias (lora_B.bias): supported in merged mode only");
   }
-  // Everything the model will read is on the device and checked before the first write to it.
   LoraApplyReport r;
-  std::vector<DeviceAdapter*> dev;
-  for (const auto& a : active) dev.push_back(&upload(a.adapter, r));
-  if (mode_ == LoraMode::Runtime)
+  std::vector<DeviceAdapter*> dev(active.size(), nullptr);
+  if (mode_ == LoraMode::Runtime) {
+    // Everything the slots will read is on the device and checked before the first write to them.
+    for (size_t i = 0; i < active.size(); ++i) dev[i] = &upload(active[i].adapter, r, {});
     apply_runtime(stacks, dev);
-  else
-    apply_merged(stacks, dev);
+  } else {
+    merge_as_uploaded(active, stacks, dev, r);
+  }
+  active_ = active;
   evict_unused(active);
 
   r.adapters = active.size();
@@ -133,10 +135,12 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
 }
 
 LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<const LoraAdapter>& adapter,
-                                                      LoraApplyReport& report) {
+                                                      LoraApplyReport& report, const PairSent& on_pair_sent) {
   for (auto& d : cache_)
     if (d.adapter == adapter) {
       d.last_use = ++uses_;
+      if (on_pair_sent)
+        for (size_t i = 0; i < d.adapter->pairs.size(); ++i) on_pair_sent(d, i);
       return d;
     }
   // One device allocation for the whole adapter, filled by one batched upload in file order (adjacent in both
@@ -145,38 +149,58 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
   int64_t total = 0;
   for (const LoraPair& p : adapter->pairs)
     total += p.down.numel() + p.up.numel() + (p.up_bias.defined() ? p.up_bias.numel() : 0);
-  DeviceAdapter d{adapter, {}, {}, {}, ++uses_};
+  // In the cache from the start (a list: the address stays) so that on_pair_sent sees where the pairs go; dropped
+  // again if the file turns out bad.
+  cache_.push_back(DeviceAdapter{adapter, {}, {}, {}, ++uses_});
+  DeviceAdapter& d = cache_.back();
   const size_t n = adapter->pairs.size();
   d.down.resize(n), d.up.resize(n), d.bias.resize(n);
   // Places on the device in the order of the host bytes, so that runs of neighbouring tensors in the file stay
   // neighbours there and travel as one transfer.
-  std::vector<std::pair<Tensor, Tensor*>> sources;
+  struct Source {
+    Tensor host;
+    Tensor* device;
+    size_t pair;
+  };
+  std::vector<Source> sources;
+  std::vector<int> unsent(n);  // per pair, its tensors not sent yet
   for (size_t i = 0; i < n; ++i) {
     const LoraPair& p = adapter->pairs[i];
-    sources.emplace_back(p.down, &d.down[i]);
-    sources.emplace_back(p.up, &d.up[i]);
-    if (p.up_bias.defined()) sources.emplace_back(p.up_bias.view({1, p.up_bias.size(0)}), &d.bias[i]);
+    sources.push_back({p.down, &d.down[i], i});
+    sources.push_back({p.up, &d.up[i], i});
+    if (p.up_bias.defined()) sources.push_back({p.up_bias.view({1, p.up_bias.size(0)}), &d.bias[i], i});
+    unsent[i] = p.up_bias.defined() ? 3 : 2;
   }
-  std::stable_sort(sources.begin(), sources.end(), [](const auto& a, const auto& b) {
-    return std::less<const void*>()(a.first.data(), b.first.data());
+  std::stable_sort(sources.begin(), sources.end(), [](const Source& a, const Source& b) {
+    return std::less<const void*>()(a.host.data(), b.host.data());
   });
   const Tensor storage = be.empty(be.compute_dtype(), {total});
   int64_t at = 0;
   std::vector<std::pair<Tensor, Tensor>> copies;
-  for (auto& [host, slot] : sources) {
-    *slot = storage.narrow(0, at, host.numel()).view(host.shape());
-    at += host.numel();
-    copies.emplace_back(host, *slot);
+  for (Source& src : sources) {
+    *src.device = storage.narrow(0, at, src.host.numel()).view(src.host.shape());
+    at += src.host.numel();
+    copies.emplace_back(src.host, *src.device);
   }
-  // A file still being read goes up in batches as its chunks land; its values are checked once all are in. A bad
-  // value throws here, before the adapter is cached or the model touched (the device copy is simply dropped).
-  const StreamedUploadStats sent = upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_,
-                                                        [&](const HostToDevice& b) { be.copy_from_host_batch(b); });
-  wait_until_loaded(*adapter);
-  report.file_wait_seconds += sent.waited_seconds;
-  report.upload_batches += sent.batches;
-  cache_.push_back(std::move(d));
-  return cache_.back();
+  // A file still being read goes up in batches as its chunks land (sent in order, so a running count says which);
+  // its values are checked once all are in. A bad value throws here and the device copy is dropped; what
+  // on_pair_sent did with the pairs sent before is the caller's to undo.
+  size_t next = 0;
+  try {
+    const StreamedUploadStats sent =
+        upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_, [&](const HostToDevice& b) {
+          be.copy_from_host_batch(b);
+          for (size_t end = next + b.size(); next < end; ++next)
+            if (--unsent[sources[next].pair] == 0 && on_pair_sent) on_pair_sent(d, sources[next].pair);
+        });
+    wait_until_loaded(*adapter);
+    report.file_wait_seconds += sent.waited_seconds;
+    report.upload_batches += sent.batches;
+  } catch (...) {
+    cache_.pop_back();
+    throw;
+  }
+  return d;
 }
 
 void LoraController::evict_unused(const std::vector<ActiveLora>& active) {
@@ -196,8 +220,41 @@ void LoraController::evict_unused(const std::vector<ActiveLora>& active) {
   }
 }
 
-void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stacks,
-                                  const std::vector<DeviceAdapter*>& dev) {
+void LoraController::merge_as_uploaded(const std::vector<ActiveLora>& active,
+                                       const std::map<std::string, ModuleStack>& stacks,
+                                       std::vector<DeviceAdapter*>& dev, LoraApplyReport& report) {
+  begin_merge(stacks);
+  // A module is merged as soon as every pair it takes is on its way to the device (the merge follows the upload in
+  // the stream), so the merges of the first modules run while the rest of a file is still being read.
+  std::map<std::string, size_t> waiting;  // module -> its pairs not sent yet
+  std::vector<std::vector<std::vector<const std::string*>>> modules_of(active.size());  // [adapter][pair] -> modules
+  for (size_t a = 0; a < active.size(); ++a) modules_of[a].resize(active[a].adapter->pairs.size());
+  for (const auto& [module, s] : stacks) {
+    waiting[module] = s.pairs.size();
+    for (const PlacedPair& pp : s.pairs) modules_of[pp.adapter][pp.pair].push_back(&module);
+  }
+  try {
+    for (size_t a = 0; a < active.size(); ++a)
+      dev[a] = &upload(active[a].adapter, report, [&](DeviceAdapter& d, size_t pair) {
+        dev[a] = &d;
+        const SafetensorsFile* file = active[a].adapter->arriving.get();
+        for (const std::string* module : modules_of[a][pair])
+          if (--waiting[*module] == 0) {
+            merge_module(*module, stacks.at(*module), dev);
+            report.merged_while_reading += file && !file->complete();
+          }
+      });
+  } catch (...) {
+    // A value or read error found after some modules were merged: back to what the last successful call set (its
+    // adapters are still in the cache; every merge starts from the base, so the bits come back exactly).
+    const std::vector<ActiveLora> previous = active_;
+    set_adapters(previous);
+    throw;
+  }
+  tr_.weights_changed();  // host copies kept for offloading now hold the old values
+}
+
+void LoraController::begin_merge(const std::map<std::string, ModuleStack>& stacks) {
   Backend& be = tr_.backend();
   for (const auto& [module, s] : stacks) {
     if (base_weight_.count(module)) continue;
@@ -207,56 +264,62 @@ void LoraController::apply_merged(const std::map<std::string, ModuleStack>& stac
     base_bias_[module] = be.empty(l.bias.dtype(), l.bias.shape());
     be.copy(l.bias, base_bias_[module]);
   }
-  // Every change starts from the base, so swaps never accumulate rounding and unloading is exact.
-  for (const auto& module : changed_) {
-    if (stacks.count(module)) continue;
-    Linear& l = tr_.weights().linear(module);
-    be.copy(base_weight_.at(module), l.weight);
-    be.copy(base_bias_.at(module), l.bias);
+  // Every change starts from the base, so swaps never accumulate rounding and unloading is exact. Modules the new
+  // stacks touch stay in changed_ until merged: they may still hold the previous adapters' values.
+  for (auto it = changed_.begin(); it != changed_.end();) {
+    if (stacks.count(*it)) {
+      ++it;
+      continue;
+    }
+    Linear& l = tr_.weights().linear(*it);
+    be.copy(base_weight_.at(*it), l.weight);
+    be.copy(base_bias_.at(*it), l.bias);
     if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);  // FP8 mode: the working weight follows
+    it = changed_.erase(it);
   }
-  changed_.clear();
-  for (const auto& [module, s] : stacks) {
-    Linear& l = tr_.weights().linear(module);
-    const Tensor& base = base_weight_.at(module);
-    be.copy(base_bias_.at(module), l.bias);
-    // The first pair on a row range reads the base (W = base + a up down in one pass over W); later pairs on the
-    // same rows add to it. Rows no pair covers are copied; ranges that overlap partly fall back to copy-then-add.
-    std::vector<std::pair<int64_t, int64_t>> written;  // row ranges holding base + something
-    bool partial = false;
-    for (const PlacedPair& pp : s.pairs) {
-      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
-      for (const auto& [r, n] : written)
-        if (r < p.row + p.rows && p.row < r + n && (r != p.row || n != p.rows)) partial = true;
-      if (std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end())
-        written.emplace_back(p.row, p.rows);
-    }
-    if (partial) be.copy(base, l.weight);
-    written.clear();
-    for (const PlacedPair& pp : s.pairs) {
-      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
-      const Tensor rows = l.weight.narrow(0, p.row, p.rows);
-      const bool first = !partial && std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end();
-      be.add_matmul(first ? base.narrow(0, p.row, p.rows) : rows, dev[pp.adapter]->up[pp.pair],
-                    dev[pp.adapter]->down[pp.pair], rows, pp.alpha);
-      if (first) written.emplace_back(p.row, p.rows);
-      if (const Tensor& b = dev[pp.adapter]->bias[pp.pair]; b.defined())
-        be.axpy(l.bias.narrow(0, p.row, p.rows).view({1, p.rows}), pp.alpha, b);
-    }
-    if (!partial) {  // the gaps between the written ranges
-      std::sort(written.begin(), written.end());
-      int64_t next = 0;
-      for (const auto& [r, n] : written) {
-        if (r > next) be.copy(base.narrow(0, next, r - next), l.weight.narrow(0, next, r - next));
-        next = std::max(next, r + n);
-      }
-      if (next < base.size(0)) be.copy(base.narrow(0, next, base.size(0) - next), l.weight.narrow(0, next, base.size(0) - next));
-    }
-    // FP8 mode requantises the merged module from bf16 (the base itself stays untouched in base_weight_).
-    if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);
-    changed_.insert(module);
+}
+
+void LoraController::merge_module(const std::string& module, const ModuleStack& s,
+                                  const std::vector<DeviceAdapter*>& dev) {
+  Backend& be = tr_.backend();
+  Linear& l = tr_.weights().linear(module);
+  const Tensor& base = base_weight_.at(module);
+  be.copy(base_bias_.at(module), l.bias);
+  // The first pair on a row range reads the base (W = base + a up down in one pass over W); later pairs on the
+  // same rows add to it. Rows no pair covers are copied; ranges that overlap partly fall back to copy-then-add.
+  std::vector<std::pair<int64_t, int64_t>> written;  // row ranges holding base + something
+  bool partial = false;
+  for (const PlacedPair& pp : s.pairs) {
+    const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
+    for (const auto& [r, n] : written)
+      if (r < p.row + p.rows && p.row < r + n && (r != p.row || n != p.rows)) partial = true;
+    if (std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end())
+      written.emplace_back(p.row, p.rows);
   }
-  tr_.weights_changed();  // host copies kept for offloading now hold the old values
+  if (partial) be.copy(base, l.weight);
+  written.clear();
+  for (const PlacedPair& pp : s.pairs) {
+    const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
+    const Tensor rows = l.weight.narrow(0, p.row, p.rows);
+    const bool first = !partial && std::find(written.begin(), written.end(), std::pair{p.row, p.rows}) == written.end();
+    be.add_matmul(first ? base.narrow(0, p.row, p.rows) : rows, dev[pp.adapter]->up[pp.pair],
+                  dev[pp.adapter]->down[pp.pair], rows, pp.alpha);
+    if (first) written.emplace_back(p.row, p.rows);
+    if (const Tensor& b = dev[pp.adapter]->bias[pp.pair]; b.defined())
+      be.axpy(l.bias.narrow(0, p.row, p.rows).view({1, p.rows}), pp.alpha, b);
+  }
+  if (!partial) {  // the gaps between the written ranges
+    std::sort(written.begin(), written.end());
+    int64_t next = 0;
+    for (const auto& [r, n] : written) {
+      if (r > next) be.copy(base.narrow(0, next, r - next), l.weight.narrow(0, next, r - next));
+      next = std::max(next, r + n);
+    }
+    if (next < base.size(0)) be.copy(base.narrow(0, next, base.size(0) - next), l.weight.narrow(0, next, base.size(0) - next));
+  }
+  // FP8 mode requantises the merged module from bf16 (the base itself stays untouched in base_weight_).
+  if (l.weight_fp8.defined()) quantize_linear_fp8(l, be);
+  changed_.insert(module);
 }
 
 void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& stacks,

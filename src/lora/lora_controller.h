@@ -6,9 +6,12 @@
 //    contents, so buffers, pointers and any recorded CUDA graph stay valid.
 // Adapters are uploaded once (as they are in the file, no host-side conversion) and the most recently used ones stay
 // on the device, so swapping between them copies nothing from the host. An adapter whose file is still being read
-// (start_loading_lora_adapter) is uploaded chunk by chunk as it lands, into its own device memory. set_adapters()
-// is all-or-nothing: on any validation error, a NaN/Inf found in the last chunk of a file included, the model is left
-// as it was — nothing of it is written before every active adapter is on the device and checked.
+// (start_loading_lora_adapter) is uploaded chunk by chunk as it lands, into its own device memory; in merged mode
+// each module is merged as soon as its pairs are sent, under the rest of the read. set_adapters() is all-or-nothing:
+// on any validation error, a NaN/Inf found in the last chunk of a file included, the model is left as it was
+// (runtime mode writes nothing before every active adapter is on the device and checked; merged mode re-merges
+// what the last successful call set, bit for bit).
+#include <functional>
 #include <list>
 #include <set>
 #include <string>
@@ -31,6 +34,8 @@ struct LoraApplyReport {
   // host -> device batches their uploads went in.
   double file_wait_seconds = 0;
   size_t upload_batches = 0;
+  // Merged mode: modules merged while the file of an adapter they take was still being read.
+  size_t merged_while_reading = 0;
 };
 
 class LoraController {
@@ -63,15 +68,24 @@ class LoraController {
     std::vector<Tensor> down, up, bias;
     uint64_t last_use = 0;
   };
-  DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter, LoraApplyReport& report);
+  // Called once per pair of an uploaded adapter when all of its tensors are on their way to the device (at once
+  // for an adapter already there).
+  using PairSent = std::function<void(DeviceAdapter&, size_t pair)>;
+  DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter, LoraApplyReport& report,
+                        const PairSent& on_pair_sent);
   void evict_unused(const std::vector<ActiveLora>& active);
-  void apply_merged(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
+  void merge_as_uploaded(const std::vector<ActiveLora>& active, const std::map<std::string, ModuleStack>& stacks,
+                         std::vector<DeviceAdapter*>& dev, LoraApplyReport& report);
+  // Keeps the base of every module the stacks touch and restores the others; merge_module then writes one.
+  void begin_merge(const std::map<std::string, ModuleStack>& stacks);
+  void merge_module(const std::string& module, const ModuleStack& s, const std::vector<DeviceAdapter*>& dev);
   void apply_runtime(const std::map<std::string, ModuleStack>& stacks, const std::vector<DeviceAdapter*>& dev);
 
   FluxTransformer& tr_;
   LoraMode mode_;
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
   std::set<std::string> changed_;                          // merged: modules that currently differ from the base
+  std::vector<ActiveLora> active_;                         // what the last successful set_adapters set
   // Runtime: the parts of slots the last fill wrote (all else in the slots is zero), by module, so that a slot the
   // transformer moved since (block streaming splits [W | up]) is still found.
   struct SlotRegion {
