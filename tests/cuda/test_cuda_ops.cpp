@@ -198,8 +198,9 @@ Tensor rope_table(int64_t S, int64_t D) {
 // Text tokens then image tokens, each read from its slice of a [B, S, 3HD + M] projection buffer (as double blocks
 // do), written into q, k, v at their sequence offsets. q, k, v start poisoned and must be fully written.
 TEST_F(CudaOps, QkNormRope) {
-  const int64_t H = 3, M = 40;
+  const int64_t M = 40;
   uint64_t seed = 3000;
+  for (int64_t H : {3, 8})  // 8: the 128-wide kernel's four heads a warp
   for (int64_t D : {16, 128})
     for (int64_t B : {1, 2})
       for (int64_t Ni : kTokenCounts) {
@@ -215,7 +216,8 @@ TEST_F(CudaOps, QkNormRope) {
         }
         for (const Pair* p : {&q, &k, &v})
           EXPECT_LE(max_rel_error(gpu_->to_host_f32(p->gpu), p->cpu), kTol)
-              << "D " << D << " B " << B << " Ni " << Ni << " tensor " << (p == &q ? "q" : p == &k ? "k" : "v");
+              << "H " << H << " D " << D << " B " << B << " Ni " << Ni << " tensor "
+              << (p == &q ? "q" : p == &k ? "k" : "v");
       }
 }
 
