@@ -8,7 +8,6 @@
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
-#   fp8plan=N  FP8 + FP8 attention (no LoRA) with cuDNN's candidate attention plan N instead of its first choice
 set -uo pipefail
 source .device/env.sh
 OUT=${OUT:-/tmp/out}
@@ -45,10 +44,6 @@ for job in "$@"; do
       FLUXSWAP_SPLIT_LINEAR1=1 fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
         --json "$OUT/fp8split.json" > "$OUT/fp8split.log" 2>&1
       grep -E "ms/step|per-op" "$OUT/fp8split.log" | head -20 ;;
-    fp8plan=*)
-      FLUXSWAP_CUDNN_FP8_PLAN=${job#fp8plan=} fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
-        --fp8-attention --quality-steps 28 --json "$OUT/$job.json" > "$OUT/$job.log" 2>&1
-      grep -E "ms/step|cosine|attention" "$OUT/$job.log" | head -20 ;;
     *) echo "unknown job $job" ;;
   esac
   summary+=("$job: $(( $(date +%s) - start )) s")

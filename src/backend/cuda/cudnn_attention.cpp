@@ -1,8 +1,6 @@
 #include "backend/cuda/cudnn_attention.h"
 
 #include <cmath>
-#include <cstdlib>
-#include <stdexcept>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -45,16 +43,7 @@ struct CudnnAttention::Handle {
 struct CudnnAttention::Plan {
   std::shared_ptr<fe::graph::Graph> graph;
   std::shared_ptr<void> workspace;
-  int64_t index = -1;  // -1: the heuristics' choice; else the candidate plan FLUXSWAP_CUDNN_FP8_PLAN named
 };
-
-namespace {
-// Which of cuDNN's candidate FP8 attention plans to run (experiments: their speed and run-to-run noise differ).
-int64_t fp8_plan_override() {
-  const char* v = std::getenv("FLUXSWAP_CUDNN_FP8_PLAN");
-  return v && *v ? std::strtoll(v, nullptr, 10) : -1;
-}
-}  // namespace
 
 CudnnAttention::CudnnAttention(DeviceMemory& memory, cudaStream_t stream)
     : memory_(memory), handle_(std::make_unique<Handle>()) {
@@ -115,19 +104,10 @@ void CudnnAttention::build(const AttentionShape& s) {
   check_fe(graph->build_operation_graph(handle_->h), "cudnn_frontend build_operation_graph");
   check_fe(graph->create_execution_plans({fe::HeurMode_t::A}), "cudnn_frontend create_execution_plans");
   check_fe(graph->check_support(), "cudnn_frontend check_support");
-  auto plan = std::make_unique<Plan>();
+  check_fe(graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "cudnn_frontend build_plans");
   int64_t ws = 0;
-  if (s.fp8 && fp8_plan_override() >= 0) {
-    plan->index = fp8_plan_override();
-    if (plan->index >= graph->get_execution_plan_count())
-      throw std::runtime_error("FLUXSWAP_CUDNN_FP8_PLAN=" + std::to_string(plan->index) + ": cuDNN offers " +
-                               std::to_string(graph->get_execution_plan_count()) + " plans for this shape");
-    check_fe(graph->build_plan_at_index(handle_->h, plan->index), "cudnn_frontend build_plan_at_index");
-    check_fe(graph->get_workspace_size_plan_at_index(plan->index, ws), "cudnn_frontend get_workspace_size");
-  } else {
-    check_fe(graph->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE), "cudnn_frontend build_plans");
-    check_fe(graph->get_workspace_size(ws), "cudnn_frontend get_workspace_size");
-  }
+  check_fe(graph->get_workspace_size(ws), "cudnn_frontend get_workspace_size");
+  auto plan = std::make_unique<Plan>();
   plan->graph = std::move(graph);
   plan->workspace = memory_.allocate(size_t(ws), "attention workspace");
   plans_.emplace(s, std::move(plan));
@@ -151,11 +131,7 @@ void CudnnAttention::run_fp8(const AttentionShape& s, const void* q8, const void
                                           {kO, o8}};
   for (int i : {kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO})
     pack.emplace(kSlot0 + i, slots + i);
-  if (plan.index >= 0)
-    check_fe(plan.graph->execute_plan_at_index(handle_->h, pack, plan.workspace.get(), plan.index),
-             "cudnn_frontend execute_plan_at_index");
-  else
-    check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
+  check_fe(plan.graph->execute(handle_->h, pack, plan.workspace.get()), "cudnn_frontend execute");
 }
 
 #else
