@@ -232,7 +232,8 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
               first_apply_s * 1e3, capture_s);
   for (size_t i = 0; i < swap_ms.size(); ++i)
     std::printf("    swap %zu from the file: read %.1f ms; next step can start at %.1f ms (%.1f ms after the read "
-                "ended; waited %.1f ms for the file, %d upload batches, %d modules merged while reading); hidden %.1f ms\n",
+                "ended; waited %.1f ms for the file, %d upload batches, %d modules merged while reading); hidden "
+                "%.1f ms\n",
                 i + 1, read_ms[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]), int(early[i]),
                 hidden_ms[i]);
   std::printf("  swap from the file, read pipelined with the upload: median %.1f ms to the next step's start (read "

@@ -163,14 +163,14 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
     size_t pair;
   };
   std::vector<Source> sources;
-  std::vector<int> unsent(n);  // per pair, its tensors not sent yet
   for (size_t i = 0; i < n; ++i) {
     const LoraPair& p = adapter->pairs[i];
     sources.push_back({p.down, &d.down[i], i});
     sources.push_back({p.up, &d.up[i], i});
     if (p.up_bias.defined()) sources.push_back({p.up_bias.view({1, p.up_bias.size(0)}), &d.bias[i], i});
-    unsent[i] = p.up_bias.defined() ? 3 : 2;
   }
+  std::vector<int> unsent(n, 0);  // per pair, its tensors not sent yet
+  for (const Source& src : sources) ++unsent[src.pair];
   std::stable_sort(sources.begin(), sources.end(), [](const Source& a, const Source& b) {
     return std::less<const void*>()(a.host.data(), b.host.data());
   });

@@ -29,15 +29,19 @@ __device__ inline void write_slots(float scale, float qk_scale, float* slots) {
   }
 }
 
+// Element e of v in [B, H, S, D] order, wherever v keeps it.
+__device__ inline const __nv_bfloat16* element(const VHeads& v, int64_t e) {
+  const int64_t d = e % v.D, t = e / v.D, s = t % v.S, bh = t / v.S;
+  return v.p + (bh / v.H) * v.sb + (bh % v.H) * v.sh + s * v.ss + d;
+}
+
 // A thread per 8 values of a head row (grid-stride); the 16-byte loads need D and the strides multiples of 8.
 __global__ void quantize_v_kernel(VHeads v, uint8_t* __restrict__ v8, int64_t n8, const float* v_amax,
                                   float qk_scale, float* slots) {
   const float scale = v_scale_of(v_amax);
   write_slots(scale, qk_scale, slots);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8; i += int64_t(gridDim.x) * blockDim.x) {
-    // Element i * 8 of the [B, H, S, D] output, read from wherever v keeps it.
-    const int64_t e = i * 8, d = e % v.D, t = e / v.D, s = t % v.S, bh = t / v.S;
-    const uint4 raw = *reinterpret_cast<const uint4*>(v.p + (bh / v.H) * v.sb + (bh % v.H) * v.sh + s * v.ss + d);
+    const uint4 raw = *reinterpret_cast<const uint4*>(element(v, i * 8));
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
     uint32_t word[2];
 #pragma unroll
@@ -57,8 +61,7 @@ __global__ void quantize_v_scalar_kernel(VHeads v, uint8_t* __restrict__ v8, int
   const float scale = v_scale_of(v_amax);
   write_slots(scale, qk_scale, slots);
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = e % v.D, t = e / v.D, s = t % v.S, bh = t / v.S;
-    const float x = __bfloat162float(v.p[(bh / v.H) * v.sb + (bh % v.H) * v.sh + s * v.ss + d]);
+    const float x = __bfloat162float(*element(v, e));
     v8[e] = __nv_cvt_float_to_fp8(x * scale, __NV_SATFINITE, __NV_E4M3);
   }
 }

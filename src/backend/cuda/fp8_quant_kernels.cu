@@ -131,7 +131,7 @@ __global__ void dequantize_rows_kernel(const uint8_t* __restrict__ q, int64_t ld
   }
 }
 
-// 16 e4m3 codes times one scale: their max |value|, and their values re-quantised at `inv` (16 codes).
+// 16 e4m3 codes times one scale: their max |value|.
 __device__ inline float amax16_e4m3(const uint4& raw, float scale) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
   float m = 0.0f;
@@ -144,6 +144,8 @@ __device__ inline float amax16_e4m3(const uint4& raw, float scale) {
     }
   return __fmul_rn(m, scale);  // rounding is monotonic: the max of the products
 }
+
+// The same 16 values (code * scale, rounded to float32) re-quantised at `inv`: 16 codes.
 __device__ inline uint4 requantize16_e4m3(const uint4& raw, float scale, float inv) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
   uint32_t out[4];
