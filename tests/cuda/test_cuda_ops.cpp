@@ -198,25 +198,27 @@ Tensor rope_table(int64_t S, int64_t D) {
 // Text tokens then image tokens, each read from its slice of a [B, S, 3HD + M] projection buffer (as double blocks
 // do), written into q, k, v at their sequence offsets. q, k, v start poisoned and must be fully written.
 TEST_F(CudaOps, QkNormRope) {
-  const int64_t H = 3, M = 40;
+  const int64_t M = 40;
   uint64_t seed = 3000;
-  for (int64_t D : {16, 128})
-    for (int64_t B : {1, 2})
-      for (int64_t Ni : kTokenCounts) {
-        const int64_t Nt = 7, S = Nt + Ni;
-        Pair proj = random_pair(*gpu_, {B, S, 3 * H * D + M}, ++seed);
-        Pair qn = random_pair(*gpu_, {D}, ++seed, 0.2f, 1.0f), kn = random_pair(*gpu_, {D}, ++seed, 0.2f, 1.0f);
-        Pair rope = f32_pair(*gpu_, rope_table(S, D));
-        Pair q = nan_pair(*gpu_, {B, H, S, D}), k = nan_pair(*gpu_, {B, H, S, D}), v = nan_pair(*gpu_, {B, H, S, D});
-        for (auto [start, n] : {std::pair{int64_t(0), Nt}, std::pair{Nt, Ni}}) {
-          Pair qkv = proj.narrow(1, start, n).narrow(2, 0, 3 * H * D);
-          gpu_->qk_norm_rope(qkv.gpu, qn.gpu, kn.gpu, rope.gpu, start, q.gpu, k.gpu, v.gpu);
-          cpu_->qk_norm_rope(qkv.cpu, qn.cpu, kn.cpu, rope.cpu, start, q.cpu, k.cpu, v.cpu);
+  for (int64_t H : {3, 8})  // 8: the 128-wide kernel's four heads a warp
+    for (int64_t D : {16, 128})
+      for (int64_t B : {1, 2})
+        for (int64_t Ni : kTokenCounts) {
+          const int64_t Nt = 7, S = Nt + Ni;
+          Pair proj = random_pair(*gpu_, {B, S, 3 * H * D + M}, ++seed);
+          Pair qn = random_pair(*gpu_, {D}, ++seed, 0.2f, 1.0f), kn = random_pair(*gpu_, {D}, ++seed, 0.2f, 1.0f);
+          Pair rope = f32_pair(*gpu_, rope_table(S, D));
+          Pair q = nan_pair(*gpu_, {B, H, S, D}), k = nan_pair(*gpu_, {B, H, S, D}), v = nan_pair(*gpu_, {B, H, S, D});
+          for (auto [start, n] : {std::pair{int64_t(0), Nt}, std::pair{Nt, Ni}}) {
+            Pair qkv = proj.narrow(1, start, n).narrow(2, 0, 3 * H * D);
+            gpu_->qk_norm_rope(qkv.gpu, qn.gpu, kn.gpu, rope.gpu, start, q.gpu, k.gpu, v.gpu);
+            cpu_->qk_norm_rope(qkv.cpu, qn.cpu, kn.cpu, rope.cpu, start, q.cpu, k.cpu, v.cpu);
+          }
+          for (const Pair* p : {&q, &k, &v})
+            EXPECT_LE(max_rel_error(gpu_->to_host_f32(p->gpu), p->cpu), kTol)
+                << "H " << H << " D " << D << " B " << B << " Ni " << Ni << " tensor "
+                << (p == &q ? "q" : p == &k ? "k" : "v");
         }
-        for (const Pair* p : {&q, &k, &v})
-          EXPECT_LE(max_rel_error(gpu_->to_host_f32(p->gpu), p->cpu), kTol)
-              << "D " << D << " B " << B << " Ni " << Ni << " tensor " << (p == &q ? "q" : p == &k ? "k" : "v");
-      }
 }
 
 // Attention in both implementations. The output is the first columns of a [B, S, H*D + M] buffer (as the

@@ -297,42 +297,52 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_kernel(RopeParam
 }
 
 // head_dim 128 (FLUX): lane l owns elements 4l .. 4l+3 (pairs 2l and 2l+1) of q, k and v, so each warp moves a
-// head with one 8-byte access per lane and tensor, all three loads in flight before the first reduction.
-template <bool kFp8>
+// head with one 8-byte access per lane and tensor. A warp takes kHeads heads of one token: their 3 x kHeads loads
+// are in flight before the first reduction, and the token's RoPE angles are read once for all of them.
+template <bool kFp8, int kHeads>
 __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(RopeParams p) {
   constexpr int D = 128;
   const int lane = threadIdx.x % 32;
   const int64_t item = blockIdx.x * int64_t(kRopeWarps) + threadIdx.x / 32;
-  const int64_t H = p.out.H;
+  const int64_t H = p.out.H, groups = H / kHeads;
   float v_max = 0.0f;
-  if (item < p.qkv.B * p.qkv.N * H) {
-    const int64_t h = item % H, row = item / H;
+  if (item < p.qkv.B * p.qkv.N * groups) {
+    const int64_t h0 = item % groups * kHeads, row = item / groups;
     const int64_t b = row / p.qkv.N, n = row - b * p.qkv.N, s = p.seq_offset + n;
-    const __nv_bfloat16* src = row_ptr(p.qkv, b, n) + h * D + 4 * lane;
-    const int64_t dst_off = ((b * H + h) * p.out.S + s) * D + 4 * lane;
+    const __nv_bfloat16* src = row_ptr(p.qkv, b, n) + h0 * D + 4 * lane;
+    const int64_t dst_off = ((b * H + h0) * p.out.S + s) * D + 4 * lane, head_stride = p.out.S * D;
 
-    const uint2 q_raw = *reinterpret_cast<const uint2*>(src);
-    const uint2 k_raw = *reinterpret_cast<const uint2*>(src + H * D);
-    const uint2 v_raw = *reinterpret_cast<const uint2*>(src + 2 * H * D);
+    uint2 q_raw[kHeads], k_raw[kHeads], v_raw[kHeads];
+#pragma unroll
+    for (int g = 0; g < kHeads; ++g) {
+      q_raw[g] = *reinterpret_cast<const uint2*>(src + g * D);
+      k_raw[g] = *reinterpret_cast<const uint2*>(src + H * D + g * D);
+      v_raw[g] = *reinterpret_cast<const uint2*>(src + 2 * H * D + g * D);
+    }
     const float4 cs = *reinterpret_cast<const float4*>(p.rope + (s * (D / 2) + 2 * lane) * 2);  // (cos, sin) x 2
-    if (!kFp8 || p.out.v) *reinterpret_cast<uint2*>(p.out.v + dst_off) = v_raw;
-    if constexpr (kFp8)
-      v_max = fmaxf(abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw.x)),
-                    abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw.y)));
+    const uint2 qw_raw = *reinterpret_cast<const uint2*>(p.q_norm + 4 * lane);
+    const uint2 kw_raw = *reinterpret_cast<const uint2*>(p.k_norm + 4 * lane);
 
-    auto rotate = [&](uint2 raw, const __nv_bfloat16* norm, int part) {
+    auto rotate = [&](uint2 raw, uint2 w_raw, int part, int64_t off) {
       const float2 x0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
       const float2 x1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
       const float inv = rsqrtf(warp_sum(x0.x * x0.x + x0.y * x0.y + x1.x * x1.x + x1.y * x1.y) / float(D) + 1e-6f);
-      const uint2 w_raw = *reinterpret_cast<const uint2*>(norm + 4 * lane);
       const float2 w0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w_raw.x));
       const float2 w1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w_raw.y));
       const float a0 = x0.x * inv * w0.x, c0 = x0.y * inv * w0.y, a1 = x1.x * inv * w1.x, c1 = x1.y * inv * w1.y;
-      store_quad<kFp8>(p, part, dst_off, make_float4(a0 * cs.x - c0 * cs.y, c0 * cs.x + a0 * cs.y,
-                                                    a1 * cs.z - c1 * cs.w, c1 * cs.z + a1 * cs.w));
+      store_quad<kFp8>(p, part, off, make_float4(a0 * cs.x - c0 * cs.y, c0 * cs.x + a0 * cs.y,
+                                                a1 * cs.z - c1 * cs.w, c1 * cs.z + a1 * cs.w));
     };
-    rotate(q_raw, p.q_norm, 0);
-    rotate(k_raw, p.k_norm, 1);
+#pragma unroll
+    for (int g = 0; g < kHeads; ++g) {
+      const int64_t off = dst_off + g * head_stride;
+      if (!kFp8 || p.out.v) *reinterpret_cast<uint2*>(p.out.v + off) = v_raw[g];
+      if constexpr (kFp8)
+        v_max = fmaxf(v_max, fmaxf(abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw[g].x)),
+                                   abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw[g].y))));
+      rotate(q_raw[g], qw_raw, 0, off);
+      rotate(k_raw[g], kw_raw, 1, off);
+    }
   }
   if constexpr (kFp8) raise_v_amax(v_max, p.fp8.v_amax);
 }
@@ -427,17 +437,22 @@ void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const
     fail(op, "launch", "qkv rows must start on 4-byte boundaries (even strides and offset)");
   const int64_t items = qkv.B * qkv.N * out.H;
   if (items == 0) return;
-  const int64_t blocks = (items + kRopeWarps - 1) / kRopeWarps;
   const RopeParams params{qkv, q_norm, k_norm, rope, seq_offset, out, fp8 ? *fp8 : Fp8QkTarget{}};
-  // The 8-byte path needs every head to start on an 8-byte boundary.
+  // The 8-byte path needs every head to start on an 8-byte boundary; it takes 4 heads a warp where H allows.
   const bool d128 = out.D == 128 && qkv.sb % 4 == 0 && qkv.sn % 4 == 0 && reinterpret_cast<uintptr_t>(qkv.p) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(q_norm) % 8 == 0 && reinterpret_cast<uintptr_t>(k_norm) % 8 == 0 &&
                     reinterpret_cast<uintptr_t>(rope) % 16 == 0;
-  const unsigned grid = unsigned(blocks), threads = kRopeWarps * 32;
-  if (d128 && fp8)
-    qk_norm_rope_d128_kernel<true><<<grid, threads, 0, stream>>>(params);
+  const bool by4 = d128 && out.H % 4 == 0;
+  const int64_t warps = by4 ? items / 4 : items;
+  const unsigned grid = unsigned((warps + kRopeWarps - 1) / kRopeWarps), threads = kRopeWarps * 32;
+  if (by4 && fp8)
+    qk_norm_rope_d128_kernel<true, 4><<<grid, threads, 0, stream>>>(params);
+  else if (by4)
+    qk_norm_rope_d128_kernel<false, 4><<<grid, threads, 0, stream>>>(params);
+  else if (d128 && fp8)
+    qk_norm_rope_d128_kernel<true, 1><<<grid, threads, 0, stream>>>(params);
   else if (d128)
-    qk_norm_rope_d128_kernel<false><<<grid, threads, 0, stream>>>(params);
+    qk_norm_rope_d128_kernel<false, 1><<<grid, threads, 0, stream>>>(params);
   else if (fp8)
     qk_norm_rope_kernel<true><<<grid, threads, 0, stream>>>(params);
   else
