@@ -60,7 +60,8 @@ class LoraController {
   // filled, so the step waits only where it overtakes the read. Returns once everything is issued and the files are
   // in and checked (the step may still be running). A NaN/Inf or read error found after the step was launched
   // opens every gate, refills the previous adapters and throws: that step's output is not to be used. Other modes
-  // and backends: set_adapters, then launch_step().
+  // and backends: set_adapters, then launch_step(). launch_step must only issue work (a graph replay), never wait
+  // for it: the step waits for fills this call issues after it returns.
   LoraApplyReport swap_under_next_step(const std::vector<ActiveLora>& active, const std::function<void()>& launch_step);
 
   LoraMode mode() const { return mode_; }
