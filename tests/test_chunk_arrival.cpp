@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include "core/error.h"
@@ -25,6 +26,35 @@ TEST(ChunkArrival, SplitsTheRangeIntoChunks) {
   EXPECT_EQ(empty.chunks(), 0u);
   EXPECT_TRUE(empty.complete());
   EXPECT_EQ(empty.wait_until(100), 0u);
+}
+
+// Ranges for readers that take chunks out of order: a range is in when every chunk holding it is, whatever the run.
+TEST(ChunkArrival, AnyRangeIsInWhenItsChunksAre) {
+  ChunkArrival a(10, 4);
+  EXPECT_TRUE(a.has(5, 5));  // nothing asked
+  EXPECT_FALSE(a.has(8, 10));
+  a.finish(2);
+  EXPECT_TRUE(a.has(8, 10));
+  EXPECT_FALSE(a.has(7, 9));  // chunk 1 too
+  EXPECT_EQ(a.ready(), 0u);
+  std::atomic<bool> woke{false};
+  std::thread waiter([&] {
+    a.wait_range(4, 9);
+    woke = true;
+  });
+  a.finish(0);  // not the one it waits for
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(woke);
+  a.finish(1);
+  waiter.join();
+  EXPECT_TRUE(woke);
+  EXPECT_TRUE(a.has(0, 10));
+  ChunkArrival b(10, 4);
+  b.finish(0);
+  std::thread failing([&] { b.fail("disk gone"); });
+  EXPECT_NE(test::error_of([&] { b.wait_range(4, 8); }).find("disk gone"), std::string::npos);
+  failing.join();
+  b.wait_range(0, 4);  // what came before the failure is still there
 }
 
 TEST(ChunkArrival, ReadyIsTheRunOfFinishedChunksFromTheStart) {

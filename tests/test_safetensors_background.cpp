@@ -85,6 +85,40 @@ TEST(SafetensorsBackground, DataArrivesInFileOrderWhileTheCallerGoesOn) {
   for (const auto& e : m->entries()) EXPECT_EQ(bytes_of(f->tensor(e.name)), bytes_of(m->tensor(e.name))) << e.name;
 }
 
+// read_rank: chunks are taken by the rank of the tensors they hold, so "d" (ranked first) is read before "b" and
+// usable while "b" is still held back; the values are the file's and are checked all the same.
+TEST(SafetensorsBackground, ChunksAreReadInTheRankedOrder) {
+  test::TempDir dir;
+  const std::string path = write_file(dir, 5);
+  auto m = SafetensorsFile::open(path);
+  SafetensorsReadOptions o;
+  o.threads = 1;
+  o.chunk_bytes = 256;
+  o.read_rank = [](const std::string& key) { return key == "d" ? 0 : key == "c" ? 1 : 2; };
+  std::vector<uint64_t> seen;
+  Gate gate;
+  const SafetensorsEntry& b_entry = *m->find("b");
+  const uint64_t b_first = b_entry.begin / 256;
+  o.before_chunk = [&](uint64_t c) {
+    seen.push_back(c);
+    if (c == b_first) EXPECT_TRUE(gate.pass());
+  };
+  auto f = SafetensorsFile::read_in_background(path, heap, o);
+  const Tensor d = f->tensor("d"), b = f->tensor("b");
+  f->wait_for(d.data(), d.nbytes());
+  EXPECT_EQ(bytes_of(d), bytes_of(m->tensor("d")));
+  EXPECT_FALSE(f->arrived(b.data(), b.nbytes()));
+  gate.open();
+  f->wait_until_read();
+  ASSERT_EQ(seen.size(), (m->entries().back().end + 255) / 256);
+  // "d"'s chunks first (in file order), then "c"'s that are not "d"'s, ...
+  const auto [d_first, d_last] = std::pair{m->find("d")->begin / 256, (m->find("d")->end + 255) / 256};
+  for (uint64_t i = 0; i < d_last - d_first; ++i) EXPECT_EQ(seen[i], d_first + i);
+  for (const auto& e : m->entries()) EXPECT_EQ(bytes_of(f->tensor(e.name)), bytes_of(m->tensor(e.name))) << e.name;
+  ASSERT_EQ(f->non_finite().size(), 1u);
+  EXPECT_EQ(f->non_finite().begin()->second.element, 5);
+}
+
 // Every chunk size down to one byte finds the same first bad element, also where it straddles a chunk end, whether
 // chunks are read with pread or copied from a mapping.
 TEST(SafetensorsBackground, ValuesAreCheckedWhateverTheChunkSize) {

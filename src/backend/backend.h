@@ -198,6 +198,8 @@ class Backend {
     float alpha = 1.0f;
   };
   virtual void scaled_copy_batch(const std::vector<ScaledCopy>& copies);
+  // Makes room for scaled_copy_batch lists of up to n copies now, so that later calls allocate nothing.
+  virtual void reserve_scaled_copies(size_t n) { (void)n; }
   // y = act(x @ w^T + bias + (x @ down^T) @ up^T): a linear with a runtime LoRA slot. down [R, K] and up [Nout, R]
   // contiguous (up may be a row range of a taller slot); scratch rows [B, N, >= R] receive x @ down^T.
   virtual void lora_linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& down, const Tensor& up,
@@ -267,6 +269,23 @@ class Backend {
   // queue is done (the destination buffer is then free), and signals `buffer` (0 .. kStreamBuffers - 1) when done;
   // wait_stream_upload(buffer) makes later compute work wait for the last upload signalled on it. Both may be
   // recorded (record()): every upload must be waited for before the recording ends. The default copies at once.
+  // Step gates, for work that runs under the next step (a runtime LoRA swap: LoraController::swap_under_next_step).
+  // Compute work issued after wait_gate(g) starts only once gate g is open in the current round. close_gates() (on
+  // the compute queue) starts a round with every gate shut; open_gate(g) opens one once the work issued before it on
+  // the current queue is done. Until a round is started, every gate is open. wait_gate may be recorded (the point of
+  // it: a recorded step waits per block); prepare_gates(n) allocates gates 0 .. n-1 first (outside recordings).
+  // The side queue: fork_side_queue() makes it wait for the compute work issued so far, on_side_queue(fn) issues the
+  // ops fn issues there, join_side_queue() makes later compute work wait for everything issued there. Defaults, for
+  // synchronous backends (has_gates() false): no gates, fn runs in place — a caller swaps before the step instead.
+  virtual bool has_gates() const { return false; }
+  virtual void prepare_gates(int count) { (void)count; }
+  virtual void wait_gate(int gate) { (void)gate; }
+  virtual void close_gates() {}
+  virtual void open_gate(int gate) { (void)gate; }
+  virtual void fork_side_queue() {}
+  virtual void on_side_queue(const std::function<void()>& fn) { fn(); }
+  virtual void join_side_queue() {}
+
   static constexpr int kStreamBuffers = 4;
   virtual void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer);
   virtual void wait_stream_upload(int buffer) { (void)buffer; }

@@ -26,11 +26,12 @@ void ChunkArrival::finish(uint64_t c) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (c >= done_.size() || done_[c]) return;
   done_[c] = true;
-  if (c != run_) return;  // the run from the start does not grow yet
-  while (run_ < done_.size() && done_[run_]) ++run_;
-  ready_ = std::min(bytes_, run_ * chunk_bytes_);
-  if (ready_ == bytes_) completed_at_ = Clock::now();
-  changed_.notify_all();
+  if (c == run_) {  // the run from the start grows
+    while (run_ < done_.size() && done_[run_]) ++run_;
+    ready_ = std::min(bytes_, run_ * chunk_bytes_);
+    if (ready_ == bytes_) completed_at_ = Clock::now();
+  }
+  changed_.notify_all();  // range waiters may be waiting for any chunk
 }
 
 void ChunkArrival::fail(const std::string& message) {
@@ -50,6 +51,24 @@ uint64_t ChunkArrival::wait_until(uint64_t end) const {
   changed_.wait(lock, [&] { return ready_ >= end || !failure_.empty(); });
   if (ready_ < end) throw Error(failure_);
   return ready_;
+}
+
+bool ChunkArrival::all_done(uint64_t begin, uint64_t end) const {
+  const auto [first, last] = chunks_of(begin, end);
+  for (uint64_t c = std::max(first, run_); c < last; ++c)
+    if (!done_[c]) return false;
+  return true;
+}
+
+bool ChunkArrival::has(uint64_t begin, uint64_t end) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return all_done(begin, end);
+}
+
+void ChunkArrival::wait_range(uint64_t begin, uint64_t end) const {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return all_done(begin, end) || !failure_.empty(); });
+  if (!all_done(begin, end)) throw Error(failure_);
 }
 
 ChunkArrival::Clock::time_point ChunkArrival::completed_at() const {

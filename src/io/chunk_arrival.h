@@ -1,8 +1,8 @@
 #pragma once
 // Which part of a byte range being read by several threads, chunk by chunk, is in memory. Chunks finish in any
-// order; what counts as there is the longest run of finished chunks from the start, so a consumer that walks the
-// range in order (uploading tensors in file order) takes each piece as soon as the run has passed it, and never
-// needs to know which thread read what. A failed read wakes every waiter with its message.
+// order. ready() is the longest run of finished chunks from the start, for consumers that walk the range in order;
+// has() / wait_range() ask about any range, for readers that take the chunks in another order (a LoRA read in the
+// order a step needs it). A failed read wakes every waiter with its message.
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -38,6 +38,9 @@ class ChunkArrival {
   // Blocks until bytes [0, end) are in (end is clamped to bytes()); returns ready(). Throws Error with the
   // failure's message when the read failed before getting there.
   uint64_t wait_until(uint64_t end) const;
+  // Whether every chunk holding [begin, end) is finished; wait_range blocks until they are (throws as wait_until).
+  bool has(uint64_t begin, uint64_t end) const;
+  void wait_range(uint64_t begin, uint64_t end) const;
   // When the last chunk finished (only meaningful once complete()).
   Clock::time_point completed_at() const;
 
@@ -45,6 +48,7 @@ class ChunkArrival {
   const uint64_t bytes_, chunk_bytes_;
   mutable std::mutex mutex_;
   mutable std::condition_variable changed_;
+  bool all_done(uint64_t begin, uint64_t end) const;  // under mutex_
   std::vector<bool> done_;
   uint64_t run_ = 0;  // chunks [0, run_) are finished
   uint64_t ready_ = 0;

@@ -41,6 +41,10 @@ struct SafetensorsReadOptions {
   bool from_mapping = false;
   // Called by a reader thread before it reads chunk c of the data region: lets tests hold a chunk back.
   std::function<void(uint64_t chunk)> before_chunk;
+  // read_in_background: chunks are taken by the lowest rank of the tensors they hold (ties in file order) instead
+  // of in file order, so a consumer that needs the tensors in another order (a LoRA in the order a step uses it)
+  // gets them sooner. Unset: file order.
+  std::function<int64_t(const std::string& key)> read_rank;
 };
 
 class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -100,6 +101,7 @@ struct SafetensorsFile::BackgroundRead {
   const std::function<void(uint64_t)> before_chunk;
   std::chrono::steady_clock::time_point started;
   std::atomic<uint64_t> next{0};  // chunks are handed out in order, so the ready run grows steadily
+  std::vector<uint64_t> order;    // read_rank: the chunks in the order they are handed out (else 0, 1, ...)
   std::atomic<bool> stop{false};
   std::vector<std::map<std::string, NonFiniteValue>> found;  // per worker: the first bad element of each tensor
   std::vector<std::thread> workers;
@@ -111,8 +113,9 @@ struct SafetensorsFile::BackgroundRead {
 
 void SafetensorsFile::BackgroundRead::run(size_t w) {
   while (!stop) {
-    const uint64_t c = next.fetch_add(1);
-    if (c >= arrival.chunks()) break;
+    const uint64_t i = next.fetch_add(1);
+    if (i >= arrival.chunks()) break;
+    const uint64_t c = order.empty() ? i : order[i];
     try {
       if (before_chunk) before_chunk(c);
       read_chunk(c, found[w]);
@@ -207,6 +210,17 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
   auto bg = std::make_shared<BackgroundRead>(fd.release(), path, bytes + data_begin, data_begin, data_size, chunk,
                                              f->entries_, options.before_chunk);
   bg->started = started;
+  if (options.read_rank) {
+    std::vector<int64_t> rank(bg->arrival.chunks(), INT64_MAX);
+    for (const SafetensorsEntry& e : f->entries_) {
+      const auto [first, last] = bg->arrival.chunks_of(e.begin, e.end);
+      const int64_t r = options.read_rank(e.name);
+      for (uint64_t c = first; c < last; ++c) rank[c] = std::min(rank[c], r);
+    }
+    bg->order.resize(rank.size());
+    for (uint64_t c = 0; c < rank.size(); ++c) bg->order[c] = c;
+    std::stable_sort(bg->order.begin(), bg->order.end(), [&](uint64_t a, uint64_t b) { return rank[a] < rank[b]; });
+  }
   if ((options.from_mapping || env_or("FLUXSWAP_READ_MMAP", 0)) && data_size > 0) {
     // No MAP_POPULATE: populating is one thread's work; faults taken by all the readers spread it.
     void* m = ::mmap(nullptr, f->size_, PROT_READ, MAP_SHARED, bg->fd, 0);
@@ -242,14 +256,14 @@ bool SafetensorsFile::arrived(const void* p, size_t n) const {
   const auto* q = static_cast<const uint8_t*>(p);
   const uint64_t region = background_->arrival.bytes();
   if (q < data_ || q >= data_ + region) return true;  // the header, or memory that is not this file's image
-  return uint64_t(q - data_) + n <= background_->arrival.ready();
+  return background_->arrival.has(uint64_t(q - data_), uint64_t(q - data_) + n);
 }
 
 void SafetensorsFile::wait_for(const void* p, size_t n) const {
   if (!background_) return;
   const auto* q = static_cast<const uint8_t*>(p);
   if (q < data_ || q >= data_ + background_->arrival.bytes()) return;
-  background_->arrival.wait_until(uint64_t(q - data_) + n);
+  background_->arrival.wait_range(uint64_t(q - data_), uint64_t(q - data_) + n);
 }
 
 void SafetensorsFile::wait_until_read() const {

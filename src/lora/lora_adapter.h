@@ -50,7 +50,8 @@ LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config,
 // The same, returning as soon as the file's header is parsed and mapped onto the model: the data goes on arriving
 // in `host` memory in the background (SafetensorsFile::read_in_background), so LoraController::set_adapters can
 // upload each tensor as it lands. Structural errors (names, shapes, dtypes) are thrown here; a NaN/Inf or a read
-// error surfaces from wait_until_loaded() (which set_adapters calls before it changes the model). Without `host`,
+// error surfaces from wait_until_loaded() (which set_adapters calls before it changes the model). The chunks are read
+// in the order a step reads the weights (flux_step_rank) unless `read` sets an order. Without `host`,
 // the file is mapped and everything is checked here, as by load_lora_adapter.
 LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
                                        const HostBufferAllocator& host, const SafetensorsReadOptions& read = {});

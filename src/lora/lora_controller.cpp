@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "lora/streamed_upload.h"
+#include "model/flux_step_order.h"
 #include "model/flux_weight_map.h"
 
 namespace fluxswap {
@@ -54,6 +55,9 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
     widest = std::max(widest, r);
   }
   tr_.set_lora_slot_rank(widest);
+  // Recorded steps wait per block for swap_under_next_step's fills (a no-op where the backend has no gates).
+  tr_.set_step_gates(true);
+  step_gates_ = be.has_gates();
 }
 
 LoraController::~LoraController() {
@@ -80,6 +84,7 @@ LoraController::~LoraController() {
     l.lora_up = Tensor();
   }
   tr_.set_lora_slot_rank(0);
+  tr_.set_step_gates(false);
 }
 
 int64_t LoraController::slot_rank(const std::string& module) const {
@@ -87,13 +92,8 @@ int64_t LoraController::slot_rank(const std::string& module) const {
   return l.lora_down.defined() ? l.lora_down.size(0) : 0;
 }
 
-LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& active) {
-  const auto t0 = std::chrono::steady_clock::now();
-  const auto stacks = stack_loras(active, tr_.config());
-  if (mode_ == LoraMode::Merged && !tr_.resident())
-    throw Error("merged LoRAs are written into the transformer's weights, which are off the device between images "
-                "under this memory plan: use runtime mode (--lora-mode runtime) or a budget that keeps it resident");
-  for (const auto& [module, s] : stacks) {  // check everything before touching the model
+void LoraController::check_stacks(const std::map<std::string, ModuleStack>& stacks) const {
+  for (const auto& [module, s] : stacks) {
     if (mode_ == LoraMode::Merged && !tr_.weights().linear(module).weight.defined())
       throw Error("LoRA targets '" + module + "', which this model holds only in FP8 (it was loaded from an FP8 "
                   "checkpoint): merged mode needs its bf16 weight; use runtime mode (--lora-mode runtime)");
@@ -111,6 +111,15 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
     if (s.has_bias)
       throw Error("LoRA on '" + module + "' carries a bias (lora_B.bias): supported in merged mode only");
   }
+}
+
+LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& active) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto stacks = stack_loras(active, tr_.config());
+  if (mode_ == LoraMode::Merged && !tr_.resident())
+    throw Error("merged LoRAs are written into the transformer's weights, which are off the device between images "
+                "under this memory plan: use runtime mode (--lora-mode runtime) or a budget that keeps it resident");
+  check_stacks(stacks);  // everything before touching the model
   LoraApplyReport r;
   std::vector<DeviceAdapter*> dev(active.size(), nullptr);
   if (mode_ == LoraMode::Runtime) {
@@ -122,29 +131,39 @@ LoraApplyReport LoraController::set_adapters(const std::vector<ActiveLora>& acti
   }
   active_ = active;
   evict_unused(active);
+  tr_.backend().synchronize();
+  finish_report(r, active, stacks, t0);
+  return r;
+}
 
+void LoraController::finish_report(LoraApplyReport& r, const std::vector<ActiveLora>& active,
+                                   const std::map<std::string, ModuleStack>& stacks,
+                                   std::chrono::steady_clock::time_point t0) const {
   r.adapters = active.size();
   for (const auto& a : active) {
     r.pairs += a.adapter->pairs.size();
     r.tensors += a.adapter->tensors_used;
   }
   r.modules = stacks.size();
-  tr_.backend().synchronize();
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return r;
 }
 
 LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<const LoraAdapter>& adapter,
                                                       LoraApplyReport& report, const PairSent& on_pair_sent) {
+  DeviceAdapter& d = place(adapter);
+  send(d, report, on_pair_sent);
+  return d;
+}
+
+LoraController::DeviceAdapter& LoraController::place(const std::shared_ptr<const LoraAdapter>& adapter) {
   for (auto& d : cache_)
     if (d.adapter == adapter) {
       d.last_use = ++uses_;
-      if (on_pair_sent)
-        for (size_t i = 0; i < d.adapter->pairs.size(); ++i) on_pair_sent(d, i);
       return d;
     }
-  // One device allocation for the whole adapter, filled by one batched upload in file order (adjacent in both
-  // places, so the backend can send it in a few large transfers).
+  // One device allocation for the whole adapter, in the order the step reads the pairs (the order
+  // start_loading_lora_adapter reads the file in), then the host bytes': runs of neighbouring tensors stay
+  // neighbours there and travel as one transfer.
   Backend& be = tr_.backend();
   int64_t total = 0;
   for (const LoraPair& p : adapter->pairs)
@@ -153,10 +172,9 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
   // again if the file turns out bad.
   cache_.push_back(DeviceAdapter{adapter, {}, {}, {}, ++uses_});
   DeviceAdapter& d = cache_.back();
+  d.sent = false;
   const size_t n = adapter->pairs.size();
   d.down.resize(n), d.up.resize(n), d.bias.resize(n);
-  // Places on the device in the order of the host bytes, so that runs of neighbouring tensors in the file stay
-  // neighbours there and travel as one transfer.
   struct Source {
     Tensor host;
     Tensor* device;
@@ -169,38 +187,61 @@ LoraController::DeviceAdapter& LoraController::upload(const std::shared_ptr<cons
     sources.push_back({p.up, &d.up[i], i});
     if (p.up_bias.defined()) sources.push_back({p.up_bias.view({1, p.up_bias.size(0)}), &d.bias[i], i});
   }
-  std::vector<int> unsent(n, 0);  // per pair, its tensors not sent yet
-  for (const Source& src : sources) ++unsent[src.pair];
-  std::stable_sort(sources.begin(), sources.end(), [](const Source& a, const Source& b) {
+  std::vector<int64_t> rank(n);
+  for (size_t i = 0; i < n; ++i) rank[i] = flux_step_rank(adapter->pairs[i].module, tr_.config());
+  std::stable_sort(sources.begin(), sources.end(), [&](const Source& a, const Source& b) {
+    if (rank[a.pair] != rank[b.pair]) return rank[a.pair] < rank[b.pair];
     return std::less<const void*>()(a.host.data(), b.host.data());
   });
-  const Tensor storage = be.empty(be.compute_dtype(), {total});
-  int64_t at = 0;
-  std::vector<std::pair<Tensor, Tensor>> copies;
-  for (Source& src : sources) {
-    *src.device = storage.narrow(0, at, src.host.numel()).view(src.host.shape());
-    at += src.host.numel();
-    copies.emplace_back(src.host, *src.device);
-  }
-  // A file still being read goes up in batches as its chunks land (sent in order, so a running count says which);
-  // its values are checked once all are in. A bad value throws here and the device copy is dropped; what
-  // on_pair_sent did with the pairs sent before is the caller's to undo.
-  size_t next = 0;
   try {
-    const StreamedUploadStats sent =
-        upload_as_it_arrives(adapter->arriving.get(), copies, upload_batch_bytes_, [&](const HostToDevice& b) {
-          be.copy_from_host_batch(b);
-          for (size_t end = next + b.size(); next < end; ++next)
-            if (--unsent[sources[next].pair] == 0 && on_pair_sent) on_pair_sent(d, sources[next].pair);
-        });
-    wait_until_loaded(*adapter);
-    report.file_wait_seconds += sent.waited_seconds;
-    report.upload_batches += sent.batches;
+    const Tensor storage = be.empty(be.compute_dtype(), {total});
+    int64_t at = 0;
+    for (Source& src : sources) {
+      *src.device = storage.narrow(0, at, src.host.numel()).view(src.host.shape());
+      at += src.host.numel();
+      d.to_send.emplace_back(src.host, *src.device);
+      d.to_send_pair.push_back(src.pair);
+    }
   } catch (...) {
     cache_.pop_back();
     throw;
   }
   return d;
+}
+
+void LoraController::send(DeviceAdapter& d, LoraApplyReport& report, const PairSent& on_pair_sent) {
+  if (d.sent) {
+    if (on_pair_sent)
+      for (size_t i = 0; i < d.adapter->pairs.size(); ++i) on_pair_sent(d, i);
+    return;
+  }
+  // A file still being read goes up in batches as its chunks land (sent in order, so a running count says which);
+  // its values are checked once all are in. A bad value throws here and the device copy is dropped; what
+  // on_pair_sent did with the pairs sent before is the caller's to undo.
+  std::vector<int> unsent(d.adapter->pairs.size(), 0);  // per pair, its tensors not sent yet
+  for (size_t pair : d.to_send_pair) ++unsent[pair];
+  size_t next = 0;
+  try {
+    const StreamedUploadStats sent = upload_as_it_arrives(
+        d.adapter->arriving.get(), d.to_send, upload_batch_bytes_, [&](const HostToDevice& b) {
+          tr_.backend().copy_from_host_batch(b);
+          for (size_t end = next + b.size(); next < end; ++next)
+            if (--unsent[d.to_send_pair[next]] == 0 && on_pair_sent) on_pair_sent(d, d.to_send_pair[next]);
+        });
+    wait_until_loaded(*d.adapter);
+    report.file_wait_seconds += sent.waited_seconds;
+    report.upload_batches += sent.batches;
+  } catch (...) {
+    drop_unsent();
+    throw;
+  }
+  d.sent = true;
+  d.to_send.clear();
+  d.to_send_pair.clear();
+}
+
+void LoraController::drop_unsent() {
+  cache_.remove_if([](const DeviceAdapter& d) { return !d.sent; });
 }
 
 void LoraController::evict_unused(const std::vector<ActiveLora>& active) {
@@ -329,16 +370,8 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
   // the slot is zero and adds nothing.
   std::vector<Backend::ScaledCopy> fill;
   std::vector<SlotRegion> regions;
-  for (const auto& [module, s] : stacks) {
-    for (const PlacedPair& pp : s.pairs) {
-      const LoraPair& p = dev[pp.adapter]->adapter->pairs[pp.pair];
-      const int64_t r = p.down.size(0), in = p.down.size(1);
-      regions.push_back({module, false, pp.rank_offset, r, 0, in});
-      fill.push_back({dev[pp.adapter]->down[pp.pair], slot_region(regions.back()), 1.0f});
-      regions.push_back({module, true, p.row, p.rows, pp.rank_offset, r});
-      fill.push_back({dev[pp.adapter]->up[pp.pair], slot_region(regions.back()), pp.alpha});
-    }
-  }
+  for (const auto& [module, s] : stacks)
+    for (const PlacedPair& pp : s.pairs) slot_fill(module, pp, *dev[pp.adapter], fill, regions);
   // Slots are zero outside what the last fill wrote, so only the parts of it that this fill does not overwrite are
   // cleared first: nothing when the adapters keep their layout (same ranks and targets, the common swap) instead of
   // two memsets per module. Parts of one fill never overlap (each pair has its own rank range).
@@ -347,6 +380,16 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
     if (!next.count(old)) be.zero(slot_region(old));
   be.scaled_copy_batch(fill);
   filled_ = std::move(regions);
+}
+
+void LoraController::slot_fill(const std::string& module, const PlacedPair& pp, const DeviceAdapter& d,
+                               std::vector<Backend::ScaledCopy>& fill, std::vector<SlotRegion>& regions) {
+  const LoraPair& p = d.adapter->pairs[pp.pair];
+  const int64_t r = p.down.size(0), in = p.down.size(1);
+  regions.push_back({module, false, pp.rank_offset, r, 0, in});
+  fill.push_back({d.down[pp.pair], slot_region(regions.back()), 1.0f});
+  regions.push_back({module, true, p.row, p.rows, pp.rank_offset, r});
+  fill.push_back({d.up[pp.pair], slot_region(regions.back()), pp.alpha});
 }
 
 Tensor LoraController::slot_region(const SlotRegion& r) {

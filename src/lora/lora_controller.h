@@ -11,6 +11,7 @@
 // on any validation error, a NaN/Inf found in the last chunk of a file included, the model is left as it was
 // (runtime mode writes nothing before every active adapter is on the device and checked; merged mode re-merges
 // what the last successful call set, bit for bit).
+#include <chrono>
 #include <functional>
 #include <list>
 #include <set>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "lora/lora_stack.h"
+#include "lora/streamed_upload.h"
 #include "model/flux_transformer.h"
 
 namespace fluxswap {
@@ -52,6 +54,15 @@ class LoraController {
 
   LoraApplyReport set_adapters(const std::vector<ActiveLora>& active);
   void clear() { set_adapters({}); }
+  // Runtime mode on a backend with step gates: set_adapters run under the next step instead of before it. Checks
+  // what set_adapters checks, issues launch_step() (the recorded step) while the files are still being read, then
+  // uploads and fills the slots in the order the step reads them, opening each block's gate once its slots are
+  // filled, so the step waits only where it overtakes the read. Returns once everything is issued and the files are
+  // in and checked (the step may still be running). A NaN/Inf or read error found after the step was launched
+  // opens every gate, refills the previous adapters and throws: that step's output is not to be used. Other modes
+  // and backends: set_adapters, then launch_step(). launch_step must only issue work (a graph replay), never wait
+  // for it: the step waits for fills this call issues after it returns.
+  LoraApplyReport swap_under_next_step(const std::vector<ActiveLora>& active, const std::function<void()>& launch_step);
 
   LoraMode mode() const { return mode_; }
   int64_t slot_rank(const std::string& module) const;
@@ -67,13 +78,26 @@ class LoraController {
     std::shared_ptr<const LoraAdapter> adapter;
     std::vector<Tensor> down, up, bias;
     uint64_t last_use = 0;
+    // Placed on the device but not sent yet (place()): the copies still to make, and the pair of each.
+    bool sent = true;
+    HostToDevice to_send;
+    std::vector<size_t> to_send_pair;
   };
   // Called once per pair of an uploaded adapter when all of its tensors are on their way to the device (at once
   // for an adapter already there).
   using PairSent = std::function<void(DeviceAdapter&, size_t pair)>;
   DeviceAdapter& upload(const std::shared_ptr<const LoraAdapter>& adapter, LoraApplyReport& report,
                         const PairSent& on_pair_sent);
+  // upload() in two steps: place() allocates the adapter's device memory (or finds it in the cache), send() makes
+  // the copies as the file arrives. A swap under the step allocates before the step is launched: a device
+  // allocation or free while gates are shut could wait for the step, which waits for the gates.
+  DeviceAdapter& place(const std::shared_ptr<const LoraAdapter>& adapter);
+  void send(DeviceAdapter& d, LoraApplyReport& report, const PairSent& on_pair_sent);
+  void drop_unsent();  // the adapters placed but never sent (after a failure)
   void evict_unused(const std::vector<ActiveLora>& active);
+  void check_stacks(const std::map<std::string, ModuleStack>& stacks) const;
+  void finish_report(LoraApplyReport& r, const std::vector<ActiveLora>& active,
+                     const std::map<std::string, ModuleStack>& stacks, std::chrono::steady_clock::time_point t0) const;
   void merge_as_uploaded(const std::vector<ActiveLora>& active, const std::map<std::string, ModuleStack>& stacks,
                          std::vector<DeviceAdapter*>& dev, LoraApplyReport& report);
   // Keeps the base of every module the stacks touch and restores the others; merge_module then writes one.
@@ -86,6 +110,7 @@ class LoraController {
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
   std::set<std::string> changed_;                          // merged: modules that currently differ from the base
   std::vector<ActiveLora> active_;                         // what the last successful set_adapters set
+  bool step_gates_ = false;                                // runtime mode turned the transformer's step gates on
   // Runtime: the parts of slots the last fill wrote (all else in the slots is zero), by module, so that a slot the
   // transformer moved since (block streaming splits [W | up]) is still found.
   struct SlotRegion {
@@ -95,6 +120,9 @@ class LoraController {
     auto operator<=>(const SlotRegion&) const = default;
   };
   Tensor slot_region(const SlotRegion& r);
+  // The scaled copies that put pair pp (of adapter d, placed in `module`'s stack) into the module's slot.
+  void slot_fill(const std::string& module, const PlacedPair& pp, const DeviceAdapter& d,
+                 std::vector<Backend::ScaledCopy>& fill, std::vector<SlotRegion>& regions);
   std::vector<SlotRegion> filled_;
   std::list<DeviceAdapter> cache_;  // a list: set_adapters holds pointers to entries while adding more
   size_t cache_capacity_ = 2;

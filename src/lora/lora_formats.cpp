@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "lora/lora_adapter.h"
+#include "model/flux_step_order.h"
 #include "lora/lora_key_mapping.h"
 #include "lora/lora_scaling.h"
 
@@ -367,7 +368,10 @@ LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config,
 LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
                                        const HostBufferAllocator& host, const SafetensorsReadOptions& read) {
   if (!host) return load_lora_adapter(path, config);
-  return parse_lora_adapter(*SafetensorsFile::read_in_background(path, host, read), config);
+  // Read in the order a step reads the weights, so uploads can follow the step (swap_under_next_step).
+  SafetensorsReadOptions o = read;
+  if (!o.read_rank) o.read_rank = [config](const std::string& key) { return flux_step_rank(key, config); };
+  return parse_lora_adapter(*SafetensorsFile::read_in_background(path, host, o), config);
 }
 
 void wait_until_loaded(const LoraAdapter& adapter) {

@@ -7,6 +7,7 @@
 #include <initializer_list>
 
 #include "core/error.h"
+#include "model/flux_step_order.h"
 #include "model/flux_weight_map.h"
 
 namespace fluxswap {
@@ -56,6 +57,12 @@ FluxTransformer::FluxTransformer(const FluxConfig& config, FluxWeights weights, 
 }
 
 void FluxTransformer::set_lora_slot_rank(int64_t rank) { lora_rank_ = rank; }
+
+void FluxTransformer::set_step_gates(bool on) {
+  on = on && backend_.has_gates();
+  if (on) backend_.prepare_gates(int(flux_step_ranks(config_)));
+  step_gates_ = on;
+}
 
 
 void FluxTransformer::offload() {
@@ -434,6 +441,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   prepare(B, Ni, Nt);
   Backend& be = backend_;
 
+  gate(0);
   embed_conditioning(in);
   linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
   linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
@@ -447,6 +455,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   for (size_t i = 0; i < nd; ++i) {
     streamer_.before_block(be, i);
     if (streamer_.active()) modulation_of(i);
+    gate(1 + int64_t(i));
     double_block(i, in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f, txt_pending, img_pending);
   }
   // A single block normalises text and image rows together under one modulation: the streams' own gates go first.
@@ -455,6 +464,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   for (size_t i = 0; i < ns; ++i) {
     streamer_.before_block(be, nd + i);
     if (streamer_.active()) modulation_of(nd + i);
+    gate(1 + int64_t(nd + i));
     single_block(i, in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f, pending);
   }
   apply(buf_.stream, pending);
@@ -464,6 +474,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   const Tensor& mod = buf_.mod_final;
   Tensor img = rows(buf_.stream, Nt, Ni), normed = rows(buf_.normed, Nt, Ni);
   be.layer_norm_modulate(img, chunk(mod, 0, D), chunk(mod, 1, D), normed);
+  gate(flux_step_ranks(config_) - 1);
   linear(normed, weights_.final_linear, out);
 }
 

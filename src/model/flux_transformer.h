@@ -39,6 +39,11 @@ class FluxTransformer {
 
   // Rank of the runtime LoRA slots (0: none); the scratch buffer for x @ down^T is sized by it.
   void set_lora_slot_rank(int64_t rank);
+  // Step gates (Backend::wait_gate): forward waits at gate flux_step_rank(...) before the weights of that rank are
+  // first read (0 before the embedders and modulations, one per block, one before the final projection), so a
+  // runtime LoRA swap can fill the slots block by block under the step. Takes effect in the next recording; a no-op
+  // on backends without gates.
+  void set_step_gates(bool on);
 
   // FP8 mode: the block linears (block_token_linears()) run in e4m3 with per-row scales, activations quantised per token;
   // their bf16 weights stay as the source of requantisation. Off again frees the FP8 copies. A model loaded from an
@@ -127,6 +132,10 @@ class FluxTransformer {
 
   int64_t B_ = 0, Ni_ = 0, Nt_ = 0, lora_rank_ = 0, prepared_lora_rank_ = 0;
   bool fp8_ = false;
+  bool step_gates_ = false;
+  void gate(int64_t rank) {
+    if (step_gates_) backend_.wait_gate(int(rank));
+  }
   bool fp8_attention_ = false, prepared_fp8_attention_ = false, prepared_fp8_ = false;
   WeightOffload offload_;
   BlockStreamer streamer_;

@@ -109,6 +109,7 @@ inline void check_lora_factors(const Tensor& down, const Tensor& up, const cuda:
 struct PinnedStaging;
 struct CopyQueue;
 struct Fp8GemvLists;
+struct StepGates;
 
 // The stream is shared with recordings, which may outlive the backend.
 struct StreamHolder {
@@ -289,6 +290,15 @@ class CudaBackend final : public Backend {
   // Defined in cuda_weight_streaming.cpp.
   void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer) override;
   void wait_stream_upload(int buffer) override;
+  bool has_gates() const override { return true; }
+  void prepare_gates(int count) override;
+  void wait_gate(int gate) override;
+  void close_gates() override;
+  void open_gate(int gate) override;
+  void fork_side_queue() override;
+  void on_side_queue(const std::function<void()>& fn) override;
+  void join_side_queue() override;
+  void reserve_scaled_copies(size_t n) override;
   // Defined in cuda_nf4_ops.cpp.
   void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out) override;
 
@@ -503,7 +513,8 @@ class CudaBackend final : public Backend {
     profiler_.end(stream());
   }
 
-  cudaStream_t stream() const { return stream_->stream; }
+  // The queue ops go to: the compute stream, or the side stream inside on_side_queue.
+  cudaStream_t stream() const { return on_side_ ? on_side_ : stream_->stream; }
 
   // Whether this attention runs on cuDNN: creates the handle and builds the shape's graph on first use. In auto
   // mode a failure falls back to the built-in kernel (said once on stderr); with FLUXSWAP_ATTENTION=cudnn it throws.
@@ -538,6 +549,8 @@ class CudaBackend final : public Backend {
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;
+  std::shared_ptr<StepGates> gates_;  // step gates and the side stream (cuda_step_gates.cpp), made on first use
+  cudaStream_t on_side_ = nullptr;
   std::shared_ptr<CopyQueue> copy_queue_;  // weight streaming's stream and events, made on first use
   std::unique_ptr<cuda::CublasLtLinear> gemm_;
   AttentionMode attention_mode_;

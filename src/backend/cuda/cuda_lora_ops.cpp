@@ -113,6 +113,14 @@ void CudaBackend::zero(const Tensor& t) {
   });
 }
 
+void CudaBackend::reserve_scaled_copies(size_t n) {
+  const size_t bytes = n * sizeof(cuda::ScaledCopyDesc);
+  if (scaled_copy_descs_.defined() && scaled_copy_descs_.nbytes() >= bytes) return;
+  if (capturing_) bad("reserve_scaled_copies", "cannot allocate while recording");
+  synchronize();  // the old list may still be read by an earlier launch
+  scaled_copy_descs_ = empty(DType::U8, {int64_t(bytes)});
+}
+
 void CudaBackend::scaled_copy_batch(const std::vector<ScaledCopy>& copies) {
   const char* op = "scaled_copy_batch";
   if (copies.empty()) return;

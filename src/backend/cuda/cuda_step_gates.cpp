@@ -1,0 +1,93 @@
+// Step gates and the side queue (Backend): a swap that runs under the next step fills a block's LoRA slots on the
+// side stream and opens the block's gate; the recorded step waits at each block's gate, so it starts as soon as the
+// first block's adapter is in instead of after the whole file.
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/step_gate_kernels.h"
+
+namespace fluxswap::cuda {
+
+struct StepGates {
+  int count = 0;
+  std::shared_ptr<void> flags;  // uint32 [count + 1]: each gate's round, then the current round
+  uint32_t round = 0;
+  std::vector<std::shared_ptr<void>> retired;  // earlier flags, which recordings may still wait on
+  cudaStream_t side = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  ~StepGates() {
+    if (side) cudaStreamSynchronize(side), cudaStreamDestroy(side);
+    if (fork) cudaEventDestroy(fork);
+    if (join) cudaEventDestroy(join);
+  }
+  uint32_t* word(int i) const { return static_cast<uint32_t*>(flags.get()) + i; }
+};
+
+void CudaBackend::prepare_gates(int count) {
+  const char* op = "prepare_gates";
+  if (count <= 0) bad(op, "need at least one gate, got " + std::to_string(count));
+  if (!gates_) {
+    auto g = std::make_shared<StepGates>();
+    check(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), op, "cudaStreamCreateWithFlags");
+    check(cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming), op, "cudaEventCreateWithFlags");
+    check(cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming), op, "cudaEventCreateWithFlags");
+    gates_ = std::move(g);
+  }
+  if (gates_->count >= count) return;
+  if (capturing_) bad(op, "gates must be prepared before recording");
+  if (gates_->flags) gates_->retired.push_back(gates_->flags);
+  gates_->flags = memory_.allocate(size_t(count + 1) * sizeof(uint32_t), "step gates");
+  // Every gate at the current round: open.
+  std::vector<uint32_t> init(size_t(count + 1), gates_->round);
+  check(cudaMemcpyAsync(gates_->flags.get(), init.data(), init.size() * sizeof(uint32_t), cudaMemcpyHostToDevice,
+                        stream()),
+        op, "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream()), op, "cudaStreamSynchronize");
+  gates_->count = count;
+}
+
+void CudaBackend::wait_gate(int gate) {
+  if (!gates_ || gate < 0 || gate >= gates_->count)
+    bad("wait_gate", "gate " + std::to_string(gate) + " was not prepared (prepare_gates)");
+  launch_wait_gate(static_cast<const uint32_t*>(gates_->flags.get()), gate, gates_->count, stream());
+}
+
+void CudaBackend::close_gates() {
+  if (!gates_ || !gates_->count) bad("close_gates", "no gates prepared");
+  if (capturing_ || on_side_) bad("close_gates", "issue it on the compute queue, outside recordings");
+  launch_set_word(gates_->word(gates_->count), ++gates_->round, stream());
+}
+
+void CudaBackend::open_gate(int gate) {
+  if (!gates_ || gate < 0 || gate >= gates_->count)
+    bad("open_gate", "gate " + std::to_string(gate) + " was not prepared (prepare_gates)");
+  if (capturing_) bad("open_gate", "cannot be recorded");
+  launch_set_word(gates_->word(gate), gates_->round, stream());
+}
+
+void CudaBackend::fork_side_queue() {
+  if (!gates_) prepare_gates(1);
+  if (capturing_) bad("fork_side_queue", "cannot be recorded");
+  check(cudaEventRecord(gates_->fork, stream_->stream), "fork_side_queue", "cudaEventRecord");
+  check(cudaStreamWaitEvent(gates_->side, gates_->fork, 0), "fork_side_queue", "cudaStreamWaitEvent");
+}
+
+void CudaBackend::on_side_queue(const std::function<void()>& fn) {
+  if (!gates_) prepare_gates(1);
+  if (capturing_) bad("on_side_queue", "cannot be recorded");
+  if (on_side_) return fn();
+  on_side_ = gates_->side;
+  try {
+    fn();
+  } catch (...) {
+    on_side_ = nullptr;
+    throw;
+  }
+  on_side_ = nullptr;
+}
+
+void CudaBackend::join_side_queue() {
+  if (!gates_) return;
+  check(cudaEventRecord(gates_->join, gates_->side), "join_side_queue", "cudaEventRecord");
+  check(cudaStreamWaitEvent(stream_->stream, gates_->join, 0), "join_side_queue", "cudaStreamWaitEvent");
+}
+
+}  // namespace fluxswap::cuda
