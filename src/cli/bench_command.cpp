@@ -47,6 +47,7 @@ struct BenchOptions {
   std::string vram;  // --e2e: device memory budget (empty: none)
   std::string t5 = "bf16";  // --e2e: T5 weights, bf16 or nf4
   int quality_steps = 28;   // FP8 vs bf16 over a whole sampling run (0: skip)
+  int schedule = 28;        // sampling steps the modulation table covers (its cost is spread over them)
 };
 
 struct Timing {
@@ -66,6 +67,52 @@ Timing time_replays(Backend& be, RecordedWork& graph, int steps) {
   }
   std::sort(ms.begin(), ms.end());
   return {ms[ms.size() / 2], ms.front(), ms.back()};
+}
+
+// The pipeline's way of giving a step its modulations: the whole schedule's computed up front (one pass over the
+// modulation weights, FluxTransformer::modulation_table), each step copying its row. The step is timed as a recording
+// of that copy and the step; the table's time is spread over the schedule's steps.
+struct TabledTiming {
+  Timing step;
+  double table_ms = 0;
+  int schedule = 1;
+  double per_step() const { return step.median + table_ms / schedule; }
+  nlohmann::json json() const {
+    return {{"step_ms_median", step.median}, {"step_ms_min", step.min}, {"step_ms_max", step.max},
+            {"table_ms", table_ms}, {"schedule_steps", schedule}, {"ms_per_step_with_table", per_step()}};
+  }
+};
+
+TabledTiming time_with_modulation_table(FluxTransformer& tr, const FluxInputs& in, const Tensor& out, int schedule,
+                                        int steps) {
+  Backend& be = tr.backend();
+  const int64_t B = in.timestep.size(0);
+  Tensor t = Tensor::empty(DType::F32, {schedule, B});
+  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = 1.0f - float(i / B) / float(schedule);
+  const Tensor timesteps = be.empty(DType::F32, t.shape());
+  be.copy_from_host(t, timesteps);
+  tr.modulation_table(timesteps, in.guidance, in.pooled_projections);  // picks the GEMM algorithms for its rows
+  be.synchronize();
+  const auto t0 = Clock::now();
+  const Tensor table = tr.modulation_table(timesteps, in.guidance, in.pooled_projections);
+  be.synchronize();
+  const double table_ms = seconds_since(t0) * 1e3;
+  FluxInputs x = in;
+  x.modulations = be.empty(be.compute_dtype(), {B, tr.modulation_width()});
+  auto step = [&] {
+    be.copy(table.select(0, 0), x.modulations);
+    tr.forward(x, out);
+  };
+  step();
+  auto graph = be.record(step);
+  return {time_replays(be, *graph, steps), table_ms, schedule};
+}
+
+void print_tabled(const char* what, const TabledTiming& t, double per_step_modulations_ms) {
+  std::printf("  %s, the %d-step schedule's modulations up front (the pipeline's way): table %.2f ms once + step "
+              "%.2f ms (min %.2f, max %.2f) = %.2f ms/step (%+.2f vs modulations in each step)\n",
+              what, t.schedule, t.table_ms, t.step.median, t.step.min, t.step.max, t.per_step(),
+              t.per_step() - per_step_modulations_ms);
 }
 
 FluxConfig bench_config(const std::string& model) {
@@ -115,7 +162,7 @@ FluxInputs make_inputs(Backend& be, const FluxConfig& c, int size, int64_t txt, 
 // when the next step can start. Reading the whole file first, adapters kept in host memory and adapters kept on the
 // device are timed the same way, for comparison.
 nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tensor& out, const Timing& base,
-                          const BenchOptions& o) {
+                          const TabledTiming& base_tabled, const BenchOptions& o) {
   Backend& be = tr.backend();
   const FluxConfig& c = tr.config();
   const HostBufferAllocator host = be.host_buffer_allocator();
@@ -145,6 +192,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   auto graph = be.record([&] { tr.forward(in, out); });
   const double capture_s = seconds_since(t0);
   const Timing with = time_replays(be, *graph, o.steps);
+  // The same with the table the pipeline computes once the adapter is set (its modulation pairs are in it).
+  const TabledTiming with_tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
+  tr.forward(in, out);  // back to the per-step recording's inputs
   const Tensor out_a = be.to_host_f32(out);
   // The same adapter replayed once more: the run-to-run floor that a swap back is held to (0 but with FP8 attention,
   // whose cuDNN kernel is not run-to-run reproducible).
@@ -242,6 +292,10 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   }
   std::printf("  LoRA rank %lld on every block linear, %s mode: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
               (long long)o.lora_rank, o.lora_mode.c_str(), with.median, base.median, overhead);
+  print_tabled("LoRA", with_tabled, with.median);
+  std::printf("  LoRA per step with the modulation tables: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
+              with_tabled.per_step(), base_tabled.per_step(),
+              (with_tabled.per_step() / base_tabled.per_step() - 1.0) * 100.0);
   std::printf("  first apply %.0f ms, graph capture with LoRA %.2f s; graph re-captures during swaps: 0\n",
               first_apply_s * 1e3, capture_s);
   for (size_t i = 0; i < swap_ms.size(); ++i)
@@ -274,6 +328,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"files_resident_fraction", resident},
           {"ms_per_step_median", with.median},
           {"overhead_percent", overhead},
+          {"with_modulation_table", with_tabled.json()},
           {"swap_ms_median", median_of(swap_ms)},
           {"swap_plus_step_ms_median", median_of(swap_step_ms)},
           {"swap_ms_all", swap_ms},
@@ -384,6 +439,9 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
   std::printf("  first eager step %.2f s, graph capture %.2f s\n", first_step_s, capture_s);
   std::printf("  ms/step  median %.2f  (min %.2f, max %.2f over %d replays)  ->  %.0f TFLOP/s\n", median,
               base.min, base.max, o.steps, cost.total_flops() / (median * 1e-3) / 1e12);
+  TabledTiming tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
+  print_tabled("bf16", tabled, median);
+  r["modulation_table"] = tabled.json();
   nlohmann::json fp8;
   if (o.fp8) {
     // The same step with the block linears in FP8, against the bf16 timing just taken.
@@ -416,6 +474,12 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
                               {"ms_per_step_max", best.max}, {"speedup_vs_bf16", base.median / best.median},
                               {"speedup_vs_fp8_linears", f.median / best.median}};
     }
+    const TabledTiming bf16_tabled = tabled;
+    tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
+    print_tabled(o.fp8_attention ? "FP8 + FP8 attention" : "FP8", tabled, best.median);
+    std::printf("  with the modulation tables: bf16 %.2f, FP8 %.2f ms/step: %.2fx faster\n", bf16_tabled.per_step(),
+                tabled.per_step(), bf16_tabled.per_step() / tabled.per_step());
+    fp8["modulation_table"] = tabled.json();
     if (o.quality_steps > 0) fp8["quality"] = fp8_quality(tr, in, out, o.quality_steps, o.fp8_attention);
     r["fp8"] = fp8;
     base = best;  // what the profile and the LoRA part compare against
@@ -423,7 +487,7 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
 
   if (o.profile) r["per_op_ms"] = profile_ops(be, [&] { tr.forward(in, out); }, "one eager step");
   std::printf("  peak device memory %.2f GiB\n", double(be.peak_memory()) / (1ull << 30));
-  if (o.lora_rank > 0) r["lora"] = bench_lora(tr, in, out, base, o);
+  if (o.lora_rank > 0) r["lora"] = bench_lora(tr, in, out, base, tabled, o);
   return r;
 }
 
@@ -502,6 +566,8 @@ void register_bench_command(CLI::App& app) {
   cmd->add_flag("--fp8-attention", o->fp8_attention,
                 "with --fp8: also time (and then use) FP8 attention (e4m3 q, k, v through cuDNN)");
   cmd->add_option("--quality-steps", o->quality_steps, "FP8 vs bf16 sampling run length (0: skip)");
+  cmd->add_option("--schedule", o->schedule, "sampling steps a modulation table covers (its time is spread over them)")
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--e2e", o->e2e, "time the whole pipeline (text encoders, steps, VAE) instead; first --sizes entry");
   cmd->add_option("--e2e-runs", o->e2e_runs, "timed generations for --e2e (median)")->check(CLI::PositiveNumber);
   cmd->add_option("--tokenizers", o->tokenizers, "--e2e: pipeline folder with tokenizer/ and tokenizer_2/");

@@ -170,8 +170,10 @@ LoraController::DeviceAdapter& LoraController::place(const std::shared_ptr<const
     total += p.down.numel() + p.up.numel() + (p.up_bias.defined() ? p.up_bias.numel() : 0);
   // In the cache from the start (a list: the address stays) so that on_pair_sent sees where the pairs go; dropped
   // again if the file turns out bad.
-  cache_.push_back(DeviceAdapter{adapter, {}, {}, {}, ++uses_});
+  cache_.emplace_back();
   DeviceAdapter& d = cache_.back();
+  d.adapter = adapter;
+  d.last_use = ++uses_;
   d.sent = false;
   const size_t n = adapter->pairs.size();
   d.down.resize(n), d.up.resize(n), d.bias.resize(n);

@@ -245,10 +245,12 @@ void FluxTransformer::attend(const Tensor& out, float qk_scale) {
     backend_.attention(buf_.q, buf_.k, buf_.v, out);
 }
 
-void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act) {
+void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act,
+                             const Tensor& scratch_rows) {
   const Tensor scratch = !l.lora_down.defined() ? Tensor()
-                         : x.ndim() == 2        ? buf_.lora_scratch.select(1, 0)
-                                                : buf_.lora_scratch.narrow(1, 0, x.size(1));
+                         : scratch_rows.defined() ? scratch_rows
+                         : x.ndim() == 2          ? buf_.lora_scratch.select(1, 0)
+                                                  : buf_.lora_scratch.narrow(1, 0, x.size(1));
   if (l.weight_fp8.defined()) {
     // The LoRA branch stays bf16 and is added after the FP8 product (the activation sees the sum). Computing it into
     // y first and accumulating the FP8 product onto it measured the same (+17.7% vs +17.8% at rank 64).
@@ -310,34 +312,97 @@ void FluxTransformer::norm_linear(const Tensor& x, const Residual& pending, cons
   linear_roomy(normed_room, D, l, y, act);
 }
 
-void FluxTransformer::modulation_of(size_t b) {
+void FluxTransformer::modulation_of(size_t b, const Conditioning& c, const Modulations& m) {
   const size_t nd = weights_.double_blocks.size();
   if (b < nd) {
-    linear(buf_.temb_silu, weights_.double_blocks[b].img_mod, buf_.mod_img[b]);
-    linear(buf_.temb_silu, weights_.double_blocks[b].txt_mod, buf_.mod_txt[b]);
+    linear(c.temb_silu, weights_.double_blocks[b].img_mod, m.img[b], Activation::None, c.lora_scratch);
+    linear(c.temb_silu, weights_.double_blocks[b].txt_mod, m.txt[b], Activation::None, c.lora_scratch);
   } else if (b < nd + weights_.single_blocks.size()) {
-    linear(buf_.temb_silu, weights_.single_blocks[b - nd].modulation, buf_.mod_single[b - nd]);
+    linear(c.temb_silu, weights_.single_blocks[b - nd].modulation, m.single[b - nd], Activation::None,
+           c.lora_scratch);
   } else {
-    linear(buf_.temb_silu, weights_.final_mod, buf_.mod_final);
+    linear(c.temb_silu, weights_.final_mod, m.final, Activation::None, c.lora_scratch);
   }
 }
 
-void FluxTransformer::modulations_up_front() {
-  // FP8 ones without a runtime slot go together (one launch streams all their weights); the rest one by one.
+void FluxTransformer::modulations_up_front(const Conditioning& c, const Modulations& m) {
+  // FP8 ones without a runtime slot go together (one launch streams all their weights) where the batched kernel takes
+  // the rows; the rest one by one.
   std::vector<Backend::Fp8LinearItem> batch;
+  const bool batched = c.temb_silu.size(0) <= 2;
   auto add = [&](const Linear& l, const Tensor& y) {
-    if (l.weight_fp8.defined() && !l.lora_down.defined())
+    if (batched && l.weight_fp8.defined() && !l.lora_down.defined())
       batch.push_back({l.weight_fp8, l.weight_scale, l.bias, y});
     else
-      linear(buf_.temb_silu, l, y);
+      linear(c.temb_silu, l, y, Activation::None, c.lora_scratch);
   };
   for (size_t i = 0; i < weights_.double_blocks.size(); ++i) {
-    add(weights_.double_blocks[i].img_mod, buf_.mod_img[i]);
-    add(weights_.double_blocks[i].txt_mod, buf_.mod_txt[i]);
+    add(weights_.double_blocks[i].img_mod, m.img[i]);
+    add(weights_.double_blocks[i].txt_mod, m.txt[i]);
   }
-  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) add(weights_.single_blocks[i].modulation, buf_.mod_single[i]);
-  add(weights_.final_mod, buf_.mod_final);
-  if (!batch.empty()) backend_.linear_fp8_batch(buf_.temb_silu, batch);
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) add(weights_.single_blocks[i].modulation, m.single[i]);
+  add(weights_.final_mod, m.final);
+  if (!batch.empty()) backend_.linear_fp8_batch(c.temb_silu, batch);
+}
+
+int64_t FluxTransformer::modulation_width() const {
+  const int64_t D = config_.inner_dim();
+  return int64_t(weights_.double_blocks.size()) * 12 * D + int64_t(weights_.single_blocks.size()) * 3 * D + 2 * D;
+}
+
+FluxTransformer::Modulations FluxTransformer::split_modulations(const Tensor& all) const {
+  const int64_t D = config_.inner_dim();
+  Modulations m;
+  int64_t at = 0;
+  auto take = [&](int64_t width) {
+    at += width;
+    return all.narrow(1, at - width, width);
+  };
+  for (size_t i = 0; i < weights_.double_blocks.size(); ++i) {
+    m.img.push_back(take(6 * D));
+    m.txt.push_back(take(6 * D));
+  }
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i) m.single.push_back(take(3 * D));
+  m.final = take(2 * D);
+  return m;
+}
+
+FluxTransformer::Conditioning FluxTransformer::conditioning_buffers(int64_t n) const {
+  const int64_t D = config_.inner_dim();
+  auto e = [&](Shape s) { return backend_.empty(backend_.compute_dtype(), s); };
+  Conditioning c{e({n, 256}), e({n, D}), e({n, D}), e({n, D}), e({n, D}), Tensor()};
+  if (lora_rank_ > 0) c.lora_scratch = e({n, lora_rank_});
+  return c;
+}
+
+Tensor FluxTransformer::modulation_table(const Tensor& timesteps, const Tensor& guidance, const Tensor& pooled) {
+  if (!can_tabulate_modulations())
+    throw Error("modulation_table: the modulation weights are not all on the device (weights offloaded or blocks "
+                "streamed by the memory plan)");
+  if (timesteps.ndim() != 2 || timesteps.dtype() != DType::F32)
+    throw Error("modulation_table: timesteps must be F32 [steps, batch], got " + shape_str(timesteps.shape()));
+  const int64_t T = timesteps.size(0), B = timesteps.size(1), N = T * B;
+  if (pooled.ndim() != 2 || pooled.size(0) != B || pooled.size(1) != config_.pooled_projection_dim)
+    throw Error("modulation_table: pooled_projections must be [" + std::to_string(B) + ", " +
+                std::to_string(config_.pooled_projection_dim) + "], got " + shape_str(pooled.shape()));
+  if (config_.guidance_embeds && (!guidance.data() || guidance.numel() != B))
+    throw Error("modulation_table: this model has a guidance embedder (FLUX.1-dev style): guidance [" +
+                std::to_string(B) + "] is required");
+  Backend& be = backend_;
+  // Every step's rows: its timesteps with the per-sample guidance and pooled vectors repeated.
+  const Tensor t = be.empty(DType::F32, {N});
+  be.copy(timesteps.view({N}), t);
+  Tensor g, p = be.empty(pooled.dtype(), {N, pooled.size(1)});
+  if (config_.guidance_embeds) g = be.empty(DType::F32, {N});
+  for (int64_t i = 0; i < T; ++i) {
+    be.copy(pooled, p.narrow(0, i * B, B));
+    if (g.defined()) be.copy(guidance.view({B}), g.narrow(0, i * B, B));
+  }
+  const Conditioning c = conditioning_buffers(N);
+  embed_conditioning(t, g, p, c);
+  const Tensor table = be.empty(be.compute_dtype(), {N, modulation_width()});
+  modulations_up_front(c, split_modulations(table));
+  return table.view({T, B, modulation_width()});
 }
 
 void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens) {
@@ -349,24 +414,7 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   const DType dt = backend_.compute_dtype();
   auto e = [&](Shape s) { return backend_.empty(dt, s); };
   buf_ = Buffers{};
-  buf_.t_freq = e({batch, 256});
-  buf_.hidden = e({batch, D});
-  buf_.emb_part = e({batch, D});
-  buf_.temb = e({batch, D});
-  buf_.temb_silu = e({batch, D});
-  const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
-  buf_.mod_all = e({batch, int64_t(nd) * 12 * D + int64_t(ns) * 3 * D + 2 * D});
-  int64_t at = 0;
-  auto take = [&](int64_t width) {
-    at += width;
-    return buf_.mod_all.narrow(1, at - width, width);
-  };
-  for (size_t i = 0; i < nd; ++i) {
-    buf_.mod_img.push_back(take(6 * D));
-    buf_.mod_txt.push_back(take(6 * D));
-  }
-  for (size_t i = 0; i < ns; ++i) buf_.mod_single.push_back(take(3 * D));
-  buf_.mod_final = take(2 * D);
+  buf_.mod_all = e({batch, modulation_width()});
   buf_.stream = e({batch, S, D});
   const int64_t R = lora_rank_;
   buf_.normed_room = e({batch, S, D + R});
@@ -387,6 +435,7 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.attn_mlp_room = e({batch, S, D + M + R});
   buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);
   if (lora_rank_ > 0) buf_.lora_scratch = e({batch, S, lora_rank_});
+  buf_.cond = conditioning_buffers(batch);
   if (fp8_) {
     buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
     buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
@@ -405,23 +454,25 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   Nt_ = txt_tokens;
 }
 
-void FluxTransformer::embed_conditioning(const FluxInputs& in) {
+void FluxTransformer::embed_conditioning(const Tensor& timestep, const Tensor& guidance, const Tensor& pooled,
+                                         const Conditioning& c) {
   Backend& be = backend_;
   const FluxWeights& w = weights_;
-  be.timestep_embedding(in.timestep, 1000.0f, buf_.t_freq);
-  linear(buf_.t_freq, w.time_in, buf_.hidden, Activation::Silu);
-  linear(buf_.hidden, w.time_out, buf_.temb);
+  const Tensor& r = c.lora_scratch;
+  be.timestep_embedding(timestep, 1000.0f, c.t_freq);
+  linear(c.t_freq, w.time_in, c.hidden, Activation::Silu, r);
+  linear(c.hidden, w.time_out, c.temb, Activation::None, r);
   if (config_.guidance_embeds) {
-    if (!in.guidance.data()) throw Error("this model has a guidance embedder (FLUX.1-dev style): guidance is required");
-    be.timestep_embedding(in.guidance, 1000.0f, buf_.t_freq);
-    linear(buf_.t_freq, w.guidance_in, buf_.hidden, Activation::Silu);
-    linear(buf_.hidden, w.guidance_out, buf_.emb_part);
-    be.add(buf_.temb, buf_.emb_part);
+    if (!guidance.data()) throw Error("this model has a guidance embedder (FLUX.1-dev style): guidance is required");
+    be.timestep_embedding(guidance, 1000.0f, c.t_freq);
+    linear(c.t_freq, w.guidance_in, c.hidden, Activation::Silu, r);
+    linear(c.hidden, w.guidance_out, c.emb_part, Activation::None, r);
+    be.add(c.temb, c.emb_part);
   }
-  linear(in.pooled_projections, w.vector_in, buf_.hidden, Activation::Silu);
-  linear(buf_.hidden, w.vector_out, buf_.emb_part);
-  be.add(buf_.temb, buf_.emb_part);
-  be.silu(buf_.temb, buf_.temb_silu);
+  linear(pooled, w.vector_in, c.hidden, Activation::Silu, r);
+  linear(c.hidden, w.vector_out, c.emb_part, Activation::None, r);
+  be.add(c.temb, c.emb_part);
+  be.silu(c.temb, c.temb_silu);
 }
 
 void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
@@ -438,23 +489,29 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
                 ", expected pooled_projection_dim " + std::to_string(config_.pooled_projection_dim));
   if (in.rope.size(0) != Nt + Ni) throw Error("rope table covers " + std::to_string(in.rope.size(0)) +
                                               " positions, expected text + image tokens = " + std::to_string(Nt + Ni));
+  const bool tabled = in.modulations.defined();
+  if (tabled && in.modulations.shape() != Shape{B, modulation_width()})
+    throw Error("modulations has shape " + shape_str(in.modulations.shape()) + ", expected [" + std::to_string(B) +
+                ", " + std::to_string(modulation_width()) + "] (one step's row of modulation_table())");
   prepare(B, Ni, Nt);
   Backend& be = backend_;
 
   gate(0);
-  embed_conditioning(in);
+  mod_ = split_modulations(tabled ? in.modulations : buf_.mod_all);
+  if (!tabled) embed_conditioning(in.timestep, in.guidance, in.pooled_projections, buf_.cond);
   linear(in.hidden_states, weights_.img_in, rows(buf_.stream, Nt, Ni));
   linear(in.encoder_hidden_states, weights_.txt_in, rows(buf_.stream, 0, Nt));
 
   // Streamed blocks (memory plan) arrive on the copy queue while earlier blocks compute; their modulation weights
   // with them, so only a transformer without streamed blocks computes every modulation up front.
   const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
-  if (!streamer_.active()) modulations_up_front();
+  const bool per_block = streamer_.active() && !tabled;
+  if (!streamer_.active() && !tabled) modulations_up_front(buf_.cond, mod_);
   streamer_.begin(be);
   Residual txt_pending, img_pending, pending;
   for (size_t i = 0; i < nd; ++i) {
     streamer_.before_block(be, i);
-    if (streamer_.active()) modulation_of(i);
+    if (per_block) modulation_of(i, buf_.cond, mod_);
     gate(1 + int64_t(i));
     double_block(i, in.rope, fp8_attention_ ? qk_scale_double_[i] : 0.0f, txt_pending, img_pending);
   }
@@ -463,15 +520,15 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   apply(rows(buf_.stream, Nt, Ni), img_pending);
   for (size_t i = 0; i < ns; ++i) {
     streamer_.before_block(be, nd + i);
-    if (streamer_.active()) modulation_of(nd + i);
+    if (per_block) modulation_of(nd + i, buf_.cond, mod_);
     gate(1 + int64_t(nd + i));
     single_block(i, in.rope, fp8_attention_ ? qk_scale_single_[i] : 0.0f, pending);
   }
   apply(buf_.stream, pending);
 
   // Final AdaLN on the image tokens, then the projection back to latent channels.
-  if (streamer_.active()) modulation_of(nd + ns);
-  const Tensor& mod = buf_.mod_final;
+  if (per_block) modulation_of(nd + ns, buf_.cond, mod_);
+  const Tensor& mod = mod_.final;
   Tensor img = rows(buf_.stream, Nt, Ni), normed = rows(buf_.normed, Nt, Ni);
   be.layer_norm_modulate(img, chunk(mod, 0, D), chunk(mod, 1, D), normed);
   gate(flux_step_ranks(config_) - 1);
@@ -503,8 +560,8 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
                   cols(proj_in, 0, 3 * D), cols(proj_in, 3 * D, M), cols(proj_in, 3 * D, proj_in.size(2) - 3 * D),
                   cols(attn_mlp, 0, D), attn_mlp, q8, q8_scale, mod, pending};
   };
-  Stream txt = stream_views(0, Nt, buf_.mod_txt[i], txt_pending);
-  Stream img = stream_views(Nt, Ni, buf_.mod_img[i], img_pending);
+  Stream txt = stream_views(0, Nt, mod_.txt[i], txt_pending);
+  Stream img = stream_views(Nt, Ni, mod_.img[i], img_pending);
   // FP8 attention's e4m3 output goes straight into FP8 projections (one scale for all rows, so any B * n of them
   // serve as a stream's row scales).
   const bool e4m3_out = fp8_attention_ && quantized_input(w.txt_proj) && quantized_input(w.img_proj);
@@ -542,7 +599,7 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
   const SingleBlockWeights& w = weights_.single_blocks[i];
   Backend& be = backend_;
   const int64_t D = config_.inner_dim(), M = config_.mlp_dim();
-  const Tensor& mod = buf_.mod_single[i];
+  const Tensor& mod = mod_.single[i];
 
   // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues (and, in FP8,
   // read one quantisation of the normed rows) — unless linear2's input quantiser applies the MLP's GELU itself

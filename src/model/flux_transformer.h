@@ -22,6 +22,10 @@ struct FluxInputs {
   Tensor timestep;               // [B] float32 in 0..1 (multiplied by 1000 inside, as the reference does)
   Tensor guidance;               // [B] float32, multiplied by 1000 inside; undefined for schnell models
   Tensor rope;                   // [Nt + Ni, head_dim / 2, 2] float32 (cos, sin), from flux_rope_table()
+  // Optional [B, modulation_width()], compute dtype: this step's row of FluxTransformer::modulation_table(). Given,
+  // the step skips the conditioning embedders and every modulation linear (timestep, guidance and
+  // pooled_projections are then not read).
+  Tensor modulations;
 };
 
 // RoPE angles for the text ids followed by the image ids ([N, 3] float: (index, row, col)); host float32
@@ -36,6 +40,16 @@ class FluxTransformer {
   void prepare(int64_t batch, int64_t img_tokens, int64_t txt_tokens);
   // One forward pass; `out` is [B, Ni, in_channels] in the backend's compute dtype. Issues device work only.
   void forward(const FluxInputs& in, const Tensor& out);
+
+  // Every step's AdaLN modulation vectors for a whole schedule at once, [T, B, modulation_width()]: the modulation
+  // weights (6.5 GB in bf16 at FLUX.1-dev size, ~3 ms a step on an H100) are read once for all T steps instead of
+  // once a step; a step then takes its row as FluxInputs::modulations. timesteps: [T, B] F32 on the device (t / 1000,
+  // as FluxInputs::timestep); guidance [B] F32 (undefined for schnell); pooled [B, pooled_projection_dim]. Uses the
+  // adapters active now (a merged or runtime LoRA on a modulation linear is in the table): compute it after setting
+  // them. Needs every modulation weight on the device (can_tabulate_modulations()).
+  Tensor modulation_table(const Tensor& timesteps, const Tensor& guidance, const Tensor& pooled);
+  bool can_tabulate_modulations() const { return resident() && !streamer_.active(); }
+  int64_t modulation_width() const;
 
   // Rank of the runtime LoRA slots (0: none); the scratch buffer for x @ down^T is sized by it.
   void set_lora_slot_rank(int64_t rank);
@@ -90,9 +104,28 @@ class FluxTransformer {
   Backend& backend() { return backend_; }
 
  private:
-  void embed_conditioning(const FluxInputs& in);
-  // y = act(x W^T + b), plus the module's runtime LoRA branch when it has a slot.
-  void linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act = Activation::None);
+  // The conditioning vector's stages, [N, D] (N = B for a step, T * B for a table).
+  struct Conditioning {
+    Tensor t_freq;     // [N, 256] sinusoidal timestep / guidance features
+    Tensor hidden;     // [N, D] embedder hidden layer
+    Tensor emb_part;   // [N, D]
+    Tensor temb;       // [N, D] conditioning vector
+    Tensor temb_silu;  // [N, D] SiLU(temb), the input of every modulation
+    Tensor lora_scratch;  // [N, R] x @ down^T of a runtime LoRA slot on a modulation or embedder; undefined: none
+  };
+  Conditioning conditioning_buffers(int64_t n) const;
+  void embed_conditioning(const Tensor& timestep, const Tensor& guidance, const Tensor& pooled, const Conditioning& c);
+  // Views of a [N, modulation_width()] tensor: per double block img then txt (6D each), per single block 3D, the
+  // final layer 2D.
+  struct Modulations {
+    std::vector<Tensor> img, txt, single;
+    Tensor final;
+  };
+  Modulations split_modulations(const Tensor& all) const;
+  // y = act(x W^T + b), plus the module's runtime LoRA branch when it has a slot (its x down^T in `scratch`, by
+  // default the step's scratch rows).
+  void linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act = Activation::None,
+              const Tensor& scratch = Tensor());
   // The same for x = the first `in` columns of `x_room`, whose next columns are free: a slot inside [W | up] puts
   // x down^T there and runs one GEMM over both ([x | x down^T] [W | up]^T). `down_done`: already there (linear1's
   // two halves share it).
@@ -115,10 +148,10 @@ class FluxTransformer {
   // The v columns of every block's qkv output, [B, S, D] rows in buf_.proj_in: where FP8 attention reads v.
   Tensor v_rows() const { return buf_.proj_in.narrow(2, 2 * config_.inner_dim(), config_.inner_dim()); }
   void apply(const Tensor& x, const Residual& pending);
-  // Every block's AdaLN modulation vectors into its slice of buf_.mod_all: up front in one batched launch where the
-  // weights are all on the device, else block by block as streamed blocks arrive.
-  void modulations_up_front();
-  void modulation_of(size_t block);
+  // Every block's AdaLN modulation vectors of SiLU(temb) c.temb_silu into m: up front (FP8 ones in one batched launch
+  // where they fit its few rows), or block by block as streamed blocks arrive.
+  void modulations_up_front(const Conditioning& c, const Modulations& m);
+  void modulation_of(size_t block, const Conditioning& c, const Modulations& m);
   static bool quantized_input(const Linear& l) { return l.weight_fp8.defined() && !l.lora_down.defined(); }
   // qk_scale: the block's FP8 attention scale (unused in bf16 attention).
   // Each applies the residual the previous block left pending (per stream, or over all rows) in its first
@@ -148,16 +181,8 @@ class FluxTransformer {
                float qk_scale);
   void attend(const Tensor& out, float qk_scale);
   struct Buffers {
-    Tensor t_freq;       // [B, 256] sinusoidal timestep / guidance features
-    Tensor hidden;       // [B, D] embedder hidden layer
-    Tensor emb_part;     // [B, D]
-    Tensor temb;         // [B, D] conditioning vector
-    Tensor temb_silu;    // [B, D] SiLU(temb), the input of every modulation
-    // [B, sum of the modulation widths]: per double block img then txt (6D each), per single block 3D, the final
-    // layer 2D; the views per block below.
-    Tensor mod_all;
-    std::vector<Tensor> mod_img, mod_txt, mod_single;
-    Tensor mod_final;
+    Conditioning cond;   // N = B
+    Tensor mod_all;      // [B, modulation_width()]: the step's modulations when FluxInputs has none
     Tensor stream;       // [B, S, D] residual stream, text first
     // The buffers that feed block linears have R = lora_rank_ spare columns for linear_roomy (none without slots):
     // *_room is the whole buffer, the plain name its first columns.
@@ -177,6 +202,7 @@ class FluxTransformer {
     // and a single block's linear2 input quantised from it and the MLP rows, [B * S, D + M] with row scales.
     Tensor attn_q8, attn_q8_scale, attn_mlp_q8, attn_mlp_q8_scale;
   } buf_;
+  Modulations mod_;  // what this step's blocks read: views of buf_.mod_all or of FluxInputs::modulations
 };
 
 }  // namespace fluxswap

@@ -304,10 +304,18 @@ GenerateResult FluxPipeline::generate(const GenerateParams& params) {
       throw;
     }
   }
+  // Every step's modulation vectors in one pass over the modulation weights (with the adapters set now), rather than
+  // one pass a step; a step copies its row. Block streaming keeps those weights off the device: per step there.
+  Tensor mod_table;
+  if (transformer_->can_tabulate_modulations()) {
+    mod_table = transformer_->modulation_table(t_table, in.guidance, in.pooled_projections);
+    in.modulations = backend_.empty(backend_.compute_dtype(), {B, transformer_->modulation_width()});
+  }
   std::unique_ptr<RecordedWork> step_graph;
   for (int i = 0; i < r.steps; ++i) {
     const auto ts = Clock::now();
     backend_.copy(t_table.select(0, i), in.timestep);
+    if (mod_table.defined()) backend_.copy(mod_table.select(0, i), in.modulations);
     // The first step runs eagerly (it picks GEMM algorithms and attention plans); the second is recorded (and
     // runs as it is recorded); the rest replay the recording.
     if (i == 0)
