@@ -326,12 +326,12 @@ void FluxTransformer::modulation_of(size_t b, const Conditioning& c, const Modul
 }
 
 void FluxTransformer::modulations_up_front(const Conditioning& c, const Modulations& m) {
-  // FP8 ones without a runtime slot go together (one launch streams all their weights) where the batched kernel takes
-  // the rows; the rest one by one.
+  // A step's FP8 ones without a runtime slot go together (one launch of a few-row GEMV streams all their weights);
+  // a table's rows (a whole schedule) go through the GEMMs one by one, as does everything else.
   std::vector<Backend::Fp8LinearItem> batch;
-  const bool batched = c.temb_silu.size(0) <= 2;
+  const bool one_launch = &c == &buf_.cond;
   auto add = [&](const Linear& l, const Tensor& y) {
-    if (batched && l.weight_fp8.defined() && !l.lora_down.defined())
+    if (one_launch && l.weight_fp8.defined() && !l.lora_down.defined())
       batch.push_back({l.weight_fp8, l.weight_scale, l.bias, y});
     else
       linear(c.temb_silu, l, y, Activation::None, c.lora_scratch);

@@ -148,8 +148,8 @@ class FluxTransformer {
   // The v columns of every block's qkv output, [B, S, D] rows in buf_.proj_in: where FP8 attention reads v.
   Tensor v_rows() const { return buf_.proj_in.narrow(2, 2 * config_.inner_dim(), config_.inner_dim()); }
   void apply(const Tensor& x, const Residual& pending);
-  // Every block's AdaLN modulation vectors of SiLU(temb) c.temb_silu into m: up front (FP8 ones in one batched launch
-  // where they fit its few rows), or block by block as streamed blocks arrive.
+  // Every block's AdaLN modulation vectors of SiLU(temb) c.temb_silu into m: up front (a step's FP8 ones in one
+  // batched launch), or block by block as streamed blocks arrive.
   void modulations_up_front(const Conditioning& c, const Modulations& m);
   void modulation_of(size_t block, const Conditioning& c, const Modulations& m);
   static bool quantized_input(const Linear& l) { return l.weight_fp8.defined() && !l.lora_down.defined(); }
