@@ -40,10 +40,6 @@ for job in "$@"; do
       fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
         --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
-    fp8split)
-      FLUXSWAP_SPLIT_LINEAR1=1 fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
-        --json "$OUT/fp8split.json" > "$OUT/fp8split.log" 2>&1
-      grep -E "ms/step|per-op" "$OUT/fp8split.log" | head -20 ;;
     *) echo "unknown job $job" ;;
   esac
   summary+=("$job: $(( $(date +%s) - start )) s")

@@ -155,10 +155,8 @@ class Backend {
   // with a_scale F32 [rows] (its values a8 * a_scale, each product rounded to float32), b rows [B, N, Cb] in the
   // compute dtype (B * N = rows, evenly strided); q F8_E4M3 [rows, Ca + Cb] (row stride >= Ca + Cb), scale F32
   // [rows]. A single block's linear2 input: the attention output as attention_fp8_rows left it, beside the MLP's.
-  // b_act GeluTanh: b holds the MLP's pre-activations, and act(b) rounded to the compute dtype is what is joined
-  // (linear1 then runs as one GEMM without an epilogue split).
   virtual void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
-                                        const Tensor& scale, Activation b_act = Activation::None);
+                                        const Tensor& scale);
   // y = act(fp8(x) wq^T * (x's row scales outer w_scale) + bias): x rows as for linear(), quantised per row on the
   // fly; wq F8_E4M3 [Nout, K] (row stride >= K), w_scale F32 [Nout].
   virtual void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,

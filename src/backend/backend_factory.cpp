@@ -59,8 +59,7 @@ void Backend::attention_fp8_rows(const Tensor&, const Tensor&, const Tensor&, fl
                                  const Tensor&) {
   throw Error("FP8 attention is not supported by the " + name() + " backend");
 }
-void Backend::quantize_fp8_rows_joined(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                       Activation) {
+void Backend::quantize_fp8_rows_joined(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
   throw Error("FP8 is not supported by the " + name() + " backend");
 }
 void Backend::add_lora_branch(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Activation) {

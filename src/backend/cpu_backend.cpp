@@ -399,7 +399,7 @@ class CpuBackend final : public Backend {
 
   // The float32 values of [a8 * a_scale | b], then the row quantiser.
   void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
-                                const Tensor& scale, Activation b_act) override {
+                                const Tensor& scale) override {
     const char* op = "quantize_fp8_rows_joined";
     const Fp8Rows A = fp8_rows_of(a8, op, "a8");
     const Rows Bv = rows_of(b, op, "b");
@@ -413,8 +413,7 @@ class CpuBackend final : public Backend {
       float* j = joined.data() + r * (ca + cb);
       const uint8_t* ar = A.row(r / A.N, r % A.N);
       for (int64_t c = 0; c < ca; ++c) j[c] = quant::e4m3_to_f32(ar[c]) * a_scale.ptr<float>()[r];
-      const float* br = Bv.row(r / Bv.N, r % Bv.N);
-      for (int64_t c = 0; c < cb; ++c) j[ca + c] = cpu_ops::activate(br[c], b_act);
+      std::memcpy(j + ca, Bv.row(r / Bv.N, r % Bv.N), size_t(cb) * sizeof(float));
     }
     quant::quantize_rows_e4m3(joined.data(), ca + cb, rows, ca + cb, q.ptr<uint8_t>(), q.stride(0), scale.ptr<float>());
   }

@@ -1,7 +1,5 @@
 #include "model/flux_transformer.h"
 
-#include <cstdlib>
-
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
@@ -602,25 +600,16 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
   const Tensor& mod = mod_.single[i];
 
   // linear1 computes q, k, v and the MLP input in one matrix; the two halves get different epilogues (and, in FP8,
-  // read one quantisation of the normed rows) — unless linear2's input quantiser applies the MLP's GELU itself
-  // (FP8 attention and FP8 linears without runtime slots): then linear1 is one GEMM, its MLP half pre-activations.
+  // read one quantisation of the normed rows).
   Tensor qkv = cols(buf_.proj_in, 0, 3 * D);
   Linear qkv_proj = out_rows(w.linear1, 0, 3 * D), mlp_in = out_rows(w.linear1, 3 * D, M);
-  const bool joined_fp8 = fp8_attention_ && quantized_input(w.linear2);
-  static const bool split_linear1 = std::getenv("FLUXSWAP_SPLIT_LINEAR1") != nullptr;  // A/B experiment, to remove
-  const bool gelu_in_quantiser = joined_fp8 && quantized_input(w.linear1) && !split_linear1;
   if (quantized_input(w.linear1)) {
     const Tensor q8 = buf_.normed_q8.view({B_, Nt_ + Ni_, D});
     norm(buf_.stream, pending, chunk(mod, 0, D), chunk(mod, 1, D), Tensor(), q8, buf_.normed_q8_scale);
-    if (gelu_in_quantiser) {
-      be.linear_fp8_quantized(q8, buf_.normed_q8_scale, w.linear1.weight_fp8, w.linear1.weight_scale, w.linear1.bias,
-                              cols(buf_.proj_in, 0, 3 * D + M), Activation::None);
-    } else {
-      be.linear_fp8_quantized(q8, buf_.normed_q8_scale, qkv_proj.weight_fp8, qkv_proj.weight_scale, qkv_proj.bias,
-                              qkv, Activation::None);
-      be.linear_fp8_quantized(q8, buf_.normed_q8_scale, mlp_in.weight_fp8, mlp_in.weight_scale, mlp_in.bias,
-                              cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
-    }
+    be.linear_fp8_quantized(q8, buf_.normed_q8_scale, qkv_proj.weight_fp8, qkv_proj.weight_scale, qkv_proj.bias, qkv,
+                            Activation::None);
+    be.linear_fp8_quantized(q8, buf_.normed_q8_scale, mlp_in.weight_fp8, mlp_in.weight_scale, mlp_in.bias,
+                            cols(buf_.attn_mlp, D, M), Activation::GeluTanh);
   } else {
     norm(buf_.stream, pending, chunk(mod, 0, D), chunk(mod, 1, D), buf_.normed, Tensor(), Tensor());
     linear_roomy(buf_.normed_room, D, qkv_proj, qkv);
@@ -629,13 +618,11 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
   qk_rope(qkv, w.q_norm, w.k_norm, rope, 0, qk_scale);
   // linear2 reads [attention | MLP] side by side: the reference's concatenation is already in place. With FP8
   // attention and an FP8 linear2, the attention's e4m3 output is quantised with the MLP's rows from its codes.
-  if (joined_fp8) {
+  if (fp8_attention_ && quantized_input(w.linear2)) {
     const int64_t rows_all = B_ * (Nt_ + Ni_);
     be.attention_fp8_rows(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
-    be.quantize_fp8_rows_joined(buf_.attn_q8.view({rows_all, D}), buf_.attn_q8_scale,
-                                gelu_in_quantiser ? cols(buf_.proj_in, 3 * D, M) : cols(buf_.attn_mlp, D, M),
-                                buf_.attn_mlp_q8, buf_.attn_mlp_q8_scale,
-                                gelu_in_quantiser ? Activation::GeluTanh : Activation::None);
+    be.quantize_fp8_rows_joined(buf_.attn_q8.view({rows_all, D}), buf_.attn_q8_scale, cols(buf_.attn_mlp, D, M),
+                                buf_.attn_mlp_q8, buf_.attn_mlp_q8_scale);
     be.linear_fp8_quantized(buf_.attn_mlp_q8.view({B_, Nt_ + Ni_, D + M}), buf_.attn_mlp_q8_scale,
                             w.linear2.weight_fp8, w.linear2.weight_scale, w.linear2.bias, buf_.branch,
                             Activation::None);

@@ -429,7 +429,7 @@ class CudaBackend final : public Backend {
   // Defined in cuda_fp8_ops.cpp.
   void quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) override;
   void quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
-                                const Tensor& scale, Activation b_act) override;
+                                const Tensor& scale) override;
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override;
   void layer_norm_modulate_fp8(const Tensor& x, const Tensor& shift, const Tensor& scale, const Tensor& q,

@@ -167,7 +167,7 @@ void CudaBackend::quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tens
 }
 
 void CudaBackend::quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_scale, const Tensor& b, const Tensor& q,
-                                           const Tensor& scale, Activation b_act) {
+                                           const Tensor& scale) {
   const char* op = "quantize_fp8_rows_joined";
   const Fp8RowsView A = fp8_rows_view(a8, op, "a8");
   if (A.B != 1 && A.sb != A.N * A.sn) bad(op, "a8 rows must be evenly strided across the batch");
@@ -177,11 +177,10 @@ void CudaBackend::quantize_fp8_rows_joined(const Tensor& a8, const Tensor& a_sca
   check_row_scales(a_scale, rows, op, "a_scale");
   check_fp8_rows(q, scale, ca + cb, op, "output");
   if (q.size(0) != rows) bad(op, "output must have " + std::to_string(rows) + " rows");
-  if (b_act != Activation::None && b_act != Activation::GeluTanh) bad(op, "b's activation must be none or gelu-tanh");
   timed(op, [&] {
     launch_quantize_joined_rows_e4m3(A.p, A.sn, a_scale.ptr<float>(), ca, static_cast<const __nv_bfloat16*>(Bm.p),
                                      Bm.ld, cb, rows, static_cast<uint8_t*>(q.data()), q.stride(0),
-                                     scale.ptr<float>(), b_act == Activation::GeluTanh, stream(), op);
+                                     scale.ptr<float>(), stream(), op);
   });
 }
 

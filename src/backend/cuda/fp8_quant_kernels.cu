@@ -163,24 +163,8 @@ __device__ inline uint4 requantize16_e4m3(const uint4& raw, float scale, float i
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-__device__ inline float gelu_tanh(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
-
-// bf16(gelu_tanh(v)) of 8 bf16 values in place.
-__device__ inline uint4 gelu8(uint4 chunk) {
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&chunk);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    h[i] = __floats2bfloat162_rn(gelu_tanh(f.x), gelu_tanh(f.y));
-  }
-  return chunk;
-}
-
 // Rows [a | b]: a as e4m3 codes with a scale per row (16 codes a chunk), b bf16 (8 values a chunk), staged in
 // shared memory as quantize_rows_smem_kernel stages one row, so each crosses HBM once.
-template <bool GELU>
 __global__ void __launch_bounds__(kSmemMaxThreads)
     quantize_joined_rows_smem_kernel(const uint8_t* __restrict__ a, int64_t lda, const float* __restrict__ a_scale,
                                      int a_chunks, const __nv_bfloat16* __restrict__ b, int64_t ldb, int b_chunks,
@@ -195,11 +179,8 @@ __global__ void __launch_bounds__(kSmemMaxThreads)
   cp_async_wait_own();
   const float sa = a_scale[r];
   float amax = 0.0f;
-  // Every chunk stays with the thread that copied it: no barrier between the passes.
-  for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
-    if (GELU && i >= a_chunks) row[i] = gelu8(row[i]);
+  for (int i = threadIdx.x; i < chunks; i += blockDim.x)
     amax = fmaxf(amax, i < a_chunks ? amax16_e4m3(row[i], sa) : amax8(row[i]));
-  }
   const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
   if (threadIdx.x == 0) scales[r] = scale;
   uint8_t* qr = q + r * ldq;
@@ -212,7 +193,6 @@ __global__ void __launch_bounds__(kSmemMaxThreads)
 }
 
 // The same, element by element (any widths and alignments).
-template <bool GELU>
 __global__ void quantize_joined_rows_scalar_kernel(const uint8_t* __restrict__ a, int64_t lda,
                                                    const float* __restrict__ a_scale, int64_t ca,
                                                    const __nv_bfloat16* __restrict__ b, int64_t ldb, int64_t cb,
@@ -221,15 +201,17 @@ __global__ void quantize_joined_rows_scalar_kernel(const uint8_t* __restrict__ a
   const int64_t r = blockIdx.x;
   const float sa = a_scale[r];
   auto value = [&](int64_t c) {
-    if (c < ca) return __fmul_rn(decode2(a[r * lda + c]).x, sa);
-    const float v = __bfloat162float(b[r * ldb + c - ca]);
-    return GELU ? __bfloat162float(__float2bfloat16_rn(gelu_tanh(v))) : v;
+    return c < ca ? __fmul_rn(decode2(a[r * lda + c]).x, sa) : __bfloat162float(b[r * ldb + c - ca]);
   };
   float amax = 0.0f;
   for (int64_t c = threadIdx.x; c < ca + cb; c += blockDim.x) amax = fmaxf(amax, fabsf(value(c)));
   const float scale = e4m3_row_scale_dev(block_max(amax, scratch)), inv = __frcp_rn(scale);
   if (threadIdx.x == 0) scales[r] = scale;
   for (int64_t c = threadIdx.x; c < ca + cb; c += blockDim.x) q[r * ldq + c] = quantize1(value(c), inv);
+}
+
+__device__ inline float gelu_tanh(float v) {
+  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
 template <int VEC, bool F32>
@@ -307,33 +289,30 @@ void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows
 
 void launch_quantize_joined_rows_e4m3(const uint8_t* a, int64_t lda, const float* a_scale, int64_t ca,
                                      const __nv_bfloat16* b, int64_t ldb, int64_t cb, int64_t rows, uint8_t* q,
-                                     int64_t ldq, float* scales, bool gelu, cudaStream_t stream, const char* op) {
+                                     int64_t ldq, float* scales, cudaStream_t stream, const char* op) {
   if (rows == 0) return;
   if (rows > int64_t(0x7fffffff)) fail(op, "launch_quantize_joined_rows_e4m3", "too many rows for one grid");
   const bool vec = ca % 16 == 0 && lda % 16 == 0 && aligned(a, 16) && cb % 8 == 0 && ldb % 8 == 0 && aligned(b, 16) &&
                    ldq % 16 == 0 && aligned(q, 16);
   if (vec && ca + cb * 2 <= kSmemRowBytes && ca + cb > 0) {
     static const bool carveout = [] {
-      for (const void* kernel : {reinterpret_cast<const void*>(quantize_joined_rows_smem_kernel<false>),
-                                 reinterpret_cast<const void*>(quantize_joined_rows_smem_kernel<true>)})
-        if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                 int(cudaSharedmemCarveoutMaxShared)) != cudaSuccess)
-          cudaGetLastError();  // only a preference
+      if (cudaFuncSetAttribute(quantize_joined_rows_smem_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                               int(cudaSharedmemCarveoutMaxShared)) != cudaSuccess)
+        cudaGetLastError();  // only a preference
       return true;
     }();
     (void)carveout;
     const int a_chunks = int(ca / 16), b_chunks = int(cb / 8);
     const int threads = std::clamp(
         round_up_32((a_chunks + b_chunks + kSmemChunksPerThread - 1) / kSmemChunksPerThread), 32, kSmemMaxThreads);
-    (gelu ? quantize_joined_rows_smem_kernel<true> : quantize_joined_rows_smem_kernel<false>)
-        <<<unsigned(rows), threads, size_t(ca + cb * 2), stream>>>(a, lda, a_scale, a_chunks, b, ldb, b_chunks, q,
-                                                                    ldq, scales);
+    quantize_joined_rows_smem_kernel<<<unsigned(rows), threads, size_t(ca + cb * 2), stream>>>(
+        a, lda, a_scale, a_chunks, b, ldb, b_chunks, q, ldq, scales);
     check_launch(op, "quantize_joined_rows_smem_kernel");
     return;
   }
   const int threads = std::clamp(round_up_32((ca + cb + 7) / 8), 32, 256);
-  (gelu ? quantize_joined_rows_scalar_kernel<true> : quantize_joined_rows_scalar_kernel<false>)
-      <<<unsigned(rows), threads, 0, stream>>>(a, lda, a_scale, ca, b, ldb, cb, q, ldq, scales);
+  quantize_joined_rows_scalar_kernel<<<unsigned(rows), threads, 0, stream>>>(a, lda, a_scale, ca, b, ldb, cb, q, ldq,
+                                                                             scales);
   check_launch(op, "quantize_joined_rows_scalar_kernel");
 }
 

@@ -25,10 +25,10 @@ void launch_quantize_rows_e4m3(const __nv_bfloat16* x, int64_t ldx, int64_t rows
 // stride lda bytes) whose values are code * a_scale[r], b bf16 (rows [rows, cb] at stride ldb). Exactly
 // launch_quantize_rows_e4m3 of those float values (a's products correctly rounded), into q rows [rows, ca + cb].
 // Rows staged in shared memory when ca, lda, ldq are multiples of 16, cb, ldb of 8, pointers 16-byte aligned and
-// ca + 2 cb <= 40 KiB; else element by element. gelu: b's values are bf16(gelu_tanh(b)) (pre-activations in b).
+// ca + 2 cb <= 40 KiB; else element by element.
 void launch_quantize_joined_rows_e4m3(const uint8_t* a, int64_t lda, const float* a_scale, int64_t ca,
                                      const __nv_bfloat16* b, int64_t ldb, int64_t cb, int64_t rows, uint8_t* q,
-                                     int64_t ldq, float* scales, bool gelu, cudaStream_t stream,
+                                     int64_t ldq, float* scales, cudaStream_t stream,
                                      const char* op = "quantize_fp8_rows_joined");
 
 // y[r, c] = bf16(e4m3(q[r, c]) * scales[r]).
