@@ -4,6 +4,7 @@
 # bench writes it) and prints a short summary last, so the reply's tail holds the figures.
 #   tests      the whole CUDA test suite
 #   ordering   cuDNN's FP8 attention alone and between its neighbours (with cuDNN's own log in $OUT)
+#   bf16       the bf16 step alone with its per-op profile (the issue 4 figure)
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
@@ -24,6 +25,9 @@ for job in "$@"; do
         fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
         tee "$OUT/ordering.log" | grep -E "ordering\] (fp8|bf16|same|[0-9]+ of)|FluxSize|FAILED|PASSED"
       gzip -f "$OUT/cudnn.log" 2>/dev/null ;;
+    bf16)
+      fluxswap bench --sizes 1024 --steps 20 --json "$OUT/bf16.json" > "$OUT/bf16.log" 2>&1
+      grep -E "ms/step|per-op" "$OUT/bf16.log" | cut -c1-900 | head -10 ;;
     fp8lora)
       fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention --quality-steps 28 \
         --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora.json" > "$OUT/fp8lora.log" 2>&1
@@ -31,7 +35,7 @@ for job in "$@"; do
     bf16lora)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \
         --json "$OUT/bf16lora.json" > "$OUT/bf16lora.log" 2>&1
-      grep -E "ms/step|swap|bit" "$OUT/bf16lora.log" | head -30 ;;
+      grep -E "ms/step|swap|bit|gate" "$OUT/bf16lora.log" | head -30 ;;
     bf16merged)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode merged --swaps 8 \
         --json "$OUT/bf16merged.json" > "$OUT/bf16merged.log" 2>&1
