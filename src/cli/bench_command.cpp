@@ -54,37 +54,49 @@ struct Timing {
   double median = 0, min = 0, max = 0;
 };
 
-// Replays a recorded step `steps` times (after 3 warm-ups), each timed to completion.
-Timing time_replays(Backend& be, RecordedWork& graph, int steps) {
-  for (int i = 0; i < 3; ++i) graph.replay();
+// Replays recorded steps `steps` times each (after 3 warm-ups each), alternating between them so that clock and
+// temperature drift fall on all alike, each replay timed to completion.
+std::vector<Timing> time_alternating(Backend& be, const std::vector<RecordedWork*>& graphs, int steps) {
+  for (RecordedWork* g : graphs)
+    for (int i = 0; i < 3; ++i) g->replay();
   be.synchronize();
-  std::vector<double> ms;
-  for (int i = 0; i < steps; ++i) {
-    const auto t0 = Clock::now();
-    graph.replay();
-    be.synchronize();
-    ms.push_back(seconds_since(t0) * 1e3);
+  std::vector<std::vector<double>> ms(graphs.size());
+  for (int i = 0; i < steps; ++i)
+    for (size_t k = 0; k < graphs.size(); ++k) {
+      const auto t0 = Clock::now();
+      graphs[k]->replay();
+      be.synchronize();
+      ms[k].push_back(seconds_since(t0) * 1e3);
+    }
+  std::vector<Timing> out;
+  for (auto& m : ms) {
+    std::sort(m.begin(), m.end());
+    out.push_back({m[m.size() / 2], m.front(), m.back()});
   }
-  std::sort(ms.begin(), ms.end());
-  return {ms[ms.size() / 2], ms.front(), ms.back()};
+  return out;
 }
+
+Timing time_replays(Backend& be, RecordedWork& graph, int steps) { return time_alternating(be, {&graph}, steps)[0]; }
 
 // The pipeline's way of giving a step its modulations: the whole schedule's computed up front (one pass over the
 // modulation weights, FluxTransformer::modulation_table), each step copying its row. The step is timed as a recording
 // of that copy and the step; the table's time is spread over the schedule's steps.
+// Timed alternating with the recording of the same step computing its own modulations (`per_step`).
 struct TabledTiming {
-  Timing step;
+  Timing step, per_step_alongside;
   double table_ms = 0;
   int schedule = 1;
   double per_step() const { return step.median + table_ms / schedule; }
+  double gain_ms() const { return per_step_alongside.median - per_step(); }
   nlohmann::json json() const {
     return {{"step_ms_median", step.median}, {"step_ms_min", step.min}, {"step_ms_max", step.max},
-            {"table_ms", table_ms}, {"schedule_steps", schedule}, {"ms_per_step_with_table", per_step()}};
+            {"table_ms", table_ms}, {"schedule_steps", schedule}, {"ms_per_step_with_table", per_step()},
+            {"per_step_modulations_alongside_ms_median", per_step_alongside.median}, {"gain_ms", gain_ms()}};
   }
 };
 
 TabledTiming time_with_modulation_table(FluxTransformer& tr, const FluxInputs& in, const Tensor& out, int schedule,
-                                        int steps) {
+                                        int steps, RecordedWork& per_step) {
   Backend& be = tr.backend();
   const int64_t B = in.timestep.size(0);
   Tensor t = Tensor::empty(DType::F32, {schedule, B});
@@ -105,14 +117,16 @@ TabledTiming time_with_modulation_table(FluxTransformer& tr, const FluxInputs& i
   };
   step();
   auto graph = be.record(step);
-  return {time_replays(be, *graph, steps), table_ms, schedule};
+  const std::vector<Timing> both = time_alternating(be, {graph.get(), &per_step}, steps);
+  return {both[0], both[1], table_ms, schedule};
 }
 
-void print_tabled(const char* what, const TabledTiming& t, double per_step_modulations_ms) {
+void print_tabled(const char* what, const TabledTiming& t) {
   std::printf("  %s, the %d-step schedule's modulations up front (the pipeline's way): table %.2f ms once + step "
-              "%.2f ms (min %.2f, max %.2f) = %.2f ms/step (%+.2f vs modulations in each step)\n",
+              "%.2f ms (min %.2f, max %.2f) = %.2f ms/step; replayed alternately with modulations in each step "
+              "(%.2f): %+.2f ms\n",
               what, t.schedule, t.table_ms, t.step.median, t.step.min, t.step.max, t.per_step(),
-              t.per_step() - per_step_modulations_ms);
+              t.per_step_alongside.median, -t.gain_ms());
 }
 
 FluxConfig bench_config(const std::string& model) {
@@ -193,7 +207,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   const double capture_s = seconds_since(t0);
   const Timing with = time_replays(be, *graph, o.steps);
   // The same with the table the pipeline computes once the adapter is set (its modulation pairs are in it).
-  const TabledTiming with_tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
+  const TabledTiming with_tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps, *graph);
   tr.forward(in, out);  // back to the per-step recording's inputs
   const Tensor out_a = be.to_host_f32(out);
   // The same adapter replayed once more: the run-to-run floor that a swap back is held to (0 but with FP8 attention,
@@ -292,7 +306,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   }
   std::printf("  LoRA rank %lld on every block linear, %s mode: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
               (long long)o.lora_rank, o.lora_mode.c_str(), with.median, base.median, overhead);
-  print_tabled("LoRA", with_tabled, with.median);
+  print_tabled("LoRA", with_tabled);
   std::printf("  LoRA per step with the modulation tables: %.2f ms/step (base %.2f) -> %+.1f%% per step\n",
               with_tabled.per_step(), base_tabled.per_step(),
               (with_tabled.per_step() / base_tabled.per_step() - 1.0) * 100.0);
@@ -439,8 +453,8 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
   std::printf("  first eager step %.2f s, graph capture %.2f s\n", first_step_s, capture_s);
   std::printf("  ms/step  median %.2f  (min %.2f, max %.2f over %d replays)  ->  %.0f TFLOP/s\n", median,
               base.min, base.max, o.steps, cost.total_flops() / (median * 1e-3) / 1e12);
-  TabledTiming tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
-  print_tabled("bf16", tabled, median);
+  TabledTiming tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps, *graph);
+  print_tabled("bf16", tabled);
   r["modulation_table"] = tabled.json();
   nlohmann::json fp8;
   if (o.fp8) {
@@ -475,8 +489,8 @@ nlohmann::json bench_size(FluxTransformer& tr, int size, const BenchOptions& o) 
                               {"speedup_vs_fp8_linears", f.median / best.median}};
     }
     const TabledTiming bf16_tabled = tabled;
-    tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps);
-    print_tabled(o.fp8_attention ? "FP8 + FP8 attention" : "FP8", tabled, best.median);
+    tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps, *graph);
+    print_tabled(o.fp8_attention ? "FP8 + FP8 attention" : "FP8", tabled);
     std::printf("  with the modulation tables: bf16 %.2f, FP8 %.2f ms/step: %.2fx faster\n", bf16_tabled.per_step(),
                 tabled.per_step(), bf16_tabled.per_step() / tabled.per_step());
     fp8["modulation_table"] = tabled.json();
