@@ -80,8 +80,8 @@ Timing time_replays(Backend& be, RecordedWork& graph, int steps) { return time_a
 
 // The pipeline's way of giving a step its modulations: the whole schedule's computed up front (one pass over the
 // modulation weights, FluxTransformer::modulation_table), each step copying its row. The step is timed as a recording
-// of that copy and the step; the table's time is spread over the schedule's steps.
-// Timed alternating with the recording of the same step computing its own modulations (`per_step`).
+// of that copy and the step, replayed alternately with `per_step` (the same step computing its own modulations); the
+// table's time is spread over the schedule's steps.
 struct TabledTiming {
   Timing step, per_step_alongside;
   double table_ms = 0;
@@ -207,8 +207,8 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   const double capture_s = seconds_since(t0);
   const Timing with = time_replays(be, *graph, o.steps);
   // The same with the table the pipeline computes once the adapter is set (its modulation pairs are in it).
+  // (Its alternating replays end with the per-step recording: `out` is A's output again.)
   const TabledTiming with_tabled = time_with_modulation_table(tr, in, out, o.schedule, o.steps, *graph);
-  tr.forward(in, out);  // back to the per-step recording's inputs
   const Tensor out_a = be.to_host_f32(out);
   // The same adapter replayed once more: the run-to-run floor that a swap back is held to (0 but with FP8 attention,
   // whose cuDNN kernel is not run-to-run reproducible).

@@ -57,7 +57,6 @@ LoraController::LoraController(FluxTransformer& tr, LoraMode mode, int64_t max_r
   tr_.set_lora_slot_rank(widest);
   // Recorded steps wait per block for swap_under_next_step's fills (a no-op where the backend has no gates).
   tr_.set_step_gates(true);
-  step_gates_ = be.has_gates();
 }
 
 LoraController::~LoraController() {

@@ -110,7 +110,6 @@ class LoraController {
   std::map<std::string, Tensor> base_weight_, base_bias_;  // merged: copies of touched modules' base values
   std::set<std::string> changed_;                          // merged: modules that currently differ from the base
   std::vector<ActiveLora> active_;                         // what the last successful set_adapters set
-  bool step_gates_ = false;                                // runtime mode turned the transformer's step gates on
   // Runtime: the parts of slots the last fill wrote (all else in the slots is zero), by module, so that a slot the
   // transformer moved since (block streaming splits [W | up]) is still found.
   struct SlotRegion {

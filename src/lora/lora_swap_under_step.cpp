@@ -15,7 +15,7 @@ namespace fluxswap {
 LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLora>& active,
                                                      const std::function<void()>& launch_step) {
   Backend& be = tr_.backend();
-  if (mode_ != LoraMode::Runtime || !be.has_gates() || !step_gates_) {
+  if (mode_ != LoraMode::Runtime || !be.has_gates()) {  // (runtime mode turned the transformer's gates on)
     LoraApplyReport r = set_adapters(active);
     launch_step();
     return r;

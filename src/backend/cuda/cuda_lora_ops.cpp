@@ -137,10 +137,7 @@ void CudaBackend::scaled_copy_batch(const std::vector<ScaledCopy>& copies) {
                      c.src.size(0), c.src.size(1), c.src.stride(0), c.dst.stride(0), c.alpha});
   }
   const size_t bytes = descs.size() * sizeof(cuda::ScaledCopyDesc);
-  if (!scaled_copy_descs_.defined() || scaled_copy_descs_.nbytes() < bytes) {
-    synchronize();  // the old list may still be read by an earlier launch
-    scaled_copy_descs_ = empty(DType::U8, {int64_t(bytes)});
-  }
+  reserve_scaled_copies(descs.size());
   timed(op, [&] {
     // From pageable memory: the call returns once the list is staged, so `descs` may go.
     check(cudaMemcpyAsync(scaled_copy_descs_.data(), descs.data(), bytes, cudaMemcpyHostToDevice, stream()), op,
