@@ -283,6 +283,13 @@ class Backend {
   virtual void fork_side_queue() {}
   virtual void on_side_queue(const std::function<void()>& fn) { fn(); }
   virtual void join_side_queue() {}
+  // The last round's device times (ms after its close_gates ran on the device), per gate: when it opened (-1: opened
+  // before the round, or never) and when the compute queue last passed it (-1: not since). For the benchmark's
+  // account of a swap under the step; synchronises. Empty on backends without gates.
+  struct GateTimes {
+    double opened_ms = -1, passed_ms = -1;
+  };
+  virtual std::vector<GateTimes> gate_timeline() { return {}; }
 
   static constexpr int kStreamBuffers = 4;
   virtual void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer);

@@ -262,13 +262,30 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   // beyond a step with the adapter already in.
   std::vector<double> under_ms;
   double under_vs_blocking = -1;
+  nlohmann::json gate_timelines = nlohmann::json::array();
   if (o.lora_mode == "runtime" && be.has_gates()) {
     for (int s = 1; s <= o.swaps; ++s) {
       t0 = Clock::now();
       lora.swap_under_next_step({{start(s % 2), 1.0f}}, [&] { graph->replay(); });
+      const double returned_ms = seconds_since(t0) * 1e3;
       be.synchronize();
       under_ms.push_back(seconds_since(t0) * 1e3);
       if (s == 1) under_vs_blocking = max_rel_error(be.to_host_f32(out), out_b);
+      // Where the step waited: per gate, when the fill opened it and when the step passed it (device clock, from the
+      // round's start on the device).
+      nlohmann::json opened = nlohmann::json::array(), passed = nlohmann::json::array();
+      for (const Backend::GateTimes& g : be.gate_timeline()) opened.push_back(g.opened_ms), passed.push_back(g.passed_ms);
+      gate_timelines.push_back({{"returned_ms", returned_ms}, {"total_ms", under_ms.back()}, {"opened_ms", opened},
+                                {"passed_ms", passed}});
+      if (s <= 2 && !passed.empty()) {
+        std::printf("    under-step swap %d: call returned at %.1f ms, step done at %.1f ms; gate opened/passed (ms "
+                    "after the round began on the device):",
+                    s, returned_ms, under_ms.back());
+        const size_t n = passed.size();
+        for (size_t g : {size_t(0), size_t(1), size_t(2), size_t(5), size_t(10), n / 3, n / 2, 2 * n / 3, n - 2, n - 1})
+          if (g < n) std::printf(" %zu: %.1f/%.1f", g, double(opened[g]), double(passed[g]));
+        std::printf("\n");
+      }
     }
   }
   if (!kept[0]) kept[0] = load(0);
@@ -357,6 +374,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"under_step_swap_plus_step_ms_all", under_ms},
           {"under_step_swap_added_ms_median", under_ms.empty() ? -1.0 : median_of(under_ms) - with.median},
           {"under_step_vs_blocking_rel_diff", under_vs_blocking},
+          {"under_step_gate_timelines", gate_timelines},
           {"sequential_swap_ms_median", median_of(seq_ms)},
           {"sequential_swap_ms_all", seq_ms},
           {"sequential_read_parse_ms_median", median_of(seq_read_ms)},

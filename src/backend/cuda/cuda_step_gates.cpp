@@ -9,6 +9,9 @@ namespace fluxswap::cuda {
 struct StepGates {
   int count = 0;
   std::shared_ptr<void> flags;  // uint32 [count + 1]: each gate's round, then the current round
+  // uint64 [2 * (count + 1)]: device clock (ns) when the compute queue last passed each gate, then when each gate
+  // (and, last, the round: close_gates) was last set
+  std::shared_ptr<void> times;
   uint32_t round = 0;
   std::vector<std::shared_ptr<void>> retired;  // earlier flags, which recordings may still wait on
   cudaStream_t side = nullptr;
@@ -19,6 +22,8 @@ struct StepGates {
     if (join) cudaEventDestroy(join);
   }
   uint32_t* word(int i) const { return static_cast<uint32_t*>(flags.get()) + i; }
+  uint64_t* passed(int i) const { return static_cast<uint64_t*>(times.get()) + i; }
+  uint64_t* set_at(int i) const { return static_cast<uint64_t*>(times.get()) + count + 1 + i; }
 };
 
 void CudaBackend::prepare_gates(int count) {
@@ -33,8 +38,11 @@ void CudaBackend::prepare_gates(int count) {
   }
   if (gates_->count >= count) return;
   if (capturing_) bad(op, "gates must be prepared before recording");
-  if (gates_->flags) gates_->retired.push_back(gates_->flags);
+  if (gates_->flags) gates_->retired.push_back(gates_->flags), gates_->retired.push_back(gates_->times);
   gates_->flags = memory_.allocate(size_t(count + 1) * sizeof(uint32_t), "step gates");
+  gates_->times = memory_.allocate(size_t(2 * (count + 1)) * sizeof(uint64_t), "step gate times");
+  check(cudaMemsetAsync(gates_->times.get(), 0, size_t(2 * (count + 1)) * sizeof(uint64_t), stream()), op,
+        "cudaMemsetAsync");
   // Every gate at the current round: open.
   std::vector<uint32_t> init(size_t(count + 1), gates_->round);
   check(cudaMemcpyAsync(gates_->flags.get(), init.data(), init.size() * sizeof(uint32_t), cudaMemcpyHostToDevice,
@@ -47,20 +55,35 @@ void CudaBackend::prepare_gates(int count) {
 void CudaBackend::wait_gate(int gate) {
   if (!gates_ || gate < 0 || gate >= gates_->count)
     bad("wait_gate", "gate " + std::to_string(gate) + " was not prepared (prepare_gates)");
-  launch_wait_gate(static_cast<const uint32_t*>(gates_->flags.get()), gate, gates_->count, stream());
+  launch_wait_gate(static_cast<const uint32_t*>(gates_->flags.get()), gate, gates_->count, gates_->passed(gate),
+                   stream());
 }
 
 void CudaBackend::close_gates() {
   if (!gates_ || !gates_->count) bad("close_gates", "no gates prepared");
   if (capturing_ || on_side_) bad("close_gates", "issue it on the compute queue, outside recordings");
-  launch_set_word(gates_->word(gates_->count), ++gates_->round, stream());
+  launch_set_word(gates_->word(gates_->count), ++gates_->round, gates_->set_at(gates_->count), stream());
 }
 
 void CudaBackend::open_gate(int gate) {
   if (!gates_ || gate < 0 || gate >= gates_->count)
     bad("open_gate", "gate " + std::to_string(gate) + " was not prepared (prepare_gates)");
   if (capturing_) bad("open_gate", "cannot be recorded");
-  launch_set_word(gates_->word(gate), gates_->round, stream());
+  launch_set_word(gates_->word(gate), gates_->round, gates_->set_at(gate), stream());
+}
+
+std::vector<Backend::GateTimes> CudaBackend::gate_timeline() {
+  if (!gates_ || !gates_->count) return {};
+  synchronize();
+  std::vector<uint64_t> t(size_t(2 * (gates_->count + 1)));
+  check(cudaMemcpy(t.data(), gates_->times.get(), t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+        "gate_timeline", "cudaMemcpy");
+  const int n = gates_->count;
+  const uint64_t closed = t[size_t(2 * n + 1)];
+  auto since = [&](uint64_t at) { return at > closed ? double(at - closed) * 1e-6 : -1.0; };
+  std::vector<GateTimes> out(static_cast<size_t>(n));
+  for (int g = 0; g < n; ++g) out[size_t(g)] = {since(t[size_t(n + 1 + g)]), since(t[size_t(g)])};
+  return out;
 }
 
 void CudaBackend::fork_side_queue() {

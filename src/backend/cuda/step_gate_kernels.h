@@ -7,9 +7,10 @@
 
 namespace fluxswap::cuda {
 
-// One thread that returns once flags[gate] has reached flags[count] (the current round; wrap-around safe).
-void launch_wait_gate(const uint32_t* flags, int gate, int count, cudaStream_t stream);
-// *word = value, ordered after the stream's earlier work.
-void launch_set_word(uint32_t* word, uint32_t value, cudaStream_t stream);
+// One thread that returns once flags[gate] has reached flags[count] (the current round; wrap-around safe), then
+// writes the device clock (ns) to *passed.
+void launch_wait_gate(const uint32_t* flags, int gate, int count, uint64_t* passed, cudaStream_t stream);
+// *word = value, ordered after the stream's earlier work, then the device clock (ns) to *stamp.
+void launch_set_word(uint32_t* word, uint32_t value, uint64_t* stamp, cudaStream_t stream);
 
 }  // namespace fluxswap::cuda
