@@ -31,7 +31,10 @@ void CudaBackend::prepare_gates(int count) {
   if (count <= 0) bad(op, "need at least one gate, got " + std::to_string(count));
   if (!gates_) {
     auto g = std::make_shared<StepGates>();
-    check(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), op, "cudaStreamCreateWithFlags");
+    // The highest priority: the step waits for the fills issued here, so their blocks go before the step's own.
+    int least = 0, greatest = 0;
+    check(cudaDeviceGetStreamPriorityRange(&least, &greatest), op, "cudaDeviceGetStreamPriorityRange");
+    check(cudaStreamCreateWithPriority(&g->side, cudaStreamNonBlocking, greatest), op, "cudaStreamCreateWithPriority");
     check(cudaEventCreateWithFlags(&g->fork, cudaEventDisableTiming), op, "cudaEventCreateWithFlags");
     check(cudaEventCreateWithFlags(&g->join, cudaEventDisableTiming), op, "cudaEventCreateWithFlags");
     gates_ = std::move(g);
