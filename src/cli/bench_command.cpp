@@ -266,7 +266,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   if (o.lora_mode == "runtime" && be.has_gates()) {
     for (int s = 1; s <= o.swaps; ++s) {
       t0 = Clock::now();
-      lora.swap_under_next_step({{start(s % 2), 1.0f}}, [&] { graph->replay(); });
+      const LoraApplyReport rep = lora.swap_under_next_step({{start(s % 2), 1.0f}}, [&] { graph->replay(); });
       const double returned_ms = seconds_since(t0) * 1e3;
       be.synchronize();
       under_ms.push_back(seconds_since(t0) * 1e3);
@@ -276,14 +276,18 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
       nlohmann::json opened = nlohmann::json::array(), passed = nlohmann::json::array();
       for (const Backend::GateTimes& g : be.gate_timeline()) opened.push_back(g.opened_ms), passed.push_back(g.passed_ms);
       gate_timelines.push_back({{"returned_ms", returned_ms}, {"total_ms", under_ms.back()}, {"opened_ms", opened},
-                                {"passed_ms", passed}});
+                                {"passed_ms", passed}, {"host_step_launched_ms", rep.step_launched_ms},
+                                {"host_gate_issued_ms", rep.gate_issued_ms}});
       if (s <= 2 && !passed.empty()) {
-        std::printf("    under-step swap %d: call returned at %.1f ms, step done at %.1f ms; gate opened/passed (ms "
-                    "after the round began on the device):",
-                    s, returned_ms, under_ms.back());
+        // Host times count from the swap call, device times from the round's start on the device (just before the
+        // step's launch): the two clocks differ by the launch latency.
+        std::printf("    under-step swap %d: step launched %.1f ms into the call, call returned at %.1f ms, step done "
+                    "at %.1f ms; per gate, opening issued (host) / opened / passed (device):",
+                    s, rep.step_launched_ms, returned_ms, under_ms.back());
         const size_t n = passed.size();
         for (size_t g : {size_t(0), size_t(1), size_t(2), size_t(5), size_t(10), n / 3, n / 2, 2 * n / 3, n - 2, n - 1})
-          if (g < n) std::printf(" %zu: %.1f/%.1f", g, double(opened[g]), double(passed[g]));
+          if (g < n && g < rep.gate_issued_ms.size())
+            std::printf(" %zu: %.1f/%.1f/%.1f", g, rep.gate_issued_ms[g], double(opened[g]), double(passed[g]));
         std::printf("\n");
       }
     }

@@ -44,10 +44,14 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
     }
   }
   std::vector<bool> open(size_t(ranks), false);
+  LoraApplyReport r;
+  r.gate_issued_ms.assign(size_t(ranks), -1.0);
+  auto since_start = [&] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); };
   auto open_gate = [&](int64_t rank) {
     be.scaled_copy_batch(fill[size_t(rank)]);
     be.open_gate(int(rank));
     open[size_t(rank)] = true;
+    r.gate_issued_ms[size_t(rank)] = since_start();
   };
   // Slot parts the last fill wrote and this one does not overwrite: cleared before any gate opens.
   std::set<SlotRegion> next;
@@ -59,7 +63,6 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
         next.insert({*t.module, true, pair.row, pair.rows, t.pp->rank_offset, pair.down.size(0)});
       }
 
-  LoraApplyReport r;
   // Every device allocation before the gates shut (place(), the fill's descriptor list): one while they are shut may
   // wait for the step, which waits for the gates.
   std::vector<DeviceAdapter*> dev(active.size(), nullptr);
@@ -73,6 +76,7 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
   be.close_gates();      // the step waits at every gate from here on
   be.fork_side_queue();  // and the side queue starts behind the work before it (the previous step)
   launch_step();
+  r.step_launched_ms = since_start();
   try {
     be.on_side_queue([&] {
       for (const SlotRegion& old : filled_)
