@@ -9,6 +9,7 @@
 //  - per-sample vectors (modulation shift/scale/gate) are [B, C] views with any batch stride.
 //  - attention inputs q, k, v are contiguous [B, H, S, head_dim]; the attention output is rows [B, S, H*head_dim].
 //  - outputs are passed as const handles: a Tensor is a view, and the op writes the memory it points to.
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
@@ -284,12 +285,17 @@ class Backend {
   virtual void on_side_queue(const std::function<void()>& fn) { fn(); }
   virtual void join_side_queue() {}
   // The last round's device times (ms after its close_gates ran on the device), per gate: when it opened (-1: opened
-  // before the round, or never) and when the compute queue last passed it (-1: not since). For the benchmark's
-  // account of a swap under the step; synchronises. Empty on backends without gates.
+  // before the round, or never) and when the compute queue last passed it (-1: not since); and when the round was
+  // closed on the device, on the host's steady clock (to within a synchronisation's latency). For the benchmark's
+  // account of a swap under the step; synchronises. No gates on backends without them.
   struct GateTimes {
     double opened_ms = -1, passed_ms = -1;
   };
-  virtual std::vector<GateTimes> gate_timeline() { return {}; }
+  struct GateTimeline {
+    std::vector<GateTimes> gates;
+    std::chrono::steady_clock::time_point closed_at;
+  };
+  virtual GateTimeline gate_timeline() { return {}; }
 
   static constexpr int kStreamBuffers = 4;
   virtual void stream_upload(const Tensor& host_src, const Tensor& device_dst, int buffer);

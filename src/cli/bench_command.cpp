@@ -195,8 +195,16 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   // Read whole into pinned memory (recycled between loads), then sent from there by DMA ...
   auto load = [&](int i) { return std::make_shared<LoraAdapter>(load_lora_adapter(files.paths()[i], c, host)); };
   // ... or parsed from the header at once, the data uploaded by set_adapters chunk by chunk as it is read.
+  // (The pinned buffer's allocation timed: a pool that has to grow pins the memory anew, ~0.5 s.)
+  double alloc_ms = 0;
+  const HostBufferAllocator timed_host = [&](size_t bytes) {
+    const auto a = Clock::now();
+    std::shared_ptr<void> p = host(bytes);
+    alloc_ms = seconds_since(a) * 1e3;
+    return p;
+  };
   auto start = [&](int i) {
-    return std::make_shared<LoraAdapter>(start_loading_lora_adapter(files.paths()[i], c, host));
+    return std::make_shared<LoraAdapter>(start_loading_lora_adapter(files.paths()[i], c, timed_host));
   };
   auto t0 = Clock::now();
   lora.set_adapters({{load(0), 1.0f}});
@@ -238,13 +246,14 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     seq_ms.push_back(seconds_since(t0) * 1e3);
   }
   // The read pipelined with the upload. The swap time is the time to the next step's start.
-  std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches, early;
+  std::vector<double> swap_ms, swap_step_ms, read_ms, wait_ms, batches, early, started_all;
   Tensor out_b;
   std::shared_ptr<LoraAdapter> kept[2];
   for (int s = 1; s <= o.swaps; ++s) {
     t0 = Clock::now();
     kept[s % 2] = start(s % 2);
     const double started_ms = seconds_since(t0) * 1e3;
+    started_all.push_back(started_ms);
     const LoraApplyReport rep = lora.set_adapters({{kept[s % 2], 1.0f}});
     swap_ms.push_back(seconds_since(t0) * 1e3);
     graph->replay();
@@ -265,29 +274,40 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   nlohmann::json gate_timelines = nlohmann::json::array();
   if (o.lora_mode == "runtime" && be.has_gates()) {
     for (int s = 1; s <= o.swaps; ++s) {
+      // Every time below counts from the request (t0): host points, and device ones through the round's close.
       t0 = Clock::now();
-      const LoraApplyReport rep = lora.swap_under_next_step({{start(s % 2), 1.0f}}, [&] { graph->replay(); });
+      const std::shared_ptr<LoraAdapter> next = start(s % 2);
+      const double started_ms = seconds_since(t0) * 1e3;
+      const LoraApplyReport rep = lora.swap_under_next_step({{next, 1.0f}}, [&] { graph->replay(); });
       const double returned_ms = seconds_since(t0) * 1e3;
       be.synchronize();
       under_ms.push_back(seconds_since(t0) * 1e3);
       if (s == 1) under_vs_blocking = max_rel_error(be.to_host_f32(out), out_b);
-      // Where the step waited: per gate, when the fill opened it and when the step passed it (device clock, from the
-      // round's start on the device).
-      nlohmann::json opened = nlohmann::json::array(), passed = nlohmann::json::array();
-      for (const Backend::GateTimes& g : be.gate_timeline()) opened.push_back(g.opened_ms), passed.push_back(g.passed_ms);
-      gate_timelines.push_back({{"returned_ms", returned_ms}, {"total_ms", under_ms.back()}, {"opened_ms", opened},
-                                {"passed_ms", passed}, {"host_step_launched_ms", rep.step_launched_ms},
-                                {"host_gate_issued_ms", rep.gate_issued_ms}});
-      if (s <= 2 && !passed.empty()) {
-        // Host times count from the swap call, device times from the round's start on the device (just before the
-        // step's launch): the two clocks differ by the launch latency.
-        std::printf("    under-step swap %d: step launched %.1f ms into the call, call returned at %.1f ms, step done "
-                    "at %.1f ms; per gate, opening issued (host) / opened / passed (device):",
-                    s, rep.step_launched_ms, returned_ms, under_ms.back());
+      const Backend::GateTimeline line = be.gate_timeline();
+      const double closed_ms = std::chrono::duration<double, std::milli>(line.closed_at - t0).count();
+      nlohmann::json opened = nlohmann::json::array(), passed = nlohmann::json::array(), marks = nlohmann::json::object();
+      for (const Backend::GateTimes& g : line.gates)
+        opened.push_back(g.opened_ms < 0 ? -1.0 : closed_ms + g.opened_ms),
+            passed.push_back(g.passed_ms < 0 ? -1.0 : closed_ms + g.passed_ms);
+      std::vector<double> issued;
+      for (double ms : rep.gate_issued_ms) issued.push_back(ms < 0 ? -1.0 : started_ms + ms);
+      for (const auto& [mark, ms] : rep.host_marks_ms) marks[mark] = started_ms + ms;
+      gate_timelines.push_back({{"started_ms", started_ms}, {"pinned_alloc_ms", alloc_ms}, {"host_marks_ms", marks},
+                                {"returned_ms", returned_ms}, {"total_ms", under_ms.back()},
+                                {"round_closed_on_device_ms", closed_ms}, {"opened_ms", opened}, {"passed_ms", passed},
+                                {"host_gate_issued_ms", issued}});
+      if (s <= 3 && !passed.empty()) {
+        std::printf("    under-step swap %d, ms from the request: adapter started (read begun, header parsed) %.1f "
+                    "(pinned buffer %.1f);",
+                    s, started_ms, alloc_ms);
+        for (const auto& [mark, ms] : rep.host_marks_ms) std::printf(" %s %.1f,", mark, started_ms + ms);
+        std::printf(" returned %.1f; round closed on the device %.1f; step done %.1f\n", returned_ms, closed_ms,
+                    under_ms.back());
+        std::printf("      per gate, opening issued (host) / opened / passed (device):");
         const size_t n = passed.size();
         for (size_t g : {size_t(0), size_t(1), size_t(2), size_t(5), size_t(10), n / 3, n / 2, 2 * n / 3, n - 2, n - 1})
-          if (g < n && g < rep.gate_issued_ms.size())
-            std::printf(" %zu: %.1f/%.1f/%.1f", g, rep.gate_issued_ms[g], double(opened[g]), double(passed[g]));
+          if (g < n && g < issued.size())
+            std::printf(" %zu: %.1f/%.1f/%.1f", g, issued[g], double(opened[g]), double(passed[g]));
         std::printf("\n");
       }
     }
@@ -334,11 +354,11 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   std::printf("  first apply %.0f ms, graph capture with LoRA %.2f s; graph re-captures during swaps: 0\n",
               first_apply_s * 1e3, capture_s);
   for (size_t i = 0; i < swap_ms.size(); ++i)
-    std::printf("    swap %zu from the file: read %.1f ms; next step can start at %.1f ms (%.1f ms after the read "
-                "ended; waited %.1f ms for the file, %d upload batches, %d modules merged while reading); hidden "
-                "%.1f ms\n",
-                i + 1, read_ms[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]), int(early[i]),
-                hidden_ms[i]);
+    std::printf("    swap %zu from the file: read %.1f ms (adapter started, header parsed, at %.1f ms); next step can "
+                "start at %.1f ms (%.1f ms after the read ended; waited %.1f ms for the file, %d upload batches, %d "
+                "modules merged while reading); hidden %.1f ms\n",
+                i + 1, read_ms[i], started_all[i], swap_ms[i], after_read_ms[i], wait_ms[i], int(batches[i]),
+                int(early[i]), hidden_ms[i]);
   std::printf("  swap from the file, read pipelined with the upload: median %.1f ms to the next step's start (read "
               "%.1f ms, then %.1f ms; hidden %.1f ms against reading first), + next step %.1f ms\n",
               median_of(swap_ms), median_of(read_ms), median_of(after_read_ms), median_of(hidden_ms),
@@ -373,6 +393,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
           {"hidden_ms_median", median_of(hidden_ms)},
           {"hidden_ms_all", hidden_ms},
           {"file_wait_ms_all", wait_ms},
+          {"started_ms_all", started_all},
           {"upload_batches_all", batches},
           {"merged_while_reading_all", early},
           {"under_step_swap_plus_step_ms_all", under_ms},

@@ -38,9 +38,9 @@ struct LoraApplyReport {
   size_t upload_batches = 0;
   // Merged mode: modules merged while the file of an adapter they take was still being read.
   size_t merged_while_reading = 0;
-  // swap_under_next_step: host ms from the call's start to the step's launch, and to each step gate's opening being
-  // issued (per gate; -1: never).
-  double step_launched_ms = -1;
+  // swap_under_next_step: host ms from the call's start to each point it passed ("placed", "step launched", ...), and
+  // to each step gate's opening being issued (per gate; -1: never).
+  std::vector<std::pair<const char*, double>> host_marks_ms;
   std::vector<double> gate_issued_ms;
 };
 

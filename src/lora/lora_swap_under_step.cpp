@@ -72,11 +72,13 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
     drop_unsent();
     throw;
   }
+  r.host_marks_ms.emplace_back("placed", since_start());
   be.reserve_scaled_copies(2 * next.size());
   be.close_gates();      // the step waits at every gate from here on
   be.fork_side_queue();  // and the side queue starts behind the work before it (the previous step)
+  r.host_marks_ms.emplace_back("gates closed", since_start());
   launch_step();
-  r.step_launched_ms = since_start();
+  r.host_marks_ms.emplace_back("step launched", since_start());
   try {
     be.on_side_queue([&] {
       for (const SlotRegion& old : filled_)
@@ -108,11 +110,13 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
     set_adapters(previous);
     throw;
   }
+  r.host_marks_ms.emplace_back("fills issued", since_start());
   be.join_side_queue();
   filled_.clear();
   for (const auto& written : regions) filled_.insert(filled_.end(), written.begin(), written.end());
   active_ = active;
   evict_unused(active);
+  r.host_marks_ms.emplace_back("evicted", since_start());
   finish_report(r, active, stacks, t0);
   return r;
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/cublaslt_autotune.h"
 #include "backend/cuda/cublaslt_linear.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cudnn_attention.h"
@@ -145,7 +146,7 @@ class CudaBackend final : public Backend {
     stream_->device = device;
     check(cudaStreamCreateWithFlags(&stream_->stream, cudaStreamNonBlocking), "init", "cudaStreamCreateWithFlags");
     cuda::prepare_flash_attention();
-    gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_);
+    gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_, cuda::gemm_candidates_from_env());
   }
 
   ~CudaBackend() override;
@@ -295,7 +296,7 @@ class CudaBackend final : public Backend {
   void wait_gate(int gate) override;
   void close_gates() override;
   void open_gate(int gate) override;
-  std::vector<GateTimes> gate_timeline() override;
+  GateTimeline gate_timeline() override;
   void fork_side_queue() override;
   void on_side_queue(const std::function<void()>& fn) override;
   void join_side_queue() override;

@@ -8,9 +8,10 @@ namespace fluxswap::cuda {
 
 struct StepGates {
   int count = 0;
-  std::shared_ptr<void> flags;  // uint32 [count + 1]: each gate's round, then the current round
-  // uint64 [2 * (count + 1)]: device clock (ns) when the compute queue last passed each gate, then when each gate
-  // (and, last, the round: close_gates) was last set
+  // uint32 [count + 2]: each gate's round, then the current round, then a word gate_timeline's clock reading sets
+  std::shared_ptr<void> flags;
+  // uint64 [2 * (count + 1) + 1]: device clock (ns) when the compute queue last passed each gate, then when each gate
+  // (and the round: close_gates) was last set, then gate_timeline's clock reading
   std::shared_ptr<void> times;
   uint32_t round = 0;
   std::vector<std::shared_ptr<void>> retired;  // earlier flags, which recordings may still wait on
@@ -24,6 +25,8 @@ struct StepGates {
   uint32_t* word(int i) const { return static_cast<uint32_t*>(flags.get()) + i; }
   uint64_t* passed(int i) const { return static_cast<uint64_t*>(times.get()) + i; }
   uint64_t* set_at(int i) const { return static_cast<uint64_t*>(times.get()) + count + 1 + i; }
+  uint64_t* clock_reading() const { return static_cast<uint64_t*>(times.get()) + 2 * (count + 1); }
+  size_t time_slots() const { return size_t(2 * (count + 1) + 1); }
 };
 
 void CudaBackend::prepare_gates(int count) {
@@ -42,12 +45,12 @@ void CudaBackend::prepare_gates(int count) {
   if (gates_->count >= count) return;
   if (capturing_) bad(op, "gates must be prepared before recording");
   if (gates_->flags) gates_->retired.push_back(gates_->flags), gates_->retired.push_back(gates_->times);
-  gates_->flags = memory_.allocate(size_t(count + 1) * sizeof(uint32_t), "step gates");
-  gates_->times = memory_.allocate(size_t(2 * (count + 1)) * sizeof(uint64_t), "step gate times");
-  check(cudaMemsetAsync(gates_->times.get(), 0, size_t(2 * (count + 1)) * sizeof(uint64_t), stream()), op,
+  gates_->flags = memory_.allocate(size_t(count + 2) * sizeof(uint32_t), "step gates");
+  gates_->times = memory_.allocate(size_t(2 * (count + 1) + 1) * sizeof(uint64_t), "step gate times");
+  check(cudaMemsetAsync(gates_->times.get(), 0, size_t(2 * (count + 1) + 1) * sizeof(uint64_t), stream()), op,
         "cudaMemsetAsync");
   // Every gate at the current round: open.
-  std::vector<uint32_t> init(size_t(count + 1), gates_->round);
+  std::vector<uint32_t> init(size_t(count + 2), gates_->round);
   check(cudaMemcpyAsync(gates_->flags.get(), init.data(), init.size() * sizeof(uint32_t), cudaMemcpyHostToDevice,
                         stream()),
         op, "cudaMemcpyAsync");
@@ -75,17 +78,23 @@ void CudaBackend::open_gate(int gate) {
   launch_set_word(gates_->word(gate), gates_->round, gates_->set_at(gate), stream());
 }
 
-std::vector<Backend::GateTimes> CudaBackend::gate_timeline() {
+Backend::GateTimeline CudaBackend::gate_timeline() {
   if (!gates_ || !gates_->count) return {};
+  const int n = gates_->count;
+  // The device clock read on an idle device, and the host's right after: the offset between the two clocks.
   synchronize();
-  std::vector<uint64_t> t(size_t(2 * (gates_->count + 1)));
+  launch_set_word(gates_->word(n + 1), 0, gates_->clock_reading(), stream());
+  synchronize();
+  const auto read_at = std::chrono::steady_clock::now();
+  std::vector<uint64_t> t(gates_->time_slots());
   check(cudaMemcpy(t.data(), gates_->times.get(), t.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
         "gate_timeline", "cudaMemcpy");
-  const int n = gates_->count;
-  const uint64_t closed = t[size_t(2 * n + 1)];
+  const uint64_t closed = t[size_t(2 * n + 1)], read = t[size_t(2 * n + 2)];
   auto since = [&](uint64_t at) { return at > closed ? double(at - closed) * 1e-6 : -1.0; };
-  std::vector<GateTimes> out(static_cast<size_t>(n));
-  for (int g = 0; g < n; ++g) out[size_t(g)] = {since(t[size_t(n + 1 + g)]), since(t[size_t(g)])};
+  GateTimeline out;
+  out.gates.resize(size_t(n));
+  for (int g = 0; g < n; ++g) out.gates[size_t(g)] = {since(t[size_t(n + 1 + g)]), since(t[size_t(g)])};
+  out.closed_at = read_at - std::chrono::nanoseconds(read > closed ? int64_t(read - closed) : 0);
   return out;
 }
 
