@@ -49,13 +49,13 @@ for job in "$@"; do
     tune)
       for run in 1 2; do
         for cand in 1 8; do
-          FLUXSWAP_GEMM_CANDIDATES=$cand FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --no-profile \
+          FLUXSWAP_GEMM_CANDIDATES=$cand FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --no-profile --quality-steps 0 \
             --fp8 --fp8-fast-accum --fp8-attention --json "$OUT/tune-c$cand-r$run.json" > "$OUT/tune-c$cand-r$run.log" 2>&1
           echo "candidates $cand, run $run:"
           grep -E "ms/step|faster" "$OUT/tune-c$cand-r$run.log" | grep -v "^gemm" | cut -c1-220 | head -6
         done
       done
-      FLUXSWAP_GEMM_CANDIDATES=8 FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
+      FLUXSWAP_GEMM_CANDIDATES=8 FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --quality-steps 0 --fp8 --fp8-fast-accum \
         --fp8-attention --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora-tuned.json" \
         > "$OUT/fp8lora-tuned.log" 2>&1
       echo "fp8lora, candidates 8:"
