@@ -1,5 +1,6 @@
 #include "backend/cuda/cublaslt_linear.h"
 
+#include <algorithm>
 #include <string>
 
 #include "backend/cuda/cublaslt_autotune.h"
@@ -95,6 +96,9 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
   key.align_a = alignment_of(mm.a, mm.batch, mm.stride_a, 2);
   key.align_b = alignment_of(mm.b, mm.batch, mm.stride_b, 2);
   key.align_d = alignment_of(mm.d, mm.batch, mm.stride_d, mm.f32_out ? 4 : 2);
+  const void* c = mm.accumulate && mm.c ? mm.c : mm.d;
+  // (The preference's C alignment is D's: C's must be as good.)
+  key.align_d = std::min(key.align_d, alignment_of(c, mm.batch, mm.stride_d, mm.f32_out ? 4 : 2));
   key.align_bias = mm.bias ? alignment_of(mm.bias) : 0;
   if (key.lda < (mm.trans_a ? key.k : key.m) || key.ldb < key.k || key.ldd < key.m)
     fail(op, "cublasLtMatmul", "row strides smaller than the row widths");
@@ -104,19 +108,19 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   const float beta = mm.accumulate ? 1.0f : 0.0f;
   if (plan.candidates.size() > 1 && !capturing) {
-    // Timed into a scratch output (with accumulate, onto whatever it holds: the time does not depend on it).
+    // Timed into a scratch output (accumulating in place: onto whatever it holds; the time does not depend on it).
     const size_t element = mm.f32_out ? 4 : 2;
     const size_t bytes = size_t((mm.batch - 1) * mm.stride_d + mm.ldd * mm.n) * element;
     const GemmTuning t = time_candidates(plan.candidates, bytes, memory_, stream, [&](const cublasLtMatmulAlgo_t& algo,
                                                                                        void* d) {
-      return cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, d, plan.d, d, plan.d,
-                            &algo, workspace_.get(), workspace_bytes_, stream);
+      return cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, c == mm.d ? d : c,
+                            plan.d, d, plan.d, &algo, workspace_.get(), workspace_bytes_, stream);
     });
     log_gemm_tuning(op, mm.m, mm.n, mm.k, t);
     plan.algo = plan.candidates[t.chosen];
     plan.candidates = {plan.algo};
   }
-  check(cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, mm.d, plan.d, mm.d, plan.d,
+  check(cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, c, plan.d, mm.d, plan.d,
                        &plan.algo, workspace_.get(), workspace_bytes_, stream),
         op, "cublasLtMatmul");
 }

@@ -26,7 +26,8 @@ struct GemmRows {
 };
 
 // One product in cuBLASLt's column-major terms, over `batch` matrices at the given strides (elements):
-//   D[m, n] = alpha * op(A)[m, k] * B[k, n] (+ D when accumulate), then the epilogue (bias [m], GELU).
+//   D[m, n] = alpha * op(A)[m, k] * B[k, n] (+ C when accumulate), then the epilogue (bias [m], GELU).
+// C is D unless `c` is given: a matrix of D's layout read in its place, so a sum onto another matrix needs no copy.
 // A is stored [k, m] when trans_a (op(A) = A^T), else [m, k]; B is stored [k, n]. A and B are bf16; D is bf16, or
 // float32 when f32_out (no epilogue then). With accumulate the epilogue sees the sum: act(alpha A B + D + bias).
 struct Matmul {
@@ -38,6 +39,7 @@ struct Matmul {
   int64_t ldb = 0, stride_b = 0;
   void* d = nullptr;
   int64_t ldd = 0, stride_d = 0;
+  const void* c = nullptr;
   bool f32_out = false, accumulate = false;
   float alpha = 1.0f;
   GemmEpilogue epilogue = GemmEpilogue::None;

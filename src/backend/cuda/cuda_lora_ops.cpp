@@ -79,10 +79,12 @@ void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor&
     bad(op, shape_str(base.shape()) + " + " + shape_str(up.shape()) + " @ " + shape_str(down.shape()) + " -> " +
                 shape_str(out.shape()));
   timed(op, [&] {
-    if (base.data() != out.data())
-      check(cudaMemcpyAsync(out.data(), base.data(), out.nbytes(), cudaMemcpyDeviceToDevice, stream()), op,
-            "cudaMemcpyAsync");
-    if (R == 0 || M * K == 0) return;
+    if (R == 0 || M * K == 0) {
+      if (base.data() != out.data())
+        check(cudaMemcpyAsync(out.data(), base.data(), out.nbytes(), cudaMemcpyDeviceToDevice, stream()), op,
+              "cudaMemcpyAsync");
+      return;
+    }
     // Row-major out[M, K] += up[M, R] down[R, K] is column-major out^T[K, M] += down^T up^T, with down^T and up^T
     // being down and up read column-major.
     Matmul mm;
@@ -90,6 +92,7 @@ void CudaBackend::add_matmul(const Tensor& base, const Tensor& up, const Tensor&
     mm.a = down.data(), mm.lda = K;
     mm.b = up.data(), mm.ldb = R;
     mm.d = out.data(), mm.ldd = K;
+    mm.c = base.data();  // out = base + alpha up down in one pass: base is read where out would be
     mm.accumulate = true;
     mm.alpha = alpha;
     gemm_->matmul(mm, capturing_, stream(), op);
