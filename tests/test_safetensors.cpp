@@ -396,6 +396,13 @@ TEST(Safetensors, DuplicateField) {
       "bad.safetensors: ", "tensor 'w'", "field 'dtype'", "more than once");
 }
 
+TEST(Safetensors, DuplicateKeyDeepInMetadataAndNesting) {
+  // Duplicates below the entries and nesting past 16 levels go the checking parser's way too.
+  EXPECT_ERROR(parse("{\"__metadata__\": {\"k\": {\"a\": 1, \"a\": 2}}}"), "'a'", "more than once");
+  EXPECT_ERROR(parse("{\"w\": " + std::string(17, '[') + std::string(17, ']') + "}"), "nests deeper than 16");
+  EXPECT_ERROR(parse("{\"w\": [1, 2"), "not valid JSON");
+}
+
 TEST(Safetensors, EntryNotAnObject) {
   EXPECT_ERROR(parse("{\"w\": [1, 2]}"), "bad.safetensors: tensor 'w'", "an array", "expected an object");
 }
