@@ -9,8 +9,6 @@
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
-#   tune       GEMM algorithms timed among cuBLASLt's first 8 (FLUXSWAP_GEMM_CANDIDATES=8) against the heuristic's
-#              first: bf16, FP8 and FP8 + FP8 attention steps, alternating runs (A B A B), then fp8lora tuned
 set -uo pipefail
 source .device/env.sh
 OUT=${OUT:-/tmp/out}
@@ -46,20 +44,6 @@ for job in "$@"; do
       fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
         --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
-    tune)
-      for run in 1 2; do
-        for cand in 1 8; do
-          FLUXSWAP_GEMM_CANDIDATES=$cand FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --no-profile --quality-steps 0 \
-            --fp8 --fp8-fast-accum --fp8-attention --json "$OUT/tune-c$cand-r$run.json" > "$OUT/tune-c$cand-r$run.log" 2>&1
-          echo "candidates $cand, run $run:"
-          grep -E "ms/step|faster" "$OUT/tune-c$cand-r$run.log" | grep -v "^gemm" | cut -c1-220 | head -6
-        done
-      done
-      FLUXSWAP_GEMM_CANDIDATES=8 FLUXSWAP_GEMM_TUNE_LOG=1 fluxswap bench --sizes 1024 --steps 20 --quality-steps 0 --fp8 --fp8-fast-accum \
-        --fp8-attention --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora-tuned.json" \
-        > "$OUT/fp8lora-tuned.log" 2>&1
-      echo "fp8lora, candidates 8:"
-      grep -E "ms/step|swap from" "$OUT/fp8lora-tuned.log" | grep -v "^gemm" | cut -c1-220 | head -12 ;;
     *) echo "unknown job $job" ;;
   esac
   summary+=("$job: $(( $(date +%s) - start )) s")

@@ -99,6 +99,13 @@ struct LtMatmulObjects {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (op) cublasLtMatmulDescDestroy(op);
   }
+
+  // C is always D (accumulation in place, or beta 0), so one layout serves both. The status is returned, not
+  // checked: the FP8 planner treats some failures as "no algorithm".
+  cublasStatus_t heuristic(cublasLtHandle_t handle, const LtPreference& pref, cublasLtMatmulHeuristicResult_t& result,
+                           int& found) const {
+    return cublasLtMatmulAlgoGetHeuristic(handle, op, a, b, d, d, pref.get(), 1, &result, &found);
+  }
 };
 
 }  // namespace fluxswap::cuda

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <string>
 
-#include "backend/cuda/cublaslt_autotune.h"
 #include "backend/cuda/cublaslt_common.h"
 #include "backend/cuda/cuda_check.h"
 
@@ -11,11 +10,9 @@ namespace fluxswap::cuda {
 
 struct CublasLtLinear::Plan : LtMatmulObjects {
   cublasLtMatmulAlgo_t algo{};
-  std::vector<cublasLtMatmulAlgo_t> candidates;  // more than one: timed on the first eager run (cublaslt_autotune.h)
 };
 
-CublasLtLinear::CublasLtLinear(DeviceMemory& memory, int candidates)
-    : memory_(memory), workspace_bytes_(kCublasLtWorkspaceBytes), candidates_(candidates) {
+CublasLtLinear::CublasLtLinear(DeviceMemory& memory) : memory_(memory), workspace_bytes_(kCublasLtWorkspaceBytes) {
   check(cublasLtCreate(&handle_), "linear", "cublasLtCreate");
   workspace_ = memory.allocate(workspace_bytes_, "linear workspace");
 }
@@ -69,14 +66,15 @@ CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias,
   if (bias)
     check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-  check(heuristic_candidates(handle_, *plan, pref, candidates_, plan->candidates), op,
-        "cublasLtMatmulAlgoGetHeuristic");
-  if (plan->candidates.empty())
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  check(plan->heuristic(handle_, pref, result, found), op, "cublasLtMatmulAlgoGetHeuristic");
+  if (found == 0)
     fail(op, "cublasLtMatmulAlgoGetHeuristic",
          "no algorithm for m " + std::to_string(key.m) + ", n " + std::to_string(key.n) + ", k " +
              std::to_string(key.k) + ", lda " + std::to_string(key.lda) + ", ldb " + std::to_string(key.ldb) +
              ", ldd " + std::to_string(key.ldd));
-  plan->algo = plan->candidates.front();
+  plan->algo = result.algo;
   return *plans_.emplace(key, std::move(plan)).first->second;
 }
 
@@ -107,19 +105,6 @@ void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t strea
     check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   const float beta = mm.accumulate ? 1.0f : 0.0f;
-  if (plan.candidates.size() > 1 && !capturing) {
-    // Timed into a scratch output (accumulating in place: onto whatever it holds; the time does not depend on it).
-    const size_t element = mm.f32_out ? 4 : 2;
-    const size_t bytes = size_t((mm.batch - 1) * mm.stride_d + mm.ldd * mm.n) * element;
-    const GemmTuning t = time_candidates(plan.candidates, bytes, memory_, stream, [&](const cublasLtMatmulAlgo_t& algo,
-                                                                                       void* d) {
-      return cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, c == mm.d ? d : c,
-                            plan.d, d, plan.d, &algo, workspace_.get(), workspace_bytes_, stream);
-    });
-    log_gemm_tuning(op, mm.m, mm.n, mm.k, t);
-    plan.algo = plan.candidates[t.chosen];
-    plan.candidates = {plan.algo};
-  }
   check(cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, c, plan.d, mm.d, plan.d,
                        &plan.algo, workspace_.get(), workspace_bytes_, stream),
         op, "cublasLtMatmul");

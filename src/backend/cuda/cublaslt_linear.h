@@ -4,8 +4,8 @@
 // dimensions are the row strides and column slices of wider buffers need no copies. The same plans serve the
 // general products the LoRA and attention ops need (matmul()), and an accumulating form (D += ...) of both.
 //
-// The plan (descriptors, algorithm: the heuristic's, or the fastest of its first few) for each shape, stride, alignment
-// and epilogue is made on its first use and cached; the 32 MiB workspace is allocated once. Making a plan while a CUDA graph is being captured is an
+// The plan (descriptors, heuristic algorithm) for each shape, stride, alignment and epilogue is made on its first
+// use and cached; the 32 MiB workspace is allocated once. Making a plan while a CUDA graph is being captured is an
 // error: run the work once eagerly first.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -48,9 +48,7 @@ struct Matmul {
 
 class CublasLtLinear {
  public:
-  // `candidates` > 1: each plan's algorithm is the fastest of the heuristic's first `candidates` answers, timed on
-  // its first eager run (cublaslt_autotune.h); 1: the heuristic's first answer.
-  explicit CublasLtLinear(DeviceMemory& memory, int candidates = 1);
+  explicit CublasLtLinear(DeviceMemory& memory);
   ~CublasLtLinear();
   CublasLtLinear(const CublasLtLinear&) = delete;
   CublasLtLinear& operator=(const CublasLtLinear&) = delete;
@@ -83,7 +81,6 @@ class CublasLtLinear {
   std::map<Key, std::unique_ptr<Plan>> plans_;
   std::vector<std::shared_ptr<void>> scratch_;  // the last one is the largest
   size_t scratch_bytes_ = 0;
-  int candidates_;
 };
 
 }  // namespace fluxswap::cuda

@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "backend/cuda/cublaslt_autotune.h"
 #include "backend/cuda/cublaslt_linear.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/cudnn_attention.h"
@@ -146,7 +145,7 @@ class CudaBackend final : public Backend {
     stream_->device = device;
     check(cudaStreamCreateWithFlags(&stream_->stream, cudaStreamNonBlocking), "init", "cudaStreamCreateWithFlags");
     cuda::prepare_flash_attention();
-    gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_, cuda::gemm_candidates_from_env());
+    gemm_ = std::make_unique<cuda::CublasLtLinear>(memory_);
   }
 
   ~CudaBackend() override;
@@ -296,7 +295,7 @@ class CudaBackend final : public Backend {
   void wait_gate(int gate) override;
   void close_gates() override;
   void open_gate(int gate) override;
-  GateTimeline gate_timeline() override;
+  std::vector<GateTimes> gate_timeline() override;
   void fork_side_queue() override;
   void on_side_queue(const std::function<void()>& fn) override;
   void join_side_queue() override;

@@ -6,7 +6,6 @@
 #include <string>
 #include <unordered_map>
 
-#include "backend/cuda/cublaslt_autotune.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/fp8_gemv.h"
 #include "backend/cuda/fp8_quant_kernels.h"
@@ -85,7 +84,6 @@ CublasLtFp8Linear& fp8_gemm(std::unique_ptr<CublasLtFp8Linear>& fp8, DeviceMemor
     if (capturing) bad(op, "the first FP8 linear must run before recording");
     Fp8LinearOptions options;
     options.fast_accum = fast_accum;
-    options.candidates = gemm_candidates_from_env();
     fp8 = std::make_unique<CublasLtFp8Linear>(memory, options);
   }
   return *fp8;

@@ -2,7 +2,6 @@
 
 #include <string>
 
-#include "backend/cuda/cublaslt_autotune.h"
 #include "backend/cuda/cublaslt_common.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/fp8_quant_kernels.h"
@@ -68,10 +67,9 @@ struct CublasLtFp8Linear::Plan : LtMatmulObjects {
   Fp8GemmPath path = Fp8GemmPath::Fallback;
   bool confirmed = false;  // a cublasLtMatmul with it has succeeded
   cublasLtMatmulAlgo_t algo{};
-  std::vector<cublasLtMatmulAlgo_t> candidates;  // more than one: timed before its first product (cublaslt_autotune.h)
 };
 
-CublasLtFp8Linear::CublasLtFp8Linear(DeviceMemory& memory, Options options) : options_(options), memory_(&memory) {
+CublasLtFp8Linear::CublasLtFp8Linear(DeviceMemory& memory, Options options) : options_(options) {
   require_fp8(current_device());
   check(cublasLtCreate(&handle_), "linear_fp8", "cublasLtCreate");
   own_handle_ = true;
@@ -141,14 +139,13 @@ std::unique_ptr<CublasLtFp8Linear::Plan> CublasLtFp8Linear::make_plan(const Key&
   const LtPreference pref(workspace_bytes_, uint32_t(key.align_w), uint32_t(key.align_x), uint32_t(key.align_y), op,
                           "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
 
-  // (Timing needs scratch memory: a borrowed workspace comes without it.)
-  const int count = memory_ ? options_.candidates : 1;
-  const cublasStatus_t status = heuristic_candidates(handle_, *plan, pref, count, plan->candidates);
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status = plan->heuristic(handle_, pref, result, found);
   // An unsupported scale mode or type combination may be reported as a status instead of zero results.
-  if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE || plan->candidates.empty())
-    return nullptr;
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE || found == 0) return nullptr;
   check(status, op, "cublasLtMatmulAlgoGetHeuristic");
-  plan->algo = plan->candidates.front();
+  plan->algo = result.algo;
   return plan;
 }
 
@@ -215,16 +212,6 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
     }
     if (plan.path == Fp8GemmPath::OuterVec && bias)
       set(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, op, "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
-    if (plan.candidates.size() > 1 && !capturing) {
-      const GemmTuning t = time_candidates(
-          plan.candidates, size_t(ldy * T) * 2, *memory_, stream, [&](const cublasLtMatmulAlgo_t& algo, void* d) {
-            return cublasLtMatmul(handle_, plan.op, &alpha, w.q, plan.a, x.q, plan.b, &beta, d, plan.d, d, plan.d,
-                                  &algo, workspace_, workspace_bytes_, stream);
-          });
-      log_gemm_tuning(op, nout, T, K, t);
-      plan.algo = plan.candidates[t.chosen];
-      plan.candidates = {plan.algo};
-    }
     const cublasStatus_t status = cublasLtMatmul(handle_, plan.op, &alpha, w.q, plan.a, x.q, plan.b, &beta, y, plan.d,
                                                  y, plan.d, &plan.algo, workspace_, workspace_bytes_, stream);
     if (status == CUBLAS_STATUS_SUCCESS) {

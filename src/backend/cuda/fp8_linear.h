@@ -46,9 +46,6 @@ struct Fp8LinearOptions {
   // CUBLASLT_MATMUL_DESC_FAST_ACCUM: Hopper keeps partial sums in the tensor cores' reduced-precision accumulator
   // instead of promoting them to float32 periodically. Faster, less accurate over long K.
   bool fast_accum = false;
-  // > 1: each plan's algorithm is the fastest of the heuristic's first `candidates` answers, timed before its first
-  // product (cublaslt_autotune.h; needs the constructor that takes DeviceMemory); 1: the heuristic's first answer.
-  int candidates = 1;
 };
 
 enum class Fp8GemmPath { OuterVec, OuterVecThenEpilogue, Fallback };
@@ -90,7 +87,6 @@ class CublasLtFp8Linear {
   std::unique_ptr<Plan> first_plan(const Key& key, Fp8GemmPath from, const Pointers& ptr, const char* op);
 
   Options options_;
-  DeviceMemory* memory_ = nullptr;  // for timing candidates; null with a borrowed workspace
   cublasLtHandle_t handle_ = nullptr;
   bool own_handle_ = false;
   std::shared_ptr<void> own_workspace_;
