@@ -295,7 +295,7 @@ class CudaBackend final : public Backend {
   void wait_gate(int gate) override;
   void close_gates() override;
   void open_gate(int gate) override;
-  std::vector<GateTimes> gate_timeline() override;
+  GateTimeline gate_timeline() override;
   void fork_side_queue() override;
   void on_side_queue(const std::function<void()>& fn) override;
   void join_side_queue() override;
