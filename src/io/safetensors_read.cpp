@@ -205,8 +205,10 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
   const uint64_t data_begin = 8 + header, data_size = f->size_ - data_begin;
   const uint64_t chunk = options.chunk_bytes ? options.chunk_bytes : env_or("FLUXSWAP_READ_CHUNK_MB", 1) << 20;
   const uint64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const uint64_t threads =
-      options.threads ? options.threads : env_or("FLUXSWAP_READ_THREADS", std::min<uint64_t>(16, cores));
+  // One core is left to the caller, which parses the file's contents (a LoRA's key mapping) and plans the upload
+  // while the readers run: with every core reading, that work took twice as long and delayed a swap by as much.
+  const uint64_t threads = options.threads ? options.threads
+                                           : env_or("FLUXSWAP_READ_THREADS", std::clamp<uint64_t>(cores - 1, 1, 16));
   auto bg = std::make_shared<BackgroundRead>(fd.release(), path, bytes + data_begin, data_begin, data_size, chunk,
                                              f->entries_, options.before_chunk);
   bg->started = started;
