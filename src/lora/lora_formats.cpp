@@ -303,7 +303,8 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
     throw Error(path + ": no LoRA tensors: none of its " + std::to_string(keys.size()) + " keys contains 'lora'" +
                 (keys.empty() ? "" : " (first: '" + keys.front() + "')") + "; expected a LoRA file");
 
-  const LoraKeyMapper mapper(config);
+  const std::shared_ptr<const LoraKeyMapper> mapper_owner = LoraKeyMapper::for_config(config);
+  const LoraKeyMapper& mapper = *mapper_owner;
   LoraAdapter adapter;
   adapter.path = path;
   adapter.metadata = file.metadata();

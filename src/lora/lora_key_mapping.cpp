@@ -1,6 +1,7 @@
 #include "lora/lora_key_mapping.h"
 
 #include <algorithm>
+#include <mutex>
 #include <string_view>
 
 #include "core/error.h"
@@ -30,6 +31,16 @@ const char* lora_format_name(LoraFormat f) {
     case LoraFormat::FalKontext: return "fal-kontext";
   }
   return "?";
+}
+
+std::shared_ptr<const LoraKeyMapper> LoraKeyMapper::for_config(const FluxConfig& config) {
+  static std::mutex mutex;
+  static std::map<std::string, std::shared_ptr<const LoraKeyMapper>> made;  // by the config's JSON
+  const std::string key = config.to_json();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& m = made[key];
+  if (!m) m = std::make_shared<const LoraKeyMapper>(config);
+  return m;
 }
 
 LoraKeyMapper::LoraKeyMapper(const FluxConfig& config) : inner_dim_(config.inner_dim()) {

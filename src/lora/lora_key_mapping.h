@@ -4,6 +4,7 @@
 // rewritten by string substitution, so an underscore-joined kohya name can only resolve to a module that exists.
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -41,6 +42,8 @@ struct LoraTarget {
 class LoraKeyMapper {
  public:
   explicit LoraKeyMapper(const FluxConfig& config);
+  // One per architecture, made once (~1 ms of tables) and shared: every LoRA parse of a swap needs it. Thread-safe.
+  static std::shared_ptr<const LoraKeyMapper> for_config(const FluxConfig& config);
 
   // The target of the key stem `stem` (the key without its `.lora_down.weight`-style suffix) in a file of
   // `format`; nullopt when the stem names no module of this model in that naming.
