@@ -9,7 +9,7 @@ OUT=build-fuzz
 mkdir -p "$OUT/corpus"
 
 "$CXX" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-  -Isrc src/io/safetensors.cpp src/core/dtype.cpp src/core/tensor.cpp fuzz/safetensors_fuzz.cpp \
+  -Isrc src/io/safetensors.cpp src/io/safetensors_header_fast.cpp src/core/dtype.cpp src/core/tensor.cpp fuzz/safetensors_fuzz.cpp \
   -o "$OUT/safetensors_fuzz"
 
 # Small valid files, written with struct/json only (no numpy here).

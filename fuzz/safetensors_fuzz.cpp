@@ -1,13 +1,20 @@
 // libFuzzer target for the safetensors reader: any byte string must either parse into a file whose every
 // tensor can be read, or fail with fluxswap::Error. Anything else (crash, sanitizer report, other exception)
-// is a bug. A parsed file must also survive a write/read round trip unchanged.
+// is a bug. A parsed file must also survive a write/read round trip unchanged. The header's two parsers
+// (io/safetensors_header.h) must agree on every input: the fast one accepts exactly what the checked one accepts, and
+// reads it the same way.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "io/safetensors_header.h"
 
 using namespace fluxswap;
 
@@ -25,9 +32,38 @@ void check(bool ok) {
   if (!ok) std::abort();
 }
 
+// Both header parsers on the bytes after the 8-byte length (taken as the header whole, the rest as the data region).
+void compare_header_parsers(const uint8_t* data, size_t size) {
+  if (size < 8) return;
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
+  if (n > size - 8) return;
+  const std::string_view header(reinterpret_cast<const char*>(data + 8), size_t(n));
+  const uint64_t data_size = size - 8 - n;
+  std::vector<SafetensorsEntry> fast, checked;
+  std::map<std::string, std::string> fast_meta, checked_meta;
+  const bool fast_ok = parse_header_fast(header, data_size, fast, fast_meta);
+  bool checked_ok = true;
+  try {
+    parse_header_checked(header, "fuzz", data_size, checked, checked_meta);
+  } catch (const Error&) {
+    checked_ok = false;
+  }
+  check(fast_ok == checked_ok);
+  if (!fast_ok) return;
+  auto by_name = [](const SafetensorsEntry& a, const SafetensorsEntry& b) { return a.name < b.name; };
+  std::sort(fast.begin(), fast.end(), by_name);
+  std::sort(checked.begin(), checked.end(), by_name);
+  check(fast.size() == checked.size() && fast_meta == checked_meta);
+  for (size_t i = 0; i < fast.size(); ++i)
+    check(fast[i].name == checked[i].name && fast[i].dtype == checked[i].dtype && fast[i].shape == checked[i].shape &&
+          fast[i].begin == checked[i].begin && fast[i].end == checked[i].end);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  compare_header_parsers(data, size);
   std::shared_ptr<SafetensorsFile> f;
   try {
     f = SafetensorsFile::from_bytes(std::string(reinterpret_cast<const char*>(data), size), "fuzz");

@@ -22,6 +22,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "io/safetensors_header.h"
 
 namespace fluxswap {
 
@@ -100,47 +101,9 @@ std::string json_type(const json& j) {
   return std::string("a ") + j.type_name();
 }
 
-// Counts object keys and stops (returns false) at a syntax error or nesting deeper than kMaxJsonDepth: the first
-// pass of parse_json_strict's fast path.
-struct JsonKeyCount : json::json_sax_t {
-  size_t keys = 0, depth = 0;
-  bool open() { return ++depth <= kMaxJsonDepth; }
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
-  bool start_object(std::size_t) override { return open(); }
-  bool key(string_t&) override { return ++keys, true; }
-  bool end_object() override { return --depth, true; }
-  bool start_array(std::size_t) override { return open(); }
-  bool end_array() override { return --depth, true; }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
-};
-
-// The keys of every object in `j` (nesting already bounded by JsonKeyCount).
-size_t count_object_keys(const json& j) {
-  size_t n = j.is_object() ? j.size() : 0;
-  if (j.is_structured())
-    for (const json& v : j) n += count_object_keys(v);
-  return n;
-}
-
 // Parses JSON, rejecting duplicate object keys (nlohmann keeps the last silently) and absurd nesting.
 // `tensor_header` picks the wording: a safetensors header (tensor names) or an index file (plain keys).
 json parse_json_strict(std::string_view text, const std::string& path, bool tensor_header) {
-  // Fast path (the header is parsed on every LoRA swap from a file): count the keys, parse plainly, and trust the
-  // document when no key was lost to a duplicate. Anything else goes through the checking parse below, which is
-  // ~3x slower but names what is wrong.
-  {
-    JsonKeyCount count;
-    if (json::sax_parse(text.begin(), text.end(), &count)) {
-      json root = json::parse(text.begin(), text.end(), nullptr, false);
-      if (!root.is_discarded() && count_object_keys(root) == count.keys) return root;
-    }
-  }
   const std::string doc = path + (tensor_header ? ": header" : "");
   std::vector<std::set<std::string>> keys_seen;  // one set per open object or array
   std::string top_key;
@@ -341,6 +304,24 @@ SafetensorsFile::~SafetensorsFile() {
   if (mapping_) ::munmap(mapping_, size_);
 }
 
+void parse_header_checked(std::string_view header, const std::string& p, uint64_t data_size,
+                          std::vector<SafetensorsEntry>& entries, std::map<std::string, std::string>& metadata) {
+  entries.clear();
+  metadata.clear();
+  const json root = parse_json_strict(header, p, true);
+  if (!root.is_object())
+    throw Error(p + ": header is " + json_type(root) +
+                ", expected a JSON object of tensor name -> {dtype, shape, data_offsets}");
+  for (const auto& [name, value] : root.items()) {
+    if (invalid_utf8_offset(name) != std::string_view::npos)  // \u escapes can't produce this, but be sure
+      throw Error(p + ": tensor name " + quote(name) + " is not valid UTF-8");
+    if (name == kMetadataKey)
+      metadata = parse_metadata(p, value);
+    else
+      entries.push_back(parse_entry(p + ": tensor " + quote(name) + ": ", name, value, data_size));
+  }
+}
+
 void SafetensorsFile::parse() {
   const std::string& p = path_;
   if (size_ < 8)
@@ -368,19 +349,9 @@ void SafetensorsFile::parse() {
                 "), expected UTF-8 tensor names and metadata");
   }
 
-  const json root = parse_json_strict(header, p, true);
-  if (!root.is_object())
-    throw Error(p + ": header is " + json_type(root) +
-                ", expected a JSON object of tensor name -> {dtype, shape, data_offsets}");
-
-  for (const auto& [name, value] : root.items()) {
-    if (invalid_utf8_offset(name) != std::string_view::npos)  // \u escapes can't produce this, but be sure
-      throw Error(p + ": tensor name " + quote(name) + " is not valid UTF-8");
-    if (name == kMetadataKey)
-      metadata_ = parse_metadata(p, value);
-    else
-      entries_.push_back(parse_entry(p + ": tensor " + quote(name) + ": ", name, value, data_size));
-  }
+  // The common well-formed header without a document; anything else through the checking parse, which names the
+  // fault.
+  if (!parse_header_fast(header, data_size, entries_, metadata_)) parse_header_checked(header, p, data_size, entries_, metadata_);
   check_layout(p, entries_, data_size);
   for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].name] = i;
 }
