@@ -288,12 +288,15 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
       if (s == 1) under_vs_blocking = max_rel_error(be.to_host_f32(out), out_b);
       const Backend::GateTimeline line = be.gate_timeline();
       const double closed_ms = std::chrono::duration<double, std::milli>(line.closed_at - t0).count();
-      nlohmann::json opened = nlohmann::json::array(), passed = nlohmann::json::array(), marks = nlohmann::json::object();
-      for (const Backend::GateTimes& g : line.gates)
-        opened.push_back(g.opened_ms < 0 ? -1.0 : closed_ms + g.opened_ms),
-            passed.push_back(g.passed_ms < 0 ? -1.0 : closed_ms + g.passed_ms);
-      std::vector<double> issued;
-      for (double ms : rep.gate_issued_ms) issued.push_back(ms < 0 ? -1.0 : started_ms + ms);
+      // (-1 stays "never".)
+      auto from = [](double origin, double ms) { return ms < 0 ? -1.0 : origin + ms; };
+      std::vector<double> opened, passed, issued;
+      for (const Backend::GateTimes& g : line.gates) {
+        opened.push_back(from(closed_ms, g.opened_ms));
+        passed.push_back(from(closed_ms, g.passed_ms));
+      }
+      for (double ms : rep.gate_issued_ms) issued.push_back(from(started_ms, ms));
+      nlohmann::json marks = nlohmann::json::object();
       for (const auto& [mark, ms] : rep.host_marks_ms) marks[mark] = started_ms + ms;
       gate_timelines.push_back({{"started_ms", started_ms}, {"pinned_alloc_ms", alloc_ms}, {"host_marks_ms", marks},
                                 {"returned_ms", returned_ms}, {"total_ms", under_ms.back()},
@@ -310,7 +313,7 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
         const size_t n = passed.size();
         for (size_t g : {size_t(0), size_t(1), size_t(2), size_t(5), size_t(10), n / 3, n / 2, 2 * n / 3, n - 2, n - 1})
           if (g < n && g < issued.size())
-            std::printf(" %zu: %.1f/%.1f/%.1f", g, issued[g], double(opened[g]), double(passed[g]));
+            std::printf(" %zu: %.1f/%.1f/%.1f", g, issued[g], opened[g], passed[g]);
         std::printf("\n");
       }
     }

@@ -351,7 +351,8 @@ void SafetensorsFile::parse() {
 
   // The common well-formed header without a document; anything else through the checking parse, which names the
   // fault.
-  if (!parse_header_fast(header, data_size, entries_, metadata_)) parse_header_checked(header, p, data_size, entries_, metadata_);
+  if (!parse_header_fast(header, data_size, entries_, metadata_))
+    parse_header_checked(header, p, data_size, entries_, metadata_);
   check_layout(p, entries_, data_size);
   for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].name] = i;
 }

@@ -51,14 +51,13 @@ class HeaderSax : public json::json_sax_t {
     return true;
   }
   bool number_unsigned(number_unsigned_t v) override {
-    if (entries.empty()) return false;
-    Raw& e = entries.back();
     if (at_ == At::Shape) {
       if (v > uint64_t(std::numeric_limits<int64_t>::max())) return false;
-      e.shape.push_back(int64_t(v));
+      entries.back().shape.push_back(int64_t(v));
       return true;
     }
-    if (at_ != At::Offsets || e.offset_count == 2) return false;
+    if (at_ != At::Offsets || entries.back().offset_count == 2) return false;
+    Raw& e = entries.back();
     e.offsets[e.offset_count++] = v;
     return true;
   }
@@ -71,7 +70,10 @@ class HeaderSax : public json::json_sax_t {
     return at_ = At::Entry, true;
   }
   bool end_object() override {
-    if (at_ == At::Entry) return entries.back().fields == 7u && entries.back().offset_count == 2 && (at_ = At::Top, true);
+    if (at_ == At::Entry) {
+      const Raw& e = entries.back();
+      return e.fields == 7u && e.offset_count == 2 && (at_ = At::Top, true);
+    }
     if (at_ == At::Metadata) return at_ = At::Top, true;
     if (at_ == At::Top) return at_ = At::Done, true;
     return false;
@@ -119,13 +121,10 @@ bool parse_header_fast(std::string_view header, uint64_t data_size, std::vector<
                        std::map<std::string, std::string>& metadata) {
   HeaderSax sax;
   if (!json::sax_parse(header.begin(), header.end(), &sax) || !sax.done()) return false;
-  // Duplicate tensor names (a repeated "__metadata__" was refused while parsing).
+  // Duplicate tensor names ("__metadata__" never becomes an entry; a second one was refused while parsing).
   std::vector<std::string_view> names;
   names.reserve(sax.entries.size());
-  for (const auto& e : sax.entries) {
-    if (e.name == kMetadataKey) return false;
-    names.push_back(e.name);
-  }
+  for (const auto& e : sax.entries) names.push_back(e.name);
   std::sort(names.begin(), names.end());
   if (std::adjacent_find(names.begin(), names.end()) != names.end()) return false;
   entries.resize(sax.entries.size());

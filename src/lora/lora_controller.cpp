@@ -385,12 +385,17 @@ void LoraController::apply_runtime(const std::map<std::string, ModuleStack>& sta
 
 void LoraController::slot_fill(const std::string& module, const PlacedPair& pp, const DeviceAdapter& d,
                                std::vector<Backend::ScaledCopy>& fill, std::vector<SlotRegion>& regions) {
-  const LoraPair& p = d.adapter->pairs[pp.pair];
-  const int64_t r = p.down.size(0), in = p.down.size(1);
-  regions.push_back({module, false, pp.rank_offset, r, 0, in});
-  fill.push_back({d.down[pp.pair], slot_region(regions.back()), 1.0f});
-  regions.push_back({module, true, p.row, p.rows, pp.rank_offset, r});
-  fill.push_back({d.up[pp.pair], slot_region(regions.back()), pp.alpha});
+  const auto [down, up] = slot_regions(module, pp, d.adapter->pairs[pp.pair]);
+  regions.push_back(down);
+  fill.push_back({d.down[pp.pair], slot_region(down), 1.0f});
+  regions.push_back(up);
+  fill.push_back({d.up[pp.pair], slot_region(up), pp.alpha});
+}
+
+std::pair<LoraController::SlotRegion, LoraController::SlotRegion> LoraController::slot_regions(
+    const std::string& module, const PlacedPair& pp, const LoraPair& p) {
+  const int64_t r = p.down.size(0);
+  return {{module, false, pp.rank_offset, r, 0, p.down.size(1)}, {module, true, p.row, p.rows, pp.rank_offset, r}};
 }
 
 Tensor LoraController::slot_region(const SlotRegion& r) {

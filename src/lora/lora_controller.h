@@ -62,7 +62,8 @@ class LoraController {
   // what set_adapters checks, issues launch_step() (the recorded step) while the files are still being read, then
   // uploads and fills the slots in the order the step reads them, opening each block's gate once its slots are
   // filled, so the step waits only where it overtakes the read. Returns once everything is issued and the files are
-  // in and checked (the step may still be running). A NaN/Inf or read error found after the step was launched
+  // in and checked (the step may still be running, unless an adapter beyond the cache's capacity was evicted: freeing
+  // its device memory waits for the step). A NaN/Inf or read error found after the step was launched
   // opens every gate, refills the previous adapters and throws: that step's output is not to be used. Other modes
   // and backends: set_adapters, then launch_step(). launch_step must only issue work (a graph replay), never wait
   // for it: the step waits for fills this call issues after it returns.
@@ -123,6 +124,9 @@ class LoraController {
     auto operator<=>(const SlotRegion&) const = default;
   };
   Tensor slot_region(const SlotRegion& r);
+  // The parts of `module`'s slot that pair p, placed as pp, fills: its down's rank rows and its up's rank columns.
+  static std::pair<SlotRegion, SlotRegion> slot_regions(const std::string& module, const PlacedPair& pp,
+                                                        const LoraPair& p);
   // The scaled copies that put pair pp (of adapter d, placed in `module`'s stack) into the module's slot.
   void slot_fill(const std::string& module, const PlacedPair& pp, const DeviceAdapter& d,
                  std::vector<Backend::ScaledCopy>& fill, std::vector<SlotRegion>& regions);

@@ -46,7 +46,9 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
   std::vector<bool> open(size_t(ranks), false);
   LoraApplyReport r;
   r.gate_issued_ms.assign(size_t(ranks), -1.0);
-  auto since_start = [&] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); };
+  auto since_start = [&] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
   auto open_gate = [&](int64_t rank) {
     be.scaled_copy_batch(fill[size_t(rank)]);
     be.open_gate(int(rank));
@@ -58,9 +60,9 @@ LoraApplyReport LoraController::swap_under_next_step(const std::vector<ActiveLor
   for (size_t a = 0; a < active.size(); ++a)
     for (size_t p = 0; p < targets[a].size(); ++p)
       for (const Target& t : targets[a][p]) {
-        const LoraPair& pair = active[a].adapter->pairs[t.pp->pair];
-        next.insert({*t.module, false, t.pp->rank_offset, pair.down.size(0), 0, pair.down.size(1)});
-        next.insert({*t.module, true, pair.row, pair.rows, t.pp->rank_offset, pair.down.size(0)});
+        const auto [down, up] = slot_regions(*t.module, *t.pp, active[a].adapter->pairs[t.pp->pair]);
+        next.insert(down);
+        next.insert(up);
       }
 
   // Every device allocation before the gates shut (place(), the fill's descriptor list): one while they are shut may
