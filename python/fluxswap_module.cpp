@@ -22,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "lora/clip_lora.h"
 #include "lora/lora_adapter.h"
 #include "lora/lora_controller.h"
 #include "lora/lora_stack.h"
@@ -99,7 +100,8 @@ class Engine {
       throw py::value_error("adapter name '" + name + "' is already in use; pass another adapter_name, or "
                             "hotswap=True to replace its weights");
     auto adapter = std::make_shared<const LoraAdapter>(load_lora_adapter(path, pipe_->transformer().config()));
-    if (adapter->pairs.empty()) throw Error(path + ": no transformer LoRA tensors: it would change nothing");
+    if (adapter->pairs.empty() && adapter->clip_pairs.empty())
+      throw Error(path + ": no LoRA tensors for the transformer or the CLIP text encoder: it would change nothing");
     AdapterMap adapters = adapters_;
     adapters[name] = adapter;
     std::vector<NamedWeight> active = active_;
@@ -160,10 +162,11 @@ class Engine {
     enabled_ = on;
   }
 
-  // Every adapter gone; the transformer is the base model again, bit for bit (both modes restore exactly).
+  // Every adapter gone; the transformer and CLIP are the base model again, bit for bit (both modes restore exactly).
   void unload() {
     std::lock_guard lock(mu_);
     lora_.reset();
+    pipe_->clip().set_lora({});
     adapters_.clear();
     active_.clear();
     order_.clear();
@@ -172,9 +175,16 @@ class Engine {
     enabled_ = true;
   }
 
-  std::vector<std::string> list_adapters() {
+  // Loaded adapter names (in load order) per component they change, as diffusers' get_list_adapters.
+  std::map<std::string, std::vector<std::string>> list_adapters() {
     std::lock_guard lock(mu_);
-    return order_;
+    std::map<std::string, std::vector<std::string>> out;
+    for (const auto& name : order_) {
+      const LoraAdapter& a = *adapters_.at(name);
+      if (!a.pairs.empty()) out["transformer"].push_back(name);
+      if (!a.clip_pairs.empty()) out["text_encoder"].push_back(name);
+    }
+    return out;
   }
   std::vector<std::pair<std::string, double>> active_adapters() {
     std::lock_guard lock(mu_);
@@ -267,20 +277,25 @@ class Engine {
     return s.empty() ? "none" : s;
   }
 
-  // Makes the transformer carry exactly `active` (weights x scale when fused). All-or-nothing: the adapters are
-  // validated against the model before anything changes; should the device fail half-way, no adapter stays
-  // active and the engine's own state is left as it was (the caller commits only after this returns).
+  // Makes the transformer and the CLIP text encoder carry exactly `active` (weights x scale when fused; CLIP's
+  // LoRAs always run beside its linears). All-or-nothing: the adapters are validated against the model before
+  // anything changes; should the device fail half-way, no adapter stays active on the transformer and the engine's
+  // own state is left as it was (the caller commits only after this returns).
   void apply(const std::vector<NamedWeight>& active, const AdapterMap& adapters, bool fused, double fuse_scale,
              bool enabled) {
     std::vector<ActiveLora> list;
     if (enabled)
       for (const auto& a : active) list.push_back({adapters.at(a.name), float(a.weight * (fused ? fuse_scale : 1.0))});
-    if (list.empty()) {
+    set_loras_with_clip(pipe_->clip(), list, [&] { apply_to_transformer(list, fused); });
+  }
+
+  void apply_to_transformer(const std::vector<ActiveLora>& list, bool fused) {
+    FluxTransformer& tr = pipe_->transformer();
+    const auto stacks = stack_loras(list, tr.config());  // throws Error naming adapter and module on a misfit
+    if (stacks.empty()) {
       lora_.reset();  // restores the base weights / removes the slots: the base model exactly
       return;
     }
-    FluxTransformer& tr = pipe_->transformer();
-    const auto stacks = stack_loras(list, tr.config());  // throws Error naming adapter and module on a misfit
 
     // Unfused adapters run in runtime slots (W x + up (down x), like diffusers' unfused PEFT layers), sized to the
     // stack; only a lora_B bias, which slots cannot hold, needs merged weights. Fused: merged.
@@ -306,6 +321,7 @@ class Engine {
       lora_->set_adapters(list);
     } catch (...) {
       lora_.reset();
+      pipe_->clip().set_lora({});
       active_.clear();
       throw;
     }

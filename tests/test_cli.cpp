@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <random>
 #include <set>
 
 #include "core/compare.h"
@@ -60,6 +61,34 @@ TEST(Cli, GenerateBatchWritesOneDifferentImagePerSample) {
   const Rgb8Image a = read_png(tmp / "fox-0.png"), b = read_png(tmp / "fox-1.png");
   EXPECT_EQ(a.pixels.size(), b.pixels.size());
   EXPECT_NE(a.pixels, b.pixels);
+}
+
+// A LoRA file with a CLIP (kohya lora_te1_) and a T5 (lora_te3_) part: CLIP's is applied and changes the image,
+// T5's is named in a warning, and none of it needs a transformer LoRA controller.
+TEST(Cli, GenerateAppliesAClipLoraAndWarnsAboutT5Keys) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const std::string fx = test::fixtures_dir() + "/tiny";
+  const int64_t hidden = 24, inter = 37;  // the tiny pipeline's CLIP (text_encoder/config.json)
+  Tensor down = Tensor::empty(DType::F32, {4, hidden}), up = Tensor::empty(DType::F32, {inter, 4});
+  std::mt19937 rng(5);
+  test::fill_normal(down, rng, 0.5f);
+  test::fill_normal(up, rng, 0.2f);
+  const std::string stem = "lora_te1_text_model_encoder_layers_1_mlp_fc1";
+  write_safetensors(tmp / "clip.safetensors", {{stem + ".lora_down.weight", down},
+                                               {stem + ".lora_up.weight", up},
+                                               {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", down}});
+  const std::string gen = "generate --device cpu --model " + fx + "/pipeline -p 'a red fox' --width 32 --height 32 "
+                          "--steps 2 --seed 7 ";
+  CommandResult r = run_fluxswap(gen + "--lora " + (tmp / "clip.safetensors") + " -o " + (tmp / "lora.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("0 LoRA tensors applied to 0 transformer layers"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2 to 1 CLIP text-encoder linears"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("warning  " + (tmp / "clip.safetensors") + ": 1 tensors not applied"), std::string::npos)
+      << r.output;
+  r = run_fluxswap(gen + "-o " + (tmp / "base.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(read_png(tmp / "lora.png").pixels, read_png(tmp / "base.png").pixels);
 }
 
 TEST(Cli, TransformerConformanceCommandReproducesTheGolden) {

@@ -22,9 +22,6 @@ using Tensors = std::vector<std::pair<std::string, Tensor>>;
 
 using test::error_of;
 
-#define EXPECT_HAS(msg, part) \
-  EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
-
 std::string lora_path(const std::string& dir, const std::string& name) {
   return test::fixtures_dir() + "/" + dir + "/lora_" + name + ".safetensors";
 }
@@ -60,11 +57,7 @@ std::string underscored(std::string s) {
   return s;
 }
 
-Tensor scalar(float v) {
-  Tensor t = Tensor::empty(DType::F32, {});
-  t.ptr<float>()[0] = v;
-  return t;
-}
+using test::scalar;
 
 Tensor& tensor_of(Tensors& ts, const std::string& key) {
   for (auto& [k, t] : ts)
@@ -339,7 +332,7 @@ TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
       {"te", "kohya",
        [&] {
          Tensors t = kohya;
-         t.emplace_back("lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", scalar(1));
+         t.emplace_back("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", scalar(1));
          t.emplace_back("lora_unet_double_blocks_0_img_attn_qkv.dora_scale", scalar(1));
          return t;
        }()},
@@ -350,7 +343,7 @@ TEST_F(LoraFormats, EveryNamingOfTheKohyaLoraGivesTheSamePairs) {
     const LoraAdapter a = load_lora_adapter(tmp / (name + ".safetensors"), config);
     EXPECT_EQ(a.format, format);
     expect_same_pairs(ref, a);
-    EXPECT_EQ(a.tensors_used + a.ignored_keys.size(), tensors.size());
+    EXPECT_EQ(a.tensors_used + a.clip_tensors_used + a.ignored_keys.size(), tensors.size());
   }
 }
 
@@ -570,19 +563,20 @@ TEST_F(LoraFormats, NoLoraTensorsAtAll) {
   EXPECT_HAS(msg, base + ": no LoRA tensors");
 }
 
-TEST_F(LoraFormats, TextEncoderOnlyFileParsesWithEveryKeyReportedAsIgnored) {
+TEST_F(LoraFormats, T5OnlyFileParsesWithEveryKeyReportedAsIgnored) {
   const Tensors te = {
-      {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", Tensor::zeros(DType::F32, {4, 24})},
-      {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", Tensor::zeros(DType::F32, {24, 4})},
-      {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha", scalar(4)},
+      {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", Tensor::zeros(DType::F32, {4, 24})},
+      {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight", Tensor::zeros(DType::F32, {24, 4})},
+      {"text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight",
+       Tensor::zeros(DType::F32, {24, 4})},
   };
   write_safetensors(path(), te);
   const LoraAdapter a = load_lora_adapter(path(), config);
-  EXPECT_EQ(a.format, "kohya");
   EXPECT_TRUE(a.pairs.empty());
-  EXPECT_EQ(a.tensors_used, 0u);
+  EXPECT_TRUE(a.clip_pairs.empty());
+  EXPECT_EQ(a.tensors_used + a.clip_tensors_used, 0u);
   ASSERT_EQ(a.ignored_keys.size(), 3u);
-  EXPECT_EQ(a.ignored_keys[0], te[2].first);  // sorted
+  EXPECT_EQ(a.ignored_keys[0], te[0].first);  // sorted
 }
 
 }  // namespace

@@ -26,9 +26,6 @@ namespace {
 
 using Model = test::FixtureTransformer;
 
-#define EXPECT_HAS(msg, part) \
-  EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
-
 std::shared_ptr<void> heap(size_t bytes) { return std::shared_ptr<void>(std::malloc(bytes), std::free); }
 
 using test::Gate;

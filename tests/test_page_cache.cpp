@@ -22,9 +22,6 @@ bool is_tmpfs(const std::string& dir) {
   return ::statfs(dir.c_str(), &fs) == 0 && fs.f_type == TMPFS_MAGIC;
 }
 
-#define EXPECT_HAS(msg, part) \
-  EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
-
 TEST(PageCache, ATmpfsFileIsResidentInFull) {
   if (!is_tmpfs("/dev/shm")) GTEST_SKIP() << "/dev/shm is not tmpfs here";
   ScratchFiles files;

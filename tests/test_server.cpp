@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -450,6 +451,38 @@ TEST_F(ServerHttp, BadRequestsGetAStatusAndAMessageThatSaysWhatIsWrong) {
   EXPECT_EQ(s.metric("fluxswap_http_errors_total{status=\"400\"}"), 6);
   EXPECT_EQ(s.metric("fluxswap_http_errors_total{status=\"413\"}"), 1);
   EXPECT_EQ(s.metric("fluxswap_http_errors_total{status=\"422\"}"), 1);
+}
+
+// A LoRA on CLIP alone is a LoRA like any other: it loads, changes the image, and one that does not fit this CLIP is
+// the request's problem (422, naming the key), leaving the server as it was.
+TEST_F(ServerHttp, ClipLorasApplyAndAMisfitIsA422) {
+  auto clip_lora = [&](const std::string& name, int layer) {
+    Tensor down = Tensor::empty(DType::F32, {4, 24}), up = Tensor::empty(DType::F32, {37, 4});  // tiny CLIP's fc1
+    std::mt19937 rng(9);
+    test::fill_normal(down, rng, 0.5f);
+    test::fill_normal(up, rng, 0.2f);
+    const std::string stem = "lora_te1_text_model_encoder_layers_" + std::to_string(layer) + "_mlp_fc1";
+    write_safetensors(loras_ / (name + ".safetensors"), {{stem + ".lora_down.weight", down}, {stem + ".lora_up.weight", up}});
+  };
+  clip_lora("clip_style", 0);
+  clip_lora("clip_misfit", 5);  // the tiny CLIP has 2 layers
+  Running s(options_);
+  const char* path = "/v1/images/generations";
+  Reply load = s.post("/v1/loras/load", json{{"name", "clip_style"}});
+  ASSERT_EQ(load.status, 200) << load.text;
+  EXPECT_EQ(load.body["pairs"], 0);
+  EXPECT_EQ(load.body["clip_pairs"], 1);
+  EXPECT_EQ(load.body["clip_tensors"], 2);
+
+  const std::string base = pngs_of(s.post(path, image_request(4))).at(0);
+  const std::string styled = pngs_of(s.post(path, image_request(4, json::array({lora("clip_style", 1.0)})))).at(0);
+  EXPECT_NE(styled, base);
+  Reply r = s.post(path, image_request(4, json::array({lora("lora_a_peft", 1.0), lora("clip_misfit", 1.0)})));
+  EXPECT_EQ(r.status, 422);
+  EXPECT_NE(error_message(r).find("lora_te1_text_model_encoder_layers_5_mlp_fc1"), std::string::npos)
+      << error_message(r);
+  EXPECT_EQ(pngs_of(s.post(path, image_request(4, json::array({lora("clip_style", 1.0)})))).at(0), styled);
+  EXPECT_EQ(pngs_of(s.post(path, image_request(4))).at(0), base);
 }
 
 TEST_F(ServerHttp, LoraEndpointsListAndPreloadAdapters) {

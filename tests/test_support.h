@@ -34,6 +34,10 @@ inline std::string fixtures_dir() {
 
 inline bool have_fixtures() { return std::filesystem::exists(fixtures_dir() + "/tiny/config.json"); }
 
+// An Error message (or any string) containing `part`, shown in full when it does not.
+#define EXPECT_HAS(msg, part) \
+  EXPECT_NE((msg).find(part), std::string::npos) << "missing \"" << (part) << "\" in: " << (msg)
+
 #define FLUXSWAP_REQUIRE_FIXTURES() \
   if (!::fluxswap::test::have_fixtures()) GTEST_SKIP() << "no fixtures at " << ::fluxswap::test::fixtures_dir()
 
@@ -44,6 +48,13 @@ inline bool same_bytes(const Tensor& a, const Tensor& b) {
 // The same dtype, shape and bytes (host tensors).
 inline bool same_bits(const Tensor& a, const Tensor& b) {
   return a.dtype() == b.dtype() && a.shape() == b.shape() && same_bytes(a, b);
+}
+
+// A float32 scalar (a LoRA `.alpha`).
+inline Tensor scalar(float v) {
+  Tensor t = Tensor::empty(DType::F32, {});
+  t.ptr<float>()[0] = v;
+  return t;
 }
 
 // Host float32 t filled with normal(mean, std) values.

@@ -279,9 +279,9 @@ class FluxPipeline:
         return dict(self._engine.active_adapters())
 
     def get_list_adapters(self) -> Dict[str, List[str]]:
-        """Loaded adapters per component, as diffusers returns them: {"transformer": [names in load order]}."""
-        names = self._engine.list_adapters()
-        return {"transformer": names} if names else {}
+        """Loaded adapters per component they change, as diffusers returns them:
+        {"transformer": [names in load order], "text_encoder": [those with CLIP LoRAs]}."""
+        return dict(self._engine.list_adapters())
 
     def delete_adapters(self, adapter_names: Union[str, Sequence[str]]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)

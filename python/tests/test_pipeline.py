@@ -48,6 +48,20 @@ def read_safetensors(path):
     return out, meta
 
 
+def write_safetensors(path, tensors):
+    """Writes float32 numpy arrays as a .safetensors file."""
+    header, blobs, offset = {}, [], 0
+    for key, a in tensors.items():
+        raw = np.ascontiguousarray(a, dtype="<f4").tobytes()
+        header[key] = {"dtype": "F32", "shape": list(np.shape(a)), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
 def rel_error(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -263,6 +277,32 @@ class _GoldenBase:
         np.testing.assert_array_equal(self.call().latents, base.latents)
         self.pipe.enable_lora()
         self.assertFalse(np.array_equal(self.call().latents, base.latents))
+
+    def test_clip_lora_changes_the_pooled_embedding_until_unloaded(self):
+        with open(os.path.join(self.dir, "pipeline", "text_encoder", "config.json")) as f:
+            cfg = json.load(f)
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        rng = np.random.default_rng(3)
+        stem = "lora_te1_text_model_encoder_layers_0_mlp_fc2"  # fc2: [hidden, intermediate]
+        prompt, length = self.meta["prompt0"], int(self.meta["max_sequence_length"])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "clip_style.safetensors")
+            write_safetensors(path, {stem + ".lora_down.weight": rng.normal(0, 0.5, (4, inter)),
+                                     stem + ".lora_up.weight": rng.normal(0, 0.1, (hidden, 4))})
+            _, base, _ = self.pipe.encode_prompt(prompt, length)
+            self.pipe.load_lora_weights(path)
+            self.assertEqual(self.pipe.get_list_adapters(), {"text_encoder": ["clip_style"]})
+            _, with_lora, _ = self.pipe.encode_prompt(prompt, length)
+            self.assertGreater(rel_error(with_lora, base), 1e-3)
+            self.pipe.unload_lora_weights()
+            np.testing.assert_array_equal(self.pipe.encode_prompt(prompt, length)[1], base)
+
+            wrong = os.path.join(tmp, "wrong.safetensors")  # a down one column too wide for fc2
+            write_safetensors(wrong, {stem + ".lora_down.weight": rng.normal(0, 0.5, (4, inter + 1)),
+                                      stem + ".lora_up.weight": rng.normal(0, 0.1, (hidden, 4))})
+            with self.assertRaisesRegex(fluxswap.Error, stem):
+                self.pipe.load_lora_weights(wrong)
+            self.assertEqual(self.pipe.get_list_adapters(), {})
 
     def test_errors(self):
         missing = os.path.join(self.dir, "no_such_lora.safetensors")

@@ -1,5 +1,6 @@
 // `fluxswap generate`: prompt(s) to PNG(s), with LoRAs, a progress line per step and a timing summary. Without
 // --model it takes FLUX.1 from the Hugging Face cache when present, else the tiny fixture pipeline (random weights).
+#include <algorithm>
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "lora/clip_lora.h"
 #include "lora/lora_argument.h"
 #include "lora/lora_controller.h"
 #include "pipeline/flux_pipeline.h"
@@ -92,19 +94,33 @@ void run(GenerateOptions& o) {
       std::printf("lora     the transformer checkpoint is FP8: LoRAs run in runtime mode\n");
       o.lora_mode = "runtime";
     }
-    lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(o.lora_mode), o.lora_max_rank);
     std::vector<ActiveLora> active;
     for (const auto& arg : o.loras) {
       LoraArgument a = parse_lora_argument(arg);
       auto adapter = std::make_shared<LoraAdapter>(
           load_lora_adapter(a.path, pipe->transformer().config(), backend->host_buffer_allocator()));
-      if (adapter->pairs.empty()) throw Error(a.path + ": no transformer LoRA tensors: it would change nothing");
+      if (adapter->pairs.empty() && adapter->clip_pairs.empty())
+        throw Error(a.path + ": no LoRA tensors for the transformer or the CLIP text encoder (" +
+                    std::to_string(adapter->ignored_keys.size()) + " T5 / DoRA-scale tensors, which are not " +
+                    "supported): it would change nothing");
+      if (!adapter->ignored_keys.empty())
+        std::printf("warning  %s: %zu tensors not applied (e.g. '%s'): T5 text-encoder LoRAs and DoRA scales are "
+                    "not supported\n",
+                    a.path.c_str(), adapter->ignored_keys.size(), adapter->ignored_keys.front().c_str());
       active.push_back({adapter, a.weight});
       lora_text += (lora_text.empty() ? "" : ", ") + fsys::path(a.path).stem().string() + ":" + std::to_string(a.weight);
     }
-    LoraApplyReport r = lora->set_adapters(active);
-    std::printf("lora     %zu LoRA tensors applied to %zu layers (%s mode) in %.1f ms\n", r.tensors, r.modules,
-                o.lora_mode.c_str(), r.seconds * 1e3);
+    // A LoRA on CLIP alone leaves the transformer without slots or base copies.
+    if (std::any_of(active.begin(), active.end(), [](const ActiveLora& a) { return !a.adapter->pairs.empty(); }))
+      lora = std::make_unique<LoraController>(pipe->transformer(), lora_mode_from_name(o.lora_mode), o.lora_max_rank);
+    LoraApplyReport r;
+    const ClipLoraReport clip = set_loras_with_clip(pipe->clip(), active, [&] {
+      if (lora) r = lora->set_adapters(active);
+    });
+    std::printf("lora     %zu LoRA tensors applied to %zu transformer layers (%s mode) in %.1f ms", r.tensors,
+                r.modules, o.lora_mode.c_str(), r.seconds * 1e3);
+    if (clip.pairs) std::printf("; %zu to %zu CLIP text-encoder linears", clip.tensors, clip.linears);
+    std::printf("\n");
   }
 
   GenerateParams p = o.params;

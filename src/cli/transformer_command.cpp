@@ -52,12 +52,14 @@ void run(const TransformerOptions& o) {
           std::make_shared<LoraAdapter>(load_lora_adapter(a.path, ck.config, backend->host_buffer_allocator()));
       std::printf("lora     %s: %s format, %zu LoRA tensors -> %zu low-rank updates, weight %g\n", a.path.c_str(),
                   adapter->format.c_str(), adapter->tensors_used, adapter->pairs.size(), double(a.weight));
+      const size_t skipped = adapter->clip_tensors_used + adapter->ignored_keys.size();
       if (adapter->pairs.empty())
-        throw Error(a.path + ": no transformer LoRA tensors (" + std::to_string(adapter->ignored_keys.size()) +
-                    " text-encoder tensors, which are not supported yet): it would change nothing");
-      if (!adapter->ignored_keys.empty())
-        std::printf("warning  %zu tensors not applied (e.g. '%s': text-encoder LoRA is not supported yet)\n",
-                    adapter->ignored_keys.size(), adapter->ignored_keys.front().c_str());
+        throw Error(a.path + ": no transformer LoRA tensors (" + std::to_string(skipped) +
+                    " text-encoder or DoRA-scale tensors, which this transformer-only command does not apply): it "
+                    "would change nothing");
+      if (skipped)
+        std::printf("warning  %zu text-encoder or DoRA-scale tensors not applied by this transformer-only command\n",
+                    skipped);
       active.push_back({adapter, a.weight});
     }
     LoraApplyReport r = lora->set_adapters(active);

@@ -32,8 +32,13 @@ struct LoraAdapter {
   std::string path;
   std::string format;  // "peft", "kohya", "comfyui", "xlabs", "onetrainer", "bfl-lora", "fal-kontext"
   std::vector<LoraPair> pairs;
-  size_t tensors_used = 0;                // file tensors that went into pairs
-  std::vector<std::string> ignored_keys;  // recognised but not applied (text-encoder LoRA, dora_scale): reported
+  size_t tensors_used = 0;  // file tensors that went into pairs
+  // LoRAs on the CLIP-L text encoder's linears. `module` is the transformers name
+  // ("text_model.encoder.layers.0.self_attn.q_proj"), rows [0, up rows): the CLIP model's fused layout and sizes
+  // are checked when they are applied (clip_lora.h), as the file alone does not give them.
+  std::vector<LoraPair> clip_pairs;
+  size_t clip_tensors_used = 0;
+  std::vector<std::string> ignored_keys;  // recognised but not applied (T5 text-encoder LoRA, dora_scale): reported
   std::map<std::string, std::string> metadata;
   // Set by start_loading_lora_adapter(): the file, which may still be arriving, and the keys whose values (NaN/Inf)
   // are checked once it is in. Null for an adapter parsed from a complete file (checked already).

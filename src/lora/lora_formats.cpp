@@ -16,6 +16,7 @@
 #include "model/flux_step_order.h"
 #include "lora/lora_key_mapping.h"
 #include "lora/lora_scaling.h"
+#include "lora/text_encoder_lora_keys.h"
 
 namespace fluxswap {
 
@@ -78,13 +79,10 @@ struct StemKeys {
   }
 };
 
-// Recognised but not applied yet: text-encoder LoRAs and LyCORIS DoRA scales. The caller reports them.
+// Recognised but not applied: LoRAs on T5 (diffusers drops them too) or another text encoder, and LyCORIS DoRA
+// scales. The caller reports them.
 bool is_ignored(const std::string& key) {
-  static constexpr std::string_view kTextEncoder[] = {"lora_te_",      "lora_te1_",       "lora_te2_",     "lora_te3_",
-                                                      "text_encoder.", "text_encoder_2.", "text_encoders."};
-  for (std::string_view p : kTextEncoder)
-    if (key.starts_with(p)) return true;
-  return key.ends_with(".dora_scale");
+  return text_encoder_of(key) == TextEncoderOf::Other || key.ends_with(".dora_scale");
 }
 
 // Tensors we recognise but cannot apply yet: never dropped, never mistaken for "unmatched".
@@ -143,7 +141,8 @@ std::string unmatched_error(const std::string& path, LoraFormat format, std::vec
   constexpr size_t kShown = 10;
   std::string msg = path + ": " + std::to_string(keys.size()) + " key(s) of this " + lora_format_name(format) +
                     "-format LoRA match no module of the FLUX transformer (" + std::to_string(config.num_layers) +
-                    " double, " + std::to_string(config.num_single_layers) + " single blocks): ";
+                    " double, " + std::to_string(config.num_single_layers) +
+                    " single blocks) or linear of the CLIP text encoder: ";
   for (size_t i = 0; i < keys.size() && i < kShown; ++i) msg += (i ? ", '" : "'") + keys[i] + "'";
   if (keys.size() > kShown) msg += ", ... (" + std::to_string(keys.size() - kShown) + " more)";
   return msg;
@@ -212,6 +211,21 @@ Tensor to_internal_rows(const SafetensorsFile& file, Tensor x, const LoraTarget&
     std::memcpy(static_cast<char*>(out.data()) + (b.row - t.row) * row_bytes,
                 static_cast<const char*>(x.data()) + b.src_row * row_bytes, size_t(b.rows * row_bytes));
   return out;
+}
+
+// A CLIP linear's LoRA: its sizes come from the file (the CLIP model checks them when it is applied), so the pair's
+// own shapes are what build_pair compares. Unset (0) where a tensor is missing or not 2-D: build_pair names that.
+LoraTarget clip_target(const SafetensorsFile& file, const std::string& module, const StemKeys& k) {
+  auto dim = [&](const std::string& key, size_t d) -> int64_t {
+    const SafetensorsEntry* e = key.empty() ? nullptr : file.find(key);
+    return e && e->shape.size() == 2 ? e->shape[d] : 0;
+  };
+  LoraTarget t;
+  t.module = t.diffusers_module = module;
+  t.rows = dim(k.up, 0);
+  t.in_features = dim(k.down, 1);
+  t.blocks = {{0, t.rows, 0}};
+  return t;
 }
 
 std::string module_rows(const LoraTarget& t) {
@@ -308,7 +322,7 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
   LoraAdapter adapter;
   adapter.path = path;
   adapter.metadata = file.metadata();
-  std::map<std::string, StemKeys> stems;
+  std::map<std::string, StemKeys> stems, clip_stems;
   std::vector<std::string> unmatched;
   for (const std::string& key : keys) {
     if (is_ignored(key)) {
@@ -322,7 +336,8 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
       continue;
     }
     const std::string stem = key.substr(0, key.size() - s->text.size());
-    std::string& slot = stems[stem].slot(s->role);
+    auto& by_stem = text_encoder_of(key) == TextEncoderOf::Clip ? clip_stems : stems;
+    std::string& slot = by_stem[stem].slot(s->role);
     if (!slot.empty())
       throw Error(path + ": '" + slot + "' and '" + key + "' are both the " + role_name(s->role) + " of '" + stem +
                   "', expected one");
@@ -339,12 +354,22 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
       for (const std::string& key : k.present()) unmatched.push_back(key);
     }
   }
+  std::vector<std::tuple<const std::string*, LoraTarget, LoraFormat>> clip_targets;
+  for (const auto& [stem, k] : clip_stems) {
+    if (auto c = clip_lora_stem(stem)) {
+      clip_targets.emplace_back(&stem, clip_target(file, c->module, k), c->peft ? LoraFormat::Peft : LoraFormat::Kohya);
+    } else {
+      for (const std::string& key : k.present()) unmatched.push_back(key);
+    }
+  }
   if (!unmatched.empty()) throw Error(unmatched_error(path, format, unmatched, config));
 
   const PeftScaling peft = format == LoraFormat::Peft ? PeftScaling::from_metadata(file) : PeftScaling{};
   std::vector<std::string> used;
   for (const auto& [stem, t] : targets)
     for (const std::string& key : stems.at(*stem).present()) used.push_back(key);
+  for (const auto& [stem, t, f] : clip_targets)
+    for (const std::string& key : clip_stems.at(*stem).present()) used.push_back(key);
   std::sort(used.begin(), used.end());
   if (file.complete()) {
     file.wait_until_read();  // a background read that is over: its findings, without a second scan
@@ -358,7 +383,17 @@ LoraAdapter parse_lora_adapter(const SafetensorsFile& file, const FluxConfig& co
     adapter.pairs.push_back(build_pair(file, *stem, k, t, format, peft));
     adapter.tensors_used += k.present().size();
   }
+  const PeftScaling clip_peft = clip_targets.empty() ? PeftScaling{} : PeftScaling::from_metadata(file, "text_encoder");
+  for (const auto& [stem, t, clip_format] : clip_targets) {
+    const StemKeys& k = clip_stems.at(*stem);
+    LoraPair p = build_pair(file, *stem, k, t, clip_format, clip_peft);
+    if (p.up_bias.defined())
+      throw Error(path + ": '" + k.up_bias + "': a bias on a text-encoder LoRA is not supported yet");
+    adapter.clip_pairs.push_back(std::move(p));
+    adapter.clip_tensors_used += k.present().size();
+  }
   check_no_overlap(path, adapter.pairs);
+  check_no_overlap(path, adapter.clip_pairs);
   return adapter;
 }
 

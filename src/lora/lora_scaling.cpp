@@ -16,13 +16,15 @@ using json = nlohmann::ordered_json;
 
 constexpr const char* kMetadataKey = "lora_adapter_metadata";
 
-// diffusers prefixes every LoraConfig field with the component name; accept an unprefixed dump too.
-const json* field(const json& config, const std::string& name) {
-  for (const std::string& key : {"transformer." + name, name}) {
+// diffusers prefixes every LoraConfig field with the component name; accept an unprefixed dump too, as the
+// transformer's (a file with text-encoder LoRAs names both components).
+const json* field(const json& config, const std::string& component, const std::string& name) {
+  auto find = [&](const std::string& key) -> const json* {
     auto it = config.find(key);
-    if (it != config.end() && !it->is_null()) return &*it;
-  }
-  return nullptr;
+    return it != config.end() && !it->is_null() ? &*it : nullptr;
+  };
+  if (const json* v = find(component + "." + name)) return v;
+  return component == "transformer" ? find(name) : nullptr;
 }
 
 template <typename T>
@@ -36,9 +38,10 @@ T typed(const json& value, const std::string& what, const std::string& path) {
 }
 
 template <typename T>
-std::vector<std::pair<std::string, T>> pattern(const json& config, const std::string& name, const std::string& path) {
+std::vector<std::pair<std::string, T>> pattern(const json& config, const std::string& component,
+                                               const std::string& name, const std::string& path) {
   std::vector<std::pair<std::string, T>> out;
-  const json* p = field(config, name);
+  const json* p = field(config, component, name);
   if (!p) return out;
   if (!p->is_object())
     throw Error(path + ": metadata '" + kMetadataKey + "': " + name + " is " + p->dump() +
@@ -63,7 +66,7 @@ std::optional<T> match(const std::vector<std::pair<std::string, T>>& patterns, c
 
 }  // namespace
 
-PeftScaling PeftScaling::from_metadata(const SafetensorsFile& file) {
+PeftScaling PeftScaling::from_metadata(const SafetensorsFile& file, const std::string& component) {
   PeftScaling s;
   auto it = file.metadata().find(kMetadataKey);
   if (it == file.metadata().end()) return s;
@@ -76,11 +79,11 @@ PeftScaling PeftScaling::from_metadata(const SafetensorsFile& file) {
   }
   if (!config.is_object()) throw Error(path + ": metadata '" + kMetadataKey + "' is not a JSON object");
   s.present = true;
-  if (const json* a = field(config, "lora_alpha")) s.alpha = typed<double>(*a, "lora_alpha", path);
-  if (const json* r = field(config, "r")) s.rank = typed<int64_t>(*r, "r", path);
-  if (const json* rs = field(config, "use_rslora")) s.rslora = typed<bool>(*rs, "use_rslora", path);
-  s.alpha_pattern = pattern<double>(config, "alpha_pattern", path);
-  s.rank_pattern = pattern<int64_t>(config, "rank_pattern", path);
+  if (const json* a = field(config, component, "lora_alpha")) s.alpha = typed<double>(*a, "lora_alpha", path);
+  if (const json* r = field(config, component, "r")) s.rank = typed<int64_t>(*r, "r", path);
+  if (const json* rs = field(config, component, "use_rslora")) s.rslora = typed<bool>(*rs, "use_rslora", path);
+  s.alpha_pattern = pattern<double>(config, component, "alpha_pattern", path);
+  s.rank_pattern = pattern<int64_t>(config, component, "rank_pattern", path);
   return s;
 }
 

@@ -24,8 +24,9 @@ struct PeftScaling {
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   bool rslora = false;  // s = alpha / sqrt(r)
 
-  // Throws Error naming the file if the metadata is not a JSON object or a field has the wrong type.
-  static PeftScaling from_metadata(const SafetensorsFile& file);
+  // The LoraConfig of `component` ("transformer", whose fields may also be unprefixed, or "text_encoder"). Throws
+  // Error naming the file if the metadata is not a JSON object or a field has the wrong type.
+  static PeftScaling from_metadata(const SafetensorsFile& file, const std::string& component = "transformer");
 };
 
 // The scale of one pair. `rank` = down's row count; `alpha` = the `.alpha` tensor's value when there is one;

@@ -1,5 +1,6 @@
 #include "model/clip_text_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -22,6 +23,8 @@ Activation parse_hidden_act(const std::string& name, const std::string& path) {
               "' is not supported (the backends compute quick_gelu, gelu_new and gelu_pytorch_tanh; exact erf "
               "'gelu' has no backend activation yet)");
 }
+
+constexpr const char* kLinearNames[] = {"fused q/k/v projection", "out_proj", "fc1", "fc2"};  // by ClipLinear
 
 }  // namespace
 
@@ -164,8 +167,10 @@ void ClipTextModel::encode(const Tensor& ids, const std::vector<int64_t>& eos_in
   Backend& be = backend_;
   const ClipTextWeights& w = weights_;
 
+  if (lora_rank_ > 0 && (!buf_.lora_scratch.defined() || buf_.lora_scratch.size(2) < lora_rank_))
+    buf_.lora_scratch = be.empty(be.compute_dtype(), {B, S, lora_rank_});
   be.embedding(ids, w.token_embedding, w.position_embedding, buf_.hidden);
-  for (const ClipTextLayerWeights& layer_weights : w.layers) layer(layer_weights);
+  for (int64_t i = 0; i < int64_t(w.layers.size()); ++i) layer(i);
 
   // LayerNorm works row by row, so normalising each prompt's end-of-text row straight into `pooled` is the
   // reference's final_layer_norm followed by the row lookup.
@@ -177,27 +182,67 @@ void ClipTextModel::encode(const Tensor& ids, const std::vector<int64_t>& eos_in
     be.layer_norm(buf_.hidden, w.final_ln_weight, w.final_ln_bias, config_.layer_norm_eps, last_hidden);
 }
 
-void ClipTextModel::layer(const ClipTextLayerWeights& w) {
+void ClipTextModel::layer(int64_t i) {
   Backend& be = backend_;
+  const ClipTextLayerWeights& w = weights_.layers[size_t(i)];
   const int64_t C = config_.hidden_size;
   const float eps = config_.layer_norm_eps;
 
   // Causal self-attention on the pre-normalised stream.
   be.layer_norm(buf_.hidden, w.ln1_weight, w.ln1_bias, eps, buf_.normed);
-  be.linear(buf_.normed, w.qkv_weight, w.qkv_bias, buf_.qkv, Activation::None);
+  linear(buf_.normed, i, ClipLinear::Qkv, w.qkv_weight, w.qkv_bias, buf_.qkv, Activation::None);
   be.split_heads(buf_.qkv.narrow(2, 0, C), buf_.q);
   be.split_heads(buf_.qkv.narrow(2, C, C), buf_.k);
   be.split_heads(buf_.qkv.narrow(2, 2 * C, C), buf_.v);
   const float scale = 1.0f / std::sqrt(float(config_.head_dim()));
   be.attention_ex(buf_.q, buf_.k, buf_.v, scale, Tensor(), /*causal=*/true, buf_.attn);
-  be.linear(buf_.attn, w.out_weight, w.out_bias, buf_.branch, Activation::None);
+  linear(buf_.attn, i, ClipLinear::Out, w.out_weight, w.out_bias, buf_.branch, Activation::None);
   be.add(buf_.hidden, buf_.branch);
 
   // MLP: fc1 with the activation as its epilogue, then fc2.
   be.layer_norm(buf_.hidden, w.ln2_weight, w.ln2_bias, eps, buf_.normed);
-  be.linear(buf_.normed, w.fc1_weight, w.fc1_bias, buf_.mlp, config_.hidden_act);
-  be.linear(buf_.mlp, w.fc2_weight, w.fc2_bias, buf_.branch, Activation::None);
+  linear(buf_.normed, i, ClipLinear::Fc1, w.fc1_weight, w.fc1_bias, buf_.mlp, config_.hidden_act);
+  linear(buf_.mlp, i, ClipLinear::Fc2, w.fc2_weight, w.fc2_bias, buf_.branch, Activation::None);
   be.add(buf_.hidden, buf_.branch);
+}
+
+void ClipTextModel::linear(const Tensor& x, int64_t layer, ClipLinear which, const Tensor& w, const Tensor& b,
+                           const Tensor& y, Activation act) {
+  const LoraFactors* f = lora_.empty() ? nullptr : &lora_[size_t(layer)][size_t(which)];
+  if (!f || !f->down.defined()) {
+    backend_.linear(x, w, b, y, act);
+    return;
+  }
+  backend_.lora_linear(x, w, b, f->down, f->up, buf_.lora_scratch.narrow(2, 0, f->down.size(0)), y, act);
+}
+
+void ClipTextModel::set_lora(std::vector<ClipLoraLinear> linears) {
+  const int64_t C = config_.hidden_size, I = config_.intermediate_size;
+  std::vector<std::array<LoraFactors, 4>> table;
+  if (!linears.empty()) table.resize(size_t(config_.num_hidden_layers));
+  int64_t rank = 0;
+  for (ClipLoraLinear& l : linears) {
+    const std::string where = "CLIP text model: LoRA on layer " + std::to_string(l.layer) + "'s " +
+                              kLinearNames[size_t(l.linear)];
+    if (l.layer < 0 || l.layer >= config_.num_hidden_layers)
+      throw Error(where + ": the model has " + std::to_string(config_.num_hidden_layers) + " layers");
+    const auto [out, in] = l.linear == ClipLinear::Qkv   ? std::pair{3 * C, C}
+                           : l.linear == ClipLinear::Fc1 ? std::pair{I, C}
+                           : l.linear == ClipLinear::Fc2 ? std::pair{C, I}
+                                                         : std::pair{C, C};
+    if (l.down.ndim() != 2 || l.up.ndim() != 2 || l.down.size(1) != in || l.up.size(0) != out ||
+        l.up.size(1) != l.down.size(0) || l.down.size(0) <= 0)
+      throw Error(where + ": down " + shape_str(l.down.shape()) + ", up " + shape_str(l.up.shape()) + ", expected [R, " +
+                  std::to_string(in) + "] and [" + std::to_string(out) + ", R]");
+    LoraFactors& slot = table[size_t(l.layer)][size_t(l.linear)];
+    if (slot.down.defined()) throw Error(where + ": given twice, expected one stacked branch per linear");
+    slot = {std::move(l.down), std::move(l.up)};
+    rank = std::max(rank, slot.down.size(0));
+  }
+  lora_ = std::move(table);
+  lora_count_ = linears.size();
+  lora_rank_ = rank;
+  buf_.lora_scratch = Tensor();  // made again at the right width by the next encode
 }
 
 }  // namespace fluxswap

@@ -3,6 +3,7 @@
 // ops. Token + position embeddings, pre-LayerNorm blocks with causal self-attention, a final LayerNorm; FLUX uses
 // only the pooled output, the final hidden state at each prompt's first end-of-text token. As in the FLUX
 // pipeline, no attention mask is applied beyond the causal one, so padding tokens are attended.
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -55,6 +56,19 @@ struct ClipTextWeights {
   std::vector<Tensor*> device_tensors();
 };
 
+// The linears of a layer, q, k and v fused into one.
+enum class ClipLinear { Qkv, Out, Fc1, Fc2 };
+
+// A LoRA branch computed beside one linear at run time: y = act(W x + b + up (down x)). Several adapters (and
+// separate q/k/v LoRAs on the fused qkv) are one stacked product: downs along the rank, each up in its own rows and
+// rank columns with its weight x scale folded in, zero elsewhere.
+struct ClipLoraLinear {
+  int64_t layer = 0;
+  ClipLinear linear = ClipLinear::Qkv;
+  Tensor down;  // [R, in_features] on the device, compute dtype
+  Tensor up;    // [out_features, R]
+};
+
 // Reads, fuses and uploads every weight, with or without the `text_model.` key prefix older transformers versions
 // write. Throws Error naming the file and key on a missing tensor or a shape the config does not imply.
 ClipTextWeights load_clip_text_weights(const SafetensorsCollection& file, const ClipTextConfig& config,
@@ -74,6 +88,12 @@ class ClipTextModel {
   void encode(const Tensor& ids, const std::vector<int64_t>& eos_index, const Tensor& pooled,
               const Tensor& last_hidden = Tensor());
 
+  // Replaces the LoRA branches (empty: none). The weights are never changed, so offloading and the base outputs
+  // are unaffected and swapping adapters costs only their upload. Throws Error on a layer or shape that does not
+  // fit, changing nothing.
+  void set_lora(std::vector<ClipLoraLinear> linears);
+  size_t lora_linears() const { return lora_count_; }
+
   const ClipTextConfig& config() const { return config_; }
   Backend& backend() { return backend_; }
 
@@ -89,12 +109,21 @@ class ClipTextModel {
   void release_buffers();
 
  private:
-  void layer(const ClipTextLayerWeights& w);
+  void layer(int64_t i);
+  // w x + b (+ the layer's LoRA branch on this linear, if any).
+  void linear(const Tensor& x, int64_t layer, ClipLinear which, const Tensor& w, const Tensor& b, const Tensor& y,
+              Activation act);
 
   ClipTextConfig config_;
   ClipTextWeights weights_;
   Backend& backend_;
   WeightOffload offload_;
+  struct LoraFactors {
+    Tensor down, up;
+  };
+  std::vector<std::array<LoraFactors, 4>> lora_;  // per layer, per ClipLinear
+  size_t lora_count_ = 0;
+  int64_t lora_rank_ = 0;  // the largest R: the scratch's width
 
   int64_t B_ = 0, S_ = 0;
   struct Buffers {
@@ -105,6 +134,7 @@ class ClipTextModel {
     Tensor attn;     // [B, S, C] attention output, heads concatenated
     Tensor branch;   // [B, S, C] output projection of a branch, before its residual add
     Tensor mlp;      // [B, S, I] MLP hidden activations
+    Tensor lora_scratch;  // [B, S, >= lora_rank_]: down x of a LoRA branch
   } buf_;
 };
 

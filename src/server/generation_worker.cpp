@@ -1,9 +1,11 @@
 #include "server/generation_worker.h"
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 
 #include "core/error.h"
+#include "lora/clip_lora.h"
 #include "lora/lora_controller.h"
 #include "pipeline/flux_pipeline.h"
 #include "server/http_error.h"
@@ -120,8 +122,9 @@ void GenerationWorker::serve(std::shared_ptr<GenerationJob> job) {
       const std::string before = applied_key_;
       applied_key_ = "\x01unknown";  // if anything but validation fails midway, re-apply next time
       try {
-        const LoraApplyReport rep = lora_->set_adapters(job->adapters);
-        swap_s = rep.seconds;
+        const auto t0 = std::chrono::steady_clock::now();
+        set_loras_with_clip(pipeline_->clip(), job->adapters, [&] { lora_->set_adapters(job->adapters); });
+        swap_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       } catch (const Error& e) {
         applied_key_ = before;  // set_adapters validates before it changes anything
         throw HttpError(422, std::string("the LoRA set cannot be applied to this model: ") + e.what());

@@ -200,6 +200,8 @@ struct ImageServer::Impl {
                          {"format", adapter->format},
                          {"pairs", adapter->pairs.size()},
                          {"tensors", adapter->tensors_used},
+                         {"clip_pairs", adapter->clip_pairs.size()},
+                         {"clip_tensors", adapter->clip_tensors_used},
                          {"ignored_keys", adapter->ignored_keys.size()},
                          {"was_cached", was_cached}});
   }

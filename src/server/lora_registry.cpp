@@ -116,7 +116,8 @@ std::shared_ptr<const LoraAdapter> AdapterCache::get(const std::string& name, co
   std::shared_ptr<const LoraAdapter> adapter;
   try {
     auto a = std::make_shared<LoraAdapter>(load_lora_adapter(path, config, host));
-    if (a->pairs.empty()) throw Error(path + ": no transformer LoRA tensors in it: it would change nothing");
+    if (a->pairs.empty() && a->clip_pairs.empty())
+      throw Error(path + ": no LoRA tensors for the transformer or the CLIP text encoder in it: it would change nothing");
     adapter = std::move(a);
   } catch (const std::exception& e) {
     throw HttpError(422, "LoRA '" + name + "' cannot be used: " + e.what());

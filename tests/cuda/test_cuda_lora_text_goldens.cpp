@@ -3,11 +3,14 @@
 // swap a -> b -> a replayed through one recorded graph (bit-identical to the first a), and the tiny pipelines'
 // CLIP pooled and T5 prompt embeddings (<= 2e-2: bf16 weights and activations through every layer).
 #include <cstring>
+#include <random>
+#include <tuple>
 
 #include "../test_support.h"
 #include "cuda_test_util.h"
 #include "gpu_fixture_model.h"
 #include "io/safetensors.h"
+#include "lora/clip_lora.h"
 #include "lora/lora_controller.h"
 #include "model/clip_text_model.h"
 #include "model/flux_transformer_io.h"
@@ -98,6 +101,44 @@ TEST(CudaTextGolden, ClipPooledMatchesPipelineGoldens) {
     EXPECT_LE(err, kTolerance) << model;
     std::printf("[ golden   ] %s CLIP pooled: max rel error %.3g\n", model.c_str(), err);
   }
+}
+
+// CLIP with LoRA branches (lora_linear beside the fused qkv, out_proj and fc2, QuickGELU after fc1's sum) against
+// the CPU reference with the same adapter: <= 2e-2, while the LoRA moves the pooled output by far more than that.
+TEST(CudaTextGolden, ClipWithLoraMatchesTheCpuReference) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  FLUXSWAP_CUDA_BACKEND(gpu);
+  auto cpu = make_cpu_backend();
+  const std::string dir = pipeline_dir("tiny");
+  TempDir tmp;
+  std::mt19937 rng(11);
+  std::vector<std::pair<std::string, Tensor>> file;
+  for (const auto& [stem, out, in] : {std::tuple{"layers_0_self_attn_k_proj", 24, 24}, {"layers_1_mlp_fc1", 37, 24},
+                                      {"layers_0_mlp_fc2", 24, 37}, {"layers_1_self_attn_out_proj", 24, 24}}) {
+    Tensor down = Tensor::empty(DType::F32, {4, in}), up = Tensor::empty(DType::F32, {out, 4});
+    fill_normal(down, rng, 0.5f);
+    fill_normal(up, rng, 0.2f);
+    const std::string key = std::string("lora_te1_text_model_encoder_") + stem;
+    file.emplace_back(key + ".lora_down.weight", down);
+    file.emplace_back(key + ".lora_up.weight", up);
+  }
+  write_safetensors(tmp / "clip.safetensors", file);
+  auto adapter = std::make_shared<const LoraAdapter>(load_lora_adapter(
+      tmp / "clip.safetensors", FluxConfig::from_json_file(fixtures_dir() + "/tiny/config.json")));
+  const ClipTokenizer tok = ClipTokenizer::from_folder(dir + "/tokenizer");
+  const TokenEncoding enc = tok.encode("a lighthouse at dusk, oil painting", ClipTokenizer::kMaxLength);
+  auto pooled = [&](Backend& be, bool with_lora) {
+    ClipTextModel clip = ClipTextModel::from_folder(dir + "/text_encoder", be);
+    if (with_lora) clip.set_lora(prepare_clip_loras({{adapter, 0.8f}}, clip).linears);
+    Tensor out = be.empty(be.compute_dtype(), {1, clip.config().hidden_size});
+    clip.encode(upload_ids(be, enc.ids), {int64_t(enc.eos_index)}, out);
+    return be.to_host_f32(out);
+  };
+  const Tensor ref = pooled(*cpu, true), got = pooled(*gpu, true), base = pooled(*gpu, false);
+  const double err = max_rel_error(got, ref), effect = max_rel_error(base, ref);
+  EXPECT_LE(err, kTolerance);
+  EXPECT_GT(effect, 10 * kTolerance) << "the LoRA hardly changes the output: the comparison proves little";
+  std::printf("[ golden   ] tiny CLIP + 4 LoRAs: max rel error %.3g vs the CPU (the LoRA's effect: %.3g)\n", err, effect);
 }
 
 TEST(CudaTextGolden, T5EmbedsMatchPipelineGoldens) {
