@@ -6,6 +6,8 @@
 #   ordering   cuDNN's FP8 attention alone and between its neighbours (with cuDNN's own log in $OUT)
 #   bf16       the bf16 step alone with its per-op profile (the issue 4 figure)
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
+#   fp8ab      fp8lora's step without the quality run, alternating processes with the gated residual added inside
+#              the FP8 output projections' GEMMs (default) and without (FLUXSWAP_FP8_FUSED_RESIDUAL=0), two of each
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
@@ -32,6 +34,16 @@ for job in "$@"; do
       fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention --quality-steps 28 \
         --lora-rank 64 --lora-mode merged --swaps 4 --json "$OUT/fp8lora.json" > "$OUT/fp8lora.log" 2>&1
       grep -E "ms/step|cosine|swap|bit" "$OUT/fp8lora.log" | head -30 ;;
+    fp8ab)
+      for round in 1 2; do
+        for fused in 0 1; do
+          FLUXSWAP_FP8_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
+            --fp8-attention --quality-steps 0 --lora-rank 64 --lora-mode merged --swaps 1 \
+            --json "$OUT/fp8ab-r$round-f$fused.json" > "$OUT/fp8ab-r$round-f$fused.log" 2>&1
+          echo "round $round fused $fused: $(grep -E '\+ FP8 attention:|LoRA per step with the modulation' \
+            "$OUT/fp8ab-r$round-f$fused.log" | cut -c1-110 | tr '\n' '|')"
+        done
+      done ;;
     bf16lora)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \
         --json "$OUT/bf16lora.json" > "$OUT/bf16lora.log" 2>&1

@@ -172,6 +172,21 @@ class Backend {
   // or [rows, K] with y's rows): the same product, without quantising.
   virtual void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
                                     const Tensor& bias, const Tensor& y, Activation act);
+  // A block's gated residual update through its FP8 output projection: x += gate[b] * (fp8(in) wq^T * scales + bias),
+  // the input quantised already (xq, x_scale as for linear_fp8_quantized) or bf16 rows quantised per row here
+  // (linear_fp8_residual). x rows [B, N, nout] (the residual stream, updated in place), gate [B, nout] as
+  // gated_residual takes it; branch has x's shape and is scratch. A backend may fold the gate into the GEMM's
+  // output-channel scales and read x as its accumulator input, so x is rounded once (the branch is not rounded to
+  // the compute dtype first): within rounding of the composition, not bit for bit. The default is the composition:
+  // linear_fp8_quantized / linear_fp8 into branch, then gated_residual(x, gate, branch).
+  virtual void linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
+                                             const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
+                                             const Tensor& x, const Tensor& branch);
+  virtual void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                                   const Tensor& gate, const Tensor& x, const Tensor& branch);
+  // Whether the two above do better than their composition (the transformer then calls them; otherwise it leaves the
+  // branch for the next fused LayerNorm to add).
+  virtual bool fp8_residual_in_gemm() const { return false; }
   // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,
   // linear_fp8(x, wq, w_scale, bias, y, Activation::None), with the same results bit for bit. x [B, K] with
   // contiguous rows; each item's wq F8_E4M3 [nout, K] (row stride >= K), w_scale F32 [nout], bias [nout] or undefined,

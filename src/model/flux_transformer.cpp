@@ -544,7 +544,8 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   struct Stream {
     Tensor x, normed_room, branch, qkv, mlp, mlp_room, attn, attn_room, q8, q8_scale;
     const Tensor& mod;
-    Residual& pending;  // the previous block's last residual, then this block's
+    Residual& pending;        // the previous block's last residual, then this block's
+    Residual attn_residual{};  // the attention's, unless its projection added it already
   };
   const int64_t B = B_;
   auto stream_views = [&](int64_t start, int64_t n, const Tensor& mod, Residual& pending) {
@@ -573,24 +574,43 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   qk_rope(img.qkv, w.img_q_norm, w.img_k_norm, rope, Nt, qk_scale);
   if (e4m3_out) {
     backend_.attention_fp8_rows(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
-    for (auto [start, n, proj, branch] : {std::tuple{int64_t(0), Nt, &w.txt_proj, &txt.branch},
-                                          std::tuple{Nt, Ni, &w.img_proj, &img.branch}})
-      backend_.linear_fp8_quantized(rows(buf_.attn_q8, start, n), buf_.attn_q8_scale.narrow(0, 0, B * n),
-                                    proj->weight_fp8, proj->weight_scale, proj->bias, *branch, Activation::None);
+    for (auto [s, start, n, proj] : {std::tuple{&txt, int64_t(0), Nt, &w.txt_proj}, std::tuple{&img, Nt, Ni, &w.img_proj}})
+      s->attn_residual = project_quantized(rows(buf_.attn_q8, start, n), buf_.attn_q8_scale.narrow(0, 0, B * n),
+                                           *proj, chunk(s->mod, 2, D), s->x, s->branch);
   } else {
     attend(cols(buf_.attn_mlp, 0, D), qk_scale);
-    linear_roomy(txt.attn_room, D, w.txt_proj, txt.branch);
-    linear_roomy(img.attn_room, D, w.img_proj, img.branch);
+    txt.attn_residual = project(txt.attn_room, D, w.txt_proj, chunk(txt.mod, 2, D), txt.x, txt.branch);
+    img.attn_residual = project(img.attn_room, D, w.img_proj, chunk(img.mod, 2, D), img.x, img.branch);
   }
 
-  // Feed-forward, per stream: the attention's residual goes in with the LayerNorm, the MLP's stays pending.
+  // Feed-forward, per stream: the attention's residual (if still pending) goes in with the LayerNorm, the MLP's
+  // stays pending (if its projection did not add it).
   for (auto [s, mlp_in, mlp_out] : {std::tuple{&txt, &w.txt_mlp_in, &w.txt_mlp_out},
                                     std::tuple{&img, &w.img_mlp_in, &w.img_mlp_out}}) {
-    norm_linear(s->x, {chunk(s->mod, 2, D), s->branch}, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed_room,
-                s->q8, s->q8_scale, *mlp_in, s->mlp, Activation::GeluTanh);
-    linear_roomy(s->mlp_room, M, *mlp_out, s->branch);
-    s->pending = {chunk(s->mod, 5, D), s->branch};
+    norm_linear(s->x, s->attn_residual, chunk(s->mod, 3, D), chunk(s->mod, 4, D), s->normed_room, s->q8, s->q8_scale,
+                *mlp_in, s->mlp, Activation::GeluTanh);
+    s->pending = project(s->mlp_room, M, *mlp_out, chunk(s->mod, 5, D), s->x, s->branch);
   }
+}
+
+FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_t in, const Linear& l,
+                                                   const Tensor& gate, const Tensor& x, const Tensor& branch) {
+  if (quantized_input(l) && backend_.fp8_residual_in_gemm()) {
+    backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch);
+    return {};
+  }
+  linear_roomy(in_room, in, l, branch);
+  return {gate, branch};
+}
+
+FluxTransformer::Residual FluxTransformer::project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l,
+                                                             const Tensor& gate, const Tensor& x, const Tensor& branch) {
+  if (backend_.fp8_residual_in_gemm()) {
+    backend_.linear_fp8_quantized_residual(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, gate, x, branch);
+    return {};
+  }
+  backend_.linear_fp8_quantized(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, branch, Activation::None);
+  return {gate, branch};
 }
 
 void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale, Residual& pending) {
@@ -623,14 +643,12 @@ void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale,
     be.attention_fp8_rows(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, buf_.attn_q8, buf_.attn_q8_scale);
     be.quantize_fp8_rows_joined(buf_.attn_q8.view({rows_all, D}), buf_.attn_q8_scale, cols(buf_.attn_mlp, D, M),
                                 buf_.attn_mlp_q8, buf_.attn_mlp_q8_scale);
-    be.linear_fp8_quantized(buf_.attn_mlp_q8.view({B_, Nt_ + Ni_, D + M}), buf_.attn_mlp_q8_scale,
-                            w.linear2.weight_fp8, w.linear2.weight_scale, w.linear2.bias, buf_.branch,
-                            Activation::None);
+    pending = project_quantized(buf_.attn_mlp_q8.view({B_, Nt_ + Ni_, D + M}), buf_.attn_mlp_q8_scale, w.linear2,
+                                chunk(mod, 2, D), buf_.stream, buf_.branch);
   } else {
     attend(cols(buf_.attn_mlp, 0, D), qk_scale);
-    linear_roomy(buf_.attn_mlp_room, D + M, w.linear2, buf_.branch);
+    pending = project(buf_.attn_mlp_room, D + M, w.linear2, chunk(mod, 2, D), buf_.stream, buf_.branch);
   }
-  pending = {chunk(mod, 2, D), buf_.branch};
 }
 
 }  // namespace fluxswap

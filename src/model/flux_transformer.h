@@ -148,6 +148,14 @@ class FluxTransformer {
   // The v columns of every block's qkv output, [B, S, D] rows in buf_.proj_in: where FP8 attention reads v.
   Tensor v_rows() const { return buf_.proj_in.narrow(2, 2 * config_.inner_dim(), config_.inner_dim()); }
   void apply(const Tensor& x, const Residual& pending);
+  // A block's output projection l of the first `in` columns of in_room, gated into the residual x: added inside the
+  // FP8 GEMM where l is FP8 without a runtime slot and the backend does that (Backend::fp8_residual_in_gemm; returns
+  // nothing pending), else written to branch and returned as the residual still to add.
+  Residual project(const Tensor& in_room, int64_t in, const Linear& l, const Tensor& gate, const Tensor& x,
+                   const Tensor& branch);
+  // The same for an FP8 projection whose input is quantised already (q8, q8_scale).
+  Residual project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& gate,
+                             const Tensor& x, const Tensor& branch);
   // Every block's AdaLN modulation vectors of SiLU(temb) c.temb_silu into m: up front (a step's FP8 ones in one
   // batched launch), or block by block as streamed blocks arrive.
   void modulations_up_front(const Conditioning& c, const Modulations& m);

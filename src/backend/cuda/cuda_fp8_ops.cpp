@@ -1,8 +1,11 @@
 // The FP8 ops of the CUDA backend: per-row e4m3 quantisation, the FP8 linear (activations quantised per token
 // on the fly, cuBLASLt with per-row scales on both sides), its split form (a LayerNorm that writes the e4m3
-// activations itself, and the linear that takes them), the batch of modulation linears in one launch, and the gated
-// residual fused into the LayerNorm that follows it (bf16 and e4m3 outputs).
+// activations itself, and the linear that takes them), a block's gated output projection added onto the residual
+// inside its GEMM, the batch of modulation linears in one launch, and the gated residual fused into the LayerNorm
+// that follows it (bf16 and e4m3 outputs).
 #include <algorithm>
+#include <cstdlib>
+#include <functional>
 #include <string>
 #include <unordered_map>
 
@@ -155,6 +158,100 @@ void CudaBackend::linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, 
   });
 }
 
+bool CudaBackend::fp8_residual_in_gemm() const {
+  static const bool wanted = [] {
+    const char* env = std::getenv("FLUXSWAP_FP8_FUSED_RESIDUAL");
+    return !(env && std::string(env) == "0");
+  }();
+  return wanted && !fp8_residual_refused_;
+}
+
+std::pair<uint8_t*, float*> CudaBackend::fp8_activation_buffer(int64_t rows, int64_t ldq, const char* op) {
+  if (fp8_act_.empty() || fp8_act_.back().numel() < rows * ldq || fp8_act_scale_.back().numel() < rows) {
+    if (capturing_) bad(op, "a recording needs larger FP8 activation buffers: run the work once eagerly first");
+    fp8_act_.push_back(empty(DType::F8_E4M3, {rows * ldq}));
+    fp8_act_scale_.push_back(empty(DType::F32, {rows}));
+  }
+  return {static_cast<uint8_t*>(fp8_act_.back().data()), fp8_act_scale_.back().ptr<float>()};
+}
+
+bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& wq,
+                                          const Tensor& w_scale, const Tensor& bias, int64_t K,
+                                          const std::function<Fp8Rows(int64_t b)>& input, const char* op) {
+  if (!fp8_residual_in_gemm()) return false;
+  const int64_t nout = R.C;
+  // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
+  if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return false;
+  if (fp8_gated_scale_.empty() || fp8_gated_scale_.back().numel() < nout) {
+    if (capturing_) bad(op, "a recording needs larger gated-scale buffers: run the work once eagerly first");
+    fp8_gated_scale_.push_back(empty(DType::F32, {nout}));
+    fp8_gated_bias_.push_back(empty(DType::BF16, {nout}));
+  }
+  float* scale = fp8_gated_scale_.back().ptr<float>();
+  auto* gated_bias = bias.defined() ? fp8_gated_bias_.back().ptr<__nv_bfloat16>() : nullptr;
+  // One product per sample (each has its own gate); the factors' scratch is rewritten in stream order behind the
+  // product that read it.
+  for (int64_t b = 0; b < R.B; ++b) {
+    launch_gated_output_scales(G.p + b * G.sb, w_scale.ptr<float>(),
+                               bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, scale, gated_bias, stream(),
+                               op);
+    if (!fp8_->run_residual(input(b), {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
+                            nout, capturing_, stream(), op)) {
+      fp8_residual_refused_ = true;  // (sm_89 has no outer-vector scaling): the transformer goes back to the old way
+      return false;                  // the first product decides (they share one plan)
+    }
+  }
+  return true;
+}
+
+void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
+                                                const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
+                                                const Tensor& x, const Tensor& branch) {
+  const char* op = "linear_fp8_quantized_residual";
+  const Fp8RowsView X = fp8_rows_view(xq, op, "input");
+  const RowsView R = rows_of(x, op, "residual");
+  const VecsView G = vecs_of(gate, op, "gate");
+  const int64_t K = X.C, nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, K, op, "weight");
+  check_row_scales(x_scale, X.B * X.N, op, "input scales");
+  if (R.C != nout || X.B != R.B || X.N != R.N)
+    bad(op, shape_str(xq.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(x.shape()));
+  check_vecs_fit(G, R, op, "gate");
+  check_bias(bias, nout, op);
+  fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
+  bool fused = false;
+  timed(gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K).c_str(), [&] {
+    fused = gated_residual_products(R, G, wq, w_scale, bias, K, [&](int64_t b) {
+      return Fp8Rows{X.p + b * X.sb, X.sn, x_scale.ptr<float>() + b * X.N};
+    }, op);
+  });
+  if (!fused) Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch);
+}
+
+void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                                      const Tensor& gate, const Tensor& x, const Tensor& branch) {
+  const char* op = "linear_fp8_residual";
+  const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
+  const VecsView G = vecs_of(gate, op, "gate");
+  const int64_t K = I.C, nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, K, op, "weight");
+  if (R.C != nout || I.B != R.B || I.N != R.N)
+    bad(op, shape_str(in.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(x.shape()));
+  check_vecs_fit(G, R, op, "gate");
+  check_bias(bias, nout, op);
+  fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
+  const int64_t ldq = fp8_activation_stride(K);
+  const auto [q, sx] = fp8_activation_buffer(I.N, ldq, op);
+  bool fused = false;
+  timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
+    fused = gated_residual_products(R, G, wq, w_scale, bias, K, [&](int64_t b) {
+      launch_quantize_rows_e4m3(I.p + b * I.sb, I.sn, I.N, K, q, ldq, sx, stream(), op);
+      return Fp8Rows{q, ldq, sx};
+    }, op);
+  });
+  if (!fused) Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch);
+}
+
 void CudaBackend::quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) {
   const char* op = "quantize_fp8_rows";
   const Matrix X = as_matrix(rows_of(x, op, "input"), op, "input");
@@ -218,15 +315,8 @@ void CudaBackend::linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_
   // batch (a stream's rows inside the [B, text + image, D] buffer).
   const bool one = X.B == 1 || (X.sb == X.N * X.sn && Y.sb == Y.N * Y.sn);
   const int64_t parts = one ? 1 : X.B, rows = one ? X.B * X.N : X.N;
-  // The activations' e4m3 copy: rows padded to 16 bytes, as cuBLASLt's FP8 kernels want.
-  const int64_t ldq = (K + 15) / 16 * 16;
-  if (fp8_act_.empty() || fp8_act_.back().numel() < rows * ldq || fp8_act_scale_.back().numel() < rows) {
-    if (capturing_) bad(op, "a recording needs larger FP8 activation buffers: run the work once eagerly first");
-    fp8_act_.push_back(empty(DType::F8_E4M3, {rows * ldq}));
-    fp8_act_scale_.push_back(empty(DType::F32, {rows}));
-  }
-  auto* q = static_cast<uint8_t*>(fp8_act_.back().data());
-  float* sx = fp8_act_scale_.back().ptr<float>();
+  const int64_t ldq = fp8_activation_stride(K);
+  const auto [q, sx] = fp8_activation_buffer(rows, ldq, op);
   const cuda::GemmEpilogue epilogue = epilogue_for(bias, act);
   const std::string key = gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K);
   timed(key.c_str(), [&] {

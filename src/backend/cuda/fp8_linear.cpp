@@ -168,7 +168,20 @@ std::unique_ptr<CublasLtFp8Linear::Plan> CublasLtFp8Linear::first_plan(const Key
 void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T,
                             int64_t K, int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream,
                             const char* op) {
-  if (T == 0 || nout == 0) return;
+  issue(x, w, bias, y, ldy, T, K, nout, epilogue, false, capturing, stream, op);
+}
+
+bool CublasLtFp8Linear::run_residual(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* acc, int64_t ld,
+                                     int64_t T, int64_t K, int64_t nout, bool capturing, cudaStream_t stream,
+                                     const char* op) {
+  return issue(x, w, bias, acc, ld, T, K, nout, bias ? GemmEpilogue::Bias : GemmEpilogue::None, true, capturing,
+               stream, op);
+}
+
+bool CublasLtFp8Linear::issue(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T,
+                              int64_t K, int64_t nout, GemmEpilogue epilogue, bool residual, bool capturing,
+                              cudaStream_t stream, const char* op) {
+  if (T == 0 || nout == 0) return true;
   const char* call = "cublasLtMatmul";
   if (K <= 0 || K % 16)
     fail(op, call, "FP8 GEMMs need the inner dimension to be a positive multiple of 16; it is " + std::to_string(K));
@@ -188,6 +201,7 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
   key.align_x = alignment_of(x.q), key.align_w = alignment_of(w.q), key.align_y = alignment_of(y);
   key.align_bias = bias ? alignment_of(bias) : 0;
   key.align_sx = alignment_of(x.scale), key.align_sw = alignment_of(w.scale);
+  key.residual = residual;
   const Pointers ptr{bias, x.scale, w.scale};
 
   auto it = plans_.find(key);
@@ -196,12 +210,15 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
       throw Error(std::string("cuda backend: ") + op + ": an FP8 GEMM of a new shape (m " + std::to_string(nout) +
                   ", n " + std::to_string(T) + ", k " + std::to_string(K) +
                   ") was first issued while recording; run the work once before record()");
-    it = plans_
-             .emplace(key, first_plan(key, options_.force_fallback ? Fp8GemmPath::Fallback : Fp8GemmPath::OuterVec,
-                                      ptr, op))
-             .first;
+    std::unique_ptr<Plan> plan;
+    if (!residual)
+      plan = first_plan(key, options_.force_fallback ? Fp8GemmPath::Fallback : Fp8GemmPath::OuterVec, ptr, op);
+    else if (!options_.force_fallback)  // the scales and bias must act before C is added: the fully fused path only
+      plan = make_plan(key, Fp8GemmPath::OuterVec, ptr, op);
+    it = plans_.emplace(key, std::move(plan)).first;
   }
-  const float alpha = 1.0f, beta = 0.0f;
+  if (!it->second) return false;
+  const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;
   for (;;) {
     Plan& plan = *it->second;
     if (plan.path != Fp8GemmPath::Fallback) {
@@ -221,12 +238,18 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
     // A refusal of a plan never run before is a path this cuBLASLt does not have after all: take the next one.
     // Plans are made only outside recordings and confirmed by their first run, so this never happens in one.
     if (plan.confirmed || plan.path == Fp8GemmPath::Fallback) check(status, op, call);
+    if (residual) {
+      it->second.reset();
+      return false;
+    }
     const Fp8GemmPath next = plan.path == Fp8GemmPath::OuterVec ? Fp8GemmPath::OuterVecThenEpilogue
                                                                 : Fp8GemmPath::Fallback;
     it->second = first_plan(key, next, ptr, op);
   }
 
   const Fp8GemmPath path = it->second->path;
+  last_path_ = path;
+  if (residual) return true;
   const Fp8Accumulator acc{y, false, ldy};
   auto* out = static_cast<__nv_bfloat16*>(y);
   const auto* bias_bf16 = static_cast<const __nv_bfloat16*>(bias);
@@ -234,7 +257,7 @@ void CublasLtFp8Linear::run(const Fp8Rows& x, const Fp8Rows& w, const void* bias
     launch_fp8_scale_epilogue(acc, nullptr, nullptr, bias_bf16, has_gelu(epilogue), T, nout, out, ldy, stream, op);
   else if (path == Fp8GemmPath::Fallback)
     launch_fp8_scale_epilogue(acc, x.scale, w.scale, bias_bf16, has_gelu(epilogue), T, nout, out, ldy, stream, op);
-  last_path_ = path;
+  return true;
 }
 
 }  // namespace fluxswap::cuda

@@ -71,6 +71,15 @@ class CublasLtFp8Linear {
   void run(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T, int64_t K,
            int64_t nout, GemmEpilogue epilogue, bool capturing, cudaStream_t stream, const char* op = "linear_fp8");
 
+  // A gated output projection added onto the residual in the same call: acc[T, nout] (bf16, row stride ld, updated
+  // in place) += (x.q · w.q^T) * (x.scale[t] * w.scale[o]) + bias[o], where w.scale and bias are the projection's
+  // per-step factors (its weight scales and bias times the gate: launch_gated_output_scales). acc is read as the
+  // product's C (beta 1) and written as its D. Only on the outer-vector path with cuBLASLt's bias epilogue; returns
+  // false, having issued nothing, where cuBLASLt has no algorithm for it (found on the shape's first call, before
+  // any recording, and remembered). Requirements as run().
+  bool run_residual(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* acc, int64_t ld, int64_t T, int64_t K,
+                    int64_t nout, bool capturing, cudaStream_t stream, const char* op = "linear_fp8_residual");
+
   // The path the last run() took (for tests and benchmarks).
   Fp8GemmPath last_path() const { return last_path_; }
   const Options& options() const { return options_; }
@@ -79,12 +88,16 @@ class CublasLtFp8Linear {
   struct Key {
     int64_t m, n, k, ldx, ldw, ldy;
     int epilogue, align_x, align_w, align_y, align_bias, align_sx, align_sw;
+    bool residual;
     auto operator<=>(const Key&) const = default;
   };
   struct Plan;
   struct Pointers;
   std::unique_ptr<Plan> make_plan(const Key& key, Fp8GemmPath path, const Pointers& ptr, const char* op);
   std::unique_ptr<Plan> first_plan(const Key& key, Fp8GemmPath from, const Pointers& ptr, const char* op);
+  // run() and run_residual(): false only for a residual product cuBLASLt cannot do.
+  bool issue(const Fp8Rows& x, const Fp8Rows& w, const void* bias, void* y, int64_t ldy, int64_t T, int64_t K,
+             int64_t nout, GemmEpilogue epilogue, bool residual, bool capturing, cudaStream_t stream, const char* op);
 
   Options options_;
   cublasLtHandle_t handle_ = nullptr;
@@ -92,7 +105,7 @@ class CublasLtFp8Linear {
   std::shared_ptr<void> own_workspace_;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  std::map<Key, std::unique_ptr<Plan>> plans_;
+  std::map<Key, std::unique_ptr<Plan>> plans_;  // null: a residual product cuBLASLt has no algorithm for
   Fp8GemmPath last_path_ = Fp8GemmPath::Fallback;
 };
 

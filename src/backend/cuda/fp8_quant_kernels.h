@@ -50,4 +50,10 @@ void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const
                                const __nv_bfloat16* bias, bool gelu, int64_t rows, int64_t cols, __nv_bfloat16* y,
                                int64_t ldy, cudaStream_t stream, const char* op = "linear_fp8");
 
+// A gated FP8 output projection's per-step output-channel factors (CudaBackend::linear_fp8_quantized_residual):
+// scale_out[o] = gate[o] * sw[o] (float32) and, when bias is given, bias_out[o] = bf16(gate[o] * bias[o]).
+void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t n,
+                                float* scale_out, __nv_bfloat16* bias_out, cudaStream_t stream,
+                                const char* op = "linear_fp8_residual");
+
 }  // namespace fluxswap::cuda
