@@ -179,14 +179,26 @@ class Backend {
   // output-channel scales and read x as its accumulator input, so x is rounded once (the branch is not rounded to
   // the compute dtype first): within rounding of the composition, not bit for bit. The default is the composition:
   // linear_fp8_quantized / linear_fp8 into branch, then gated_residual(x, gate, branch).
+  // `ready` may hold the gate's factors made already by gated_output_factors for this gate, weight and bias (the
+  // transformer makes a whole step's at once); otherwise (undefined tensors) the op makes its own.
+  struct GatedFactors {
+    Tensor gate;           // [B, n] as gated_residual takes it
+    Tensor w_scale, bias;  // F32 [n]; [n] in the compute dtype, or undefined
+    Tensor scale;          // F32 [B, n] contiguous: gate[b, o] * w_scale[o]
+    Tensor bias_out;       // [B, n] contiguous, compute dtype: gate[b, o] * bias[o] rounded (undefined without bias)
+  };
   virtual void linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
                                              const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
-                                             const Tensor& x, const Tensor& branch);
+                                             const Tensor& x, const Tensor& branch, const GatedFactors& ready);
   virtual void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                                   const Tensor& gate, const Tensor& x, const Tensor& branch);
+                                   const Tensor& gate, const Tensor& x, const Tensor& branch,
+                                   const GatedFactors& ready);
   // Whether the two above do better than their composition (the transformer then calls them; otherwise it leaves the
   // branch for the next fused LayerNorm to add).
   virtual bool fp8_residual_in_gemm() const { return false; }
+  // Every item's scale and bias_out from its gate, w_scale and bias, in one launch on a backend that batches (a step's
+  // factors, after its modulations). Throwing default: only backends whose fp8_residual_in_gemm() is true are asked.
+  virtual void gated_output_factors(const std::vector<GatedFactors>& items);
   // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,
   // linear_fp8(x, wq, w_scale, bias, y, Activation::None), with the same results bit for bit. x [B, K] with
   // contiguous rows; each item's wq F8_E4M3 [nout, K] (row stride >= K), w_scale F32 [nout], bias [nout] or undefined,

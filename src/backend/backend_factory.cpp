@@ -39,14 +39,17 @@ void Backend::linear_fp8_quantized(const Tensor&, const Tensor&, const Tensor&, 
 }
 void Backend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
                                             const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
-                                            const Tensor& x, const Tensor& branch) {
+                                            const Tensor& x, const Tensor& branch, const GatedFactors&) {
   linear_fp8_quantized(xq, x_scale, wq, w_scale, bias, branch, Activation::None);
   gated_residual(x, gate, branch);
 }
 void Backend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                                  const Tensor& gate, const Tensor& x, const Tensor& branch) {
+                                  const Tensor& gate, const Tensor& x, const Tensor& branch, const GatedFactors&) {
   linear_fp8(in, wq, w_scale, bias, branch, Activation::None);
   gated_residual(x, gate, branch);
+}
+void Backend::gated_output_factors(const std::vector<GatedFactors>&) {
+  throw Error("gated_output_factors is not implemented by the " + name() + " backend");
 }
 void Backend::linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) {
   for (const Fp8LinearItem& it : items) linear_fp8(x, it.wq, it.w_scale, it.bias, it.y, Activation::None);

@@ -438,6 +438,11 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
     buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
     buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
   }
+  if (fp8_ && backend_.fp8_residual_in_gemm()) {
+    const int64_t projections = 4 * int64_t(weights_.double_blocks.size()) + int64_t(weights_.single_blocks.size());
+    buf_.gated_scale = backend_.empty(DType::F32, {projections * batch * D});
+    buf_.gated_bias = e({projections * batch * D});
+  }
   if (fp8_ && fp8_attention_) {
     buf_.attn_q8 = backend_.empty(DType::F8_E4M3, {batch, S, D});
     buf_.attn_q8_scale = backend_.empty(DType::F32, {batch * S});
@@ -505,6 +510,7 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
   const bool per_block = streamer_.active() && !tabled;
   if (!streamer_.active() && !tabled) modulations_up_front(buf_.cond, mod_);
+  if (!per_block) gated_factors_up_front();
   streamer_.begin(be);
   Residual txt_pending, img_pending, pending;
   for (size_t i = 0; i < nd; ++i) {
@@ -593,10 +599,41 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   }
 }
 
+const Backend::GatedFactors& FluxTransformer::ready_factors(const Linear& l) const {
+  static const Backend::GatedFactors none;
+  const auto it = ready_factors_.find(&l);
+  return it == ready_factors_.end() ? none : it->second;
+}
+
+void FluxTransformer::gated_factors_up_front() {
+  ready_factors_.clear();
+  if (!buf_.gated_scale.defined() || !backend_.fp8_residual_in_gemm()) return;
+  const int64_t B = B_, D = config_.inner_dim();
+  std::vector<Backend::GatedFactors> items;
+  auto add = [&](const Linear& l, const Tensor& gate) {
+    if (!quantized_input(l)) return;
+    const int64_t at = int64_t(items.size()) * B * D;
+    items.push_back({gate, l.weight_scale, l.bias, buf_.gated_scale.narrow(0, at, B * D).view({B, D}),
+                     l.bias.defined() ? buf_.gated_bias.narrow(0, at, B * D).view({B, D}) : Tensor()});
+    ready_factors_.emplace(&l, items.back());
+  };
+  for (size_t i = 0; i < weights_.double_blocks.size(); ++i) {
+    const DoubleBlockWeights& w = weights_.double_blocks[i];
+    add(w.txt_proj, chunk(mod_.txt[i], 2, D));
+    add(w.txt_mlp_out, chunk(mod_.txt[i], 5, D));
+    add(w.img_proj, chunk(mod_.img[i], 2, D));
+    add(w.img_mlp_out, chunk(mod_.img[i], 5, D));
+  }
+  for (size_t i = 0; i < weights_.single_blocks.size(); ++i)
+    add(weights_.single_blocks[i].linear2, chunk(mod_.single[i], 2, D));
+  backend_.gated_output_factors(items);
+}
+
 FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_t in, const Linear& l,
                                                    const Tensor& gate, const Tensor& x, const Tensor& branch) {
   if (quantized_input(l) && backend_.fp8_residual_in_gemm()) {
-    backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch);
+    backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
+                                 ready_factors(l));
     return {};
   }
   linear_roomy(in_room, in, l, branch);
@@ -606,7 +643,8 @@ FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_
 FluxTransformer::Residual FluxTransformer::project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l,
                                                              const Tensor& gate, const Tensor& x, const Tensor& branch) {
   if (backend_.fp8_residual_in_gemm()) {
-    backend_.linear_fp8_quantized_residual(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, gate, x, branch);
+    backend_.linear_fp8_quantized_residual(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
+                                           ready_factors(l));
     return {};
   }
   backend_.linear_fp8_quantized(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, branch, Activation::None);

@@ -5,6 +5,7 @@
 // text and image halves as views, and the single-stream blocks on the whole of it, so the concatenation the
 // reference does between the two kinds of block costs nothing here.
 #include <cstdint>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -153,6 +154,10 @@ class FluxTransformer {
   // nothing pending), else written to branch and returned as the residual still to add.
   Residual project(const Tensor& in_room, int64_t in, const Linear& l, const Tensor& gate, const Tensor& x,
                    const Tensor& branch);
+  // The step's gated factors of every projection project() adds in its GEMM, in one backend launch after the
+  // modulations (ready_factors_); ready_factors(l) gives l's, or none (the op then makes its own).
+  void gated_factors_up_front();
+  const Backend::GatedFactors& ready_factors(const Linear& l) const;
   // The same for an FP8 projection whose input is quantised already (q8, q8_scale).
   Residual project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& gate,
                              const Tensor& x, const Tensor& branch);
@@ -209,7 +214,12 @@ class FluxTransformer {
     // FP8 attention with FP8 linears: its e4m3 output [B, S, D] with every row's scale [B * S] (attention_fp8_rows),
     // and a single block's linear2 input quantised from it and the MLP rows, [B * S, D + M] with row scales.
     Tensor attn_q8, attn_q8_scale, attn_mlp_q8, attn_mlp_q8_scale;
+    // FP8 projections added onto the residual in their GEMMs: their gated factors for the step, [P * B * D] F32 and
+    // compute dtype, P = 4 per double block + 1 per single block (gated_factors_up_front).
+    Tensor gated_scale, gated_bias;
   } buf_;
+  // Each such projection's factors this step (views of buf_.gated_*), by its weights.
+  std::unordered_map<const Linear*, Backend::GatedFactors> ready_factors_;
   Modulations mod_;  // what this step's blocks read: views of buf_.mod_all or of FluxInputs::modulations
 };
 

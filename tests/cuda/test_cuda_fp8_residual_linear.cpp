@@ -9,12 +9,15 @@
 //    <= 3e-2 of the update (float32 sums in another order on top).
 //  - On Hopper (outer-vector scaling) the fused form must be taken where the residual rows are 16-byte aligned: the
 //    branch scratch stays as it was (NaN). Rows and columns of x's buffer outside the view are never written.
+//  - With the gate's factors made beforehand by gated_output_factors (the transformer's way; on Hopper): the same
+//    result bit for bit as the op making its own.
 //  - Sample b is gated by gate[b] (B = 2 with different gates), batches at a stride past their rows (a stream's
 //    rows inside the [B, text + image, D] buffer), token counts that are not tile multiples.
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 
 #include "cuda_test_util.h"
 
@@ -92,6 +95,17 @@ TEST_P(CudaFp8ResidualLinear, MatchesTheComposition) {
   gpu_->quantize_fp8_rows(w.gpu, wq.gpu, ws.gpu);
   cpu_->quantize_fp8_rows(w.cpu, wq.cpu, ws.cpu);
 
+  // The gate's factors made beforehand, as the transformer makes a step's (with a second, unrelated item in the same
+  // launch): the op with them must give what it gives making its own, bit for bit.
+  ResidualBuffer x_ready = residual_rows(*gpu_, B, N, nout, rows, 81);
+  Backend::GatedFactors ready;
+  if (major == 9) {
+    ready = {gate.gpu, ws.gpu, bias.gpu, gpu_->empty(DType::F32, {B, nout}),
+             with_bias ? gpu_->empty(DType::BF16, {B, nout}) : Tensor()};
+    const Pair other_gate = mod.narrow(1, 5 * nout, nout);
+    const Backend::GatedFactors other{other_gate.gpu, ws.gpu, Tensor(), gpu_->empty(DType::F32, {B, nout}), Tensor()};
+    gpu_->gated_output_factors({other, ready});
+  }
   const Pair branch_fused = nan_pair(*gpu_, {B, N, nout});
   const Tensor branch_comp = gpu_->empty(DType::BF16, {B, N, nout}), branch_cpu = cpu_->empty(DType::F32, {B, N, nout});
   if (quantized) {
@@ -100,16 +114,20 @@ TEST_P(CudaFp8ResidualLinear, MatchesTheComposition) {
     gpu_->quantize_fp8_rows(in.gpu.view({B * N, K}), xq_buf.narrow(1, 0, K), xs);
     const Tensor xq = xq_buf.view({B, N, ldq}).narrow(2, 0, K);
     gpu_->linear_fp8_quantized_residual(xq, xs, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_fused.view.gpu,
-                                        branch_fused.gpu);
+                                        branch_fused.gpu, {});
+    gpu_->linear_fp8_quantized_residual(xq, xs, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_ready.view.gpu,
+                                        branch_fused.gpu, ready);
     gpu_->Backend::linear_fp8_quantized_residual(xq, xs, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_comp.view.gpu,
-                                                 branch_comp);
+                                                 branch_comp, {});
     const Tensor codes = download_raw(*gpu_, xq_buf);
     cpu_->linear_fp8_quantized_residual(codes.view({B, N, ldq}).narrow(2, 0, K), gpu_->to_host_f32(xs), wq.cpu,
-                                        ws.cpu, bias.cpu, gate.cpu, x_comp.view.cpu, branch_cpu);
+                                        ws.cpu, bias.cpu, gate.cpu, x_comp.view.cpu, branch_cpu, {});
   } else {
-    gpu_->linear_fp8_residual(in.gpu, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_fused.view.gpu, branch_fused.gpu);
-    gpu_->Backend::linear_fp8_residual(in.gpu, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_comp.view.gpu, branch_comp);
-    cpu_->linear_fp8_residual(in.cpu, wq.cpu, ws.cpu, bias.cpu, gate.cpu, x_comp.view.cpu, branch_cpu);
+    gpu_->linear_fp8_residual(in.gpu, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_fused.view.gpu, branch_fused.gpu, {});
+    gpu_->linear_fp8_residual(in.gpu, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_ready.view.gpu, branch_fused.gpu, ready);
+    gpu_->Backend::linear_fp8_residual(in.gpu, wq.gpu, ws.gpu, bias.gpu, gate.gpu, x_comp.view.gpu, branch_comp,
+                                       {});
+    cpu_->linear_fp8_residual(in.cpu, wq.cpu, ws.cpu, bias.cpu, gate.cpu, x_comp.view.cpu, branch_cpu, {});
   }
   const bool fused = gpu_->fp8_residual_in_gemm();
   const Tensor got = gpu_->to_host_f32(x_fused.view.gpu);
@@ -132,6 +150,9 @@ TEST_P(CudaFp8ResidualLinear, MatchesTheComposition) {
         outside_changed += !inside && full_after.ptr<float>()[i] != full_before.ptr<float>()[i];
       }
   EXPECT_EQ(outside_changed, 0) << "elements written outside the residual's rows";
+
+  const Tensor got_ready = gpu_->to_host_f32(x_ready.view.gpu);
+  EXPECT_EQ(std::memcmp(got.data(), got_ready.data(), got.nbytes()), 0) << "with the factors made beforehand";
 
   if (major == 9 && rows != ResidualRows::Unaligned) {
     EXPECT_TRUE(fused) << "cuBLASLt refused the fused form on this Hopper";

@@ -110,7 +110,7 @@ inline void check_lora_factors(const Tensor& down, const Tensor& up, const cuda:
 
 struct PinnedStaging;
 struct CopyQueue;
-struct Fp8GemvLists;
+struct DeviceItemLists;
 struct StepGates;
 
 // The stream is shared with recordings, which may outlive the backend.
@@ -440,10 +440,12 @@ class CudaBackend final : public Backend {
   void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
                             const Tensor& bias, const Tensor& y, Activation act) override;
   void linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
-                                     const Tensor& bias, const Tensor& gate, const Tensor& x,
-                                     const Tensor& branch) override;
+                                     const Tensor& bias, const Tensor& gate, const Tensor& x, const Tensor& branch,
+                                     const GatedFactors& ready) override;
   void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                           const Tensor& gate, const Tensor& x, const Tensor& branch) override;
+                           const Tensor& gate, const Tensor& x, const Tensor& branch,
+                           const GatedFactors& ready) override;
+  void gated_output_factors(const std::vector<GatedFactors>& items) override;
   // True unless FLUXSWAP_FP8_FUSED_RESIDUAL=0 (the fused form off, for comparisons) or cuBLASLt refused it once.
   bool fp8_residual_in_gemm() const override;
   void linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) override;
@@ -479,11 +481,11 @@ class CudaBackend final : public Backend {
   // `rows` rows at stride ldq: the newest buffer, grown outside recordings.
   static int64_t fp8_activation_stride(int64_t K) { return (K + 15) / 16 * 16; }
   std::pair<uint8_t*, float*> fp8_activation_buffer(int64_t rows, int64_t ldq, const char* op);
-  // linear_fp8_*residual's fused form: per sample, the gate folded into the weight scales and bias, then one GEMM
-  // adding onto the residual rows R (input(b) gives sample b's e4m3 rows, quantising them first if need be). False
+  // linear_fp8_*residual's fused form: per sample, the gate folded into the weight scales and bias (`ready`, or made
+  // here), then one GEMM adding onto the residual rows R (input(b) gives sample b's e4m3 rows, quantising them first if need be). False
   // where cuBLASLt cannot (nothing written to R then) or the fused form is turned off.
   bool gated_residual_products(const cuda::RowsView& R, const cuda::VecsView& G, const Tensor& wq,
-                               const Tensor& w_scale, const Tensor& bias, int64_t K,
+                               const Tensor& w_scale, const Tensor& bias, const GatedFactors& ready, int64_t K,
                                const std::function<cuda::Fp8Rows(int64_t b)>& input, const char* op);
   // qk_norm_rope's checks and launch into q, k, v heads of shape `heads` ([B, H, S, D]); with `fp8`, q and k go to
   // its e4m3 target instead, and v (bf16) is written only when given.
@@ -567,7 +569,7 @@ class CudaBackend final : public Backend {
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
   std::vector<Tensor> fp8_gated_scale_, fp8_gated_bias_;  // linear_fp8_*residual's per-step factors (same rule)
   bool fp8_residual_refused_ = false;
-  std::shared_ptr<Fp8GemvLists> fp8_gemv_lists_;  // linear_fp8_batch's item lists on the device (cuda_fp8_ops.cpp)
+  std::shared_ptr<DeviceItemLists> item_lists_;  // batched launches' item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;

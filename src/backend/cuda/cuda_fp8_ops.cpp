@@ -15,12 +15,12 @@
 
 namespace fluxswap::cuda {
 
-// linear_fp8_batch's item lists on the device, keyed by their contents (pointers, strides, sizes): a list issued
-// once outside a recording is found again while recording, with no upload. Lists are packed into chunks, and none
-// is ever freed or rewritten: a recorded graph keeps reading the copy it was captured with. (A list whose tensors
-// moved is a new key; the old copy, a few KiB, stays.)
-struct Fp8GemvLists {
-  std::unordered_map<std::string, const Fp8GemvItem*> lists;
+// Item lists of batched launches (linear_fp8_batch, gated_output_factors) on the device, keyed by their kind and
+// contents (pointers, strides, sizes): a list issued once outside a recording is found again while recording, with
+// no upload. Lists are packed into chunks, and none is ever freed or rewritten: a recorded graph keeps reading the
+// copy it was captured with. (A list whose tensors moved is a new key; the old copy, a few KiB, stays.)
+struct DeviceItemLists {
+  std::unordered_map<std::string, const void*> lists;
   std::vector<Tensor> chunks;
   size_t used = 0;  // bytes taken in the last chunk
 };
@@ -94,19 +94,21 @@ CublasLtFp8Linear& fp8_gemm(std::unique_ptr<CublasLtFp8Linear>& fp8, DeviceMemor
 
 // The device copy of a descriptor list: found, or uploaded (outside recordings only) into fresh chunk bytes, which no
 // launch in flight reads.
-template <class Alloc>
-const Fp8GemvItem* device_list(Fp8GemvLists& cache, const std::vector<Fp8GemvItem>& descs, bool capturing,
-                               Alloc&& alloc, cudaStream_t stream, const char* op) {
-  const size_t bytes = descs.size() * sizeof(Fp8GemvItem);
-  std::string key(reinterpret_cast<const char*>(descs.data()), bytes);
-  if (auto it = cache.lists.find(key); it != cache.lists.end()) return it->second;
+template <class Item, class Alloc>
+const Item* device_list(DeviceItemLists& cache, const std::vector<Item>& descs, bool capturing, Alloc&& alloc,
+                        cudaStream_t stream, const char* op) {
+  const size_t bytes = descs.size() * sizeof(Item);
+  std::string key = op;  // the kind
+  key.push_back('\0');
+  key.append(reinterpret_cast<const char*>(descs.data()), bytes);
+  if (auto it = cache.lists.find(key); it != cache.lists.end()) return static_cast<const Item*>(it->second);
   if (capturing) bad(op, "a new list of items was first issued while recording; run it once before record()");
   constexpr size_t kChunkBytes = 64 * 1024;
   if (cache.chunks.empty() || cache.used + bytes > size_t(cache.chunks.back().nbytes())) {
     cache.chunks.push_back(alloc(int64_t(std::max(kChunkBytes, bytes))));
     cache.used = 0;
   }
-  auto* dst = reinterpret_cast<Fp8GemvItem*>(static_cast<char*>(cache.chunks.back().data()) + cache.used);
+  auto* dst = reinterpret_cast<Item*>(static_cast<char*>(cache.chunks.back().data()) + cache.used);
   // From pageable memory: the call returns once the list is staged, so `descs` may go.
   check(cudaMemcpyAsync(dst, descs.data(), bytes, cudaMemcpyHostToDevice, stream), op, "cudaMemcpyAsync");
   cache.used += (bytes + 255) / 256 * 256;
@@ -175,9 +177,52 @@ std::pair<uint8_t*, float*> CudaBackend::fp8_activation_buffer(int64_t rows, int
   return {static_cast<uint8_t*>(fp8_act_.back().data()), fp8_act_scale_.back().ptr<float>()};
 }
 
+void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
+  const char* op = "gated_output_factors";
+  std::vector<GatedFactorsItem> descs;
+  int64_t B = -1, max_n = 0;
+  for (const GatedFactors& f : items) {
+    const VecsView G = vecs_of(f.gate, op, "gate");
+    const int64_t n = G.C;
+    if (B >= 0 && G.B != B) bad(op, "every gate must have the same batch");
+    B = G.B;
+    check_cuda_tensor(f.w_scale, op, "w_scale", DType::F32);
+    if (f.w_scale.numel() != n || !f.w_scale.is_contiguous()) bad(op, "w_scale must be F32 [" + std::to_string(n) + "]");
+    check_bias(f.bias, n, op);
+    check_cuda_tensor(f.scale, op, "scale", DType::F32);
+    if (f.scale.shape() != Shape{B, n} || !f.scale.is_contiguous())
+      bad(op, "scale must be F32 [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
+    if (f.bias.defined()) {
+      check_cuda_tensor(f.bias_out, op, "bias_out", DType::BF16);
+      if (f.bias_out.shape() != Shape{B, n} || !f.bias_out.is_contiguous())
+        bad(op, "bias_out must be [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
+    }
+    descs.push_back({G.p, G.sb, f.w_scale.ptr<float>(), f.bias.defined() ? f.bias.ptr<__nv_bfloat16>() : nullptr,
+                     f.scale.ptr<float>(), f.bias.defined() ? f.bias_out.ptr<__nv_bfloat16>() : nullptr, n});
+    max_n = std::max(max_n, n);
+  }
+  if (descs.empty()) return;
+  if (!item_lists_) item_lists_ = std::make_shared<DeviceItemLists>();
+  const GatedFactorsItem* list = device_list(
+      *item_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
+  timed(op, [&] { launch_gated_output_factors(list, int64_t(descs.size()), B, max_n, stream(), op); });
+}
+
+// `ready` made by gated_output_factors for this gate, weight and bias: checked for shape only (the caller pairs them).
+static void check_ready(const Backend::GatedFactors& ready, int64_t B, int64_t nout, bool bias, const char* op) {
+  if (!ready.scale.defined()) return;
+  check_cuda_tensor(ready.scale, op, "ready scale", DType::F32);
+  if (ready.scale.numel() != B * nout || !ready.scale.is_contiguous()) bad(op, "ready scale must be [B, nout]");
+  if (bias) {
+    check_cuda_tensor(ready.bias_out, op, "ready bias", DType::BF16);
+    if (ready.bias_out.numel() != B * nout || !ready.bias_out.is_contiguous()) bad(op, "ready bias must be [B, nout]");
+  }
+}
+
 bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& wq,
-                                          const Tensor& w_scale, const Tensor& bias, int64_t K,
-                                          const std::function<Fp8Rows(int64_t b)>& input, const char* op) {
+                                          const Tensor& w_scale, const Tensor& bias, const GatedFactors& ready,
+                                          int64_t K, const std::function<Fp8Rows(int64_t b)>& input,
+                                          const char* op) {
   if (!fp8_residual_in_gemm()) return false;
   const int64_t nout = R.C;
   // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
@@ -187,14 +232,19 @@ bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, 
     fp8_gated_scale_.push_back(empty(DType::F32, {nout}));
     fp8_gated_bias_.push_back(empty(DType::BF16, {nout}));
   }
-  float* scale = fp8_gated_scale_.back().ptr<float>();
-  auto* gated_bias = bias.defined() ? fp8_gated_bias_.back().ptr<__nv_bfloat16>() : nullptr;
-  // One product per sample (each has its own gate); the factors' scratch is rewritten in stream order behind the
-  // product that read it.
+  check_ready(ready, R.B, nout, bias.defined(), op);
+  const bool made = ready.scale.defined();
+  // One product per sample (each has its own gate); its factors are ready, or made into scratch that is rewritten
+  // in stream order behind the product that read it.
   for (int64_t b = 0; b < R.B; ++b) {
-    launch_gated_output_scales(G.p + b * G.sb, w_scale.ptr<float>(),
-                               bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, scale, gated_bias, stream(),
-                               op);
+    float* scale = made ? ready.scale.ptr<float>() + b * nout : fp8_gated_scale_.back().ptr<float>();
+    __nv_bfloat16* gated_bias = !bias.defined() ? nullptr
+                                : made          ? ready.bias_out.ptr<__nv_bfloat16>() + b * nout
+                                                : fp8_gated_bias_.back().ptr<__nv_bfloat16>();
+    if (!made)
+      launch_gated_output_scales(G.p + b * G.sb, w_scale.ptr<float>(),
+                                 bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, scale, gated_bias,
+                                 stream(), op);
     if (!fp8_->run_residual(input(b), {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
                             nout, capturing_, stream(), op)) {
       fp8_residual_refused_ = true;  // (sm_89 has no outer-vector scaling): the transformer goes back to the old way
@@ -206,7 +256,7 @@ bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, 
 
 void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
                                                 const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
-                                                const Tensor& x, const Tensor& branch) {
+                                                const Tensor& x, const Tensor& branch, const GatedFactors& ready) {
   const char* op = "linear_fp8_quantized_residual";
   const Fp8RowsView X = fp8_rows_view(xq, op, "input");
   const RowsView R = rows_of(x, op, "residual");
@@ -221,15 +271,16 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
   fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
   bool fused = false;
   timed(gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K).c_str(), [&] {
-    fused = gated_residual_products(R, G, wq, w_scale, bias, K, [&](int64_t b) {
+    fused = gated_residual_products(R, G, wq, w_scale, bias, ready, K, [&](int64_t b) {
       return Fp8Rows{X.p + b * X.sb, X.sn, x_scale.ptr<float>() + b * X.N};
     }, op);
   });
-  if (!fused) Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch);
+  if (!fused) Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch, ready);
 }
 
 void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
-                                      const Tensor& gate, const Tensor& x, const Tensor& branch) {
+                                      const Tensor& gate, const Tensor& x, const Tensor& branch,
+                                      const GatedFactors& ready) {
   const char* op = "linear_fp8_residual";
   const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
   const VecsView G = vecs_of(gate, op, "gate");
@@ -244,12 +295,12 @@ void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const 
   const auto [q, sx] = fp8_activation_buffer(I.N, ldq, op);
   bool fused = false;
   timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
-    fused = gated_residual_products(R, G, wq, w_scale, bias, K, [&](int64_t b) {
+    fused = gated_residual_products(R, G, wq, w_scale, bias, ready, K, [&](int64_t b) {
       launch_quantize_rows_e4m3(I.p + b * I.sb, I.sn, I.N, K, q, ldq, sx, stream(), op);
       return Fp8Rows{q, ldq, sx};
     }, op);
   });
-  if (!fused) Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch);
+  if (!fused) Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch, ready);
 }
 
 void CudaBackend::quantize_fp8_rows(const Tensor& x, const Tensor& q, const Tensor& scale) {
@@ -360,9 +411,9 @@ void CudaBackend::linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearI
   }
   if (rows == 0) return;
   if (!descs.empty()) {
-    if (!fp8_gemv_lists_) fp8_gemv_lists_ = std::make_shared<Fp8GemvLists>();
+    if (!item_lists_) item_lists_ = std::make_shared<DeviceItemLists>();
     const Fp8GemvItem* list = device_list(
-        *fp8_gemv_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
+        *item_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
     timed(op, [&] { launch_fp8_gemv_batch(X.p, X.sn, rows, K, list, int64_t(descs.size()), tiles, stream()); });
   }
   for (const Fp8LinearItem* it : others) linear_fp8(x, it->wq, it->w_scale, it->bias, it->y, Activation::None);

@@ -244,13 +244,27 @@ __global__ void scale_epilogue_kernel(const void* acc, int64_t lda, const float*
   }
 }
 
+__device__ inline void gated_factor(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t o,
+                                    float* scale_out, __nv_bfloat16* bias_out) {
+  const float g = __bfloat162float(gate[o]);
+  scale_out[o] = g * sw[o];
+  if (bias) bias_out[o] = __float2bfloat16(g * __bfloat162float(bias[o]));
+}
+
 __global__ void gated_output_scales_kernel(const __nv_bfloat16* __restrict__ gate, const float* __restrict__ sw,
                                            const __nv_bfloat16* __restrict__ bias, int64_t n,
                                            float* __restrict__ scale_out, __nv_bfloat16* __restrict__ bias_out) {
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < n; o += int64_t(gridDim.x) * blockDim.x) {
-    const float g = __bfloat162float(gate[o]);
-    scale_out[o] = g * sw[o];
-    if (bias) bias_out[o] = __float2bfloat16(g * __bfloat162float(bias[o]));
+  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < n; o += int64_t(gridDim.x) * blockDim.x)
+    gated_factor(gate, sw, bias, o, scale_out, bias_out);
+}
+
+// blockIdx.y: the item; x: grid-stride over its B * n factors.
+__global__ void gated_output_factors_kernel(const GatedFactorsItem* __restrict__ items, int64_t B) {
+  const GatedFactorsItem it = items[blockIdx.y];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * it.n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / it.n, o = i - b * it.n;
+    gated_factor(it.gate + b * it.gate_sb, it.sw, it.bias, o, it.scale + b * it.n,
+                 it.bias_out ? it.bias_out + b * it.n : nullptr);
   }
 }
 
@@ -372,6 +386,16 @@ void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, cons
   constexpr int kThreads = 256;
   gated_output_scales_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(gate, sw, bias, n, scale_out, bias_out);
   check_launch(op, "gated_output_scales_kernel");
+}
+
+void launch_gated_output_factors(const GatedFactorsItem* items, int64_t n_items, int64_t B, int64_t max_n,
+                                 cudaStream_t stream, const char* op) {
+  if (n_items == 0 || B * max_n == 0) return;
+  if (n_items > 65535) fail(op, "launch_gated_output_factors", "more than 65535 items in one launch");
+  constexpr int kThreads = 256;
+  const dim3 grid(grid_for(B * max_n, kThreads), unsigned(n_items));
+  gated_output_factors_kernel<<<grid, kThreads, 0, stream>>>(items, B);
+  check_launch(op, "gated_output_factors_kernel");
 }
 
 }  // namespace fluxswap::cuda

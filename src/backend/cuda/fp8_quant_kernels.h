@@ -56,4 +56,18 @@ void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, cons
                                 float* scale_out, __nv_bfloat16* bias_out, cudaStream_t stream,
                                 const char* op = "linear_fp8_residual");
 
+// The same for many projections and B samples in one launch: item i's gate rows [B, n] at batch stride gate_sb, its
+// factors [B, n] contiguous. `items` is in device memory.
+struct GatedFactorsItem {
+  const __nv_bfloat16* gate;
+  int64_t gate_sb;
+  const float* sw;
+  const __nv_bfloat16* bias;  // or null (then bias_out is not written)
+  float* scale;
+  __nv_bfloat16* bias_out;
+  int64_t n;
+};
+void launch_gated_output_factors(const GatedFactorsItem* items, int64_t n_items, int64_t B, int64_t max_n,
+                                 cudaStream_t stream, const char* op = "gated_output_factors");
+
 }  // namespace fluxswap::cuda
