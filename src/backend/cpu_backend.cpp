@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -72,6 +73,7 @@ Vecs vecs_of(const Tensor& t, const char* what) {
 
 class CpuBackend final : public Backend {
  public:
+  explicit CpuBackend(bool fp8_residual_in_gemm) : residual_in_gemm_(fp8_residual_in_gemm) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "cpu (float32 reference)"; }
   DType compute_dtype() const override { return DType::F32; }
@@ -195,12 +197,17 @@ class CpuBackend final : public Backend {
   // The reference of the GPU's FP8 linear: the same quantised operands, multiplied out in float32.
   void linear_fp8(const Tensor& x, const Tensor& wq, const Tensor& w_scale, const Tensor& bias, const Tensor& y,
                   Activation act) override {
-    Rows X = rows_of(x, "linear_fp8", "input");
+    const auto [xq, xs] = quantized_rows(x, "linear_fp8");
+    linear_fp8_quantized(xq, xs, wq, w_scale, bias, y, act);
+  }
+  // x's rows quantised per row as the FP8 linears take them: codes with x's shape (contiguous) and [B * N] scales.
+  static std::pair<Tensor, Tensor> quantized_rows(const Tensor& x, const char* op) {
+    const Rows X = rows_of(x, op, "input");
     Tensor xq = Tensor::empty(DType::F8_E4M3, {X.B, X.N, X.C}), xs = Tensor::empty(DType::F32, {X.B * X.N});
     for (int64_t b = 0; b < X.B; ++b)
       quant::quantize_rows_e4m3(X.row(b, 0), X.sn, X.N, X.C, xq.ptr<uint8_t>() + b * X.N * X.C, X.C,
                                 xs.ptr<float>() + b * X.N);
-    linear_fp8_quantized(x.ndim() == 2 ? xq.select(0, 0) : xq, xs, wq, w_scale, bias, y, act);
+    return {x.ndim() == 2 ? xq.select(0, 0) : xq, xs};
   }
 
   void linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
@@ -427,6 +434,49 @@ class CpuBackend final : public Backend {
         for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += G.at(b)[c] * Y.row(b, n)[c];
   }
 
+  // The FP8 residual projections' fused form (when asked for): x += acc * (gate * w_scale) + gate * bias, with acc
+  // the product of the e4m3 codes at unit weight scales; the composition otherwise.
+  bool fp8_residual_in_gemm() const override { return residual_in_gemm_; }
+  void gated_output_factors(const std::vector<GatedFactors>& items) override {
+    for (const GatedFactors& f : items) make_factors(f);
+  }
+  void linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq, const Tensor& w_scale,
+                                     const Tensor& bias, const Tensor& gate, const Tensor& x, const Tensor& branch,
+                                     const GatedFactors& ready) override {
+    if (!residual_in_gemm_) {
+      Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch, ready);
+      return;
+    }
+    const char* op = "linear_fp8_quantized_residual";
+    const Rows X = rows_of(x, op, "residual"), Br = rows_of(branch, op, "branch");
+    check_same_rows(X, Br, op);
+    GatedFactors f = ready;
+    if (!f.scale.defined()) {
+      f = {gate, w_scale, bias, Tensor::empty(DType::F32, {X.B, X.C}),
+           bias.defined() ? Tensor::empty(DType::F32, {X.B, X.C}) : Tensor()};
+      make_factors(f);
+    }
+    const Tensor unit = Tensor::empty(DType::F32, {X.C});
+    std::fill_n(unit.ptr<float>(), X.C, 1.0f);
+    linear_fp8_quantized(xq, x_scale, wq, unit, Tensor(), branch, Activation::None);
+    for (int64_t b = 0; b < X.B; ++b) {
+      const float* s = f.scale.ptr<float>() + b * X.C;
+      const float* gb = f.bias_out.defined() ? f.bias_out.ptr<float>() + b * X.C : nullptr;
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += Br.row(b, n)[c] * s[c] + (gb ? gb[c] : 0.0f);
+    }
+  }
+  void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                           const Tensor& gate, const Tensor& x, const Tensor& branch,
+                           const GatedFactors& ready) override {
+    if (!residual_in_gemm_) {
+      Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch, ready);
+      return;
+    }
+    const auto [q, s] = quantized_rows(in, "linear_fp8_residual");
+    linear_fp8_quantized_residual(q, s, wq, w_scale, bias, gate, x, branch, ready);
+  }
+
   // The fused forms are, by definition, the two ops in sequence.
   void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y, const Tensor& shift,
                                           const Tensor& scale, const Tensor& normed) override {
@@ -439,10 +489,27 @@ class CpuBackend final : public Backend {
     gated_residual(x, gate, y);
     layer_norm_modulate_fp8(x, shift, scale, q, q_scale);
   }
+
+ private:
+  // scale[b, o] = gate[b, o] * w_scale[o], bias_out[b, o] = gate[b, o] * bias[o].
+  static void make_factors(const GatedFactors& f) {
+    const Vecs G = vecs_of(f.gate, "gate");
+    if (f.scale.numel() != G.B * G.C || f.w_scale.numel() != G.C)
+      throw Error("cpu backend: gated factors: scale must be [B, n] and w_scale [n] for a [B, n] gate");
+    for (int64_t b = 0; b < G.B; ++b)
+      for (int64_t o = 0; o < G.C; ++o) {
+        f.scale.ptr<float>()[b * G.C + o] = G.at(b)[o] * f.w_scale.ptr<float>()[o];
+        if (f.bias.defined()) f.bias_out.ptr<float>()[b * G.C + o] = G.at(b)[o] * f.bias.ptr<float>()[o];
+      }
+  }
+
+  bool residual_in_gemm_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(bool fp8_residual_in_gemm) {
+  return std::make_unique<CpuBackend>(fp8_residual_in_gemm);
+}
 
 }  // namespace fluxswap
