@@ -8,6 +8,8 @@
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   fp8ab      fp8lora's step without the quality run, alternating processes with the gated residual added inside
 #              the FP8 output projections' GEMMs (default) and without (FLUXSWAP_FP8_FUSED_RESIDUAL=0), two of each
+#   sdpa       the bf16 step with cuDNN's SDPA implementations against each other (FLUXSWAP_CUDNN_SDPA=auto,
+#              composite, unified; auto twice), each with its per-op attention time
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
@@ -43,6 +45,15 @@ for job in "$@"; do
           echo "round $round fused $fused: $(grep -E '\+ FP8 attention:|LoRA per step with the modulation' \
             "$OUT/fp8ab-r$round-f$fused.log" | cut -c1-110 | tr '\n' '|')"
         done
+      done ;;
+    sdpa)
+      n=0
+      for impl in auto composite unified auto; do
+        n=$((n + 1))
+        FLUXSWAP_CUDNN_SDPA=$impl fluxswap bench --sizes 1024 --steps 20 --json "$OUT/sdpa-$n-$impl.json" \
+          > "$OUT/sdpa-$n-$impl.log" 2>&1
+        echo "$impl: $(grep -E '  ms/step|attention [0-9.]+ ms|rror' "$OUT/sdpa-$n-$impl.log" | \
+          sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(attention [0-9.]+ ms).*/\1/' | tr '\n' ' ')"
       done ;;
     bf16lora)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \

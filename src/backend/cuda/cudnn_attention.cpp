@@ -1,6 +1,7 @@
 #include "backend/cuda/cudnn_attention.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "backend/cuda/cuda_check.h"
@@ -29,6 +30,20 @@ void check_cudnn(cudnnStatus_t status, const char* call) {
 
 void check_fe(fe::error_t status, const char* call) {
   if (status.is_bad()) fail("attention", call, status.get_message());
+}
+
+// cuDNN's bf16 SDPA comes in two implementations: UNIFIED (one SDPA operation, cuDNN 9.13.1 and newer; the
+// frontend's AUTO picks it where it can) and COMPOSITE (the operation graph of matmuls and softmax). They are timed
+// against each other with FLUXSWAP_CUDNN_SDPA=composite|unified (default: the frontend's choice). FP8 SDPA has only
+// the composite one.
+fe::AttentionImplementation_t bf16_implementation() {
+  const char* env = std::getenv("FLUXSWAP_CUDNN_SDPA");
+  const std::string v = env ? env : "";
+  if (v == "composite") return fe::AttentionImplementation_t::COMPOSITE;
+  if (v == "unified") return fe::AttentionImplementation_t::UNIFIED;
+  if (!v.empty() && v != "auto")
+    fail("attention", "FLUXSWAP_CUDNN_SDPA", "must be auto, composite or unified, got \"" + v + "\"");
+  return fe::AttentionImplementation_t::AUTO;
 }
 
 }  // namespace
@@ -95,7 +110,8 @@ void CudnnAttention::build(const AttentionShape& s) {
     auto options = fe::graph::SDPA_attributes()
                        .set_name("flash_attention")
                        .set_generate_stats(false)
-                       .set_attn_scale(attn_scale);
+                       .set_attn_scale(attn_scale)
+                       .set_implementation(bf16_implementation());
     o = graph->sdpa(q, k, v, options)[0];
   }
   o->set_output(true).set_uid(kO).set_dim({s.B, s.H, s.S, s.D}).set_stride({s.out_sb, s.D, s.out_sn, 1});
