@@ -7,7 +7,8 @@
 #   bf16       the bf16 step alone with its per-op profile (the issue 4 figure)
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   fp8ab      fp8lora's step without the quality run, alternating processes with the gated residual added inside
-#              the FP8 output projections' GEMMs (default) and without (FLUXSWAP_FP8_FUSED_RESIDUAL=0), two of each
+#              the output projections' GEMMs (default) and without (FLUXSWAP_FUSED_RESIDUAL=0), two of each
+#   bf16ab     the same for the bf16 step (the bf16 job's command)
 #   sdpa       the bf16 step with cuDNN's SDPA implementations against each other (FLUXSWAP_CUDNN_SDPA=auto,
 #              composite, unified; auto twice), each with its per-op attention time
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
@@ -39,11 +40,20 @@ for job in "$@"; do
     fp8ab)
       for round in 1 2; do
         for fused in 0 1; do
-          FLUXSWAP_FP8_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
+          FLUXSWAP_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
             --fp8-attention --quality-steps 0 --lora-rank 64 --lora-mode merged --swaps 1 \
             --json "$OUT/fp8ab-r$round-f$fused.json" > "$OUT/fp8ab-r$round-f$fused.log" 2>&1
           echo "round $round fused $fused: $(grep -E '\+ FP8 attention:|LoRA per step with the modulation' \
             "$OUT/fp8ab-r$round-f$fused.log" | cut -c1-110 | tr '\n' '|')"
+        done
+      done ;;
+    bf16ab)
+      for round in 1 2; do
+        for fused in 0 1; do
+          FLUXSWAP_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 \
+            --json "$OUT/bf16ab-r$round-f$fused.json" > "$OUT/bf16ab-r$round-f$fused.log" 2>&1
+          echo "round $round fused $fused: $(grep -E '  ms/step|modulations up front' "$OUT/bf16ab-r$round-f$fused.log" | \
+            sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(= [0-9.]+ ms\/step).*/table \1/' | tr '\n' ' ')"
         done
       done ;;
     sdpa)

@@ -58,31 +58,6 @@ TEST_P(Fp8Transformer, LoraInBothModesAndUnloadReturnsTheFp8Base) {
   }
 }
 
-// The GPU's way of adding the blocks' output projections onto the residual (inside the FP8 GEMM, the gate folded
-// into the weight scales and bias, a step's factors made up front) followed on the CPU: the same math as the
-// composition up to float32 rounding order. A wrong gate (another chunk of the modulation), a projection left out
-// of the step's factors, or a residual added twice or never would move the output by far more than the bounds.
-TEST_P(Fp8Transformer, ResidualProjectionsInTheGemmAreTheComposition) {
-  FLUXSWAP_REQUIRE_FIXTURES();
-  for (const bool fp8_attention : {false, true}) {
-    SCOPED_TRACE(fp8_attention ? "FP8 attention" : "bf16 attention");
-    Fp8Model composed(GetParam()), fused(GetParam(), true);
-    composed.transformer->set_precision(true, fp8_attention);
-    fused.transformer->set_precision(true, fp8_attention);
-    ASSERT_TRUE(fused.backend->fp8_residual_in_gemm());
-    const Tensor want = composed.run(), got = fused.run();
-    const double err = max_rel_error(got, want);
-    std::printf("%s%s residual in the GEMM vs composed: max rel error %.3g\n", GetParam().c_str(),
-                fp8_attention ? " (FP8 attention)" : "", err);
-    // With FP8 attention a last-bit difference in the residual can flip an e4m3 code of q, k or v downstream (a
-    // code step is ~6%): measured up to 1.4e-4 on "small". Either bound is far below a plumbing error's O(1).
-    EXPECT_LE(err, fp8_attention ? 1e-3 : 1e-5);
-    // The products are summed in another order (codes first, scales after), so some output moves by an ulp: a
-    // result equal bit for bit would mean the fused path did not run.
-    EXPECT_GT(err, 0.0);
-  }
-}
-
 INSTANTIATE_TEST_SUITE_P(Fixtures, Fp8Transformer, ::testing::Values("tiny", "small", "tiny_schnell"));
 
 }  // namespace

@@ -183,7 +183,7 @@ class Backend {
   // transformer makes a whole step's at once); otherwise (undefined tensors) the op makes its own.
   struct GatedFactors {
     Tensor gate;           // [B, n] as gated_residual takes it
-    Tensor w_scale, bias;  // F32 [n]; [n] in the compute dtype, or undefined
+    Tensor w_scale, bias;  // F32 [n] (undefined for a bf16 weight: factor 1); [n] in the compute dtype, or undefined
     Tensor scale;          // F32 [B, n] contiguous: gate[b, o] * w_scale[o]
     Tensor bias_out;       // [B, n] contiguous, compute dtype: gate[b, o] * bias[o] rounded (undefined without bias)
   };
@@ -193,11 +193,15 @@ class Backend {
   virtual void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                                    const Tensor& gate, const Tensor& x, const Tensor& branch,
                                    const GatedFactors& ready);
-  // Whether the two above do better than their composition (the transformer then calls them; otherwise it leaves the
-  // branch for the next fused LayerNorm to add).
+  // The same for a bf16 projection: x += gate[b] * (in w^T + bias), w [nout, K] in the compute dtype.
+  virtual void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
+                               const Tensor& x, const Tensor& branch, const GatedFactors& ready);
+  // Whether the FP8 ones above (fp8_...) and the bf16 one do better than their composition (the transformer then calls
+  // them; otherwise it leaves the branch for the next fused LayerNorm to add).
   virtual bool fp8_residual_in_gemm() const { return false; }
+  virtual bool residual_in_gemm() const { return false; }
   // Every item's scale and bias_out from its gate, w_scale and bias, in one launch on a backend that batches (a step's
-  // factors, after its modulations). Throwing default: only backends whose fp8_residual_in_gemm() is true are asked.
+  // factors, after its modulations). Throwing default: only backends with a residual_in_gemm form are asked.
   virtual void gated_output_factors(const std::vector<GatedFactors>& items);
   // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,
   // linear_fp8(x, wq, w_scale, bias, y, Activation::None), with the same results bit for bit. x [B, K] with

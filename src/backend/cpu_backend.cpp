@@ -434,9 +434,20 @@ class CpuBackend final : public Backend {
         for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += G.at(b)[c] * Y.row(b, n)[c];
   }
 
-  // The FP8 residual projections' fused form (when asked for): x += acc * (gate * w_scale) + gate * bias, with acc
-  // the product of the e4m3 codes at unit weight scales; the composition otherwise.
+  // The residual projections' fused form (when asked for): x += acc * (gate * w_scale) + gate * bias, with acc the
+  // product of the e4m3 codes at unit weight scales (FP8) or of the weights (bf16: factor gate); the composition
+  // otherwise.
   bool fp8_residual_in_gemm() const override { return residual_in_gemm_; }
+  bool residual_in_gemm() const override { return residual_in_gemm_; }
+  void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate, const Tensor& x,
+                       const Tensor& branch, const GatedFactors& ready) override {
+    if (!residual_in_gemm_) {
+      Backend::linear_residual(in, w, bias, gate, x, branch, ready);
+      return;
+    }
+    linear(in, w, Tensor(), branch, Activation::None);
+    add_gated_product(x, branch, ready.scale.defined() ? ready : factors(gate, Tensor(), bias, x), "linear_residual");
+  }
   void gated_output_factors(const std::vector<GatedFactors>& items) override {
     for (const GatedFactors& f : items) make_factors(f);
   }
@@ -447,24 +458,11 @@ class CpuBackend final : public Backend {
       Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch, ready);
       return;
     }
-    const char* op = "linear_fp8_quantized_residual";
-    const Rows X = rows_of(x, op, "residual"), Br = rows_of(branch, op, "branch");
-    check_same_rows(X, Br, op);
-    GatedFactors f = ready;
-    if (!f.scale.defined()) {
-      f = {gate, w_scale, bias, Tensor::empty(DType::F32, {X.B, X.C}),
-           bias.defined() ? Tensor::empty(DType::F32, {X.B, X.C}) : Tensor()};
-      make_factors(f);
-    }
-    const Tensor unit = Tensor::empty(DType::F32, {X.C});
-    std::fill_n(unit.ptr<float>(), X.C, 1.0f);
+    const Tensor unit = Tensor::empty(DType::F32, {wq.size(0)});
+    std::fill_n(unit.ptr<float>(), wq.size(0), 1.0f);
     linear_fp8_quantized(xq, x_scale, wq, unit, Tensor(), branch, Activation::None);
-    for (int64_t b = 0; b < X.B; ++b) {
-      const float* s = f.scale.ptr<float>() + b * X.C;
-      const float* gb = f.bias_out.defined() ? f.bias_out.ptr<float>() + b * X.C : nullptr;
-      for (int64_t n = 0; n < X.N; ++n)
-        for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += Br.row(b, n)[c] * s[c] + (gb ? gb[c] : 0.0f);
-    }
+    add_gated_product(x, branch, ready.scale.defined() ? ready : factors(gate, w_scale, bias, x),
+                      "linear_fp8_quantized_residual");
   }
   void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                            const Tensor& gate, const Tensor& x, const Tensor& branch,
@@ -491,16 +489,36 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  // scale[b, o] = gate[b, o] * w_scale[o], bias_out[b, o] = gate[b, o] * bias[o].
+  // scale[b, o] = gate[b, o] * w_scale[o] (or gate[b, o] without w_scale), bias_out[b, o] = gate[b, o] * bias[o].
   static void make_factors(const GatedFactors& f) {
     const Vecs G = vecs_of(f.gate, "gate");
-    if (f.scale.numel() != G.B * G.C || f.w_scale.numel() != G.C)
+    if (f.scale.numel() != G.B * G.C || (f.w_scale.defined() && f.w_scale.numel() != G.C))
       throw Error("cpu backend: gated factors: scale must be [B, n] and w_scale [n] for a [B, n] gate");
     for (int64_t b = 0; b < G.B; ++b)
       for (int64_t o = 0; o < G.C; ++o) {
-        f.scale.ptr<float>()[b * G.C + o] = G.at(b)[o] * f.w_scale.ptr<float>()[o];
-        if (f.bias.defined()) f.bias_out.ptr<float>()[b * G.C + o] = G.at(b)[o] * f.bias.ptr<float>()[o];
+        const float g = G.at(b)[o];
+        f.scale.ptr<float>()[b * G.C + o] = f.w_scale.defined() ? g * f.w_scale.ptr<float>()[o] : g;
+        if (f.bias.defined()) f.bias_out.ptr<float>()[b * G.C + o] = g * f.bias.ptr<float>()[o];
       }
+  }
+  // The factors an op makes itself when none are given, for residual rows x.
+  static GatedFactors factors(const Tensor& gate, const Tensor& w_scale, const Tensor& bias, const Tensor& x) {
+    const Rows X = rows_of(x, "gated factors", "residual");
+    GatedFactors f{gate, w_scale, bias, Tensor::empty(DType::F32, {X.B, X.C}),
+                   bias.defined() ? Tensor::empty(DType::F32, {X.B, X.C}) : Tensor()};
+    make_factors(f);
+    return f;
+  }
+  // x[b, n, o] += product[b, n, o] * scale[b, o] + bias_out[b, o].
+  static void add_gated_product(const Tensor& x, const Tensor& product, const GatedFactors& f, const char* op) {
+    const Rows X = rows_of(x, op, "residual"), P = rows_of(product, op, "branch");
+    check_same_rows(X, P, op);
+    for (int64_t b = 0; b < X.B; ++b) {
+      const float* s = f.scale.ptr<float>() + b * X.C;
+      const float* gb = f.bias_out.defined() ? f.bias_out.ptr<float>() + b * X.C : nullptr;
+      for (int64_t n = 0; n < X.N; ++n)
+        for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += P.row(b, n)[c] * s[c] + (gb ? gb[c] : 0.0f);
+    }
   }
 
   bool residual_in_gemm_;

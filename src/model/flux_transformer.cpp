@@ -438,7 +438,7 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
     buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
     buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
   }
-  if (fp8_ && backend_.fp8_residual_in_gemm()) {
+  if ((fp8_ && backend_.fp8_residual_in_gemm()) || backend_.residual_in_gemm()) {
     const int64_t projections = 4 * int64_t(weights_.double_blocks.size()) + int64_t(weights_.single_blocks.size());
     buf_.gated_scale = backend_.empty(DType::F32, {projections * batch * D});
     buf_.gated_bias = e({projections * batch * D});
@@ -605,15 +605,26 @@ const Backend::GatedFactors& FluxTransformer::ready_factors(const Linear& l) con
   return it == ready_factors_.end() ? none : it->second;
 }
 
+bool FluxTransformer::fp8_projection_in_gemm(const Linear& l) const {
+  return quantized_input(l) && backend_.fp8_residual_in_gemm();
+}
+
+bool FluxTransformer::bf16_projection_in_gemm(const Linear& l) const {
+  return l.weight.defined() && !l.weight_fp8.defined() && !l.lora_down.defined() && !l.lora_weight.defined() &&
+         backend_.residual_in_gemm();
+}
+
 void FluxTransformer::gated_factors_up_front() {
   ready_factors_.clear();
-  if (!buf_.gated_scale.defined() || !backend_.fp8_residual_in_gemm()) return;
+  if (!buf_.gated_scale.defined()) return;
   const int64_t B = B_, D = config_.inner_dim();
   std::vector<Backend::GatedFactors> items;
   auto add = [&](const Linear& l, const Tensor& gate) {
-    if (!quantized_input(l)) return;
+    const bool fp8 = fp8_projection_in_gemm(l);
+    if (!fp8 && !bf16_projection_in_gemm(l)) return;
     const int64_t at = int64_t(items.size()) * B * D;
-    items.push_back({gate, l.weight_scale, l.bias, buf_.gated_scale.narrow(0, at, B * D).view({B, D}),
+    items.push_back({gate, fp8 ? l.weight_scale : Tensor(), l.bias,
+                     buf_.gated_scale.narrow(0, at, B * D).view({B, D}),
                      l.bias.defined() ? buf_.gated_bias.narrow(0, at, B * D).view({B, D}) : Tensor()});
     ready_factors_.emplace(&l, items.back());
   };
@@ -631,9 +642,13 @@ void FluxTransformer::gated_factors_up_front() {
 
 FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_t in, const Linear& l,
                                                    const Tensor& gate, const Tensor& x, const Tensor& branch) {
-  if (quantized_input(l) && backend_.fp8_residual_in_gemm()) {
+  if (fp8_projection_in_gemm(l)) {
     backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
                                  ready_factors(l));
+    return {};
+  }
+  if (bf16_projection_in_gemm(l)) {
+    backend_.linear_residual(in_room.narrow(-1, 0, in), l.weight, l.bias, gate, x, branch, ready_factors(l));
     return {};
   }
   linear_roomy(in_room, in, l, branch);

@@ -446,8 +446,12 @@ class CudaBackend final : public Backend {
                            const Tensor& gate, const Tensor& x, const Tensor& branch,
                            const GatedFactors& ready) override;
   void gated_output_factors(const std::vector<GatedFactors>& items) override;
-  // True unless FLUXSWAP_FP8_FUSED_RESIDUAL=0 (the fused form off, for comparisons) or cuBLASLt refused it once.
+  // Defined in cuda_residual_ops.cpp. True unless FLUXSWAP_FUSED_RESIDUAL=0 (the fused forms off, for comparisons) or
+  // cuBLASLt refused that form once.
   bool fp8_residual_in_gemm() const override;
+  bool residual_in_gemm() const override;
+  void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate, const Tensor& x,
+                       const Tensor& branch, const GatedFactors& ready) override;
   void linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) override;
   void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y, const Tensor& shift,
                                           const Tensor& scale, const Tensor& normed) override;
@@ -481,12 +485,16 @@ class CudaBackend final : public Backend {
   // `rows` rows at stride ldq: the newest buffer, grown outside recordings.
   static int64_t fp8_activation_stride(int64_t K) { return (K + 15) / 16 * 16; }
   std::pair<uint8_t*, float*> fp8_activation_buffer(int64_t rows, int64_t ldq, const char* op);
-  // linear_fp8_*residual's fused form: per sample, the gate folded into the weight scales and bias (`ready`, or made
-  // here), then one GEMM adding onto the residual rows R (input(b) gives sample b's e4m3 rows, quantising them first if need be). False
-  // where cuBLASLt cannot (nothing written to R then) or the fused form is turned off.
-  bool gated_residual_products(const cuda::RowsView& R, const cuda::VecsView& G, const Tensor& wq,
-                               const Tensor& w_scale, const Tensor& bias, const GatedFactors& ready, int64_t K,
-                               const std::function<cuda::Fp8Rows(int64_t b)>& input, const char* op);
+  // The residual ops' fused form (cuda_residual_ops.cpp): per sample, the gate folded into the weight scales (w_scale;
+  // undefined for bf16: the gate alone) and bias (`ready`, or made here), then product() adding onto the residual rows
+  // R. False where R's rows are not 16-byte aligned or cuBLASLt cannot (nothing written to R then).
+
+  // product(b, scale, gated_bias) issues sample b's GEMM with its factors, or returns false (nothing issued) where
+  // cuBLASLt has no algorithm for it.
+  using GatedProduct = std::function<bool(int64_t b, float* scale, void* gated_bias)>;
+  bool gated_residual_products(const cuda::RowsView& R, const cuda::VecsView& G, const Tensor& w_scale,
+                               const Tensor& bias, const GatedFactors& ready, const GatedProduct& product,
+                               const char* op);
   // qk_norm_rope's checks and launch into q, k, v heads of shape `heads` ([B, H, S, D]); with `fp8`, q and k go to
   // its e4m3 target instead, and v (bf16) is written only when given.
   void qk_norm_rope_checked(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
@@ -567,8 +575,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasLtFp8Linear> fp8_;
   bool fp8_fast_accum_ = false;
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
-  std::vector<Tensor> fp8_gated_scale_, fp8_gated_bias_;  // linear_fp8_*residual's per-step factors (same rule)
-  bool fp8_residual_refused_ = false;
+  std::vector<Tensor> fp8_gated_scale_, fp8_gated_bias_;  // the residual ops' own per-step factors (same rule)
+  bool fp8_residual_refused_ = false, residual_refused_ = false;
   std::shared_ptr<DeviceItemLists> item_lists_;  // batched launches' item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload

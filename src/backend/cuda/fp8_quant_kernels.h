@@ -51,7 +51,8 @@ void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const
                                int64_t ldy, cudaStream_t stream, const char* op = "linear_fp8");
 
 // A gated FP8 output projection's per-step output-channel factors (CudaBackend::linear_fp8_quantized_residual):
-// scale_out[o] = gate[o] * sw[o] (float32) and, when bias is given, bias_out[o] = bf16(gate[o] * bias[o]).
+// scale_out[o] = gate[o] * sw[o] (float32; sw null: gate[o], a bf16 projection's alpha) and, when bias is given,
+// bias_out[o] = bf16(gate[o] * bias[o]).
 void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t n,
                                 float* scale_out, __nv_bfloat16* bias_out, cudaStream_t stream,
                                 const char* op = "linear_fp8_residual");
@@ -61,7 +62,7 @@ void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, cons
 struct GatedFactorsItem {
   const __nv_bfloat16* gate;
   int64_t gate_sb;
-  const float* sw;
+  const float* sw;             // or null (factor 1)
   const __nv_bfloat16* bias;  // or null (then bias_out is not written)
   float* scale;
   __nv_bfloat16* bias_out;

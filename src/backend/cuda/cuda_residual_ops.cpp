@@ -1,0 +1,204 @@
+// A block's gated output projection added onto the residual inside its GEMM, on the CUDA backend:
+// x += gate * (the projection), the gate folded into the product's per-output-feature factors (FP8: cuBLASLt's
+// outer-vector weight scales times the gate; bf16: an alpha vector, the gate itself) and the bias times the gate
+// into the bias epilogue, with x read as the product's C (beta 1) and written as its D. The branch is then neither
+// written nor read again by the next LayerNorm. A step's factors are made in one launch after its modulations
+// (gated_output_factors); an op given none makes its own. Where cuBLASLt has no algorithm for a form (found on its
+// first call, before any recording), the composition runs and that form is not offered again; FLUXSWAP_FUSED_RESIDUAL=0
+// turns both forms off (comparisons).
+#include <cstdlib>
+#include <functional>
+#include <string>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/device_item_lists.h"
+#include "backend/cuda/fp8_operands.h"
+#include "backend/cuda/fp8_quant_kernels.h"
+
+namespace fluxswap::cuda {
+
+namespace {
+
+bool fused_residual_wanted() {
+  static const bool wanted = [] {
+    const char* env = std::getenv("FLUXSWAP_FUSED_RESIDUAL");
+    return !(env && std::string(env) == "0");
+  }();
+  return wanted;
+}
+
+// `ready` made by gated_output_factors for this gate, weight and bias: checked for shape only (the caller pairs them).
+void check_ready(const Backend::GatedFactors& ready, int64_t B, int64_t nout, bool bias, const char* op) {
+  if (!ready.scale.defined()) return;
+  check_cuda_tensor(ready.scale, op, "ready scale", DType::F32);
+  if (ready.scale.numel() != B * nout || !ready.scale.is_contiguous()) bad(op, "ready scale must be [B, nout]");
+  if (bias) {
+    check_cuda_tensor(ready.bias_out, op, "ready bias", DType::BF16);
+    if (ready.bias_out.numel() != B * nout || !ready.bias_out.is_contiguous()) bad(op, "ready bias must be [B, nout]");
+  }
+}
+
+}  // namespace
+
+bool CudaBackend::fp8_residual_in_gemm() const { return fused_residual_wanted() && !fp8_residual_refused_; }
+bool CudaBackend::residual_in_gemm() const { return fused_residual_wanted() && !residual_refused_; }
+
+void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
+  const char* op = "gated_output_factors";
+  std::vector<GatedFactorsItem> descs;
+  int64_t B = -1, max_n = 0;
+  for (const GatedFactors& f : items) {
+    const VecsView G = vecs_of(f.gate, op, "gate");
+    const int64_t n = G.C;
+    if (B >= 0 && G.B != B) bad(op, "every gate must have the same batch");
+    B = G.B;
+    if (f.w_scale.defined()) {
+      check_cuda_tensor(f.w_scale, op, "w_scale", DType::F32);
+      if (f.w_scale.numel() != n || !f.w_scale.is_contiguous())
+        bad(op, "w_scale must be F32 [" + std::to_string(n) + "]");
+    }
+    check_bias(f.bias, n, op);
+    check_cuda_tensor(f.scale, op, "scale", DType::F32);
+    if (f.scale.shape() != Shape{B, n} || !f.scale.is_contiguous())
+      bad(op, "scale must be F32 [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
+    if (f.bias.defined()) {
+      check_cuda_tensor(f.bias_out, op, "bias_out", DType::BF16);
+      if (f.bias_out.shape() != Shape{B, n} || !f.bias_out.is_contiguous())
+        bad(op, "bias_out must be [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
+    }
+    descs.push_back({G.p, G.sb, f.w_scale.defined() ? f.w_scale.ptr<float>() : nullptr,
+                     f.bias.defined() ? f.bias.ptr<__nv_bfloat16>() : nullptr, f.scale.ptr<float>(),
+                     f.bias.defined() ? f.bias_out.ptr<__nv_bfloat16>() : nullptr, n});
+    max_n = std::max(max_n, n);
+  }
+  if (descs.empty()) return;
+  if (!item_lists_) item_lists_ = std::make_shared<DeviceItemLists>();
+  const GatedFactorsItem* list = device_list(
+      *item_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
+  timed(op, [&] { launch_gated_output_factors(list, int64_t(descs.size()), B, max_n, stream(), op); });
+}
+
+bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& w_scale,
+                                          const Tensor& bias, const GatedFactors& ready, const GatedProduct& product,
+                                          const char* op) {
+  const int64_t nout = R.C;
+  // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
+  if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return false;
+  check_ready(ready, R.B, nout, bias.defined(), op);
+  const bool made = ready.scale.defined();
+  if (!made && (fp8_gated_scale_.empty() || fp8_gated_scale_.back().numel() < nout)) {
+    if (capturing_) bad(op, "a recording needs larger gated-scale buffers: run the work once eagerly first");
+    fp8_gated_scale_.push_back(empty(DType::F32, {nout}));
+    fp8_gated_bias_.push_back(empty(DType::BF16, {nout}));
+  }
+  // One product per sample (each has its own gate); its factors are ready, or made into scratch that is rewritten
+  // in stream order behind the product that read it. The first product decides (they share one plan).
+  for (int64_t b = 0; b < R.B; ++b) {
+    float* scale = made ? ready.scale.ptr<float>() + b * nout : fp8_gated_scale_.back().ptr<float>();
+    __nv_bfloat16* gated_bias = !bias.defined() ? nullptr
+                                : made          ? ready.bias_out.ptr<__nv_bfloat16>() + b * nout
+                                                : fp8_gated_bias_.back().ptr<__nv_bfloat16>();
+    if (!made)
+      launch_gated_output_scales(G.p + b * G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
+                                 bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, scale, gated_bias,
+                                 stream(), op);
+    if (!product(b, scale, gated_bias)) return false;
+  }
+  return true;
+}
+
+void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
+                                                const Tensor& w_scale, const Tensor& bias, const Tensor& gate,
+                                                const Tensor& x, const Tensor& branch, const GatedFactors& ready) {
+  const char* op = "linear_fp8_quantized_residual";
+  const Fp8RowsView X = fp8_rows_view(xq, op, "input");
+  const RowsView R = rows_of(x, op, "residual");
+  const VecsView G = vecs_of(gate, op, "gate");
+  const int64_t K = X.C, nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, K, op, "weight");
+  check_row_scales(x_scale, X.B * X.N, op, "input scales");
+  if (R.C != nout || X.B != R.B || X.N != R.N)
+    bad(op, shape_str(xq.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(x.shape()));
+  check_vecs_fit(G, R, op, "gate");
+  check_bias(bias, nout, op);
+  CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
+  bool fused = false;
+  if (fp8_residual_in_gemm())
+    timed(gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K).c_str(), [&] {
+      fused = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+        const bool ok = gemm.run_residual({X.p + b * X.sb, X.sn, x_scale.ptr<float>() + b * X.N},
+                                          {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
+                                          nout, capturing_, stream(), op);
+        fp8_residual_refused_ = fp8_residual_refused_ || !ok;  // sm_89 has no outer-vector scaling
+        return ok;
+      }, op);
+    });
+  if (!fused) Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch, ready);
+}
+
+void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                                      const Tensor& gate, const Tensor& x, const Tensor& branch,
+                                      const GatedFactors& ready) {
+  const char* op = "linear_fp8_residual";
+  const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
+  const VecsView G = vecs_of(gate, op, "gate");
+  const int64_t K = I.C, nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, K, op, "weight");
+  if (R.C != nout || I.B != R.B || I.N != R.N)
+    bad(op, shape_str(in.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(x.shape()));
+  check_vecs_fit(G, R, op, "gate");
+  check_bias(bias, nout, op);
+  CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
+  bool fused = false;
+  if (fp8_residual_in_gemm()) {
+    const int64_t ldq = fp8_activation_stride(K);
+    const auto [q, sx] = fp8_activation_buffer(I.N, ldq, op);
+    timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
+      fused = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+        launch_quantize_rows_e4m3(I.p + b * I.sb, I.sn, I.N, K, q, ldq, sx, stream(), op);
+        const bool ok = gemm.run_residual({q, ldq, sx}, {wq.data(), wq.stride(0), scale}, gated_bias,
+                                          R.p + b * R.sb, R.sn, R.N, K, nout, capturing_, stream(), op);
+        fp8_residual_refused_ = fp8_residual_refused_ || !ok;
+        return ok;
+      }, op);
+    });
+  }
+  if (!fused) Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch, ready);
+}
+
+void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
+                                  const Tensor& x, const Tensor& branch, const GatedFactors& ready) {
+  const char* op = "linear_residual";
+  const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
+  const VecsView G = vecs_of(gate, op, "gate");
+  check_cuda_tensor(w, op, "weight", DType::BF16);
+  if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
+    bad(op, "weight must be a [Nout, K] tensor with contiguous rows");
+  const int64_t nout = w.size(0), K = w.size(1);
+  if (I.C != K || R.C != nout || I.B != R.B || I.N != R.N)
+    bad(op, shape_str(in.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(x.shape()));
+  check_vecs_fit(G, R, op, "gate");
+  check_bias(bias, nout, op);
+  bool fused = false;
+  if (residual_in_gemm())
+    timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
+      fused = gated_residual_products(R, G, Tensor(), bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+        Matmul mm;
+        mm.trans_a = true;
+        mm.m = nout, mm.n = I.N, mm.k = K;
+        mm.a = w.data(), mm.lda = w.stride(0);
+        mm.b = I.p + b * I.sb, mm.ldb = I.sn;
+        mm.d = R.p + b * R.sb, mm.ldd = R.sn;
+        mm.accumulate = true;
+        mm.alpha_vector = scale;
+        mm.epilogue = gated_bias ? GemmEpilogue::Bias : GemmEpilogue::None;
+        mm.bias = gated_bias;
+        const bool ok = gemm_->try_matmul(mm, capturing_, stream(), op);
+        residual_refused_ = residual_refused_ || !ok;  // no algorithm takes an alpha vector here
+        return ok;
+      }, op);
+    });
+  if (!fused) Backend::linear_residual(in, w, bias, gate, x, branch, ready);
+}
+
+}  // namespace fluxswap::cuda
