@@ -77,6 +77,13 @@ inline void check_contiguous(const Tensor& t, const char* op, const char* what) 
   if (!t.is_contiguous()) bad(op, std::string(what) + " must be contiguous");
 }
 
+// The weight of a bf16 linear: [nout, K] with contiguous rows.
+inline void check_weight(const Tensor& w, const char* op) {
+  check_cuda_tensor(w, op, "weight", DType::BF16);
+  if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
+    bad(op, "weight must be a [Nout, K] tensor with contiguous rows");
+}
+
 // The bias of a linear: bf16 [nout], contiguous; or undefined.
 inline void check_bias(const Tensor& bias, int64_t nout, const char* op) {
   if (!bias.defined()) return;
@@ -308,9 +315,7 @@ class CudaBackend final : public Backend {
   void linear(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, Activation act) override {
     const char* op = "linear";
     const cuda::RowsView X = rows_of(x, op, "input"), Y = rows_of(y, op, "output");
-    check_cuda_tensor(w, op, "weight", DType::BF16);
-    if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
-      bad(op, "weight must be a [Nout, K] tensor with contiguous rows");
+    check_weight(w, op);
     const int64_t nout = w.size(0), k = w.size(1);
     if (X.C != k || Y.C != nout || X.B != Y.B || X.N != Y.N)
       bad(op, shape_str(x.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(y.shape()));

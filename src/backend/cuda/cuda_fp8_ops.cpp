@@ -57,11 +57,7 @@ void CudaBackend::linear_fp8_quantized(const Tensor& xq, const Tensor& x_scale, 
   const Fp8RowsView X = fp8_rows_view(xq, op, "input");
   const RowsView Y = rows_of(y, op, "output");
   const int64_t K = X.C, nout = wq.size(0);
-  check_fp8_rows(wq, w_scale, K, op, "weight");
-  check_row_scales(x_scale, X.B * X.N, op, "input scales");
-  if (Y.C != nout || X.B != Y.B || X.N != Y.N)
-    bad(op, shape_str(xq.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(y.shape()));
-  check_bias(bias, nout, op);
+  check_fp8_quantized_product(X, xq, x_scale, wq, w_scale, bias, Y, y, op);
   CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
   // One product over all rows when the batches follow each other at the row stride on both sides; else one per
   // batch (a stream's rows inside the [B, text + image, D] buffer).

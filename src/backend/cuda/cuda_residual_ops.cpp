@@ -115,12 +115,8 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
   const RowsView R = rows_of(x, op, "residual");
   const VecsView G = vecs_of(gate, op, "gate");
   const int64_t K = X.C, nout = wq.size(0);
-  check_fp8_rows(wq, w_scale, K, op, "weight");
-  check_row_scales(x_scale, X.B * X.N, op, "input scales");
-  if (R.C != nout || X.B != R.B || X.N != R.N)
-    bad(op, shape_str(xq.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(x.shape()));
+  check_fp8_quantized_product(X, xq, x_scale, wq, w_scale, bias, R, x, op);
   check_vecs_fit(G, R, op, "gate");
-  check_bias(bias, nout, op);
   CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
   bool fused = false;
   if (fp8_residual_in_gemm())
@@ -171,9 +167,7 @@ void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tenso
   const char* op = "linear_residual";
   const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
   const VecsView G = vecs_of(gate, op, "gate");
-  check_cuda_tensor(w, op, "weight", DType::BF16);
-  if (w.ndim() != 2 || w.stride(1) != 1 || w.stride(0) < w.size(1))
-    bad(op, "weight must be a [Nout, K] tensor with contiguous rows");
+  check_weight(w, op);
   const int64_t nout = w.size(0), K = w.size(1);
   if (I.C != K || R.C != nout || I.B != R.B || I.N != R.N)
     bad(op, shape_str(in.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(x.shape()));

@@ -39,6 +39,19 @@ inline void check_row_scales(const Tensor& s, int64_t rows, const char* op, cons
     bad(op, std::string(what) + " must be F32 [" + std::to_string(rows) + "] contiguous, got " + shape_str(s.shape()));
 }
 
+// An FP8 product's operands: quantised rows X of xq (row scales x_scale) times wq^T (scales w_scale) into rows Y of y,
+// with an optional bias [nout].
+inline void check_fp8_quantized_product(const Fp8RowsView& X, const Tensor& xq, const Tensor& x_scale,
+                                        const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
+                                        const RowsView& Y, const Tensor& y, const char* op) {
+  const int64_t nout = wq.size(0);
+  check_fp8_rows(wq, w_scale, X.C, op, "weight");
+  check_row_scales(x_scale, X.B * X.N, op, "input scales");
+  if (Y.C != nout || X.B != Y.B || X.N != Y.N)
+    bad(op, shape_str(xq.shape()) + " x " + shape_str(wq.shape()) + "^T -> " + shape_str(y.shape()));
+  check_bias(bias, nout, op);
+}
+
 // Made on first use: it refuses GPUs below sm_89, and its plans need eager runs before any recording.
 inline CublasLtFp8Linear& fp8_gemm(std::unique_ptr<CublasLtFp8Linear>& fp8, DeviceMemory& memory, bool fast_accum,
                             bool capturing, const char* op) {
