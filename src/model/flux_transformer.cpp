@@ -510,7 +510,11 @@ void FluxTransformer::forward(const FluxInputs& in, const Tensor& out) {
   const size_t nd = weights_.double_blocks.size(), ns = weights_.single_blocks.size();
   const bool per_block = streamer_.active() && !tabled;
   if (!streamer_.active() && !tabled) modulations_up_front(buf_.cond, mod_);
-  if (!per_block) gated_factors_up_front();
+  // Streamed blocks' biases arrive with their blocks: their ops make their own factors then.
+  if (!streamer_.active())
+    gated_factors_up_front();
+  else
+    ready_factors_.clear();
   streamer_.begin(be);
   Residual txt_pending, img_pending, pending;
   for (size_t i = 0; i < nd; ++i) {
