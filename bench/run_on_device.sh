@@ -24,7 +24,7 @@ for job in "$@"; do
   start=$(date +%s)
   case "$job" in
     tests)
-      fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) |tests ran" ;;
+      fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) |tests ran|^\[ residual \]" ;;
     ordering)
       CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn.log" \
         fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
