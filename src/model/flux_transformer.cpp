@@ -603,21 +603,8 @@ void FluxTransformer::double_block(size_t i, const Tensor& rope, float qk_scale,
   }
 }
 
-const Backend::GatedFactors& FluxTransformer::ready_factors(const Linear& l) const {
-  static const Backend::GatedFactors none;
-  const auto it = ready_factors_.find(&l);
-  return it == ready_factors_.end() ? none : it->second;
-}
-
-bool FluxTransformer::fp8_projection_in_gemm(const Linear& l) const {
-  return quantized_input(l) && backend_.fp8_residual_in_gemm();
-}
-
-bool FluxTransformer::bf16_projection_in_gemm(const Linear& l) const {
-  return l.weight.defined() && !l.weight_fp8.defined() && !l.lora_down.defined() && !l.lora_weight.defined() &&
-         backend_.residual_in_gemm();
-}
-
+// The gates here are the ones double_block and single_block pass to project(): chunks 2 and 5 of a stream's
+// modulation, chunk 2 of a single block's.
 void FluxTransformer::gated_factors_up_front() {
   ready_factors_.clear();
   if (!buf_.gated_scale.defined()) return;
@@ -642,32 +629,6 @@ void FluxTransformer::gated_factors_up_front() {
   for (size_t i = 0; i < weights_.single_blocks.size(); ++i)
     add(weights_.single_blocks[i].linear2, chunk(mod_.single[i], 2, D));
   backend_.gated_output_factors(items);
-}
-
-FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_t in, const Linear& l,
-                                                   const Tensor& gate, const Tensor& x, const Tensor& branch) {
-  if (fp8_projection_in_gemm(l)) {
-    backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
-                                 ready_factors(l));
-    return {};
-  }
-  if (bf16_projection_in_gemm(l)) {
-    backend_.linear_residual(in_room.narrow(-1, 0, in), l.weight, l.bias, gate, x, branch, ready_factors(l));
-    return {};
-  }
-  linear_roomy(in_room, in, l, branch);
-  return {gate, branch};
-}
-
-FluxTransformer::Residual FluxTransformer::project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l,
-                                                             const Tensor& gate, const Tensor& x, const Tensor& branch) {
-  if (backend_.fp8_residual_in_gemm()) {
-    backend_.linear_fp8_quantized_residual(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
-                                           ready_factors(l));
-    return {};
-  }
-  backend_.linear_fp8_quantized(q8, q8_scale, l.weight_fp8, l.weight_scale, l.bias, branch, Activation::None);
-  return {gate, branch};
 }
 
 void FluxTransformer::single_block(size_t i, const Tensor& rope, float qk_scale, Residual& pending) {
