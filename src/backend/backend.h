@@ -200,7 +200,7 @@ class Backend {
   // them; otherwise it leaves the branch for the next fused LayerNorm to add).
   virtual bool fp8_residual_in_gemm() const { return false; }
   virtual bool residual_in_gemm() const { return false; }
-  // Every item's scale and bias_out from its gate, w_scale and bias, in one launch on a backend that batches (a step's
+  // Every item's scale and bias_out from its gate, w_scale and bias, in a few launches on a backend that batches (a step's
   // factors, after its modulations). Throwing default: only backends with a residual_in_gemm form are asked.
   virtual void gated_output_factors(const std::vector<GatedFactors>& items);
   // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,

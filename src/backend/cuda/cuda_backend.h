@@ -117,7 +117,7 @@ inline void check_lora_factors(const Tensor& down, const Tensor& up, const cuda:
 
 struct PinnedStaging;
 struct CopyQueue;
-struct DeviceItemLists;
+struct Fp8GemvLists;
 struct StepGates;
 
 // The stream is shared with recordings, which may outlive the backend.
@@ -582,7 +582,7 @@ class CudaBackend final : public Backend {
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
   std::vector<Tensor> fp8_gated_scale_, fp8_gated_bias_;  // the residual ops' own per-step factors (same rule)
   bool fp8_residual_refused_ = false, residual_refused_ = false;
-  std::shared_ptr<DeviceItemLists> item_lists_;  // batched launches' item lists on the device (cuda_fp8_ops.cpp)
+  std::shared_ptr<Fp8GemvLists> fp8_gemv_lists_;  // linear_fp8_batch's item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload
   std::shared_ptr<StreamHolder> stream_;

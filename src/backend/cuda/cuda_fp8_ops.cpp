@@ -7,12 +7,21 @@
 #include <unordered_map>
 
 #include "backend/cuda/cuda_backend.h"
-#include "backend/cuda/device_item_lists.h"
-#include "backend/cuda/fp8_operands.h"
 #include "backend/cuda/fp8_gemv.h"
+#include "backend/cuda/fp8_operands.h"
 #include "backend/cuda/fp8_quant_kernels.h"
 
 namespace fluxswap::cuda {
+
+// linear_fp8_batch's item lists on the device, keyed by their contents (pointers, strides, sizes): a list issued
+// once outside a recording is found again while recording, with no upload. Lists are packed into chunks, and none
+// is ever freed or rewritten: a recorded graph keeps reading the copy it was captured with. (A list whose tensors
+// moved is a new key; the old copy, a few KiB, stays.)
+struct Fp8GemvLists {
+  std::unordered_map<std::string, const Fp8GemvItem*> lists;
+  std::vector<Tensor> chunks;
+  size_t used = 0;  // bytes taken in the last chunk
+};
 
 namespace {
 
@@ -36,6 +45,28 @@ Fp8RowsOut normed_fp8_out(const Tensor& x, const RowsView& X, const Tensor& q, c
     bad(op, "the output must be 16-byte aligned with row and batch strides multiples of 16 (FP8 GEMM operands)");
   check_row_scales(q_scale, X.B * X.N, op, "output scales");
   return {Q.p, Q.sb, Q.sn, q_scale.ptr<float>()};
+}
+
+// The device copy of a descriptor list: found, or uploaded (outside recordings only) into fresh chunk bytes, which no
+// launch in flight reads.
+template <class Alloc>
+const Fp8GemvItem* device_list(Fp8GemvLists& cache, const std::vector<Fp8GemvItem>& descs, bool capturing,
+                               Alloc&& alloc, cudaStream_t stream, const char* op) {
+  const size_t bytes = descs.size() * sizeof(Fp8GemvItem);
+  std::string key(reinterpret_cast<const char*>(descs.data()), bytes);
+  if (auto it = cache.lists.find(key); it != cache.lists.end()) return it->second;
+  if (capturing) bad(op, "a new list of items was first issued while recording; run it once before record()");
+  constexpr size_t kChunkBytes = 64 * 1024;
+  if (cache.chunks.empty() || cache.used + bytes > size_t(cache.chunks.back().nbytes())) {
+    cache.chunks.push_back(alloc(int64_t(std::max(kChunkBytes, bytes))));
+    cache.used = 0;
+  }
+  auto* dst = reinterpret_cast<Fp8GemvItem*>(static_cast<char*>(cache.chunks.back().data()) + cache.used);
+  // From pageable memory: the call returns once the list is staged, so `descs` may go.
+  check(cudaMemcpyAsync(dst, descs.data(), bytes, cudaMemcpyHostToDevice, stream), op, "cudaMemcpyAsync");
+  cache.used += (bytes + 255) / 256 * 256;
+  cache.lists.emplace(std::move(key), dst);
+  return dst;
 }
 
 }  // namespace
@@ -189,9 +220,9 @@ void CudaBackend::linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearI
   }
   if (rows == 0) return;
   if (!descs.empty()) {
-    if (!item_lists_) item_lists_ = std::make_shared<DeviceItemLists>();
+    if (!fp8_gemv_lists_) fp8_gemv_lists_ = std::make_shared<Fp8GemvLists>();
     const Fp8GemvItem* list = device_list(
-        *item_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
+        *fp8_gemv_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
     timed(op, [&] { launch_fp8_gemv_batch(X.p, X.sn, rows, K, list, int64_t(descs.size()), tiles, stream()); });
   }
   for (const Fp8LinearItem* it : others) linear_fp8(x, it->wq, it->w_scale, it->bias, it->y, Activation::None);

@@ -2,16 +2,16 @@
 // x += gate * (the projection), the gate folded into the product's per-output-feature factors (FP8: cuBLASLt's
 // outer-vector weight scales times the gate; bf16: an alpha vector, the gate itself) and the bias times the gate
 // into the bias epilogue, with x read as the product's C (beta 1) and written as its D. The branch is then neither
-// written nor read again by the next LayerNorm. A step's factors are made in one launch after its modulations
+// written nor read again by the next LayerNorm. A step's factors are made in two launches after its modulations
 // (gated_output_factors); an op given none makes its own. Where cuBLASLt has no algorithm for a form (found on its
 // first call, before any recording), the composition runs and that form is not offered again; FLUXSWAP_FUSED_RESIDUAL=0
 // turns both forms off (comparisons).
+#include <algorithm>
 #include <cstdlib>
 #include <functional>
 #include <string>
 
 #include "backend/cuda/cuda_backend.h"
-#include "backend/cuda/device_item_lists.h"
 #include "backend/cuda/fp8_operands.h"
 #include "backend/cuda/fp8_quant_kernels.h"
 
@@ -46,7 +46,7 @@ bool CudaBackend::residual_in_gemm() const { return fused_residual_wanted() && !
 void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
   const char* op = "gated_output_factors";
   std::vector<GatedFactorsItem> descs;
-  int64_t B = -1, max_n = 0;
+  int64_t B = -1;
   for (const GatedFactors& f : items) {
     const VecsView G = vecs_of(f.gate, op, "gate");
     const int64_t n = G.C;
@@ -69,13 +69,18 @@ void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
     descs.push_back({G.p, G.sb, f.w_scale.defined() ? f.w_scale.ptr<float>() : nullptr,
                      f.bias.defined() ? f.bias.ptr<__nv_bfloat16>() : nullptr, f.scale.ptr<float>(),
                      f.bias.defined() ? f.bias_out.ptr<__nv_bfloat16>() : nullptr, n});
-    max_n = std::max(max_n, n);
   }
-  if (descs.empty()) return;
-  if (!item_lists_) item_lists_ = std::make_shared<DeviceItemLists>();
-  const GatedFactorsItem* list = device_list(
-      *item_lists_, descs, capturing_, [&](int64_t n) { return empty(DType::U8, {n}); }, stream(), op);
-  timed(op, [&] { launch_gated_output_factors(list, int64_t(descs.size()), B, max_n, stream(), op); });
+  timed(op, [&] {
+    for (size_t first = 0; first < descs.size(); first += kGatedFactorsPerLaunch) {
+      GatedFactorsBatch batch{};
+      batch.B = B;
+      for (size_t i = first; i < descs.size() && i < first + kGatedFactorsPerLaunch; ++i) {
+        batch.item[batch.n_items++] = descs[i];
+        batch.max_n = std::max(batch.max_n, descs[i].n);
+      }
+      launch_gated_output_factors(batch, stream(), op);
+    }
+  });
 }
 
 bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& w_scale,

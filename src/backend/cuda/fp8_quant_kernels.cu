@@ -259,8 +259,9 @@ __global__ void gated_output_scales_kernel(const __nv_bfloat16* __restrict__ gat
 }
 
 // blockIdx.y: the item; x: grid-stride over its B * n factors.
-__global__ void gated_output_factors_kernel(const GatedFactorsItem* __restrict__ items, int64_t B) {
-  const GatedFactorsItem it = items[blockIdx.y];
+__global__ void gated_output_factors_kernel(const __grid_constant__ GatedFactorsBatch batch) {
+  const GatedFactorsItem& it = batch.item[blockIdx.y];
+  const int64_t B = batch.B;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * it.n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / it.n, o = i - b * it.n;
     gated_factor(it.gate + b * it.gate_sb, it.sw, it.bias, o, it.scale + b * it.n,
@@ -388,13 +389,12 @@ void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, cons
   check_launch(op, "gated_output_scales_kernel");
 }
 
-void launch_gated_output_factors(const GatedFactorsItem* items, int64_t n_items, int64_t B, int64_t max_n,
-                                 cudaStream_t stream, const char* op) {
-  if (n_items == 0 || B * max_n == 0) return;
-  if (n_items > 65535) fail(op, "launch_gated_output_factors", "more than 65535 items in one launch");
+void launch_gated_output_factors(const GatedFactorsBatch& batch, cudaStream_t stream, const char* op) {
+  if (batch.n_items == 0 || batch.B * batch.max_n == 0) return;
+  if (batch.n_items > kGatedFactorsPerLaunch) fail(op, "launch_gated_output_factors", "too many items in one launch");
   constexpr int kThreads = 256;
-  const dim3 grid(grid_for(B * max_n, kThreads), unsigned(n_items));
-  gated_output_factors_kernel<<<grid, kThreads, 0, stream>>>(items, B);
+  const dim3 grid(grid_for(batch.B * batch.max_n, kThreads), unsigned(batch.n_items));
+  gated_output_factors_kernel<<<grid, kThreads, 0, stream>>>(batch);
   check_launch(op, "gated_output_factors_kernel");
 }
 

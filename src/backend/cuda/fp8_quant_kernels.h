@@ -58,7 +58,8 @@ void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, cons
                                 const char* op = "linear_fp8_residual");
 
 // The same for many projections and B samples in one launch: item i's gate rows [B, n] at batch stride gate_sb, its
-// factors [B, n] contiguous. `items` is in device memory.
+// factors [B, n] contiguous. The items travel as the kernel's parameter (a recorded launch keeps its copy: nothing
+// in device memory to keep alive or to leak when the pointers change from one generation to the next).
 struct GatedFactorsItem {
   const __nv_bfloat16* gate;
   int64_t gate_sb;
@@ -68,7 +69,12 @@ struct GatedFactorsItem {
   __nv_bfloat16* bias_out;
   int64_t n;
 };
-void launch_gated_output_factors(const GatedFactorsItem* items, int64_t n_items, int64_t B, int64_t max_n,
-                                 cudaStream_t stream, const char* op = "gated_output_factors");
+constexpr int kGatedFactorsPerLaunch = 64;  // 56 bytes each: within the 4 KiB of kernel parameters
+struct GatedFactorsBatch {
+  GatedFactorsItem item[kGatedFactorsPerLaunch];
+  int64_t n_items, B, max_n;  // max_n: the largest item's n
+};
+void launch_gated_output_factors(const GatedFactorsBatch& batch, cudaStream_t stream,
+                                 const char* op = "gated_output_factors");
 
 }  // namespace fluxswap::cuda
