@@ -580,7 +580,7 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CublasLtFp8Linear> fp8_;
   bool fp8_fast_accum_ = false;
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
-  std::vector<Tensor> fp8_gated_scale_, fp8_gated_bias_;  // the residual ops' own per-step factors (same rule)
+  std::vector<Tensor> gated_scratch_scale_, gated_scratch_bias_;  // the residual ops' own factors (same rule)
   bool fp8_residual_refused_ = false, residual_refused_ = false;
   std::shared_ptr<Fp8GemvLists> fp8_gemv_lists_;  // linear_fp8_batch's item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)

@@ -90,25 +90,26 @@ bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, 
   // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
   if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return false;
   check_ready(ready, R.B, nout, bias.defined(), op);
-  const bool made = ready.scale.defined();
-  if (!made && (fp8_gated_scale_.empty() || fp8_gated_scale_.back().numel() < nout)) {
-    if (capturing_) bad(op, "a recording needs larger gated-scale buffers: run the work once eagerly first");
-    fp8_gated_scale_.push_back(empty(DType::F32, {nout}));
-    fp8_gated_bias_.push_back(empty(DType::BF16, {nout}));
+  float* scale = ready.scale.defined() ? ready.scale.ptr<float>() : nullptr;
+  auto* gated_bias = bias.defined() && ready.scale.defined() ? ready.bias_out.ptr<__nv_bfloat16>() : nullptr;
+  if (!scale) {
+    // None ready: every sample's factors made here, into scratch that a later op rewrites in stream order.
+    if (gated_scratch_scale_.empty() || gated_scratch_scale_.back().numel() < R.B * nout) {
+      if (capturing_) bad(op, "a recording needs larger gated-factor buffers: run the work once eagerly first");
+      gated_scratch_scale_.push_back(empty(DType::F32, {R.B * nout}));
+      gated_scratch_bias_.push_back(empty(DType::BF16, {R.B * nout}));
+    }
+    scale = gated_scratch_scale_.back().ptr<float>();
+    gated_bias = bias.defined() ? gated_scratch_bias_.back().ptr<__nv_bfloat16>() : nullptr;
+    GatedFactorsBatch one{};
+    one.item[0] = {G.p, G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
+                   bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, scale, gated_bias, nout};
+    one.n_items = 1, one.B = R.B, one.max_n = nout;
+    launch_gated_output_factors(one, stream(), op);
   }
-  // One product per sample (each has its own gate); its factors are ready, or made into scratch that is rewritten
-  // in stream order behind the product that read it. The first product decides (they share one plan).
-  for (int64_t b = 0; b < R.B; ++b) {
-    float* scale = made ? ready.scale.ptr<float>() + b * nout : fp8_gated_scale_.back().ptr<float>();
-    __nv_bfloat16* gated_bias = !bias.defined() ? nullptr
-                                : made          ? ready.bias_out.ptr<__nv_bfloat16>() + b * nout
-                                                : fp8_gated_bias_.back().ptr<__nv_bfloat16>();
-    if (!made)
-      launch_gated_output_scales(G.p + b * G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
-                                 bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, nout, scale, gated_bias,
-                                 stream(), op);
-    if (!product(b, scale, gated_bias)) return false;
-  }
+  // One product per sample (each has its own gate). The first product decides (they share one plan).
+  for (int64_t b = 0; b < R.B; ++b)
+    if (!product(b, scale + b * nout, gated_bias ? gated_bias + b * nout : nullptr)) return false;
   return true;
 }
 

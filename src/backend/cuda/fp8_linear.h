@@ -73,7 +73,7 @@ class CublasLtFp8Linear {
 
   // A gated output projection added onto the residual in the same call: acc[T, nout] (bf16, row stride ld, updated
   // in place) += (x.q · w.q^T) * (x.scale[t] * w.scale[o]) + bias[o], where w.scale and bias are the projection's
-  // per-step factors (its weight scales and bias times the gate: launch_gated_output_scales). acc is read as the
+  // per-step factors (its weight scales and bias times the gate: launch_gated_output_factors). acc is read as the
   // product's C (beta 1) and written as its D. Only on the outer-vector path with cuBLASLt's bias epilogue; returns
   // false, having issued nothing, where cuBLASLt has no algorithm for it (found on the shape's first call, before
   // any recording, and remembered). Requirements as run().

@@ -251,13 +251,6 @@ __device__ inline void gated_factor(const __nv_bfloat16* gate, const float* sw, 
   if (bias) bias_out[o] = __float2bfloat16(g * __bfloat162float(bias[o]));
 }
 
-__global__ void gated_output_scales_kernel(const __nv_bfloat16* __restrict__ gate, const float* __restrict__ sw,
-                                           const __nv_bfloat16* __restrict__ bias, int64_t n,
-                                           float* __restrict__ scale_out, __nv_bfloat16* __restrict__ bias_out) {
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < n; o += int64_t(gridDim.x) * blockDim.x)
-    gated_factor(gate, sw, bias, o, scale_out, bias_out);
-}
-
 // blockIdx.y: the item; x: grid-stride over its B * n factors.
 __global__ void gated_output_factors_kernel(const __grid_constant__ GatedFactorsBatch batch) {
   const GatedFactorsItem& it = batch.item[blockIdx.y];
@@ -379,14 +372,6 @@ void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const
     scale_epilogue_kernel<1, false><<<grid, kThreads, 0, stream>>>(acc.p, acc.ld, sx, sw, bias, gelu, chunks, total,
                                                                    y, ldy);
   check_launch(op, "scale_epilogue_kernel");
-}
-
-void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t n,
-                                float* scale_out, __nv_bfloat16* bias_out, cudaStream_t stream, const char* op) {
-  if (n == 0) return;
-  constexpr int kThreads = 256;
-  gated_output_scales_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(gate, sw, bias, n, scale_out, bias_out);
-  check_launch(op, "gated_output_scales_kernel");
 }
 
 void launch_gated_output_factors(const GatedFactorsBatch& batch, cudaStream_t stream, const char* op) {

@@ -50,16 +50,12 @@ void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const
                                const __nv_bfloat16* bias, bool gelu, int64_t rows, int64_t cols, __nv_bfloat16* y,
                                int64_t ldy, cudaStream_t stream, const char* op = "linear_fp8");
 
-// A gated FP8 output projection's per-step output-channel factors (CudaBackend::linear_fp8_quantized_residual):
-// scale_out[o] = gate[o] * sw[o] (float32; sw null: gate[o], a bf16 projection's alpha) and, when bias is given,
-// bias_out[o] = bf16(gate[o] * bias[o]).
-void launch_gated_output_scales(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t n,
-                                float* scale_out, __nv_bfloat16* bias_out, cudaStream_t stream,
-                                const char* op = "linear_fp8_residual");
-
-// The same for many projections and B samples in one launch: item i's gate rows [B, n] at batch stride gate_sb, its
-// factors [B, n] contiguous. The items travel as the kernel's parameter (a recorded launch keeps its copy: nothing
-// in device memory to keep alive or to leak when the pointers change from one generation to the next).
+// A gated output projection's per-step output-feature factors (cuda_residual_ops.cpp), for many projections and B
+// samples in one launch: item i's scale[b, o] = gate[b, o] * sw[o] (float32; sw null: gate[b, o], a bf16
+// projection's alpha) and, when it has a bias, bias_out[b, o] = bf16(gate[b, o] * bias[o]); gate rows [B, n] at
+// batch stride gate_sb, factors [B, n] contiguous. The items travel as the kernel's parameter (a recorded launch
+// keeps its copy: nothing in device memory to keep alive or to leak when the pointers change from one generation to
+// the next).
 struct GatedFactorsItem {
   const __nv_bfloat16* gate;
   int64_t gate_sb;
