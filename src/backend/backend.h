@@ -7,7 +7,8 @@
 //  - "rows" tensors are [B, N, C] with the last dimension contiguous; their batch and row strides may be larger
 //    than the packed ones, so ops can read and write column slices of a wider buffer without copies.
 //  - per-sample vectors (modulation shift/scale/gate) are [B, C] views with any batch stride.
-//  - attention inputs q, k, v are contiguous [B, H, S, head_dim]; the attention output is rows [B, S, H*head_dim].
+//  - attention inputs q, k are contiguous [B, H, S, head_dim], v the same or rows [B, S, H*head_dim] (the v
+//    columns of the qkv projection, read in place); the attention output is rows [B, S, H*head_dim].
 //  - outputs are passed as const handles: a Tensor is a view, and the op writes the memory it points to.
 #include <chrono>
 #include <functional>
@@ -97,11 +98,13 @@ class Backend {
 
   // Splits qkv rows [B, N, 3*H*D] (q | k | v, each heads-major), applies RMSNorm (eps=1e-6, weight [D]) to q and k
   // per head, rotates q and k by RoPE (pairs (2j, 2j+1); rope [S, D/2, 2] float32 holds (cos, sin) of position
-  // seq_offset + n), and writes q, k, v [B, H, S, D] at sequence positions seq_offset .. seq_offset + N.
+  // seq_offset + n), and writes q, k, v [B, H, S, D] at sequence positions seq_offset .. seq_offset + N (v undefined:
+  // not written, for an attention that reads v from the qkv rows).
   virtual void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                             int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) = 0;
 
-  // out = softmax(q k^T / sqrt(D)) v, per batch and head; out rows [B, S, H*D].
+  // out = softmax(q k^T / sqrt(D)) v, per batch and head; out rows [B, S, H*D]. v: heads [B, H, S, D] like q, or
+  // rows [B, S, H*D] at any row stride (the v columns of the qkv rows).
   virtual void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) = 0;
 
   // FP8 attention (e4m3 q, k, v, probabilities and output, one scale per tensor). Throwing defaults for backends

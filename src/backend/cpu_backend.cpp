@@ -340,12 +340,12 @@ class CpuBackend final : public Backend {
       throw Error("cpu backend: qk_norm_rope: qkv " + shape_str(qkv.shape()) + " does not fit q " +
                   shape_str(q.shape()) + " at offset " + std::to_string(seq_offset));
     const float* rp = rope.ptr<float>();
-    float* outs[3] = {q.ptr<float>(), k.ptr<float>(), v.ptr<float>()};
+    float* outs[3] = {q.ptr<float>(), k.ptr<float>(), v.defined() ? v.ptr<float>() : nullptr};
     const float* norms[2] = {q_norm.ptr<float>(), k_norm.ptr<float>()};
     for (int64_t b = 0; b < X.B; ++b)
       for (int64_t n = 0; n < X.N; ++n) {
         const int64_t s = seq_offset + n;
-        for (int part = 0; part < 3; ++part)
+        for (int part = 0; part < (outs[2] ? 3 : 2); ++part)
           for (int64_t h = 0; h < H; ++h) {
             const float* src = X.row(b, n) + part * H * D + h * D;
             float* dst = outs[part] + ((b * H + h) * S + s) * D;
@@ -367,7 +367,8 @@ class CpuBackend final : public Backend {
 
   void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
     if (q.ndim() != 4) throw Error("cpu backend: attention: q must be [B, H, S, D], got " + shape_str(q.shape()));
-    cpu_ops::attention_ex(q, k, v, 1.0f / std::sqrt(float(q.size(3))), Tensor(), /*causal=*/false, out);
+    cpu_ops::attention_ex(q, k, v_heads(v, q.shape(), "attention"), 1.0f / std::sqrt(float(q.size(3))), Tensor(),
+                          /*causal=*/false, out);
   }
 
   void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
@@ -386,22 +387,26 @@ class CpuBackend final : public Backend {
 
   void attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                      const Tensor& out) override {
-    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8), qk_scale, v_amax.ptr<float>()[0], out);
+    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8.shape(), "attention_fp8"), qk_scale, v_amax.ptr<float>()[0], out);
     v_amax.ptr<float>()[0] = 0.0f;
   }
 
   void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                           const Tensor& out8, const Tensor& out_scale) override {
-    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8), qk_scale, v_amax.ptr<float>()[0], Tensor(), out8, out_scale);
+    cpu_ops::attention_fp8(q8, k8, v_heads(v, q8.shape(), "attention_fp8_rows"), qk_scale, v_amax.ptr<float>()[0],
+                           Tensor(), out8, out_scale);
     v_amax.ptr<float>()[0] = 0.0f;
   }
 
-  // FP8 attention's v: heads [B, H, S, D] as they are, or rows [B, S, H*D] (the v columns of qkv) split into heads.
-  Tensor v_heads(const Tensor& v, const Tensor& q8) {
+  // Attention's v: heads [B, H, S, D] as they are, or rows [B, S, H*D] (the v columns of qkv) split into heads.
+  Tensor v_heads(const Tensor& v, const Shape& heads, const char* op) {
     if (v.ndim() != 3) return v;
-    Tensor heads = Tensor::empty(DType::F32, q8.shape());
-    split_heads(v, heads);
-    return heads;
+    if (heads.size() != 4 || v.size(0) != heads[0] || v.size(1) != heads[2] || v.size(2) != heads[1] * heads[3])
+      throw Error(std::string("cpu backend: ") + op + ": v rows " + shape_str(v.shape()) + " do not match the heads " +
+                  shape_str(heads));
+    Tensor out = Tensor::empty(DType::F32, heads);
+    split_heads(v, out);
+    return out;
   }
 
   // The float32 values of [a8 * a_scale | b], then the row quantiser.

@@ -229,18 +229,18 @@ void FluxTransformer::set_precision(bool fp8_linears, bool fp8_attention) {
 
 void FluxTransformer::qk_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                               int64_t seq_offset, float qk_scale) {
-  // FP8 attention reads v from the qkv rows (v_rows()): only max |v| is gathered here.
+  // Attention reads v from the qkv rows (v_rows()): FP8 attention gathers only max |v| here.
   if (fp8_attention_)
     backend_.qk_norm_rope_fp8(qkv, q_norm, k_norm, rope, seq_offset, qk_scale, buf_.q8, buf_.k8, Tensor(), buf_.v_amax);
   else
-    backend_.qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, buf_.q, buf_.k, buf_.v);
+    backend_.qk_norm_rope(qkv, q_norm, k_norm, rope, seq_offset, buf_.q, buf_.k, Tensor());
 }
 
 void FluxTransformer::attend(const Tensor& out, float qk_scale) {
   if (fp8_attention_)
     backend_.attention_fp8(buf_.q8, buf_.k8, v_rows(), qk_scale, buf_.v_amax, out);
   else
-    backend_.attention(buf_.q, buf_.k, buf_.v, out);
+    backend_.attention(buf_.q, buf_.k, v_rows(), out);
 }
 
 void FluxTransformer::linear(const Tensor& x, const Linear& l, const Tensor& y, Activation act,
@@ -418,7 +418,8 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   buf_.normed_room = e({batch, S, D + R});
   buf_.normed = cols(buf_.normed_room, 0, D);
   buf_.branch = e({batch, S, D});
-  buf_.proj_in_room = e({batch, S, 3 * D + M + R});
+  // Attention reads v in place from these rows: a row length of whole 16-byte units keeps them aligned for it.
+  buf_.proj_in_room = e({batch, S, 3 * D + M + (R + 7) / 8 * 8});
   buf_.proj_in = cols(buf_.proj_in_room, 0, 3 * D + M);
   if (fp8_attention_) {
     buf_.q8 = backend_.empty(DType::F8_E4M3, {batch, H, S, hd});
@@ -428,7 +429,6 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
   } else {
     buf_.q = e({batch, H, S, hd});
     buf_.k = e({batch, H, S, hd});
-    buf_.v = e({batch, H, S, hd});
   }
   buf_.attn_mlp_room = e({batch, S, D + M + R});
   buf_.attn_mlp = cols(buf_.attn_mlp_room, 0, D + M);

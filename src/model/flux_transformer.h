@@ -146,7 +146,7 @@ class FluxTransformer {
   // The LayerNorm alone, into bf16 normed rows or e4m3 q8 rows (q8 defined), after `pending`.
   void norm(const Tensor& x, const Residual& pending, const Tensor& shift, const Tensor& scale, const Tensor& normed,
             const Tensor& q8, const Tensor& q8_scale);
-  // The v columns of every block's qkv output, [B, S, D] rows in buf_.proj_in: where FP8 attention reads v.
+  // The v columns of every block's qkv output, [B, S, D] rows in buf_.proj_in: where attention reads v.
   Tensor v_rows() const { return buf_.proj_in.narrow(2, 2 * config_.inner_dim(), config_.inner_dim()); }
   void apply(const Tensor& x, const Residual& pending);
   // A block's output projection l of the first `in` columns of in_room, gated into the residual x: added inside the
@@ -204,7 +204,7 @@ class FluxTransformer {
     Tensor normed, normed_room;      // [B, S, D] (+ R)
     Tensor branch;       // [B, S, D] output of a projection before its gated residual add
     Tensor proj_in, proj_in_room;    // [B, S, 3D + M] (+ R) qkv (and, in single blocks, the MLP input)
-    Tensor q, k, v;      // [B, H, S, head_dim] (bf16 attention)
+    Tensor q, k;         // [B, H, S, head_dim] (bf16 attention; v is read from proj_in)
     Tensor q8, k8, v_amax;  // FP8 attention: e4m3 q, k [B, H, S, head_dim] and max |v| (F32 [1])
     // [B, S, D + M] (+ R) attention output, then the MLP activations (linear2's input)
     Tensor attn_mlp, attn_mlp_room;

@@ -110,7 +110,8 @@ class CudnnFp8AttentionOrdering : public ::testing::Test {
     attention_->run_fp8(shape_, q8_.p(), k8_.p(), v8_.p(), o8_.p(), slots_.p<float>());
   }
 
-  const cuda::AttentionShape shape_{B, H, S, D, S * H * D, H * D, /*fp8=*/true};
+  const cuda::AttentionShape shape_{.B = B, .H = H, .S = S, .D = D, .out_sb = S * H * D, .out_sn = H * D,
+                                    .v_sb = S * H * D, .v_sh = S * D, .v_ss = D, .fp8 = true};
   std::unique_ptr<cuda::DeviceMemory> memory_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::CudnnAttention> attention_;
@@ -168,7 +169,8 @@ TEST_F(CudnnFp8AttentionOrdering, WritesEveryOutputByte) {
 // Alternating v sources, each layer's v written by the kernel right before cuDNN's (the v quantisation in FP8, a
 // random fill in bf16), eager and replayed from a recording, against the output made with a host wait in between.
 TEST_F(CudnnFp8AttentionOrdering, AttentionAfterTheKernelThatWroteItsInputs) {
-  const cuda::AttentionShape bf16_shape{B, H, S, D, S * H * D, H * D, /*fp8=*/false};
+  const cuda::AttentionShape bf16_shape{.B = B, .H = H, .S = S, .D = D, .out_sb = S * H * D, .out_sn = H * D,
+                                        .v_sb = S * H * D, .v_sh = S * D, .v_ss = D};
   attention_->build(bf16_shape);
   Device v16 = alloc(N * 2), o16 = alloc(N * 2), copies[2] = {alloc(N * 2), alloc(N * 2)};
   for (bool fp8 : {true, false}) {

@@ -218,6 +218,13 @@ TEST_F(CudaOps, QkNormRope) {
             EXPECT_LE(max_rel_error(gpu_->to_host_f32(p->gpu), p->cpu), kTol)
                 << "H " << H << " D " << D << " B " << B << " Ni " << Ni << " tensor "
                 << (p == &q ? "q" : p == &k ? "k" : "v");
+          // Without v (attention reads it from the qkv rows): the same q and k.
+          Pair q2 = nan_pair(*gpu_, {B, H, S, D}), k2 = nan_pair(*gpu_, {B, H, S, D});
+          for (auto [start, n] : {std::pair{int64_t(0), Nt}, std::pair{Nt, Ni}})
+            gpu_->qk_norm_rope(proj.gpu.narrow(1, start, n).narrow(2, 0, 3 * H * D), qn.gpu, kn.gpu, rope.gpu, start,
+                               q2.gpu, k2.gpu, Tensor());
+          EXPECT_EQ(max_rel_error(gpu_->to_host_f32(q2.gpu), gpu_->to_host_f32(q.gpu)), 0.0) << "H " << H << " D " << D;
+          EXPECT_EQ(max_rel_error(gpu_->to_host_f32(k2.gpu), gpu_->to_host_f32(k.gpu)), 0.0) << "H " << H << " D " << D;
         }
 }
 
@@ -250,6 +257,24 @@ void check_attention(Backend& gpu, Backend& cpu, const char* mode, bool odd_head
     }
     cpu.attention(q.cpu, k.cpu, v.cpu, out.view.cpu);
     EXPECT_LE(poisoned_output_error(gpu, out), kTol) << where;
+    // v read in place from qkv rows [B, S, 3HD + extra]: rows of whole 16-byte units (the transformer's), and for the
+    // built-in kernel also rows that are not (its one-value-at-a-time loads).
+    for (int64_t extra : {int64_t(24), int64_t(3)}) {
+      if (extra % 8 && !odd_head_dims) continue;
+      const int64_t HD = c.H * c.D;
+      Pair proj = random_pair(gpu, {c.B, c.S, 3 * HD + extra}, ++seed);
+      Pair v_rows = proj.narrow(2, 2 * HD, HD);
+      RowsCase out_rows{nan_pair(gpu, {c.B, c.S, HD + M}), {}};
+      out_rows.view = out_rows.full.narrow(2, 0, HD);
+      try {
+        gpu.attention(q.gpu, k.gpu, v_rows.gpu, out_rows.view.gpu);
+      } catch (const Error& e) {
+        ADD_FAILURE() << where << " v rows + " << extra << ": " << e.what();
+        continue;
+      }
+      cpu.attention(q.cpu, k.cpu, v_rows.cpu, out_rows.view.cpu);
+      EXPECT_LE(poisoned_output_error(gpu, out_rows), kTol) << where << " v rows + " << extra;
+    }
   }
 }
 

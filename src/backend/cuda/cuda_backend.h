@@ -362,19 +362,10 @@ class CudaBackend final : public Backend {
     timed(op, [&] { cuda::launch_layer_norm_modulate(X, Sh, Sc, Y, stream()); });
   }
 
+  // Defined in cuda_attention_ops.cpp.
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
-                    int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override {
-    const char* op = "qk_norm_rope";
-    for (const Tensor* t : {&q, &k, &v}) {
-      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
-      check_contiguous(*t, op, "q, k, v");
-      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
-    }
-    qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q.shape(), q.ptr<__nv_bfloat16>(),
-                         k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), nullptr, op);
-  }
-
-  // Defined in cuda_fp8_attention_ops.cpp.
+                    int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) override;
+  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override;
   void qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                         int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8, const Tensor& v,
                         const Tensor& v_amax) override;
@@ -382,27 +373,6 @@ class CudaBackend final : public Backend {
                      const Tensor& out) override;
   void attention_fp8_rows(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                           const Tensor& out8, const Tensor& out_scale) override;
-
-  void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) override {
-    const char* op = "attention";
-    for (const Tensor* t : {&q, &k, &v}) {
-      check_cuda_tensor(*t, op, "q, k, v", DType::BF16);
-      check_contiguous(*t, op, "q, k, v");
-      if (t->shape() != q.shape() || t->ndim() != 4) bad(op, "q, k, v must be [B, H, S, D] of one shape");
-    }
-    const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-    const cuda::RowsView O = rows_of(out, op, "output");
-    if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match q");
-    const cuda::AttentionShape shape{B, H, S, D, O.sb, O.sn};
-    const bool use_cudnn = cudnn_ready(shape);
-    timed(op, [&] {
-      if (use_cudnn)
-        cudnn_->run(shape, q.data(), k.data(), v.data(), O.p);
-      else
-        cuda::launch_flash_attention(q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), v.ptr<__nv_bfloat16>(), B, H,
-                                     S, D, O, stream());
-    });
-  }
 
   void gated_residual(const Tensor& x, const Tensor& gate, const Tensor& y) override {
     const char* op = "gated_residual";
@@ -527,7 +497,7 @@ class CudaBackend final : public Backend {
   }
 
   // FP8 attention up to cuDNN's e4m3 output in o8 (checks, buffers, v quantised): the part attention_fp8 and
-  // attention_fp8_rows share. Returns the device scalars it used (cuda_fp8_attention_ops.cpp).
+  // attention_fp8_rows share. Returns the device scalars it used (cuda_attention_ops.cpp).
   float* run_fp8_attention(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale, const Tensor& v_amax,
                            uint8_t* o8, const char* op);
 

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/fp8_attention_kernels.h"
@@ -73,14 +74,15 @@ void CudnnAttention::build(const AttentionShape& s) {
   graph->set_io_data_type(s.fp8 ? fe::DataType_t::FP8_E4M3 : fe::DataType_t::BFLOAT16)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
-  auto input = [&](const char* name, int64_t uid) {
+  auto input = [&](const char* name, int64_t uid, std::vector<int64_t> stride) {
     return graph->tensor(fe::graph::Tensor_attributes()
                              .set_name(name)
                              .set_uid(uid)
                              .set_dim({s.B, s.H, s.S, s.D})
-                             .set_stride({s.H * s.S * s.D, s.S * s.D, s.D, 1}));
+                             .set_stride(std::move(stride)));
   };
-  auto q = input("Q", kQ), k = input("K", kK), v = input("V", kV);
+  const std::vector<int64_t> heads{s.H * s.S * s.D, s.S * s.D, s.D, 1};
+  auto q = input("Q", kQ, heads), k = input("K", kK, heads), v = input("V", kV, {s.v_sb, s.v_sh, s.v_ss, 1});
   const float attn_scale = float(1.0 / std::sqrt(double(s.D)));
   std::shared_ptr<fe::graph::Tensor_attributes> o;
   if (s.fp8) {

@@ -1,7 +1,8 @@
 #pragma once
-// Fused flash attention through the cuDNN frontend's SDPA graph: bf16 q, k, v [B, H, S, D] in, the output written
-// straight into the strided rows [B, S, H*D] (as a [B, H, S, D] tensor with strides (sb, D, sn, 1)); or all of them
-// e4m3 with per-tensor scales (on Hopper cuDNN's FP8 attention writes e4m3 only).
+// Fused flash attention through the cuDNN frontend's SDPA graph: bf16 q, k [B, H, S, D] and v (its own heads or
+// read in place from the qkv rows) in, the output written straight into the strided rows [B, S, H*D] (as a
+// [B, H, S, D] tensor with strides (sb, D, sn, 1)); or all of them e4m3 with per-tensor scales (on Hopper cuDNN's
+// FP8 attention writes e4m3 only).
 // One built graph and its workspace per shape; building while a CUDA graph is captured is an error.
 #include <cuda_runtime.h>
 
@@ -16,7 +17,8 @@ namespace fluxswap::cuda {
 
 struct AttentionShape {
   int64_t B, H, S, D, out_sb, out_sn;
-  bool fp8 = false;  // e4m3 q, k, v and output (see run_fp8)
+  int64_t v_sb, v_sh, v_ss;  // v's strides: its own heads (S*H*D, S*D, D), or the v columns of qkv rows (sb, D, sn)
+  bool fp8 = false;          // e4m3 q, k, v and output (see run_fp8)
   auto operator<=>(const AttentionShape&) const = default;
 };
 

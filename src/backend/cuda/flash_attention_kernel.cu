@@ -16,6 +16,8 @@ constexpr int kBlockM = 64, kBlockN = 64, kThreads = 128;
 
 struct FlashParams {
   const __nv_bfloat16 *q, *k, *v;
+  int64_t v_sb, v_sh, v_sn;  // v's strides: its own heads, or the v columns of qkv rows
+  bool v_vec;                // v's rows allow 16-byte copies (q's and k's do where D % 8 == 0)
   __nv_bfloat16* out;
   int64_t out_sb, out_sn;
   int64_t H, S, D;
@@ -70,21 +72,22 @@ constexpr size_t smem_bytes() {
   return size_t(5) * kBlockM * smem_stride<DP>() * sizeof(__nv_bfloat16);  // Q, K x 2, V x 2
 }
 
-// Rows row0 .. row0 + 64 of one head's [S, D] matrix into a [64, DP] tile; rows past S and columns past D are
-// zero, so padded keys contribute nothing and padded dims add nothing to the dot products.
+// Rows row0 .. row0 + 64 of one head's [S, D] matrix (rows `ld` apart) into a [64, DP] tile; rows past S and
+// columns past D are zero, so padded keys contribute nothing and padded dims add nothing to the dot products.
 template <int DP>
-__device__ inline void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* g, int64_t row0, int64_t S, int64_t D) {
+__device__ inline void load_tile(__nv_bfloat16* tile, const __nv_bfloat16* g, int64_t row0, int64_t S, int64_t D,
+                                 int64_t ld, bool vec) {
   constexpr int LDS = smem_stride<DP>();
-  if (D % 8 == 0) {
+  if (vec) {
     for (int i = threadIdx.x; i < kBlockM * DP / 8; i += kThreads) {
       const int r = i / (DP / 8), c = (i % (DP / 8)) * 8;
       const bool valid = row0 + r < S && c < D;
-      cp_async16(tile + r * LDS + c, valid ? g + (row0 + r) * D + c : g, valid);
+      cp_async16(tile + r * LDS + c, valid ? g + (row0 + r) * ld + c : g, valid);
     }
   } else {
     for (int i = threadIdx.x; i < kBlockM * DP; i += kThreads) {
       const int r = i / DP, c = i % DP;
-      tile[r * LDS + c] = row0 + r < S && c < D ? g[(row0 + r) * D + c] : __float2bfloat16_rn(0.0f);
+      tile[r * LDS + c] = row0 + r < S && c < D ? g[(row0 + r) * ld + c] : __float2bfloat16_rn(0.0f);
     }
   }
 }
@@ -103,11 +106,12 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(FlashParams p
   const int64_t q0 = int64_t(blockIdx.x) * kBlockM;
   const __nv_bfloat16* Q = p.q + bh * S * D;
   const __nv_bfloat16* K = p.k + bh * S * D;
-  const __nv_bfloat16* V = p.v + bh * S * D;
+  const __nv_bfloat16* V = p.v + b * p.v_sb + h * p.v_sh;
 
-  load_tile<DP>(sQ, Q, q0, S, D);
-  load_tile<DP>(sK, K, 0, S, D);
-  load_tile<DP>(sV, V, 0, S, D);
+  const bool qk_vec = D % 8 == 0;
+  load_tile<DP>(sQ, Q, q0, S, D, D, qk_vec);
+  load_tile<DP>(sK, K, 0, S, D, D, qk_vec);
+  load_tile<DP>(sV, V, 0, S, D, p.v_sn, p.v_vec);
   cp_async_commit();
 
   uint32_t qf[DP / 16][4];
@@ -121,8 +125,8 @@ __global__ void __launch_bounds__(kThreads) flash_attention_kernel(FlashParams p
   for (int64_t j = 0; j < n_tiles; ++j) {
     const int buf = int(j & 1);
     if (j + 1 < n_tiles) {
-      load_tile<DP>(sK + (buf ^ 1) * TILE, K, (j + 1) * kBlockN, S, D);
-      load_tile<DP>(sV + (buf ^ 1) * TILE, V, (j + 1) * kBlockN, S, D);
+      load_tile<DP>(sK + (buf ^ 1) * TILE, K, (j + 1) * kBlockN, S, D, D, qk_vec);
+      load_tile<DP>(sV + (buf ^ 1) * TILE, V, (j + 1) * kBlockN, S, D, p.v_sn, p.v_vec);
     }
     cp_async_commit();
     cp_async_wait<1>();  // everything but the tile just issued has landed
@@ -240,14 +244,18 @@ void prepare_flash_attention() {
         "attention", "cudaFuncSetAttribute");
 }
 
-void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t B,
-                            int64_t H, int64_t S, int64_t D, const RowsView& out, cudaStream_t stream) {
+void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const VHeads& v, const RowsView& out,
+                            cudaStream_t stream) {
+  const int64_t B = v.B, H = v.H, S = v.S, D = v.D;
   if (D < 1 || D > 128)
     fail("attention", "flash_attention_kernel", "head_dim must be 1..128, got " + std::to_string(D));
   if (B * H == 0 || S == 0) return;
   if (B * H > 65535) fail("attention", "flash_attention_kernel", "batch x heads must be at most 65535");
   const bool pairs = D % 2 == 0 && out.sb % 2 == 0 && out.sn % 2 == 0 && reinterpret_cast<uintptr_t>(out.p) % 4 == 0;
-  const FlashParams p{q, k, v, out.p, out.sb, out.sn, H, S, D, float(M_LOG2E / std::sqrt(double(D))), pairs};
+  const bool v_vec =
+      D % 8 == 0 && v.sb % 8 == 0 && v.sh % 8 == 0 && v.ss % 8 == 0 && reinterpret_cast<uintptr_t>(v.p) % 16 == 0;
+  const FlashParams p{q, k, v.p, v.sb, v.sh, v.ss, v_vec, out.p, out.sb, out.sn, H, S, D,
+                      float(M_LOG2E / std::sqrt(double(D))), pairs};
   if (D <= 32)
     launch<32>(p, B, stream);
   else if (D <= 64)

@@ -16,13 +16,6 @@ enum Fp8AttentionSlot : int {
   kDescaleQ, kDescaleK, kDescaleV, kDescaleS, kScaleS, kScaleO, kAmaxS, kAmaxO, kDescaleO, kFp8AttentionSlots
 };
 
-// bf16 v as [B, H, S, D] at any strides (elements): contiguous heads, or the v columns of qkv rows [B, S, 3 H D]
-// (sb = the rows' batch stride, sh = D, ss = the row stride).
-struct VHeads {
-  const __nv_bfloat16* p;
-  int64_t B, H, S, D, sb, sh, ss;
-};
-
 // v8 (contiguous [B, H, S, D]) = e4m3(v * 448 / max(*v_amax, floor)) (16-byte loads when D and the strides are
 // multiples of 8 and v is 16-byte aligned, else one value at a time); the first thread also fills `slots` (q and k
 // descales 1 / qk_scale).

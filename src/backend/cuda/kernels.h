@@ -52,7 +52,7 @@ void launch_gated_residual_layer_norm_modulate_fp8(const RowsView& x, const Vecs
                                                    cudaStream_t stream);
 
 struct QkvHeads {
-  __nv_bfloat16 *q, *k, *v;  // contiguous [B, H, S, D]
+  __nv_bfloat16 *q, *k, *v;  // contiguous [B, H, S, D]; v null: not written (attention reads it from the qkv rows)
   int64_t H, S, D;
 };
 // FP8 attention's form of the output: q and k as e4m3 at qk_scale (contiguous [B, H, S, D] bytes) instead of
@@ -71,9 +71,17 @@ void launch_qk_norm_rope(const RowsView& qkv, const __nv_bfloat16* q_norm, const
 // n contiguous elements, float32 or bf16.
 void launch_fill_normal(void* p, bool bf16, int64_t n, uint64_t seed, float mean, float std, cudaStream_t stream);
 
-// softmax(q k^T / sqrt(D)) v for contiguous bf16 q, k, v [B, H, S, D] (D <= 128); out rows [B, S, H*D].
-void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t B,
-                            int64_t H, int64_t S, int64_t D, const RowsView& out, cudaStream_t stream);
+// bf16 v as [B, H, S, D] at any strides (elements): contiguous heads, or the v columns of qkv rows [B, S, 3 H D]
+// (sb = the rows' batch stride, sh = D, ss = the row stride).
+struct VHeads {
+  const __nv_bfloat16* p;
+  int64_t B, H, S, D, sb, sh, ss;
+};
+
+// softmax(q k^T / sqrt(D)) v for contiguous bf16 q, k [B, H, S, D] (D <= 128) and v of their shape at v's strides;
+// out rows [B, S, H*D].
+void launch_flash_attention(const __nv_bfloat16* q, const __nv_bfloat16* k, const VHeads& v, const RowsView& out,
+                            cudaStream_t stream);
 // Raises the shared-memory limit of the attention kernels; called once per device before any launch.
 void prepare_flash_attention();
 

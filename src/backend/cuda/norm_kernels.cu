@@ -264,11 +264,11 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_kernel(RopeParam
     const int64_t dst_off = ((b * H + h) * p.out.S + s) * D;
 
     const __nv_bfloat162* v_src = reinterpret_cast<const __nv_bfloat162*>(src + 2 * H * D);
-    __nv_bfloat162* v_dst = reinterpret_cast<__nv_bfloat162*>(p.out.v + dst_off);
-    for (int64_t j = lane; j < half; j += 32) {
-      if (!kFp8 || p.out.v) v_dst[j] = v_src[j];
-      if constexpr (kFp8) v_max = fmaxf(v_max, abs_max2(v_src[j]));
-    }
+    if (kFp8 || p.out.v)
+      for (int64_t j = lane; j < half; j += 32) {
+        if (p.out.v) reinterpret_cast<__nv_bfloat162*>(p.out.v + dst_off)[j] = v_src[j];
+        if constexpr (kFp8) v_max = fmaxf(v_max, abs_max2(v_src[j]));
+      }
 
     const float2* rope = reinterpret_cast<const float2*>(p.rope) + s * half;
     for (int part = 0; part < 2; ++part) {
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(Rope
     for (int g = 0; g < kHeads; ++g) {
       q_raw[g] = *reinterpret_cast<const uint2*>(src + g * D);
       k_raw[g] = *reinterpret_cast<const uint2*>(src + H * D + g * D);
-      v_raw[g] = *reinterpret_cast<const uint2*>(src + 2 * H * D + g * D);
+      if (kFp8 || p.out.v) v_raw[g] = *reinterpret_cast<const uint2*>(src + 2 * H * D + g * D);
     }
     const float4 cs = *reinterpret_cast<const float4*>(p.rope + (s * (D / 2) + 2 * lane) * 2);  // (cos, sin) x 2
     const uint2 qw_raw = *reinterpret_cast<const uint2*>(p.q_norm + 4 * lane);
@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(kRopeWarps * 32) qk_norm_rope_d128_kernel(Rope
 #pragma unroll
     for (int g = 0; g < kHeads; ++g) {
       const int64_t off = dst_off + g * head_stride;
-      if (!kFp8 || p.out.v) *reinterpret_cast<uint2*>(p.out.v + off) = v_raw[g];
+      if (p.out.v) *reinterpret_cast<uint2*>(p.out.v + off) = v_raw[g];
       if constexpr (kFp8)
         v_max = fmaxf(v_max, fmaxf(abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw[g].x)),
                                    abs_max2(*reinterpret_cast<const __nv_bfloat162*>(&v_raw[g].y))));

@@ -1,7 +1,9 @@
-// The FP8 attention ops of the CUDA backend: qk_norm_rope writing e4m3 q and k, then v quantised, cuDNN's FP8
-// flash attention, and its e4m3 output either back to bf16 rows (attention_fp8) or kept with its row scales for the
-// FP8 linears that read it (attention_fp8_rows). Every scale is computed on the device (v's from the amax
-// qk_norm_rope_fp8 gathers), so the sequence records into a CUDA graph like the bf16 one.
+// The attention ops of the CUDA backend. bf16: qk_norm_rope into q, k (and v) heads, then cuDNN's flash attention
+// (the built-in kernel where cuDNN refuses a shape), v read from its heads or in place from the qkv rows. FP8:
+// qk_norm_rope writing e4m3 q and k, then v quantised, cuDNN's FP8 flash attention, and its e4m3 output either back
+// to bf16 rows (attention_fp8) or kept with its row scales for the FP8 linears that read it (attention_fp8_rows).
+// Every FP8 scale is computed on the device (v's from the amax qk_norm_rope_fp8 gathers), so the sequence records
+// into a CUDA graph like the bf16 one.
 #include <cmath>
 
 #include "backend/cuda/cuda_backend.h"
@@ -27,6 +29,47 @@ void check_qk_scale(float qk_scale, const char* op) {
 }
 }  // namespace
 
+// v as attention reads it: heads [B, H, S, D] (contiguous), or the v columns of qkv rows [B, S, H*D].
+static cuda::VHeads v_heads_of(const Tensor& v, const Shape& heads, const char* op) {
+  if (v.ndim() == 4) {
+    check_heads(v, DType::BF16, heads, op, "v");
+    return {v.ptr<__nv_bfloat16>(), heads[0], heads[1], heads[2], heads[3], v.stride(0), v.stride(1), v.stride(2)};
+  }
+  const cuda::RowsView V = rows_of(v, op, "v rows");
+  if (V.B != heads[0] || V.N != heads[2] || V.C != heads[1] * heads[3])
+    bad(op, "v rows " + shape_str(v.shape()) + " do not match the heads " + shape_str(heads));
+  return {V.p, heads[0], heads[1], heads[2], heads[3], V.sb, heads[3], V.sn};
+}
+
+void CudaBackend::qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
+                               int64_t seq_offset, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const char* op = "qk_norm_rope";
+  check_heads(q, DType::BF16, q.shape(), op, "q");
+  check_heads(k, DType::BF16, q.shape(), op, "k");
+  if (v.defined()) check_heads(v, DType::BF16, q.shape(), op, "v");
+  qk_norm_rope_checked(qkv, q_norm, k_norm, rope, seq_offset, q.shape(), q.ptr<__nv_bfloat16>(),
+                       k.ptr<__nv_bfloat16>(), v.defined() ? v.ptr<__nv_bfloat16>() : nullptr, nullptr, op);
+}
+
+void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out) {
+  const char* op = "attention";
+  check_heads(q, DType::BF16, q.shape(), op, "q");
+  check_heads(k, DType::BF16, q.shape(), op, "k");
+  const cuda::VHeads vh = v_heads_of(v, q.shape(), op);
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  const cuda::RowsView O = rows_of(out, op, "output");
+  if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match q");
+  const cuda::AttentionShape shape{.B = B, .H = H, .S = S, .D = D, .out_sb = O.sb, .out_sn = O.sn,
+                                   .v_sb = vh.sb, .v_sh = vh.sh, .v_ss = vh.ss};
+  const bool use_cudnn = cudnn_ready(shape);
+  timed(op, [&] {
+    if (use_cudnn)
+      cudnn_->run(shape, q.data(), k.data(), vh.p, O.p);
+    else
+      cuda::launch_flash_attention(q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), vh, O, stream());
+  });
+}
+
 void CudaBackend::qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,
                                    int64_t seq_offset, float qk_scale, const Tensor& q8, const Tensor& k8,
                                    const Tensor& v, const Tensor& v_amax) {
@@ -42,18 +85,6 @@ void CudaBackend::qk_norm_rope_fp8(const Tensor& qkv, const Tensor& q_norm, cons
                        v.defined() ? v.ptr<__nv_bfloat16>() : nullptr, &target, op);
 }
 
-// v as the quantiser reads it: heads [B, H, S, D] (contiguous), or the v columns of qkv rows [B, S, H*D].
-static cuda::VHeads v_heads_of(const Tensor& v, const Shape& heads, const char* op) {
-  if (v.ndim() == 4) {
-    check_heads(v, DType::BF16, heads, op, "v");
-    return {v.ptr<__nv_bfloat16>(), heads[0], heads[1], heads[2], heads[3], v.stride(0), v.stride(1), v.stride(2)};
-  }
-  const cuda::RowsView V = rows_of(v, op, "v rows");
-  if (V.B != heads[0] || V.N != heads[2] || V.C != heads[1] * heads[3])
-    bad(op, "v rows " + shape_str(v.shape()) + " do not match the heads " + shape_str(heads));
-  return {V.p, heads[0], heads[1], heads[2], heads[3], V.sb, heads[3], V.sn};
-}
-
 // Checks, v quantised, cuDNN's e4m3 attention into o8 (contiguous [B, S, H*D]); returns the slots it used.
 float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const Tensor& v, float qk_scale,
                                       const Tensor& v_amax, uint8_t* o8, const char* op) {
@@ -63,7 +94,8 @@ float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const 
   check_amax(v_amax, op);
   check_qk_scale(qk_scale, op);
   const int64_t B = q8.size(0), H = q8.size(1), S = q8.size(2), D = q8.size(3);
-  const cuda::AttentionShape shape{B, H, S, D, S * H * D, H * D, /*fp8=*/true};
+  const cuda::AttentionShape shape{.B = B, .H = H, .S = S, .D = D, .out_sb = S * H * D, .out_sn = H * D,
+                                   .v_sb = S * H * D, .v_sh = S * D, .v_ss = D, .fp8 = true};  // v8: e4m3 heads
   if (attention_mode_ == AttentionMode::Naive) bad(op, "needs cuDNN (FLUXSWAP_ATTENTION=naive is set)");
   if (!cudnn_ || !cudnn_->has_plan(shape)) {
     if (capturing_) bad(op, "a new attention shape was first issued while recording; run the work once first");
