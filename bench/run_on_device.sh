@@ -10,7 +10,9 @@
 #              the output projections' GEMMs (default) and without (FLUXSWAP_FUSED_RESIDUAL=0), two of each
 #   bf16ab     the same for the bf16 step (the bf16 job's command)
 #   sdpa       the bf16 step with cuDNN's SDPA implementations against each other (FLUXSWAP_CUDNN_SDPA=auto,
-#              composite, unified; auto twice), each with its per-op attention time
+#              composite, unified) and the heuristics' first engine configuration against the fastest of those
+#              timed (FLUXSWAP_CUDNN_PLAN=heuristic|fastest), each with its per-op attention time and cuDNN's timings
+#   fp8sdpa    the FP8 + FP8 attention step with FLUXSWAP_CUDNN_PLAN=heuristic and fastest, alternating, twice
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
@@ -58,12 +60,23 @@ for job in "$@"; do
       done ;;
     sdpa)
       n=0
-      for impl in auto composite unified auto; do
-        n=$((n + 1))
-        FLUXSWAP_CUDNN_SDPA=$impl fluxswap bench --sizes 1024 --steps 20 --json "$OUT/sdpa-$n-$impl.json" \
-          > "$OUT/sdpa-$n-$impl.log" 2>&1
-        echo "$impl: $(grep -E '  ms/step|attention [0-9.]+ ms|rror' "$OUT/sdpa-$n-$impl.log" | \
+      for combo in auto:heuristic auto:fastest composite:fastest unified:fastest auto:heuristic; do
+        n=$((n + 1)); impl=${combo%%:*}; plan=${combo##*:}
+        FLUXSWAP_CUDNN_SDPA=$impl FLUXSWAP_CUDNN_PLAN=$plan fluxswap bench --sizes 1024 --steps 20 \
+          --json "$OUT/sdpa-$n-$impl-$plan.json" > "$OUT/sdpa-$n-$impl-$plan.log" 2>&1
+        echo "$impl $plan: $(grep -E '  ms/step|attention [0-9.]+ ms|rror' "$OUT/sdpa-$n-$impl-$plan.log" | \
           sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(attention [0-9.]+ ms).*/\1/' | tr '\n' ' ')"
+        grep -m2 "engine configurations timed" "$OUT/sdpa-$n-$impl-$plan.log" | cut -c1-300
+      done ;;
+    fp8sdpa)
+      for round in 1 2; do
+        for plan in heuristic fastest; do
+          FLUXSWAP_CUDNN_PLAN=$plan fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
+            --quality-steps 0 --json "$OUT/fp8sdpa-r$round-$plan.json" > "$OUT/fp8sdpa-r$round-$plan.log" 2>&1
+          echo "round $round $plan: $(grep -E '\+ FP8 attention:|FP8 attention, the 28-step' \
+            "$OUT/fp8sdpa-r$round-$plan.log" | cut -c1-110 | tr '\n' '|')"
+          grep -m2 "engine configurations timed" "$OUT/fp8sdpa-r$round-$plan.log" | cut -c1-300
+        done
       done ;;
     bf16lora)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \

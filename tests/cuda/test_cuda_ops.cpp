@@ -6,6 +6,7 @@
 // inputs are identical, so the rest is float32 accumulation order and bf16 intermediates).
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "cuda_test_util.h"
@@ -290,6 +291,17 @@ TEST_F(CudaOps, AttentionCudnn) {
   auto cudnn = try_cuda(&why, "cudnn");
   ASSERT_TRUE(cudnn) << why;
   check_attention(*cudnn, *cpu_, "cudnn", false);
+}
+
+// The heuristics' first engine configuration without timing the others (the default times up to six and keeps the
+// fastest: AttentionCudnn above).
+TEST_F(CudaOps, AttentionCudnnHeuristicPlan) {
+  setenv("FLUXSWAP_CUDNN_PLAN", "heuristic", 1);
+  std::string why;
+  auto cudnn = try_cuda(&why, "cudnn");
+  if (cudnn) check_attention(*cudnn, *cpu_, "cudnn heuristic", false);
+  unsetenv("FLUXSWAP_CUDNN_PLAN");
+  ASSERT_TRUE(cudnn) << why;
 }
 
 // The default mode uses cuDNN where it can and the built-in kernel where cuDNN refuses the shape (D % 8 != 0).
