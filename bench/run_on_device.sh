@@ -60,7 +60,7 @@ for job in "$@"; do
       done ;;
     sdpa)
       n=0
-      for combo in auto:heuristic auto:fastest composite:fastest unified:fastest auto:heuristic; do
+      for combo in auto:heuristic auto:fastest composite:heuristic unified:heuristic composite:fastest auto:heuristic; do
         n=$((n + 1)); impl=${combo%%:*}; plan=${combo##*:}
         FLUXSWAP_CUDNN_SDPA=$impl FLUXSWAP_CUDNN_PLAN=$plan fluxswap bench --sizes 1024 --steps 20 \
           --json "$OUT/sdpa-$n-$impl-$plan.json" > "$OUT/sdpa-$n-$impl-$plan.log" 2>&1

@@ -34,9 +34,9 @@ class CudnnAttention {
   bool has_plan(const AttentionShape& shape) const { return plans_.count(shape) != 0; }
   // Builds the graph for a shape; throws Error with cuDNN's reason when it is not supported.
   void build(const AttentionShape& shape);
-  // Enqueues attention for a shape whose plan exists. With may_time (never while a CUDA graph is captured), the
-  // shape's first such run times its engine configurations on these operands (waiting for them on the host) and
-  // keeps the fastest (FLUXSWAP_CUDNN_PLAN, cudnn_attention.cpp); until then the heuristics' choice runs.
+  // Enqueues attention for a shape whose plan exists. With FLUXSWAP_CUDNN_PLAN=fastest (cudnn_attention.cpp) and
+  // may_time (never while a CUDA graph is captured), the shape's first such run times its engine configurations on
+  // these operands (waiting for them on the host) and keeps the fastest; otherwise the heuristics' choice runs.
   void run(const AttentionShape& shape, const void* q, const void* k, const void* v, void* out, bool may_time = false);
   // The FP8 form (shape.fp8): e4m3 q, k, v [B, H, S, D] and output (at the shape's strides), the descales and
   // scales read from, and the probabilities' and output's amax written to, `slots` (fp8_attention_kernels.h).
