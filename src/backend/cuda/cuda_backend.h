@@ -462,14 +462,16 @@ class CudaBackend final : public Backend {
   std::pair<uint8_t*, float*> fp8_activation_buffer(int64_t rows, int64_t ldq, const char* op);
   // The residual ops' fused form (cuda_residual_ops.cpp): per sample, the gate folded into the weight scales (w_scale;
   // undefined for bf16: the gate alone) and bias (`ready`, or made here), then product() adding onto the residual rows
-  // R. False where R's rows are not 16-byte aligned or cuBLASLt cannot (nothing written to R then).
+  // R. Returns how many samples, from the first, were added so: none where R's rows are not 16-byte aligned, and
+  // those before the first that cuBLASLt has no algorithm for (a sample's pointers can give its GEMM another plan);
+  // the caller composes the rest.
 
   // product(b, scale, gated_bias) issues sample b's GEMM with its factors, or returns false (nothing issued) where
   // cuBLASLt has no algorithm for it.
   using GatedProduct = std::function<bool(int64_t b, float* scale, void* gated_bias)>;
-  bool gated_residual_products(const cuda::RowsView& R, const cuda::VecsView& G, const Tensor& w_scale,
-                               const Tensor& bias, const GatedFactors& ready, const GatedProduct& product,
-                               const char* op);
+  int64_t gated_residual_products(const cuda::RowsView& R, const cuda::VecsView& G, const Tensor& w_scale,
+                                  const Tensor& bias, const GatedFactors& ready, const GatedProduct& product,
+                                  const char* op);
   // qk_norm_rope's checks and launch into q, k, v heads of shape `heads` ([B, H, S, D]); with `fp8`, q and k go to
   // its e4m3 target instead, and v (bf16) is written only when given.
   void qk_norm_rope_checked(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& rope,

@@ -38,6 +38,9 @@ void check_ready(const Backend::GatedFactors& ready, int64_t B, int64_t nout, bo
   }
 }
 
+// Samples from..B-1 of rows [B, N, C] or per-sample vectors [B, C] (2-D rows are one sample: `from` is 0 there).
+Tensor from_sample(const Tensor& t, int64_t from, int64_t B) { return from ? t.narrow(0, from, B - from) : t; }
+
 }  // namespace
 
 bool CudaBackend::fp8_residual_in_gemm() const { return fused_residual_wanted() && !fp8_residual_refused_; }
@@ -83,12 +86,12 @@ void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
   });
 }
 
-bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& w_scale,
-                                          const Tensor& bias, const GatedFactors& ready, const GatedProduct& product,
-                                          const char* op) {
+int64_t CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, const Tensor& w_scale,
+                                             const Tensor& bias, const GatedFactors& ready,
+                                             const GatedProduct& product, const char* op) {
   const int64_t nout = R.C;
   // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
-  if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return false;
+  if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return 0;
   check_ready(ready, R.B, nout, bias.defined(), op);
   float* scale = ready.scale.defined() ? ready.scale.ptr<float>() : nullptr;
   auto* gated_bias = bias.defined() && ready.scale.defined() ? ready.bias_out.ptr<__nv_bfloat16>() : nullptr;
@@ -107,10 +110,11 @@ bool CudaBackend::gated_residual_products(const RowsView& R, const VecsView& G, 
     one.n_items = 1, one.B = R.B, one.max_n = nout;
     launch_gated_output_factors(one, stream(), op);
   }
-  // One product per sample (each has its own gate). The first product decides (they share one plan).
+  // One product per sample (each has its own gate). Samples may differ in their pointers' alignment, and so in their
+  // plans: one refused after others were added leaves the rest to the caller.
   for (int64_t b = 0; b < R.B; ++b)
-    if (!product(b, scale + b * nout, gated_bias ? gated_bias + b * nout : nullptr)) return false;
-  return true;
+    if (!product(b, scale + b * nout, gated_bias ? gated_bias + b * nout : nullptr)) return b;
+  return R.B;
 }
 
 void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& x_scale, const Tensor& wq,
@@ -124,10 +128,10 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
   check_fp8_quantized_product(X, xq, x_scale, wq, w_scale, bias, R, x, op);
   check_vecs_fit(G, R, op, "gate");
   CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
-  bool fused = false;
+  int64_t done = 0;
   if (fp8_residual_in_gemm())
     timed(gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K).c_str(), [&] {
-      fused = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+      done = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
         const bool ok = gemm.run_residual({X.p + b * X.sb, X.sn, x_scale.ptr<float>() + b * X.N},
                                           {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
                                           nout, capturing_, stream(), op);
@@ -135,7 +139,11 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
         return ok;
       }, op);
     });
-  if (!fused) Backend::linear_fp8_quantized_residual(xq, x_scale, wq, w_scale, bias, gate, x, branch, ready);
+  if (done < R.B)
+    Backend::linear_fp8_quantized_residual(from_sample(xq, done, R.B),
+                                           done ? x_scale.narrow(0, done * X.N, (R.B - done) * X.N) : x_scale, wq,
+                                           w_scale, bias, from_sample(gate, done, R.B), from_sample(x, done, R.B),
+                                           from_sample(branch, done, R.B), GatedFactors{});
 }
 
 void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
@@ -151,12 +159,12 @@ void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const 
   check_vecs_fit(G, R, op, "gate");
   check_bias(bias, nout, op);
   CublasLtFp8Linear& gemm = fp8_gemm(fp8_, memory_, fp8_fast_accum_, capturing_, op);
-  bool fused = false;
+  int64_t done = 0;
   if (fp8_residual_in_gemm()) {
     const int64_t ldq = fp8_activation_stride(K);
     const auto [q, sx] = fp8_activation_buffer(I.N, ldq, op);
     timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
-      fused = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+      done = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
         launch_quantize_rows_e4m3(I.p + b * I.sb, I.sn, I.N, K, q, ldq, sx, stream(), op);
         const bool ok = gemm.run_residual({q, ldq, sx}, {wq.data(), wq.stride(0), scale}, gated_bias,
                                           R.p + b * R.sb, R.sn, R.N, K, nout, capturing_, stream(), op);
@@ -165,7 +173,9 @@ void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const 
       }, op);
     });
   }
-  if (!fused) Backend::linear_fp8_residual(in, wq, w_scale, bias, gate, x, branch, ready);
+  if (done < R.B)
+    Backend::linear_fp8_residual(from_sample(in, done, R.B), wq, w_scale, bias, from_sample(gate, done, R.B),
+                                 from_sample(x, done, R.B), from_sample(branch, done, R.B), GatedFactors{});
 }
 
 void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
@@ -179,10 +189,10 @@ void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tenso
     bad(op, shape_str(in.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(x.shape()));
   check_vecs_fit(G, R, op, "gate");
   check_bias(bias, nout, op);
-  bool fused = false;
+  int64_t done = 0;
   if (residual_in_gemm())
     timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
-      fused = gated_residual_products(R, G, Tensor(), bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
+      done = gated_residual_products(R, G, Tensor(), bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
         Matmul mm;
         mm.trans_a = true;
         mm.m = nout, mm.n = I.N, mm.k = K;
@@ -198,7 +208,9 @@ void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tenso
         return ok;
       }, op);
     });
-  if (!fused) Backend::linear_residual(in, w, bias, gate, x, branch, ready);
+  if (done < R.B)
+    Backend::linear_residual(from_sample(in, done, R.B), w, bias, from_sample(gate, done, R.B),
+                             from_sample(x, done, R.B), from_sample(branch, done, R.B), GatedFactors{});
 }
 
 }  // namespace fluxswap::cuda

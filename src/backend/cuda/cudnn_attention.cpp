@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -79,7 +80,9 @@ struct CudnnAttention::Plan {
   int64_t index = 0;           // the one that runs: the heuristics' choice until timing picks one
   bool timed = false;
 
-  void execute(cudnnHandle_t h, std::unordered_map<int64_t, void*>& pack) const {
+  // `pack` by value: the frontend adds pointers to its own pass-by-value scalars (the attention scale) to the map it
+  // is given, valid for that call only, and a later call would keep the stale ones (emplace).
+  void execute(cudnnHandle_t h, std::unordered_map<int64_t, void*> pack) const {
     check_fe(graph->execute_plan_at_index(h, pack, workspace.get(), index), "cudnn_frontend execute_plan_at_index");
   }
 };
@@ -167,24 +170,34 @@ void CudnnAttention::build(const AttentionShape& s) {
   plans_.emplace(s, std::move(plan));
 }
 
-void CudnnAttention::time_plans(const AttentionShape& s, Plan& plan, std::unordered_map<int64_t, void*>& pack) {
+void CudnnAttention::time_plans(const AttentionShape& s, Plan& plan, const std::unordered_map<int64_t, void*>& pack) {
   plan.timed = true;
   cudaStream_t stream = nullptr;
   check_cudnn(cudnnGetStream(handle_->h, &stream), "cudnnGetStream");
   cudaEvent_t start = nullptr, stop = nullptr;
   check(cudaEventCreate(&start), "attention", "cudaEventCreate");
   check(cudaEventCreate(&stop), "attention", "cudaEventCreate");
+  // A configuration that builds but does not run is skipped (its time infinite); the heuristics' choice must run.
   std::vector<float> ms;
   for (int64_t index : plan.built) {
     plan.index = index;
-    plan.execute(handle_->h, pack);  // warm-up
     constexpr int kReps = 3;
-    check(cudaEventRecord(start, stream), "attention", "cudaEventRecord");
-    for (int r = 0; r < kReps; ++r) plan.execute(handle_->h, pack);
-    check(cudaEventRecord(stop, stream), "attention", "cudaEventRecord");
-    check(cudaEventSynchronize(stop), "attention", "cudaEventSynchronize");
     float t = 0;
-    check(cudaEventElapsedTime(&t, start, stop), "attention", "cudaEventElapsedTime");
+    try {
+      plan.execute(handle_->h, pack);  // warm-up
+      check(cudaEventRecord(start, stream), "attention", "cudaEventRecord");
+      for (int r = 0; r < kReps; ++r) plan.execute(handle_->h, pack);
+      check(cudaEventRecord(stop, stream), "attention", "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "attention", "cudaEventSynchronize");
+      check(cudaEventElapsedTime(&t, start, stop), "attention", "cudaEventElapsedTime");
+    } catch (const Error&) {
+      if (index == plan.built.front()) {
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+        throw;
+      }
+      t = std::numeric_limits<float>::infinity();
+    }
     ms.push_back(t / kReps);
   }
   cudaEventDestroy(start);
@@ -237,7 +250,7 @@ CudnnAttention::~CudnnAttention() = default;
 void CudnnAttention::build(const AttentionShape&) {}
 void CudnnAttention::run(const AttentionShape&, const void*, const void*, const void*, void*, bool) {}
 void CudnnAttention::run_fp8(const AttentionShape&, const void*, const void*, const void*, void*, float*, bool) {}
-void CudnnAttention::time_plans(const AttentionShape&, Plan&, std::unordered_map<int64_t, void*>&) {}
+void CudnnAttention::time_plans(const AttentionShape&, Plan&, const std::unordered_map<int64_t, void*>&) {}
 
 #endif
 

@@ -47,7 +47,7 @@ class CudnnAttention {
   struct Plan;
   struct Handle;
   // Runs each built configuration on the operands in `pack` and makes the fastest the plan's (cuDNN builds only).
-  void time_plans(const AttentionShape& shape, Plan& plan, std::unordered_map<int64_t, void*>& pack);
+  void time_plans(const AttentionShape& shape, Plan& plan, const std::unordered_map<int64_t, void*>& pack);
   DeviceMemory& memory_;
   std::unique_ptr<Handle> handle_;
   std::map<AttentionShape, std::unique_ptr<Plan>> plans_;
