@@ -21,9 +21,34 @@ source .device/env.sh
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu,power.draw --format=csv,noheader
+# The SM clock, power and temperature every 100 ms while a job runs ($OUT/<job>.smi): in-step kernels run 10-15%
+# below their standalone speed, and a power-capped clock would say why.
+sample_start() {
+  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 100 \
+    > "$OUT/$1.smi" 2>/dev/null &
+  sampler=$!
+}
+sample_stop() {
+  kill "$sampler" 2>/dev/null
+  wait "$sampler" 2>/dev/null
+}
+sample_summary() {
+  local f="$OUT/$1.smi"
+  local clocks power temp
+  clocks=$(awk -F', *' '$2 > 250 {print $1}' "$f" | sort -n | awk '{a[NR] = $1} END {if (NR) print NR, a[int((NR + 1) / 2)], a[1]}')
+  power=$(awk -F', *' '$2 > 250 {print $2}' "$f" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}')
+  temp=$(awk -F', *' '$3 > t {t = $3} END {print t + 0}' "$f")
+  if [ -n "$clocks" ]; then
+    set -- $clocks
+    echo "$1 samples over 250 W: SM clock median $2 MHz (min $3), power median $power W, max $temp C"
+  else
+    echo "no samples over 250 W"
+  fi
+}
 summary=()
 for job in "$@"; do
   start=$(date +%s)
+  sample_start "$job"
   case "$job" in
     tests)
       fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) |tests ran|^\[ residual \]" ;;
@@ -92,6 +117,7 @@ for job in "$@"; do
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
     *) echo "unknown job $job" ;;
   esac
-  summary+=("$job: $(( $(date +%s) - start )) s")
+  sample_stop
+  summary+=("$job: $(( $(date +%s) - start )) s; $(sample_summary "$job")")
 done
 printf '%s\n' "${summary[@]}"
