@@ -8,6 +8,7 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/fp8_attention_kernels.h"
+#include "backend/cuda/text_kernels.h"
 
 namespace fluxswap::cuda {
 
@@ -55,14 +56,32 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, c
   const char* op = "attention";
   check_heads(q, DType::BF16, q.shape(), op, "q");
   check_heads(k, DType::BF16, q.shape(), op, "k");
-  const cuda::VHeads vh = v_heads_of(v, q.shape(), op);
+  cuda::VHeads vh = v_heads_of(v, q.shape(), op);
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   const cuda::RowsView O = rows_of(out, op, "output");
   if (O.B != B || O.N != S || O.C != H * D) bad(op, "output " + shape_str(out.shape()) + " does not match q");
-  const cuda::AttentionShape shape{.B = B, .H = H, .S = S, .D = D, .out_sb = O.sb, .out_sn = O.sn,
-                                   .v_sb = vh.sb, .v_sh = vh.sh, .v_ss = vh.ss};
-  const bool use_cudnn = cudnn_ready(shape);
+  cuda::AttentionShape shape{.B = B, .H = H, .S = S, .D = D, .out_sb = O.sb, .out_sn = O.sn,
+                             .v_sb = vh.sb, .v_sh = vh.sh, .v_ss = vh.ss};
+  bool use_cudnn = cudnn_ready(shape);
+  // Where cuDNN refuses v at the qkv rows' strides, v is copied into heads (what qk_norm_rope wrote before attention
+  // read v in place) so that attention stays on cuDNN rather than the slower built-in kernel.
+  const cuda::AttentionShape heads{.B = B, .H = H, .S = S, .D = D, .out_sb = O.sb, .out_sn = O.sn,
+                                   .v_sb = H * S * D, .v_sh = S * D, .v_ss = D};
+  const bool copy_v = !use_cudnn && shape != heads && attention_mode_ != AttentionMode::Naive && cudnn_ready(heads);
+  if (copy_v) {
+    if (!attention_v_heads_.defined() || attention_v_heads_.numel() < q.numel()) {
+      if (capturing_) bad(op, "a recording needs a larger v buffer: run the work once eagerly first");
+      attention_retired_.push_back(attention_v_heads_);  // a recording may still use the outgrown one
+      attention_v_heads_ = empty(DType::BF16, {q.numel()});
+    }
+    shape = heads;
+    use_cudnn = true;
+  }
   timed(op, [&] {
+    if (copy_v) {
+      cuda::launch_split_heads(rows_of(v, op, "v rows"), H, attention_v_heads_.ptr<__nv_bfloat16>(), stream());
+      vh = {attention_v_heads_.ptr<__nv_bfloat16>(), B, H, S, D, H * S * D, S * D, D};
+    }
     if (use_cudnn)
       cudnn_->run(shape, q.data(), k.data(), vh.p, O.p, /*may_time=*/!capturing_);
     else
@@ -109,7 +128,7 @@ float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const 
   }
   if (!fp8_attention_v8_.defined() || fp8_attention_v8_.numel() < n) {
     if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
-    fp8_attention_retired_.push_back(fp8_attention_v8_);  // a recording may still use the outgrown one
+    attention_retired_.push_back(fp8_attention_v8_);  // a recording may still use the outgrown one
     fp8_attention_v8_ = empty(DType::F8_E4M3, {n});
   }
   float* slots = fp8_attention_slots_.ptr<float>();
@@ -129,7 +148,7 @@ void CudaBackend::attention_fp8(const Tensor& q8, const Tensor& k8, const Tensor
   const int64_t n = q8.numel();
   if (!fp8_attention_o8_.defined() || fp8_attention_o8_.numel() < n) {
     if (capturing_) bad(op, "a recording needs larger FP8 attention buffers: run the work once eagerly first");
-    fp8_attention_retired_.push_back(fp8_attention_o8_);
+    attention_retired_.push_back(fp8_attention_o8_);
     fp8_attention_o8_ = empty(DType::F8_E4M3, {n});
   }
   auto* o8 = static_cast<uint8_t*>(fp8_attention_o8_.data());

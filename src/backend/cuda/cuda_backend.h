@@ -536,9 +536,12 @@ class CudaBackend final : public Backend {
       return true;
     } catch (const Error& e) {
       if (attention_mode_ == AttentionMode::Cudnn) throw;
-      std::fprintf(stderr, "fluxswap: cuDNN attention unavailable for B %lld H %lld S %lld D %lld (%s); using the "
-                   "built-in kernel\n", (long long)shape.B, (long long)shape.H, (long long)shape.S,
-                   (long long)shape.D, e.what());
+      const bool v_heads = shape.v_sb == shape.H * shape.S * shape.D && shape.v_sh == shape.S * shape.D &&
+                           shape.v_ss == shape.D;
+      std::fprintf(stderr, "fluxswap: cuDNN attention unavailable for B %lld H %lld S %lld D %lld%s (%s); %s\n",
+                   (long long)shape.B, (long long)shape.H, (long long)shape.S, (long long)shape.D,
+                   v_heads ? "" : " with v read from the qkv rows", e.what(),
+                   v_heads ? "using the built-in kernel" : "trying v copied into heads");
       cudnn_unsupported_.insert(shape);
       return false;
     }
@@ -566,7 +569,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::CudnnAttention> cudnn_;
   // FP8 attention's device scalars and e4m3 v / output scratch (grown outside recordings; outgrown ones kept).
   Tensor fp8_attention_slots_, fp8_attention_v8_, fp8_attention_o8_;
-  std::vector<Tensor> fp8_attention_retired_;
+  Tensor attention_v_heads_;  // bf16 v copied into heads where cuDNN refuses it at the qkv rows' strides
+  std::vector<Tensor> attention_retired_;
   std::set<cuda::AttentionShape> cudnn_unsupported_;
   bool capturing_ = false;
   mutable cuda::OpProfiler profiler_;
