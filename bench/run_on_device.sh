@@ -51,7 +51,8 @@ for job in "$@"; do
   sample_start "$job"
   case "$job" in
     tests)
-      fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED) |tests ran|^\[ residual \]" ;;
+      fluxswap_cuda_tests 2>&1 | tee "$OUT/tests.log" |
+        grep -E "^\[  (FAILED|PASSED) |tests ran|^\[ residual \]|^\[ timing   \] (attention|linear|layer_norm)" ;;
     ordering)
       CUDNN_LOGLEVEL_DBG=3 CUDNN_LOGDEST_DBG="$OUT/cudnn.log" \
         fluxswap_cuda_tests --gtest_filter='CudnnFp8AttentionOrdering.*:*CudaFp8Attention*:*CudaFp8JoinedRows*' 2>&1 |
