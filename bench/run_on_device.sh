@@ -45,6 +45,22 @@ sample_summary() {
     echo "no samples over 250 W"
   fi
 }
+# One step benchmark into $OUT/<name>.{json,log} (switches come from the caller's environment), then its figures on
+# one line. bf16_step: the bf16 job's command; fp8_step NAME [ARGS...]: FP8 + FP8 attention, no quality run.
+bf16_step() {
+  fluxswap bench --sizes 1024 --steps 20 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
+  grep -E '  ms/step|modulations up front|attention [0-9.]+ ms|rror' "$OUT/$1.log" |
+    sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(= [0-9.]+ ms\/step).*/table \1/; s/.*(attention [0-9.]+ ms).*/\1/' |
+    tr '\n' ' '
+}
+fp8_step() {
+  local name=$1
+  shift
+  fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention --quality-steps 0 "$@" \
+    --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  grep -E '\+ FP8 attention:|FP8 attention, the 28-step|LoRA per step with the modulation|rror' "$OUT/$name.log" |
+    cut -c1-110 | tr '\n' '|'
+}
 summary=()
 for job in "$@"; do
   start=$(date +%s)
@@ -68,39 +84,27 @@ for job in "$@"; do
     fp8ab)
       for round in 1 2; do
         for fused in 0 1; do
-          FLUXSWAP_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum \
-            --fp8-attention --quality-steps 0 --lora-rank 64 --lora-mode merged --swaps 1 \
-            --json "$OUT/fp8ab-r$round-f$fused.json" > "$OUT/fp8ab-r$round-f$fused.log" 2>&1
-          echo "round $round fused $fused: $(grep -E '\+ FP8 attention:|LoRA per step with the modulation' \
-            "$OUT/fp8ab-r$round-f$fused.log" | cut -c1-110 | tr '\n' '|')"
+          echo "round $round fused $fused: $(FLUXSWAP_FUSED_RESIDUAL=$fused fp8_step "fp8ab-r$round-f$fused" \
+            --lora-rank 64 --lora-mode merged --swaps 1)"
         done
       done ;;
     bf16ab)
       for round in 1 2; do
         for fused in 0 1; do
-          FLUXSWAP_FUSED_RESIDUAL=$fused fluxswap bench --sizes 1024 --steps 20 \
-            --json "$OUT/bf16ab-r$round-f$fused.json" > "$OUT/bf16ab-r$round-f$fused.log" 2>&1
-          echo "round $round fused $fused: $(grep -E '  ms/step|modulations up front' "$OUT/bf16ab-r$round-f$fused.log" | \
-            sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(= [0-9.]+ ms\/step).*/table \1/' | tr '\n' ' ')"
+          echo "round $round fused $fused: $(FLUXSWAP_FUSED_RESIDUAL=$fused bf16_step "bf16ab-r$round-f$fused")"
         done
       done ;;
     sdpa)
       n=0
       for combo in auto:heuristic auto:fastest composite:heuristic unified:heuristic composite:fastest auto:heuristic; do
         n=$((n + 1)); impl=${combo%%:*}; plan=${combo##*:}
-        FLUXSWAP_CUDNN_SDPA=$impl FLUXSWAP_CUDNN_PLAN=$plan fluxswap bench --sizes 1024 --steps 20 \
-          --json "$OUT/sdpa-$n-$impl-$plan.json" > "$OUT/sdpa-$n-$impl-$plan.log" 2>&1
-        echo "$impl $plan: $(grep -E '  ms/step|attention [0-9.]+ ms|rror' "$OUT/sdpa-$n-$impl-$plan.log" | \
-          sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(attention [0-9.]+ ms).*/\1/' | tr '\n' ' ')"
+        echo "$impl $plan: $(FLUXSWAP_CUDNN_SDPA=$impl FLUXSWAP_CUDNN_PLAN=$plan bf16_step "sdpa-$n-$impl-$plan")"
         grep -m2 "engine configurations timed" "$OUT/sdpa-$n-$impl-$plan.log" | cut -c1-300
       done ;;
     fp8sdpa)
       for round in 1 2; do
         for plan in heuristic fastest; do
-          FLUXSWAP_CUDNN_PLAN=$plan fluxswap bench --sizes 1024 --steps 20 --fp8 --fp8-fast-accum --fp8-attention \
-            --quality-steps 0 --json "$OUT/fp8sdpa-r$round-$plan.json" > "$OUT/fp8sdpa-r$round-$plan.log" 2>&1
-          echo "round $round $plan: $(grep -E '\+ FP8 attention:|FP8 attention, the 28-step' \
-            "$OUT/fp8sdpa-r$round-$plan.log" | cut -c1-110 | tr '\n' '|')"
+          echo "round $round $plan: $(FLUXSWAP_CUDNN_PLAN=$plan fp8_step "fp8sdpa-r$round-$plan")"
           grep -m2 "engine configurations timed" "$OUT/fp8sdpa-r$round-$plan.log" | cut -c1-300
         done
       done ;;

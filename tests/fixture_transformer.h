@@ -18,9 +18,9 @@ struct FixtureTransformer {
   std::shared_ptr<SafetensorsFile> goldens;
   FluxHostInputs inputs;
 
-  // fp8_residual_in_gemm: the CPU backend taking the GPU's fused FP8 residual projections (make_cpu_backend).
-  explicit FixtureTransformer(const std::string& name, bool fp8_residual_in_gemm = false)
-      : backend(make_cpu_backend(fp8_residual_in_gemm)), dir(fixtures_dir() + "/" + name) {
+  // residual_in_gemm: the CPU backend taking the GPU's fused residual projections (make_cpu_backend).
+  explicit FixtureTransformer(const std::string& name, bool residual_in_gemm = false)
+      : backend(make_cpu_backend(residual_in_gemm)), dir(fixtures_dir() + "/" + name) {
     checkpoint = open_flux_checkpoint(dir + "/transformer_bfl.safetensors");
     transformer = std::make_unique<FluxTransformer>(checkpoint.config, load_flux_weights(checkpoint, *backend), *backend);
     goldens = SafetensorsFile::open(dir + "/transformer_goldens.safetensors");

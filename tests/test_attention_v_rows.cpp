@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <random>
 
 #include "backend/backend.h"
@@ -15,9 +14,8 @@ namespace fluxswap {
 namespace {
 
 Tensor random_tensor(Shape shape, std::mt19937& rng) {
-  std::normal_distribution<float> n(0.0f, 1.0f);
   Tensor t = Tensor::empty(DType::F32, shape);
-  for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = n(rng);
+  test::fill_normal(t, rng, 1.0f);
   return t;
 }
 
@@ -25,10 +23,6 @@ Tensor filled(Shape shape, float value) {
   Tensor t = Tensor::empty(DType::F32, shape);
   for (int64_t i = 0; i < t.numel(); ++i) t.ptr<float>()[i] = value;
   return t;
-}
-
-bool same_bytes(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), size_t(a.numel()) * 4) == 0;
 }
 
 struct Case {
@@ -54,13 +48,13 @@ TEST(AttentionVRows, EqualsAttentionOverVHeads) {
     Tensor q2 = filled(heads, NAN), k2 = filled(heads, NAN);
     be->qk_norm_rope(qkv, q_norm, k_norm, rope, 0, q2, k2, Tensor());
     const std::string where = "B " + std::to_string(c.B) + " H " + std::to_string(c.H) + " S " + std::to_string(c.S);
-    EXPECT_TRUE(same_bytes(q, q2)) << where;
-    EXPECT_TRUE(same_bytes(k, k2)) << where;
+    EXPECT_TRUE(test::same_bits(q, q2)) << where;
+    EXPECT_TRUE(test::same_bits(k, k2)) << where;
 
     Tensor out_heads = filled({c.B, c.S, HD}, NAN), out_rows = filled({c.B, c.S, HD}, NAN);
     be->attention(q, k, v, out_heads);
     be->attention(q, k, v_rows, out_rows);
-    EXPECT_TRUE(same_bytes(out_heads, out_rows)) << where;
+    EXPECT_TRUE(test::same_bits(out_heads, out_rows)) << where;
     EXPECT_TRUE(std::isfinite(out_rows.ptr<float>()[out_rows.numel() - 1])) << where << ": fully written";
     // v's columns matter: the k columns in their place give another output.
     Tensor out_k = filled({c.B, c.S, HD}, NAN);

@@ -342,10 +342,10 @@ class Backend {
   virtual void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out);
 };
 
-// The CPU reference. With fp8_residual_in_gemm it takes the fused form of the FP8 residual projections as the CUDA
-// backend does (the gate folded into the weight scales and bias, the product added onto x; float32 here), so a
-// transformer on it follows the GPU's path: the reference of that path's plumbing.
-std::unique_ptr<Backend> make_cpu_backend(bool fp8_residual_in_gemm = false);
+// The CPU reference. With residual_in_gemm it takes the fused form of the residual projections, FP8 and bf16, as the
+// CUDA backend does (the gate folded into the weight scales or alone and into the bias, the product added onto x;
+// float32 here), so a transformer on it follows the GPU's path: the reference of that path's plumbing.
+std::unique_ptr<Backend> make_cpu_backend(bool residual_in_gemm = false);
 // Throws Error when this build has no CUDA backend or no GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);
 // "cpu", "cuda", or "auto": the GPU when one is usable, else the CPU (saying so on stdout).

@@ -73,7 +73,7 @@ Vecs vecs_of(const Tensor& t, const char* what) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(bool fp8_residual_in_gemm) : residual_in_gemm_(fp8_residual_in_gemm) {}
+  explicit CpuBackend(bool residual_in_gemm) : residual_in_gemm_(residual_in_gemm) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "cpu (float32 reference)"; }
   DType compute_dtype() const override { return DType::F32; }
@@ -531,8 +531,8 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(bool fp8_residual_in_gemm) {
-  return std::make_unique<CpuBackend>(fp8_residual_in_gemm);
+std::unique_ptr<Backend> make_cpu_backend(bool residual_in_gemm) {
+  return std::make_unique<CpuBackend>(residual_in_gemm);
 }
 
 }  // namespace fluxswap

@@ -363,10 +363,9 @@ TransformerSpec flux_transformer_spec(const FluxConfig& c, WeightFormat format, 
 
   // One step's buffers (flux_transformer.h): per token the residual stream, normed input and branch (D each),
   // proj_in (3D + M), q, k (2D; attention reads v from proj_in) and attn_mlp (D + M), plus the LoRA scratch (rank);
-  // the RoPE table (float32
-  // cos/sin per token and half head dim); the pipeline's inputs and latents (text embeddings [B, T, 4096], noisy
-  // latents and velocity [B, Ni, 64]), and the output projections' gated factors (float32 scale and bf16 bias per
-  // projection: 4 a double block, 1 a single block). cuDNN's flash attention keeps no S x S scores.
+  // the RoPE table (float32 cos/sin per token and half head dim); the pipeline's inputs and latents (text embeddings
+  // [B, T, 4096], noisy latents and velocity [B, Ni, 64]), and the output projections' gated factors (float32 scale
+  // and bf16 bias per projection: 4 a double block, 1 a single block). cuDNN's flash attention keeps no S x S scores.
   const int64_t D = c.inner_dim(), M = c.mlp_dim();
   const int64_t img = (w.height / 16) * (w.width / 16), S = img + w.text_tokens;
   const uint64_t per_token = uint64_t(9 * D + 2 * M + w.lora_rank) * kBf16;

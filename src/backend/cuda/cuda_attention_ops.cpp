@@ -67,21 +67,22 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, c
   // read v in place) so that attention stays on cuDNN rather than the slower built-in kernel.
   const cuda::AttentionShape heads{.B = B, .H = H, .S = S, .D = D, .out_sb = O.sb, .out_sn = O.sn,
                                    .v_sb = H * S * D, .v_sh = S * D, .v_ss = D};
-  const bool copy_v = !use_cudnn && shape != heads && attention_mode_ != AttentionMode::Naive && cudnn_ready(heads);
+  const bool copy_v =
+      !use_cudnn && !shape.v_in_heads() && attention_mode_ != AttentionMode::Naive && cudnn_ready(heads);
+  cuda::RowsView v_rows{};
   if (copy_v) {
     if (!attention_v_heads_.defined() || attention_v_heads_.numel() < q.numel()) {
       if (capturing_) bad(op, "a recording needs a larger v buffer: run the work once eagerly first");
       attention_retired_.push_back(attention_v_heads_);  // a recording may still use the outgrown one
       attention_v_heads_ = empty(DType::BF16, {q.numel()});
     }
+    v_rows = rows_of(v, op, "v rows");
+    vh = {attention_v_heads_.ptr<__nv_bfloat16>(), B, H, S, D, H * S * D, S * D, D};
     shape = heads;
     use_cudnn = true;
   }
   timed(op, [&] {
-    if (copy_v) {
-      cuda::launch_split_heads(rows_of(v, op, "v rows"), H, attention_v_heads_.ptr<__nv_bfloat16>(), stream());
-      vh = {attention_v_heads_.ptr<__nv_bfloat16>(), B, H, S, D, H * S * D, S * D, D};
-    }
+    if (copy_v) cuda::launch_split_heads(v_rows, H, attention_v_heads_.ptr<__nv_bfloat16>(), stream());
     if (use_cudnn)
       cudnn_->run(shape, q.data(), k.data(), vh.p, O.p, /*may_time=*/!capturing_);
     else

@@ -536,8 +536,7 @@ class CudaBackend final : public Backend {
       return true;
     } catch (const Error& e) {
       if (attention_mode_ == AttentionMode::Cudnn) throw;
-      const bool v_heads = shape.v_sb == shape.H * shape.S * shape.D && shape.v_sh == shape.S * shape.D &&
-                           shape.v_ss == shape.D;
+      const bool v_heads = shape.v_in_heads();
       std::fprintf(stderr, "fluxswap: cuDNN attention unavailable for B %lld H %lld S %lld D %lld%s (%s); %s\n",
                    (long long)shape.B, (long long)shape.H, (long long)shape.S, (long long)shape.D,
                    v_heads ? "" : " with v read from the qkv rows", e.what(),

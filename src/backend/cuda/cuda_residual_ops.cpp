@@ -27,15 +27,24 @@ bool fused_residual_wanted() {
   return wanted;
 }
 
-// `ready` made by gated_output_factors for this gate, weight and bias: checked for shape only (the caller pairs them).
-void check_ready(const Backend::GatedFactors& ready, int64_t B, int64_t nout, bool bias, const char* op) {
-  if (!ready.scale.defined()) return;
-  check_cuda_tensor(ready.scale, op, "ready scale", DType::F32);
-  if (ready.scale.numel() != B * nout || !ready.scale.is_contiguous()) bad(op, "ready scale must be [B, nout]");
+// The factors' outputs, scale (F32) and bias_out (bf16, with a bias), as [B, n] contiguous: checked for shape only
+// (the caller pairs them with their gate, weight and bias).
+void check_factor_outputs(const Backend::GatedFactors& f, int64_t B, int64_t n, bool bias, const char* op) {
+  const std::string shape = "[" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous";
+  check_cuda_tensor(f.scale, op, "scale", DType::F32);
+  if (f.scale.shape() != Shape{B, n} || !f.scale.is_contiguous()) bad(op, "scale must be F32 " + shape);
   if (bias) {
-    check_cuda_tensor(ready.bias_out, op, "ready bias", DType::BF16);
-    if (ready.bias_out.numel() != B * nout || !ready.bias_out.is_contiguous()) bad(op, "ready bias must be [B, nout]");
+    check_cuda_tensor(f.bias_out, op, "bias_out", DType::BF16);
+    if (f.bias_out.shape() != Shape{B, n} || !f.bias_out.is_contiguous()) bad(op, "bias_out must be " + shape);
   }
+}
+
+// The factor kernel's item for gate rows G, weight scales (undefined: bf16) and bias (undefined: none), written to
+// scale and bias_out.
+GatedFactorsItem factors_item(const VecsView& G, const Tensor& w_scale, const Tensor& bias, float* scale,
+                              __nv_bfloat16* bias_out) {
+  return {G.p, G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
+          bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, scale, bias.defined() ? bias_out : nullptr, G.C};
 }
 
 // Samples from..B-1 of rows [B, N, C] or per-sample vectors [B, C] (2-D rows are one sample: `from` is 0 there).
@@ -61,17 +70,9 @@ void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
         bad(op, "w_scale must be F32 [" + std::to_string(n) + "]");
     }
     check_bias(f.bias, n, op);
-    check_cuda_tensor(f.scale, op, "scale", DType::F32);
-    if (f.scale.shape() != Shape{B, n} || !f.scale.is_contiguous())
-      bad(op, "scale must be F32 [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
-    if (f.bias.defined()) {
-      check_cuda_tensor(f.bias_out, op, "bias_out", DType::BF16);
-      if (f.bias_out.shape() != Shape{B, n} || !f.bias_out.is_contiguous())
-        bad(op, "bias_out must be [" + std::to_string(B) + ", " + std::to_string(n) + "] contiguous");
-    }
-    descs.push_back({G.p, G.sb, f.w_scale.defined() ? f.w_scale.ptr<float>() : nullptr,
-                     f.bias.defined() ? f.bias.ptr<__nv_bfloat16>() : nullptr, f.scale.ptr<float>(),
-                     f.bias.defined() ? f.bias_out.ptr<__nv_bfloat16>() : nullptr, n});
+    check_factor_outputs(f, B, n, f.bias.defined(), op);
+    descs.push_back(factors_item(G, f.w_scale, f.bias, f.scale.ptr<float>(),
+                                 f.bias.defined() ? f.bias_out.ptr<__nv_bfloat16>() : nullptr));
   }
   timed(op, [&] {
     for (size_t first = 0; first < descs.size(); first += kGatedFactorsPerLaunch) {
@@ -92,7 +93,7 @@ int64_t CudaBackend::gated_residual_products(const RowsView& R, const VecsView& 
   const int64_t nout = R.C;
   // cuBLASLt writes the bf16 rows 16-byte aligned only: other rows take the composition.
   if (reinterpret_cast<uintptr_t>(R.p) % 16 || R.sn % 8 || (R.B > 1 && R.sb % 8) || nout % 8) return 0;
-  check_ready(ready, R.B, nout, bias.defined(), op);
+  if (ready.scale.defined()) check_factor_outputs(ready, R.B, nout, bias.defined(), op);
   float* scale = ready.scale.defined() ? ready.scale.ptr<float>() : nullptr;
   auto* gated_bias = bias.defined() && ready.scale.defined() ? ready.bias_out.ptr<__nv_bfloat16>() : nullptr;
   if (!scale) {
@@ -105,8 +106,7 @@ int64_t CudaBackend::gated_residual_products(const RowsView& R, const VecsView& 
     scale = gated_scratch_scale_.back().ptr<float>();
     gated_bias = bias.defined() ? gated_scratch_bias_.back().ptr<__nv_bfloat16>() : nullptr;
     GatedFactorsBatch one{};
-    one.item[0] = {G.p, G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
-                   bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, scale, gated_bias, nout};
+    one.item[0] = factors_item(G, w_scale, bias, scale, gated_bias);
     one.n_items = 1, one.B = R.B, one.max_n = nout;
     launch_gated_output_factors(one, stream(), op);
   }

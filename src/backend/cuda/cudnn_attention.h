@@ -21,6 +21,7 @@ struct AttentionShape {
   int64_t v_sb, v_sh, v_ss;  // v's strides: its own heads (S*H*D, S*D, D), or the v columns of qkv rows (sb, D, sn)
   bool fp8 = false;          // e4m3 q, k, v and output (see run_fp8)
   auto operator<=>(const AttentionShape&) const = default;
+  bool v_in_heads() const { return v_sb == H * S * D && v_sh == S * D && v_ss == D; }
 };
 
 class CudnnAttention {
