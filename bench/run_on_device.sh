@@ -8,7 +8,6 @@
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   fp8ab      fp8lora's step without the quality run, alternating processes with the gated residual added inside
 #              the output projections' GEMMs (default) and without (FLUXSWAP_FUSED_RESIDUAL=0), two of each
-#   bf16ab     the same for the bf16 step (the bf16 job's command)
 #   sdpa       the bf16 step with cuDNN's SDPA implementations against each other (FLUXSWAP_CUDNN_SDPA=auto,
 #              composite, unified) and the heuristics' first engine configuration against the fastest of those
 #              timed (FLUXSWAP_CUDNN_PLAN=heuristic|fastest), each with its per-op attention time and cuDNN's timings
@@ -86,12 +85,6 @@ for job in "$@"; do
         for fused in 0 1; do
           echo "round $round fused $fused: $(FLUXSWAP_FUSED_RESIDUAL=$fused fp8_step "fp8ab-r$round-f$fused" \
             --lora-rank 64 --lora-mode merged --swaps 1)"
-        done
-      done ;;
-    bf16ab)
-      for round in 1 2; do
-        for fused in 0 1; do
-          echo "round $round fused $fused: $(FLUXSWAP_FUSED_RESIDUAL=$fused bf16_step "bf16ab-r$round-f$fused")"
         done
       done ;;
     sdpa)

@@ -196,15 +196,12 @@ class Backend {
   virtual void linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tensor& w_scale, const Tensor& bias,
                                    const Tensor& gate, const Tensor& x, const Tensor& branch,
                                    const GatedFactors& ready);
-  // The same for a bf16 projection: x += gate[b] * (in w^T + bias), w [nout, K] in the compute dtype.
-  virtual void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
-                               const Tensor& x, const Tensor& branch, const GatedFactors& ready);
-  // Whether the FP8 ones above (fp8_...) and the bf16 one do better than their composition (the transformer then calls
-  // them; otherwise it leaves the branch for the next fused LayerNorm to add).
+  // Whether the ones above do better than their composition (the transformer then calls them; otherwise it leaves the
+  // branch for the next fused LayerNorm to add). bf16 projections have no such form: cuBLASLt on Hopper takes no
+  // per-row alpha vector for bf16 GEMMs (it refused every shape), so the gate cannot be folded into their product.
   virtual bool fp8_residual_in_gemm() const { return false; }
-  virtual bool residual_in_gemm() const { return false; }
   // Every item's scale and bias_out from its gate, w_scale and bias, in a few launches on a backend that batches (a step's
-  // factors, after its modulations). Throwing default: only backends with a residual_in_gemm form are asked.
+  // factors, after its modulations). Throwing default: only backends with an fp8_residual_in_gemm form are asked.
   virtual void gated_output_factors(const std::vector<GatedFactors>& items);
   // Many FP8 linears of one per-sample input (the blocks' modulation linears): for each item,
   // linear_fp8(x, wq, w_scale, bias, y, Activation::None), with the same results bit for bit. x [B, K] with
@@ -342,9 +339,9 @@ class Backend {
   virtual void dequantize_nf4(const Tensor& packed, const Tensor& absmax, int64_t blocksize, const Tensor& out);
 };
 
-// The CPU reference. With residual_in_gemm it takes the fused form of the residual projections, FP8 and bf16, as the
-// CUDA backend does (the gate folded into the weight scales or alone and into the bias, the product added onto x;
-// float32 here), so a transformer on it follows the GPU's path: the reference of that path's plumbing.
+// The CPU reference. With residual_in_gemm it takes the fused form of the FP8 residual projections as the CUDA backend
+// does (the gate folded into the weight scales and into the bias, the product added onto x; float32 here), so a
+// transformer on it follows the GPU's path: the reference of that path's plumbing.
 std::unique_ptr<Backend> make_cpu_backend(bool residual_in_gemm = false);
 // Throws Error when this build has no CUDA backend or no GPU is present.
 std::unique_ptr<Backend> make_cuda_backend(int device_index = 0);

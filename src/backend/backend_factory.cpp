@@ -48,11 +48,6 @@ void Backend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const Tens
   linear_fp8(in, wq, w_scale, bias, branch, Activation::None);
   gated_residual(x, gate, branch);
 }
-void Backend::linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
-                              const Tensor& x, const Tensor& branch, const GatedFactors&) {
-  linear(in, w, bias, branch, Activation::None);
-  gated_residual(x, gate, branch);
-}
 void Backend::gated_output_factors(const std::vector<GatedFactors>&) {
   throw Error("gated_output_factors is not implemented by the " + name() + " backend");
 }

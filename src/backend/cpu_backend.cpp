@@ -439,20 +439,9 @@ class CpuBackend final : public Backend {
         for (int64_t c = 0; c < X.C; ++c) X.row(b, n)[c] += G.at(b)[c] * Y.row(b, n)[c];
   }
 
-  // The residual projections' fused form (when asked for): x += acc * (gate * w_scale) + gate * bias, with acc the
-  // product of the e4m3 codes at unit weight scales (FP8) or of the weights (bf16: factor gate); the composition
-  // otherwise.
+  // The FP8 residual projections' fused form (when asked for): x += acc * (gate * w_scale) + gate * bias, with acc
+  // the product of the e4m3 codes at unit weight scales; the composition otherwise.
   bool fp8_residual_in_gemm() const override { return residual_in_gemm_; }
-  bool residual_in_gemm() const override { return residual_in_gemm_; }
-  void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate, const Tensor& x,
-                       const Tensor& branch, const GatedFactors& ready) override {
-    if (!residual_in_gemm_) {
-      Backend::linear_residual(in, w, bias, gate, x, branch, ready);
-      return;
-    }
-    linear(in, w, Tensor(), branch, Activation::None);
-    add_gated_product(x, branch, ready.scale.defined() ? ready : factors(gate, Tensor(), bias, x), "linear_residual");
-  }
   void gated_output_factors(const std::vector<GatedFactors>& items) override {
     for (const GatedFactors& f : items) make_factors(f);
   }

@@ -1,7 +1,7 @@
-// FluxTransformer's block output projections and their gated residual: where the backend can, the projection is
-// added onto the residual inside its GEMM (Backend::linear_residual and the FP8 forms), the gate folded into the
-// product's per-output factors (a step's are made up front: gated_factors_up_front, beside the blocks). Elsewhere
-// the projection goes into the branch buffer and its residual stays pending for the next fused LayerNorm.
+// FluxTransformer's block output projections and their gated residual: where the backend can, an FP8 projection is
+// added onto the residual inside its GEMM (Backend::linear_fp8_residual and its quantised form), the gate folded
+// into the product's per-output factors (a step's are made up front: gated_factors_up_front, beside the blocks).
+// Elsewhere the projection goes into the branch buffer and its residual stays pending for the next fused LayerNorm.
 #include "model/flux_transformer.h"
 
 namespace fluxswap {
@@ -16,20 +16,11 @@ bool FluxTransformer::fp8_projection_in_gemm(const Linear& l) const {
   return quantized_input(l) && backend_.fp8_residual_in_gemm();
 }
 
-bool FluxTransformer::bf16_projection_in_gemm(const Linear& l) const {
-  return l.weight.defined() && !l.weight_fp8.defined() && !l.lora_down.defined() && !l.lora_weight.defined() &&
-         backend_.residual_in_gemm();
-}
-
 FluxTransformer::Residual FluxTransformer::project(const Tensor& in_room, int64_t in, const Linear& l,
                                                    const Tensor& gate, const Tensor& x, const Tensor& branch) {
   if (fp8_projection_in_gemm(l)) {
     backend_.linear_fp8_residual(in_room.narrow(-1, 0, in), l.weight_fp8, l.weight_scale, l.bias, gate, x, branch,
                                  ready_factors(l));
-    return {};
-  }
-  if (bf16_projection_in_gemm(l)) {
-    backend_.linear_residual(in_room.narrow(-1, 0, in), l.weight, l.bias, gate, x, branch, ready_factors(l));
     return {};
   }
   linear_roomy(in_room, in, l, branch);

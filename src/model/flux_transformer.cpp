@@ -438,7 +438,7 @@ void FluxTransformer::prepare(int64_t batch, int64_t img_tokens, int64_t txt_tok
     buf_.normed_q8 = backend_.empty(DType::F8_E4M3, {batch * S, D});
     buf_.normed_q8_scale = backend_.empty(DType::F32, {batch * S});
   }
-  if ((fp8_ && backend_.fp8_residual_in_gemm()) || backend_.residual_in_gemm()) {
+  if (fp8_ && backend_.fp8_residual_in_gemm()) {
     const int64_t projections = 4 * int64_t(weights_.double_blocks.size()) + int64_t(weights_.single_blocks.size());
     buf_.gated_scale = backend_.empty(DType::F32, {projections * batch * D});
     buf_.gated_bias = e({projections * batch * D});
@@ -611,10 +611,9 @@ void FluxTransformer::gated_factors_up_front() {
   const int64_t B = B_, D = config_.inner_dim();
   std::vector<Backend::GatedFactors> items;
   auto add = [&](const Linear& l, const Tensor& gate) {
-    const bool fp8 = fp8_projection_in_gemm(l);
-    if (!fp8 && !bf16_projection_in_gemm(l)) return;
+    if (!fp8_projection_in_gemm(l)) return;
     const int64_t at = int64_t(items.size()) * B * D;
-    items.push_back({gate, fp8 ? l.weight_scale : Tensor(), l.bias,
+    items.push_back({gate, l.weight_scale, l.bias,
                      buf_.gated_scale.narrow(0, at, B * D).view({B, D}),
                      l.bias.defined() ? buf_.gated_bias.narrow(0, at, B * D).view({B, D}) : Tensor()});
     ready_factors_.emplace(&l, items.back());

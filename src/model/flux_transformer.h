@@ -150,15 +150,14 @@ class FluxTransformer {
   Tensor v_rows() const { return buf_.proj_in.narrow(2, 2 * config_.inner_dim(), config_.inner_dim()); }
   void apply(const Tensor& x, const Residual& pending);
   // A block's output projection l of the first `in` columns of in_room, gated into the residual x: added inside the
-  // GEMM where l has no runtime slot and the backend does that for its precision (Backend::fp8_residual_in_gemm,
-  // residual_in_gemm; returns nothing pending), else written to branch and returned as the residual still to add.
+  // GEMM where l is FP8 without a runtime slot and the backend does that (Backend::fp8_residual_in_gemm; returns
+  // nothing pending), else written to branch and returned as the residual still to add.
   Residual project(const Tensor& in_room, int64_t in, const Linear& l, const Tensor& gate, const Tensor& x,
                    const Tensor& branch);
   // The step's gated factors of every projection project() adds in its GEMM, in one backend launch after the
   // modulations (ready_factors_); ready_factors(l) gives l's, or none (the op then makes its own).
   void gated_factors_up_front();
   bool fp8_projection_in_gemm(const Linear& l) const;
-  bool bf16_projection_in_gemm(const Linear& l) const;
   const Backend::GatedFactors& ready_factors(const Linear& l) const;
   // The same for an FP8 projection whose input is quantised already (q8, q8_scale).
   Residual project_quantized(const Tensor& q8, const Tensor& q8_scale, const Linear& l, const Tensor& gate,

@@ -22,10 +22,9 @@ CublasLtLinear::~CublasLtLinear() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-CublasLtLinear::Plan* CublasLtLinear::plan_for(const Key& key, const void* bias, bool optional, bool capturing,
-                                               const char* op) {
+CublasLtLinear::Plan& CublasLtLinear::plan_for(const Key& key, const void* bias, bool capturing, const char* op) {
   auto it = plans_.find(key);
-  if (it != plans_.end()) return it->second.get();
+  if (it != plans_.end()) return *it->second;
   if (capturing)
     throw Error(std::string("cuda backend: ") + op + ": a GEMM of a new shape (m " + std::to_string(key.m) + ", n " +
                 std::to_string(key.n) + ", k " + std::to_string(key.k) +
@@ -37,11 +36,6 @@ CublasLtLinear::Plan* CublasLtLinear::plan_for(const Key& key, const void* bias,
         "cublasLtMatmulDescSetAttribute(TRANSA)");
   check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), op,
         "cublasLtMatmulDescSetAttribute(TRANSB)");
-  if (key.alpha_vector) {
-    const int32_t mode = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
-    check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)), op,
-          "cublasLtMatmulDescSetAttribute(POINTER_MODE)");
-  }
   const cublasLtEpilogue_t epilogue = to_cublas(GemmEpilogue(key.epilogue));
   check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)), op,
         "cublasLtMatmulDescSetAttribute(EPILOGUE)");
@@ -74,29 +68,18 @@ CublasLtLinear::Plan* CublasLtLinear::plan_for(const Key& key, const void* bias,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t status = plan->heuristic(handle_, pref, result, found);
-  if (optional && (status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE || found == 0))
-    return plans_.emplace(key, nullptr).first->second.get();
-  check(status, op, "cublasLtMatmulAlgoGetHeuristic");
+  check(plan->heuristic(handle_, pref, result, found), op, "cublasLtMatmulAlgoGetHeuristic");
   if (found == 0)
     fail(op, "cublasLtMatmulAlgoGetHeuristic",
          "no algorithm for m " + std::to_string(key.m) + ", n " + std::to_string(key.n) + ", k " +
              std::to_string(key.k) + ", lda " + std::to_string(key.lda) + ", ldb " + std::to_string(key.ldb) +
              ", ldd " + std::to_string(key.ldd));
   plan->algo = result.algo;
-  return plans_.emplace(key, std::move(plan)).first->second.get();
+  return *plans_.emplace(key, std::move(plan)).first->second;
 }
 
 void CublasLtLinear::matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op) {
-  issue(mm, false, capturing, stream, op);
-}
-
-bool CublasLtLinear::try_matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op) {
-  return issue(mm, true, capturing, stream, op);
-}
-
-bool CublasLtLinear::issue(const Matmul& mm, bool optional, bool capturing, cudaStream_t stream, const char* op) {
-  if (mm.m == 0 || mm.n == 0 || mm.batch == 0) return true;
+  if (mm.m == 0 || mm.n == 0 || mm.batch == 0) return;
   if (mm.k <= 0) fail(op, "cublasLtMatmul", "the inner dimension must be positive");
   if (mm.f32_out && (mm.epilogue != GemmEpilogue::None || mm.bias))
     fail(op, "cublasLtMatmul", "float32 outputs take no epilogue");
@@ -115,29 +98,16 @@ bool CublasLtLinear::issue(const Matmul& mm, bool optional, bool capturing, cuda
   // (The preference's C alignment is D's: C's must be as good.)
   key.align_d = std::min(key.align_d, alignment_of(c, mm.batch, mm.stride_d, mm.f32_out ? 4 : 2));
   key.align_bias = mm.bias ? alignment_of(mm.bias) : 0;
-  key.alpha_vector = mm.alpha_vector != nullptr;
   if (key.lda < (mm.trans_a ? key.k : key.m) || key.ldb < key.k || key.ldd < key.m)
     fail(op, "cublasLtMatmul", "row strides smaller than the row widths");
-  if (mm.alpha_vector && mm.batch > 1) fail(op, "cublasLtMatmul", "an alpha vector is for one matrix at a time");
-  auto it = plans_.find(key);
-  const bool first = it == plans_.end();
-  Plan* plan = plan_for(key, mm.bias, optional, capturing, op);
-  if (!plan) return false;
+  Plan& plan = plan_for(key, mm.bias, capturing, op);
   if (mm.bias)
-    check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)), op,
+    check(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &mm.bias, sizeof(mm.bias)), op,
           "cublasLtMatmulDescSetAttribute(BIAS_POINTER)");
   const float beta = mm.accumulate ? 1.0f : 0.0f;
-  const void* alpha = mm.alpha_vector ? static_cast<const void*>(mm.alpha_vector) : &mm.alpha;
-  const cublasStatus_t status = cublasLtMatmul(handle_, plan->op, alpha, mm.a, plan->a, mm.b, plan->b, &beta, c,
-                                               plan->d, mm.d, plan->d, &plan->algo, workspace_.get(),
-                                               workspace_bytes_, stream);
-  // An optional product refused on its first call (before any recording) is one this cuBLASLt cannot do after all.
-  if (status != CUBLAS_STATUS_SUCCESS && optional && first) {
-    plans_[key].reset();
-    return false;
-  }
-  check(status, op, "cublasLtMatmul");
-  return true;
+  check(cublasLtMatmul(handle_, plan.op, &mm.alpha, mm.a, plan.a, mm.b, plan.b, &beta, c, plan.d, mm.d, plan.d,
+                       &plan.algo, workspace_.get(), workspace_bytes_, stream),
+        op, "cublasLtMatmul");
 }
 
 void CublasLtLinear::run(const GemmRows& x, const void* w, const void* bias, const GemmRows& y, int64_t K,

@@ -42,9 +42,6 @@ struct Matmul {
   const void* c = nullptr;
   bool f32_out = false, accumulate = false;
   float alpha = 1.0f;
-  // Device float32 [m]: alpha per row of D (per output feature of a linear) instead of `alpha`
-  // (CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST). Not every algorithm takes it: see try_matmul.
-  const float* alpha_vector = nullptr;
   GemmEpilogue epilogue = GemmEpilogue::None;
   const void* bias = nullptr;
 };
@@ -63,9 +60,6 @@ class CublasLtLinear {
            const char* op = "linear", int64_t ldw = 0);
 
   void matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op);
-  // matmul, or false (nothing issued) where cuBLASLt has no algorithm for it: an alpha vector, which only some
-  // algorithms take. Found on the shape's first call (before any recording) and remembered.
-  bool try_matmul(const Matmul& mm, bool capturing, cudaStream_t stream, const char* op);
 
   // Device memory of at least `bytes` for intermediates between GEMMs (attention scores). It grows only outside
   // recordings; a buffer it outgrows stays allocated, because a recording may still write it.
@@ -74,19 +68,17 @@ class CublasLtLinear {
  private:
   struct Key {
     int64_t m, n, k, lda, ldb, ldd, batch, stride_a, stride_b, stride_d;
-    int trans_a, f32_out, epilogue, align_a, align_b, align_d, align_bias, alpha_vector;
+    int trans_a, f32_out, epilogue, align_a, align_b, align_d, align_bias;
     auto operator<=>(const Key&) const = default;
   };
   struct Plan;
-  // Null (remembered) where the heuristic has no algorithm and `optional`; an error otherwise.
-  Plan* plan_for(const Key& key, const void* bias, bool optional, bool capturing, const char* op);
-  bool issue(const Matmul& mm, bool optional, bool capturing, cudaStream_t stream, const char* op);
+  Plan& plan_for(const Key& key, const void* bias, bool capturing, const char* op);
 
   DeviceMemory& memory_;
   cublasLtHandle_t handle_ = nullptr;
   std::shared_ptr<void> workspace_;
   size_t workspace_bytes_;
-  std::map<Key, std::unique_ptr<Plan>> plans_;  // null: an optional product with no algorithm
+  std::map<Key, std::unique_ptr<Plan>> plans_;
   std::vector<std::shared_ptr<void>> scratch_;  // the last one is the largest
   size_t scratch_bytes_ = 0;
 };

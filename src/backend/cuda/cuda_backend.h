@@ -424,9 +424,6 @@ class CudaBackend final : public Backend {
   // Defined in cuda_residual_ops.cpp. True unless FLUXSWAP_FUSED_RESIDUAL=0 (the fused forms off, for comparisons) or
   // cuBLASLt refused that form once.
   bool fp8_residual_in_gemm() const override;
-  bool residual_in_gemm() const override;
-  void linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate, const Tensor& x,
-                       const Tensor& branch, const GatedFactors& ready) override;
   void linear_fp8_batch(const Tensor& x, const std::vector<Fp8LinearItem>& items) override;
   void gated_residual_layer_norm_modulate(const Tensor& x, const Tensor& gate, const Tensor& y, const Tensor& shift,
                                           const Tensor& scale, const Tensor& normed) override;
@@ -555,7 +552,7 @@ class CudaBackend final : public Backend {
   bool fp8_fast_accum_ = false;
   std::vector<Tensor> fp8_act_, fp8_act_scale_;
   std::vector<Tensor> gated_scratch_scale_, gated_scratch_bias_;  // the residual ops' own factors (same rule)
-  bool fp8_residual_refused_ = false, residual_refused_ = false;
+  bool fp8_residual_refused_ = false;
   std::shared_ptr<Fp8GemvLists> fp8_gemv_lists_;  // linear_fp8_batch's item lists on the device (cuda_fp8_ops.cpp)
   Tensor scaled_copy_descs_;  // scaled_copy_batch's descriptor list on the device (grows)
   std::shared_ptr<cuda::PinnedHostPool> pinned_ = std::make_shared<cuda::PinnedHostPool>();  // files read to upload

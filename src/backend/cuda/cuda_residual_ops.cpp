@@ -1,11 +1,10 @@
-// A block's gated output projection added onto the residual inside its GEMM, on the CUDA backend:
-// x += gate * (the projection), the gate folded into the product's per-output-feature factors (FP8: cuBLASLt's
-// outer-vector weight scales times the gate; bf16: an alpha vector, the gate itself) and the bias times the gate
-// into the bias epilogue, with x read as the product's C (beta 1) and written as its D. The branch is then neither
+// A block's FP8 output projection added onto the residual inside its GEMM, on the CUDA backend: x += gate * (the
+// projection), the gate folded into cuBLASLt's outer-vector weight scales (per output feature) and the bias times the
+// gate into the bias epilogue, with x read as the product's C (beta 1) and written as its D. The branch is then neither
 // written nor read again by the next LayerNorm. A step's factors are made in two launches after its modulations
-// (gated_output_factors); an op given none makes its own. Where cuBLASLt has no algorithm for a form (found on its
-// first call, before any recording), the composition runs and that form is not offered again; FLUXSWAP_FUSED_RESIDUAL=0
-// turns both forms off (comparisons).
+// (gated_output_factors); an op given none makes its own. Where cuBLASLt has no algorithm for the form (found on its
+// first call, before any recording; sm_89 has no outer-vector scaling), the composition runs and the form is not
+// offered again; FLUXSWAP_FUSED_RESIDUAL=0 turns it off (comparisons).
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
@@ -53,7 +52,6 @@ Tensor from_sample(const Tensor& t, int64_t from, int64_t B) { return from ? t.n
 }  // namespace
 
 bool CudaBackend::fp8_residual_in_gemm() const { return fused_residual_wanted() && !fp8_residual_refused_; }
-bool CudaBackend::residual_in_gemm() const { return fused_residual_wanted() && !residual_refused_; }
 
 void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
   const char* op = "gated_output_factors";
@@ -132,7 +130,11 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
   if (fp8_residual_in_gemm())
     timed(gemm_key(profiler_.enabled(), op, X.B * X.N, nout, K).c_str(), [&] {
       done = gated_residual_products(R, G, w_scale, bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
-        const bool ok = gemm.run_residual({X.p + b * X.sb, X.sn, x_scale.ptr<float>() + b * X.N},
+        // cuBLASLt takes outer-vector scales 16-byte aligned: a later sample's row scales are not when N is not a
+        // multiple of 4. Those samples are composed, and the form stays offered to every other call.
+        const float* row_scales = x_scale.ptr<float>() + b * X.N;
+        if (reinterpret_cast<uintptr_t>(row_scales) % 16) return false;
+        const bool ok = gemm.run_residual({X.p + b * X.sb, X.sn, row_scales},
                                           {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
                                           nout, capturing_, stream(), op);
         fp8_residual_refused_ = fp8_residual_refused_ || !ok;  // sm_89 has no outer-vector scaling
@@ -176,41 +178,6 @@ void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const 
   if (done < R.B)
     Backend::linear_fp8_residual(from_sample(in, done, R.B), wq, w_scale, bias, from_sample(gate, done, R.B),
                                  from_sample(x, done, R.B), from_sample(branch, done, R.B), GatedFactors{});
-}
-
-void CudaBackend::linear_residual(const Tensor& in, const Tensor& w, const Tensor& bias, const Tensor& gate,
-                                  const Tensor& x, const Tensor& branch, const GatedFactors& ready) {
-  const char* op = "linear_residual";
-  const RowsView I = rows_of(in, op, "input"), R = rows_of(x, op, "residual");
-  const VecsView G = vecs_of(gate, op, "gate");
-  check_weight(w, op);
-  const int64_t nout = w.size(0), K = w.size(1);
-  if (I.C != K || R.C != nout || I.B != R.B || I.N != R.N)
-    bad(op, shape_str(in.shape()) + " x " + shape_str(w.shape()) + "^T -> " + shape_str(x.shape()));
-  check_vecs_fit(G, R, op, "gate");
-  check_bias(bias, nout, op);
-  int64_t done = 0;
-  if (residual_in_gemm())
-    timed(gemm_key(profiler_.enabled(), op, I.B * I.N, nout, K).c_str(), [&] {
-      done = gated_residual_products(R, G, Tensor(), bias, ready, [&](int64_t b, float* scale, void* gated_bias) {
-        Matmul mm;
-        mm.trans_a = true;
-        mm.m = nout, mm.n = I.N, mm.k = K;
-        mm.a = w.data(), mm.lda = w.stride(0);
-        mm.b = I.p + b * I.sb, mm.ldb = I.sn;
-        mm.d = R.p + b * R.sb, mm.ldd = R.sn;
-        mm.accumulate = true;
-        mm.alpha_vector = scale;
-        mm.epilogue = gated_bias ? GemmEpilogue::Bias : GemmEpilogue::None;
-        mm.bias = gated_bias;
-        const bool ok = gemm_->try_matmul(mm, capturing_, stream(), op);
-        residual_refused_ = residual_refused_ || !ok;  // no algorithm takes an alpha vector here
-        return ok;
-      }, op);
-    });
-  if (done < R.B)
-    Backend::linear_residual(from_sample(in, done, R.B), w, bias, from_sample(gate, done, R.B),
-                             from_sample(x, done, R.B), from_sample(branch, done, R.B), GatedFactors{});
 }
 
 }  // namespace fluxswap::cuda
