@@ -13,6 +13,8 @@
 #              timed (FLUXSWAP_CUDNN_PLAN=heuristic|fastest), each with its per-op attention time and cuDNN's timings
 #   fp8sdpa    the FP8 + FP8 attention step with FLUXSWAP_CUDNN_PLAN=heuristic and fastest, alternating, twice
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
+#   parsefirst bf16lora's under-step swaps with the LoRA's keys mapped before its read starts (default) and at once
+#              (FLUXSWAP_LORA_PARSE_FIRST=0), alternating processes, two of each
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
 set -uo pipefail
@@ -105,6 +107,16 @@ for job in "$@"; do
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode runtime --swaps 8 \
         --json "$OUT/bf16lora.json" > "$OUT/bf16lora.log" 2>&1
       grep -E "ms/step|swap|bit|gate" "$OUT/bf16lora.log" | head -30 ;;
+    parsefirst)
+      for round in 1 2; do
+        for first in 0 1; do
+          FLUXSWAP_LORA_PARSE_FIRST=$first fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 \
+            --lora-mode runtime --swaps 8 --json "$OUT/parsefirst-r$round-p$first.json" \
+            > "$OUT/parsefirst-r$round-p$first.log" 2>&1
+          echo "round $round parse first $first: $(grep -E 'under-step swap 1,|under the next step' \
+            "$OUT/parsefirst-r$round-p$first.log" | sed -E 's/.*adapter started[^)]*\) ([0-9.]+).*step launched ([0-9.]+).*/started \1 launched \2/; s/.*(= the step.*)\(output.*/\1/' | tr '\n' ' ')"
+        done
+      done ;;
     bf16merged)
       fluxswap bench --sizes 1024 --steps 10 --no-profile --lora-rank 64 --lora-mode merged --swaps 8 \
         --json "$OUT/bf16merged.json" > "$OUT/bf16merged.log" 2>&1

@@ -87,6 +87,38 @@ TEST(SafetensorsBackground, DataArrivesInFileOrderWhileTheCallerGoesOn) {
 
 // read_rank: chunks are taken by the rank of the tensors they hold, so "d" (ranked first) is read before "b" and
 // usable while "b" is still held back; the values are the file's and are checked all the same.
+// A paused read reads nothing until resumed (here by a wait, which must not hang), then everything, checked.
+TEST(SafetensorsBackground, APausedReadStartsAtResumeOrAtTheFirstWait) {
+  test::TempDir dir;
+  const std::string path = write_file(dir, 17);
+  auto m = SafetensorsFile::open(path);
+  std::atomic<int> chunks_read{0};
+  SafetensorsReadOptions o;
+  o.chunk_bytes = 512;
+  o.paused = true;
+  o.before_chunk = [&](uint64_t) { chunks_read++; };
+  for (bool by_wait : {false, true}) {
+    SCOPED_TRACE(by_wait ? "resumed by wait_until_read" : "resumed by resume_read");
+    chunks_read = 0;
+    auto f = SafetensorsFile::read_in_background(path, heap, o);
+    const Tensor d = f->tensor("d");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    EXPECT_EQ(chunks_read.load(), 0);
+    EXPECT_FALSE(f->arrived(d.data(), d.nbytes()));
+    if (!by_wait) f->resume_read();
+    f->wait_until_read();
+    f->resume_read();  // again: nothing more happens
+    EXPECT_TRUE(f->complete());
+    EXPECT_EQ(bytes_of(f->tensor("d")), bytes_of(m->tensor("d")));
+    ASSERT_EQ(f->non_finite().count("c"), 1u);
+    EXPECT_EQ(f->non_finite().at("c").element, 17);
+  }
+  // Abandoned while paused: nothing to join, nothing read.
+  chunks_read = 0;
+  SafetensorsFile::read_in_background(path, heap, o).reset();
+  EXPECT_EQ(chunks_read.load(), 0);
+}
+
 TEST(SafetensorsBackground, ChunksAreReadInTheRankedOrder) {
   test::TempDir dir;
   const std::string path = write_file(dir, 5);

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -203,8 +204,10 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
     alloc_ms = seconds_since(a) * 1e3;
     return p;
   };
-  auto start = [&](int i) {
-    return std::make_shared<LoraAdapter>(start_loading_lora_adapter(files.paths()[i], c, timed_host));
+  auto start = [&](int i, bool parse_first = false) {
+    SafetensorsReadOptions read;
+    read.paused = parse_first;
+    return std::make_shared<LoraAdapter>(start_loading_lora_adapter(files.paths()[i], c, timed_host, read));
   };
   auto t0 = Clock::now();
   lora.set_adapters({{load(0), 1.0f}});
@@ -273,13 +276,16 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
   double under_vs_blocking = -1;
   nlohmann::json gate_timelines = nlohmann::json::array();
   if (o.lora_mode == "runtime" && be.has_gates()) {
+    // The key mapping before the read (A/B: FLUXSWAP_LORA_PARSE_FIRST=0): it decides when the step can launch.
+    const char* env = std::getenv("FLUXSWAP_LORA_PARSE_FIRST");
+    const bool parse_first = !(env && std::string(env) == "0");
     // The adapters held here would keep their pinned buffers beside the controller's cache, one more than the
     // untimed swaps pinned: the pool would grow (~0.3-0.4 s) inside the timed loop. Loaded again after it.
     kept[0].reset(), kept[1].reset();
     for (int s = 1; s <= o.swaps; ++s) {
       // Every time below counts from the request (t0): host points, and device ones through the round's close.
       t0 = Clock::now();
-      const std::shared_ptr<LoraAdapter> next = start(s % 2);
+      const std::shared_ptr<LoraAdapter> next = start(s % 2, parse_first);
       const double started_ms = seconds_since(t0) * 1e3;
       const LoraApplyReport rep = lora.swap_under_next_step({{next, 1.0f}}, [&] { graph->replay(); });
       const double returned_ms = seconds_since(t0) * 1e3;
@@ -303,9 +309,9 @@ nlohmann::json bench_lora(FluxTransformer& tr, const FluxInputs& in, const Tenso
                                 {"round_closed_on_device_ms", closed_ms}, {"opened_ms", opened}, {"passed_ms", passed},
                                 {"host_gate_issued_ms", issued}});
       if (s <= 3 && !passed.empty()) {
-        std::printf("    under-step swap %d, ms from the request: adapter started (read begun, header parsed) %.1f "
-                    "(pinned buffer %.1f);",
-                    s, started_ms, alloc_ms);
+        std::printf("    under-step swap %d, ms from the request: adapter started (header parsed, keys mapped, read "
+                    "begun %s) %.1f (pinned buffer %.1f);",
+                    s, parse_first ? "after the mapping" : "before it", started_ms, alloc_ms);
         for (const auto& [mark, ms] : rep.host_marks_ms) std::printf(" %s %.1f,", mark, started_ms + ms);
         std::printf(" returned %.1f; round closed on the device %.1f; step done %.1f\n", returned_ms, closed_ms,
                     under_ms.back());

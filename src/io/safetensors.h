@@ -45,6 +45,10 @@ struct SafetensorsReadOptions {
   // of in file order, so a consumer that needs the tensors in another order (a LoRA in the order a step uses it)
   // gets them sooner. Unset: file order.
   std::function<int64_t(const std::string& key)> read_rank;
+  // read_in_background: the readers start at resume_read() instead of at once. start_loading_lora_adapter resumes
+  // them once it has mapped the file's keys onto the model: that mapping chases pointers through the header and ran
+  // up to four times slower beside readers that keep the memory bus busy. Waiting for a paused read resumes it.
+  bool paused = false;
 };
 
 class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
@@ -103,6 +107,8 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
   // Blocks until the whole file is in and checked, then fills values_checked() / non_finite(). Throws Error on a
   // read failure (every time it is called).
   void wait_until_read() const;
+  // Starts the readers of a read_in_background(..., {.paused = true}); does nothing for any other file or again.
+  void resume_read() const;
   bool complete() const;
   // From the open() of the file to its last chunk checked; 0 for files not read in the background.
   double read_seconds() const;
@@ -115,7 +121,6 @@ class SafetensorsFile : public std::enable_shared_from_this<SafetensorsFile> {
 
   SafetensorsFile() = default;
   void parse();
-  void start_reading(const SafetensorsReadOptions& options);
 
   std::string path_;
   const uint8_t* bytes_ = nullptr;  // whole file image

@@ -106,6 +106,7 @@ struct SafetensorsFile::BackgroundRead {
   std::vector<std::map<std::string, NonFiniteValue>> found;  // per worker: the first bad element of each tensor
   std::vector<std::thread> workers;
   std::once_flag merged;
+  std::once_flag resumed;
   void* mapping = nullptr;  // from_mapping: the whole file, unmapped by the last worker out
   size_t mapping_bytes = 0;
   std::atomic<size_t> running{0};
@@ -234,8 +235,16 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::read_in_background(const std::
   bg->found.resize(workers);
   bg->running = workers;
   f->background_ = bg;  // from here on, destroying the file stops and joins the workers
-  for (size_t w = 0; w < workers; ++w) bg->workers.emplace_back([b = bg.get(), w] { b->run(w); });
+  if (!options.paused) f->resume_read();
   return f;
+}
+
+void SafetensorsFile::resume_read() const {
+  if (!background_) return;
+  BackgroundRead& bg = *background_;
+  std::call_once(bg.resumed, [&] {
+    for (size_t w = 0; w < bg.found.size(); ++w) bg.workers.emplace_back([b = &bg, w] { b->run(w); });
+  });
 }
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open_shared(const std::string& path, bool populate) {
@@ -263,6 +272,7 @@ bool SafetensorsFile::arrived(const void* p, size_t n) const {
 
 void SafetensorsFile::wait_for(const void* p, size_t n) const {
   if (!background_) return;
+  resume_read();
   const auto* q = static_cast<const uint8_t*>(p);
   if (q < data_ || q >= data_ + background_->arrival.bytes()) return;
   background_->arrival.wait_range(uint64_t(q - data_), uint64_t(q - data_) + n);
@@ -270,6 +280,7 @@ void SafetensorsFile::wait_for(const void* p, size_t n) const {
 
 void SafetensorsFile::wait_until_read() const {
   if (!background_) return;
+  resume_read();
   BackgroundRead& bg = *background_;
   bg.arrival.wait_until(bg.arrival.bytes());
   // Every chunk finished, so every worker is done with its findings (finish() and wait_until() share a lock); the

@@ -56,8 +56,9 @@ LoraAdapter load_lora_adapter(const std::string& path, const FluxConfig& config,
 // in `host` memory in the background (SafetensorsFile::read_in_background), so LoraController::set_adapters can
 // upload each tensor as it lands. Structural errors (names, shapes, dtypes) are thrown here; a NaN/Inf or a read
 // error surfaces from wait_until_loaded() (which set_adapters calls before it changes the model). The chunks are read
-// in the order a step reads the weights (flux_step_rank) unless `read` sets an order. Without `host`,
-// the file is mapped and everything is checked here, as by load_lora_adapter.
+// in the order a step reads the weights (flux_step_rank) unless `read` sets an order; with `read.paused` they start
+// only once the keys are mapped (the mapping then runs at full speed, the read a little later). Without `host`, the
+// file is mapped and everything is checked here, as by load_lora_adapter.
 LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig& config,
                                        const HostBufferAllocator& host, const SafetensorsReadOptions& read = {});
 // Blocks until the adapter's file is in memory and checks its values; throws Error naming the file and the key of

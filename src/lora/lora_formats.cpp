@@ -407,7 +407,10 @@ LoraAdapter start_loading_lora_adapter(const std::string& path, const FluxConfig
   // Read in the order a step reads the weights, so uploads can follow the step (swap_under_next_step).
   SafetensorsReadOptions o = read;
   if (!o.read_rank) o.read_rank = [config](const std::string& key) { return flux_step_rank(key, config); };
-  return parse_lora_adapter(*SafetensorsFile::read_in_background(path, host, o), config);
+  const std::shared_ptr<SafetensorsFile> file = SafetensorsFile::read_in_background(path, host, o);
+  LoraAdapter adapter = parse_lora_adapter(*file, config);
+  file->resume_read();  // (read.paused: the readers start now that the keys are mapped)
+  return adapter;
 }
 
 void wait_until_loaded(const LoraAdapter& adapter) {

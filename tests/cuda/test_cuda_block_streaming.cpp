@@ -90,8 +90,9 @@ TEST(CudaBlockStreaming, Fp8CheckpointWithHostBlocksAndRuntimeLora) {
   const Tensor b = inputs.result();
   // The modulation of the host blocks was quantised on the host (the same rule as the device kernel; float32
   // division order may differ in the last bit of a scale): equal within bf16 rounding of the output.
-  std::printf("  FP8, host-loaded streamed blocks vs uploaded: %s, cosine %.7f\n",
-              same_bits(a, b) ? "bit-identical" : "not bit-identical", cosine_similarity(a, b));
+  std::printf("  FP8, host-loaded streamed blocks vs uploaded: %s, cosine %.7f (projections added in their GEMMs: %s)\n",
+              same_bits(a, b) ? "bit-identical" : "not bit-identical", cosine_similarity(a, b),
+              gpu->fp8_residual_in_gemm() ? "yes" : "no");
   EXPECT_GT(cosine_similarity(a, b), 0.99999);
 
   // Runtime slots (separate matrices in FP8) on both; the adapter's output through streamed blocks is the same.
