@@ -33,13 +33,9 @@ size_t block_count(FluxPipeline& p) {
   return size_t(c.num_layers + c.num_single_layers);
 }
 
-// Also with the GPU's way of adding the output projections in their GEMMs (make_cpu_backend(true)): resident, a
-// step's gated factors are made up front; streamed, each op makes its own once its block has arrived.
-class BlockStreamingBits : public ::testing::TestWithParam<bool> {};
-
-TEST_P(BlockStreamingBits, AnyStreamedBlocksGiveTheSameBits) {
+TEST(BlockStreaming, AnyStreamedBlocksGiveTheSameBits) {
   FLUXSWAP_REQUIRE_FIXTURES();
-  auto be = make_cpu_backend(GetParam());
+  auto be = make_cpu_backend();
   auto pipe = FluxPipeline::from_pretrained(test::tiny_pipeline_dir(), *be);
   const GenerateParams p = test::tiny_golden_params();
   const GenerateResult resident = pipe->generate(p);
@@ -85,8 +81,6 @@ TEST_P(BlockStreamingBits, AnyStreamedBlocksGiveTheSameBits) {
   EXPECT_NE(error_of([&] { t.stream_blocks(std::vector<bool>(n + 1, false), 1); }).find("blocks"), std::string::npos);
   EXPECT_NE(error_of([&] { t.stream_blocks(none, 0); }).find("prefetch depth"), std::string::npos);
 }
-
-INSTANTIATE_TEST_SUITE_P(ResidualInGemm, BlockStreamingBits, ::testing::Bool());
 
 TEST(BlockStreaming, PlansMeasureWhatStreamedBlocksUpload) {
   FLUXSWAP_REQUIRE_FIXTURES();
