@@ -82,18 +82,24 @@ TEST(CudaBlockStreaming, Fp8CheckpointWithHostBlocksAndRuntimeLora) {
   FluxTransformer streamed(ck.config, load_flux_weights(ck, *gpu, nullptr, on_host), *gpu);
   streamed.stream_blocks(resident_blocks, 1);
   ASSERT_TRUE(streamed.fp8());
-  for (FluxTransformer* t : {&uploaded, &streamed}) t->set_precision(true, true);
 
-  uploaded.forward(inputs.in, inputs.out);
-  const Tensor a = inputs.result();
-  streamed.forward(inputs.in, inputs.out);
-  const Tensor b = inputs.result();
   // The modulation of the host blocks was quantised on the host (the same rule as the device kernel; float32
-  // division order may differ in the last bit of a scale): equal within bf16 rounding of the output.
-  std::printf("  FP8, host-loaded streamed blocks vs uploaded: %s, cosine %.7f (projections added in their GEMMs: %s)\n",
-              same_bits(a, b) ? "bit-identical" : "not bit-identical", cosine_similarity(a, b),
-              gpu->fp8_residual_in_gemm() ? "yes" : "no");
-  EXPECT_GT(cosine_similarity(a, b), 0.99999);
+  // division order may differ in the last bit of a scale): equal within bf16 rounding of the output. With FP8
+  // attention too, whose cuDNN kernel is not run-to-run reproducible (a few e4m3 codes a layer), and whose codes a
+  // last-bit difference upstream can flip (a code step is ~6%): within 1e-4 (measured 0.999983 on an H100).
+  Tensor a;
+  for (const bool fp8_attention : {true, false}) {
+    for (FluxTransformer* t : {&uploaded, &streamed}) t->set_precision(true, fp8_attention);
+    uploaded.forward(inputs.in, inputs.out);
+    a = inputs.result();
+    streamed.forward(inputs.in, inputs.out);
+    const Tensor b = inputs.result();
+    std::printf("  FP8%s, host-loaded streamed blocks vs uploaded: %s, cosine %.7f (projections added in their GEMMs: "
+                "%s)\n",
+                fp8_attention ? " + FP8 attention" : "", same_bits(a, b) ? "bit-identical" : "not bit-identical",
+                cosine_similarity(a, b), gpu->fp8_residual_in_gemm() ? "yes" : "no");
+    EXPECT_GT(cosine_similarity(a, b), fp8_attention ? 0.9999 : 0.99999);
+  }
 
   // Runtime slots (separate matrices in FP8) on both; the adapter's output through streamed blocks is the same.
   const auto adapter = inputs.lora("a_peft");
