@@ -9,7 +9,9 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "fp8_checkpoint_writer.h"
 #include "lora/lora_controller.h"
+#include "model/flux_transformer_io.h"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline_golden_params.h"
 #include "test_support.h"
@@ -80,6 +82,33 @@ TEST(BlockStreaming, AnyStreamedBlocksGiveTheSameBits) {
   // Other masks are checked against the model.
   EXPECT_NE(error_of([&] { t.stream_blocks(std::vector<bool>(n + 1, false), 1); }).find("blocks"), std::string::npos);
   EXPECT_NE(error_of([&] { t.stream_blocks(none, 0); }).find("prefetch depth"), std::string::npos);
+}
+
+// An FP8 checkpoint with every other block loaded into host memory and streamed, against the same file uploaded:
+// the same bits, with FP8 attention or without, composing the gated residuals or taking the GPU's path (projections
+// added in their GEMMs: resident, the step's gated factors made up front; streamed, each op makes its own once its
+// block has arrived). The GPU twin (tests/cuda/test_cuda_block_streaming.cpp) allows for cuDNN's FP8 attention.
+TEST(BlockStreaming, Fp8CheckpointStreamedGivesTheUploadedBits) {
+  FLUXSWAP_REQUIRE_FIXTURES();
+  test::TempDir tmp;
+  const test::Fp8File file = test::write_fp8_checkpoint(tmp.path().string(), true, "model.diffusion_model.");
+  const FluxCheckpoint ck = open_flux_checkpoint(file.path);
+  auto goldens = SafetensorsFile::open(test::fixtures_dir() + "/tiny/transformer_goldens.safetensors");
+  const FluxHostInputs inputs = read_flux_inputs(*goldens);
+  const size_t n = size_t(ck.config.num_layers + ck.config.num_single_layers);
+  std::vector<bool> resident(n), on_host(n);
+  for (size_t b = 0; b < n; ++b) resident[b] = b % 2 == 1, on_host[b] = !resident[b];
+  for (const bool in_gemm : {false, true})
+    for (const bool fp8_attention : {false, true}) {
+      SCOPED_TRACE(std::string(in_gemm ? "in the GEMMs" : "composed") + (fp8_attention ? ", FP8 attention" : ""));
+      auto be = make_cpu_backend(in_gemm);
+      FluxTransformer uploaded(ck.config, load_flux_weights(ck, *be), *be);
+      FluxTransformer streamed(ck.config, load_flux_weights(ck, *be, nullptr, on_host), *be);
+      streamed.stream_blocks(resident, 1);
+      ASSERT_TRUE(streamed.streaming().active());
+      for (FluxTransformer* t : {&uploaded, &streamed}) t->set_precision(true, fp8_attention);
+      EXPECT_TRUE(same_bits(run_flux_transformer(streamed, inputs), run_flux_transformer(uploaded, inputs)));
+    }
 }
 
 TEST(BlockStreaming, PlansMeasureWhatStreamedBlocksUpload) {
