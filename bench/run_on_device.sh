@@ -17,6 +17,7 @@
 #              (FLUXSWAP_LORA_PARSE_FIRST=0), alternating processes, two of each
 #   bf16merged bf16 with a merged rank-64 LoRA: swaps and per-step overhead
 #   e2e        the whole pipeline, FP8 + FP8 attention + merged rank-64 LoRA, median of 5
+#   ttfi       time to first image: a FLUX.1-dev-sized random pipeline written to /dev/shm, then `generate` twice
 set -uo pipefail
 source .device/env.sh
 OUT=${OUT:-/tmp/out}
@@ -125,6 +126,20 @@ for job in "$@"; do
       fluxswap bench --e2e --sizes 1024 --e2e-runs 5 --tokenizers .device/fixtures/tiny/pipeline --fp8 --fp8-fast-accum --fp8-attention --lora-rank 64 \
         --lora-mode merged --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
       grep -E "s per image|median|denoise" "$OUT/e2e.log" | head -10 ;;
+    ttfi)
+      # Issue 6's time to first image (bench/README.md): a FLUX.1-dev-sized random pipeline in the page cache, then
+      # `generate` from process start to the PNG on disk, twice.
+      fluxswap make-random-model --out /dev/shm/M --size dev --transformer-dtype fp8 > "$OUT/ttfi-make.log" 2>&1 ||
+        tail -3 "$OUT/ttfi-make.log"
+      for run in 1 2; do
+        t0=$(date +%s.%N)
+        fluxswap generate --model /dev/shm/M --fp8-attention -p "a photo of a cat" -o /tmp/ttfi.png \
+          > "$OUT/ttfi-$run.log" 2>&1
+        t1=$(date +%s.%N)
+        echo "run $run: $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}') s from process start to the PNG" \
+          "($(grep -cE '^step' "$OUT/ttfi-$run.log") step lines; $(grep -iE 'error' "$OUT/ttfi-$run.log" | head -1))"
+      done
+      rm -rf /dev/shm/M ;;
     *) echo "unknown job $job" ;;
   esac
   sample_stop
