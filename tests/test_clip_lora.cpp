@@ -5,6 +5,7 @@
 // base bit for bit, and a LoRA that does not fit changes nothing.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -56,18 +57,18 @@ TEST(TextEncoderLoraKeys, ClipStemsInEveryNamingGiveTheTransformersModule) {
 }
 
 TEST(TextEncoderLoraKeys, OtherEncodersAndNonLinearsAreTold) {
-  for (const std::string key : {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
-                                "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha",
-                                "text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0.lora_A.weight",
-                                "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight"})
+  for (const std::string key :
+       {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha",
+        "text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi_0.lora_A.weight",
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight"})
     EXPECT_EQ(text_encoder_of(key), TextEncoderOf::Other) << key;
   EXPECT_EQ(text_encoder_of("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"), TextEncoderOf::None);
   EXPECT_EQ(text_encoder_of("transformer.transformer_blocks.0.attn.to_q.lora_A.weight"), TextEncoderOf::None);
-  for (const std::string stem : {"lora_te1_text_projection", "lora_te1_text_model_embeddings_token_embedding",
-                                 "lora_te1_text_model_encoder_layers_01_mlp_fc1",
-                                 "lora_te1_text_model_encoder_layers_0_self_attn_qkv",
-                                 "text_encoder.text_model.encoder.layers.-1.mlp.fc1",
-                                 "text_encoder.text_model.final_layer_norm"})
+  for (const std::string stem :
+       {"lora_te1_text_projection", "lora_te1_text_model_embeddings_token_embedding",
+        "lora_te1_text_model_encoder_layers_01_mlp_fc1", "lora_te1_text_model_encoder_layers_0_self_attn_qkv",
+        "text_encoder.text_model.encoder.layers.-1.mlp.fc1", "text_encoder.text_model.final_layer_norm"})
     EXPECT_FALSE(clip_lora_stem(stem).has_value()) << stem;
 }
 
@@ -89,7 +90,8 @@ TEST_F(ClipLoraFiles, KohyaClipPairsParseBesideTheTransformerOnesWithAlphaOverRa
   t.emplace_back(q + ".lora_down.weight", Tensor::zeros(DType::F32, {4, 24}));
   t.emplace_back(q + ".lora_up.weight", Tensor::zeros(DType::F32, {24, 4}));
   t.emplace_back(q + ".alpha", scalar(2));
-  t.emplace_back("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight", Tensor::zeros(DType::F32, {4, 8}));
+  t.emplace_back("lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight",
+                 Tensor::zeros(DType::F32, {4, 8}));
   write_safetensors(tmp / "mixed.safetensors", t);
 
   const LoraAdapter a = load_lora_adapter(tmp / "mixed.safetensors", config);
@@ -113,9 +115,10 @@ TEST_F(ClipLoraFiles, PeftClipScaleComesFromTheTextEncoderConfigInTheMetadata) {
   const Tensors t = {{m + ".lora_A.weight", Tensor::zeros(DType::F32, {4, 24})},
                      {m + ".lora_B.weight", Tensor::zeros(DType::F32, {37, 4})}};
   // The transformer's fields must not scale the text encoder's pairs.
-  write_safetensors(tmp / "peft.safetensors", t,
-                    {{"lora_adapter_metadata",
-                      R"({"transformer.r": 4, "transformer.lora_alpha": 1, "text_encoder.r": 4, "text_encoder.lora_alpha": 8})"}});
+  write_safetensors(
+      tmp / "peft.safetensors", t,
+      {{"lora_adapter_metadata",
+        R"({"transformer.r": 4, "transformer.lora_alpha": 1, "text_encoder.r": 4, "text_encoder.lora_alpha": 8})"}});
   const LoraAdapter a = load_lora_adapter(tmp / "peft.safetensors", tiny_config());
   ASSERT_EQ(a.clip_pairs.size(), 1u);
   EXPECT_FLOAT_EQ(a.clip_pairs[0].scale, 2.0f);
@@ -144,13 +147,13 @@ TEST_F(ClipLoraFiles, ClipKeysThatNameNoLinearOrLackAHalfAreErrors) {
   EXPECT_HAS(msg, q + ".lora_up.weight");
 
   // The same linear under two namings would be applied twice.
-  write_safetensors(tmp / "twice.safetensors",
-                    {{q + ".lora_down.weight", Tensor::zeros(DType::F32, {4, 24})},
-                     {q + ".lora_up.weight", Tensor::zeros(DType::F32, {24, 4})},
-                     {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
-                      Tensor::zeros(DType::F32, {4, 24})},
-                     {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight",
-                      Tensor::zeros(DType::F32, {24, 4})}});
+  write_safetensors(
+      tmp / "twice.safetensors",
+      {{q + ".lora_down.weight", Tensor::zeros(DType::F32, {4, 24})},
+       {q + ".lora_up.weight", Tensor::zeros(DType::F32, {24, 4})},
+       {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight", Tensor::zeros(DType::F32, {4, 24})},
+       {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight",
+        Tensor::zeros(DType::F32, {24, 4})}});
   msg = error_of([&] { load_lora_adapter(tmp / "twice.safetensors", tiny_config()); });
   EXPECT_HAS(msg, "both target 'text_model.encoder.layers.0.self_attn.q_proj'");
 
@@ -210,8 +213,11 @@ class ClipLoraMath : public ::testing::Test {
     return p;
   }
 
-  // A kohya file of `pairs` (with alpha), as a LoRA trainer writes it.
+  // A kohya file of `pairs` (with alpha), as a LoRA trainer writes it, parsed.
   std::shared_ptr<const LoraAdapter> kohya_file(const std::string& name, const std::vector<TestPair>& pairs) {
+    return std::make_shared<const LoraAdapter>(load_lora_adapter(write_kohya(name, pairs), tiny_config()));
+  }
+  std::string write_kohya(const std::string& name, const std::vector<TestPair>& pairs) {
     Tensors t;
     for (const TestPair& p : pairs) {
       std::string proj = p.projection;
@@ -222,7 +228,7 @@ class ClipLoraMath : public ::testing::Test {
       t.emplace_back(stem + ".alpha", scalar(p.alpha));
     }
     write_safetensors(tmp / name, t);
-    return std::make_shared<const LoraAdapter>(load_lora_adapter(tmp / name, tiny_config()));
+    return tmp / name;
   }
 
   // The fixture's CLIP folder with every pair merged into its transformers weight in double precision.
@@ -264,17 +270,17 @@ constexpr double kTolerance = 1e-5;
 TEST_F(ClipLoraMath, RuntimeBranchesEqualMergedTransformersWeights) {
   const Tensor base = encode(*clip);
   // Separate q, k and v LoRAs land in the fused qkv's rows; every projection kind, both layers, ranks 2-6.
-  const std::vector<TestPair> a = {random_pair(0, "self_attn.q_proj", 4, 4.0f), random_pair(0, "self_attn.v_proj", 2, 1.0f),
-                                   random_pair(1, "self_attn.k_proj", 6, 3.0f), random_pair(1, "self_attn.out_proj", 4, 8.0f),
-                                   random_pair(0, "mlp.fc1", 4, 4.0f),          random_pair(1, "mlp.fc2", 3, 3.0f)};
+  const std::vector<TestPair> a = {
+      random_pair(0, "self_attn.q_proj", 4, 4.0f), random_pair(0, "self_attn.v_proj", 2, 1.0f),
+      random_pair(1, "self_attn.k_proj", 6, 3.0f), random_pair(1, "self_attn.out_proj", 4, 8.0f),
+      random_pair(0, "mlp.fc1", 4, 4.0f),          random_pair(1, "mlp.fc2", 3, 3.0f)};
   const std::vector<TestPair> b = {random_pair(0, "self_attn.q_proj", 2, 2.0f), random_pair(1, "mlp.fc1", 5, 5.0f)};
   const auto fa = kohya_file("a.safetensors", a), fb = kohya_file("b.safetensors", b);
   ASSERT_EQ(fa->clip_pairs.size(), a.size());
 
   for (const auto& [active, merged] :
        std::vector<std::pair<std::vector<ActiveLora>, std::vector<std::pair<std::vector<TestPair>, float>>>>{
-           {{{fa, 1.0f}}, {{a, 1.0f}}},
-           {{{fa, 0.7f}, {fb, -0.5f}}, {{a, 0.7f}, {b, -0.5f}}}}) {
+           {{{fa, 1.0f}}, {{a, 1.0f}}}, {{{fa, 0.7f}, {fb, -0.5f}}, {{a, 0.7f}, {b, -0.5f}}}}) {
     SCOPED_TRACE(active.size());
     ClipLoraSet set = prepare_clip_loras(active, *clip);
     EXPECT_EQ(set.pairs, active.size() == 1 ? a.size() : a.size() + b.size());
@@ -309,6 +315,21 @@ TEST_F(ClipLoraMath, ALoraThatDoesNotFitChangesNothing) {
   msg = error_of([&] { prepare_clip_loras({{fw, 1.0f}}, *clip); });
   EXPECT_HAS(msg, "wide.safetensors");
   EXPECT_HAS(msg, "[rank, 24]");
+
+  // A NaN in a file still being read is found when CLIP's pairs have arrived, before anything changes.
+  TestPair bad = random_pair(1, "mlp.fc2", 4, 4.0f);
+  bad.up.ptr<float>()[3] = std::numeric_limits<float>::infinity();
+  auto heap = [](size_t n) { return std::shared_ptr<void>(std::malloc(n), std::free); };
+  const auto streamed = std::make_shared<const LoraAdapter>(
+      start_loading_lora_adapter(write_kohya("bad.safetensors", {bad}), tiny_config(), heap));
+  msg = error_of([&] {
+    set_loras_with_clip(*clip, {{streamed, 1.0f}}, [] { FAIL() << "the transformer was asked"; });
+  });
+  EXPECT_HAS(msg, "bad.safetensors");
+  EXPECT_HAS(msg,
+             "the up tensor of 'lora_te1_text_model_encoder_layers_1_mlp_fc2' holds a NaN or an infinity at "
+             "element 3");
+  EXPECT_TRUE(test::same_bits(encode(*clip), with_good));
 
   // The transformer's half failing leaves CLIP's branches as they were.
   const auto other = kohya_file("other.safetensors", {random_pair(1, "mlp.fc2", 4, 4.0f)});

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -243,7 +244,14 @@ void SafetensorsFile::resume_read() const {
   if (!background_) return;
   BackgroundRead& bg = *background_;
   std::call_once(bg.resumed, [&] {
-    for (size_t w = 0; w < bg.found.size(); ++w) bg.workers.emplace_back([b = &bg, w] { b->run(w); });
+    try {
+      for (size_t w = 0; w < bg.found.size(); ++w) bg.workers.emplace_back([b = &bg, w] { b->run(w); });
+    } catch (const std::system_error& e) {
+      // Readers that did start stop after their chunk; every waiter gets the failure, and no retry starts a second
+      // set of readers on the same slots. (The ones never started never count `running` down: the destructor unmaps.)
+      bg.stop = true;
+      bg.arrival.fail(path_ + ": cannot start the reader threads: " + e.what());
+    }
   });
 }
 

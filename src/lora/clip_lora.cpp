@@ -4,12 +4,25 @@
 #include <map>
 #include <utility>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "model/clip_lora_target.h"
 
 namespace fluxswap {
 
 namespace {
+
+// The pair's tensors in memory and finite. A file still being read is waited for up to these tensors only (a LoRA's
+// text-encoder keys come first in a streamed read), so the transformer's upload can still overlap the rest of it;
+// its full check comes with the transformer's set_adapters.
+void wait_for_pair(const LoraAdapter& adapter, const LoraPair& p) {
+  for (const auto& [t, half] : {std::pair{&p.down, "down"}, {&p.up, "up"}}) {
+    if (adapter.arriving) adapter.arriving->wait_for(t->data(), t->nbytes());
+    if (const int64_t i = first_non_finite(t->dtype(), t->data(), size_t(t->numel())); i >= 0)
+      throw Error(adapter.path + ": the " + half + " tensor of '" + p.source +
+                  "' holds a NaN or an infinity at element " + std::to_string(i) + ", expected finite values");
+  }
+}
 
 struct Placed {
   const LoraPair* pair;
@@ -49,9 +62,8 @@ ClipLoraSet prepare_clip_loras(const std::vector<ActiveLora>& active, ClipTextMo
   std::map<std::pair<int64_t, ClipLinear>, std::vector<Placed>> by_linear;
   ClipLoraSet set;
   for (const ActiveLora& a : active) {
-    if (a.adapter->clip_pairs.empty()) continue;
-    wait_until_loaded(*a.adapter);
     for (const LoraPair& p : a.adapter->clip_pairs) {
+      wait_for_pair(*a.adapter, p);
       const std::string where = a.adapter->path + ": '" + p.source + "'";
       const std::optional<ClipLinearRef> ref = parse_clip_linear(p.module);
       if (!ref) throw Error(where + ": '" + p.module + "' is not a CLIP text-encoder linear");

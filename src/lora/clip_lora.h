@@ -20,8 +20,9 @@ struct ClipLoraSet {
 };
 
 // Checks every CLIP pair of `active` against `clip` (layer in range, rows and input width of its projection: Error
-// naming the file and key), waits for files still being read (and their NaN/Inf check), and uploads. Changes nothing
-// in `clip`: ClipTextModel::set_lora installs the result, so a caller can check the transformer's set first.
+// naming the file and key), waits for its tensors in files still being read and checks their values, and uploads.
+// Changes nothing in `clip`: ClipTextModel::set_lora installs the result, so a caller can check the transformer's set
+// first.
 ClipLoraSet prepare_clip_loras(const std::vector<ActiveLora>& active, ClipTextModel& clip);
 
 struct ClipLoraReport {

@@ -33,7 +33,7 @@ const Prefix* prefix_of(const std::string& key) {
 }
 
 // kohya's "text_model_encoder_layers_3_self_attn_q_proj" -> "text_model.encoder.layers.3.self_attn.q_proj". A CLIP
-// linear sits in a layer's "self_attn" or "mlp" block, so the underscore after that block's name was the only other dot.
+// linear sits in a layer's "self_attn" or "mlp" block: the underscore after the block's name was the last dot.
 std::string dotted_kohya_path(std::string_view p) {
   constexpr std::string_view kLayers = "text_model_encoder_layers_";
   if (!p.starts_with(kLayers)) return std::string(p);
@@ -57,7 +57,8 @@ std::optional<ClipLoraStem> clip_lora_stem(const std::string& stem) {
   const Prefix* p = prefix_of(stem);
   if (!p || p->encoder != TextEncoderOf::Clip) return std::nullopt;
   const std::string_view path = std::string_view(stem).substr(p->text.size());
-  const std::optional<ClipLinearRef> ref = parse_clip_linear(p->underscored ? dotted_kohya_path(path) : std::string(path));
+  const std::optional<ClipLinearRef> ref =
+      parse_clip_linear(p->underscored ? dotted_kohya_path(path) : std::string(path));
   if (!ref) return std::nullopt;
   return ClipLoraStem{clip_linear_module(*ref), p->peft};
 }

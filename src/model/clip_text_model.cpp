@@ -232,8 +232,8 @@ void ClipTextModel::set_lora(std::vector<ClipLoraLinear> linears) {
                                                          : std::pair{C, C};
     if (l.down.ndim() != 2 || l.up.ndim() != 2 || l.down.size(1) != in || l.up.size(0) != out ||
         l.up.size(1) != l.down.size(0) || l.down.size(0) <= 0)
-      throw Error(where + ": down " + shape_str(l.down.shape()) + ", up " + shape_str(l.up.shape()) + ", expected [R, " +
-                  std::to_string(in) + "] and [" + std::to_string(out) + ", R]");
+      throw Error(where + ": down " + shape_str(l.down.shape()) + ", up " + shape_str(l.up.shape()) +
+                  ", expected [R, " + std::to_string(in) + "] and [" + std::to_string(out) + ", R]");
     LoraFactors& slot = table[size_t(l.layer)][size_t(l.linear)];
     if (slot.down.defined()) throw Error(where + ": given twice, expected one stacked branch per linear");
     slot = {std::move(l.down), std::move(l.up)};

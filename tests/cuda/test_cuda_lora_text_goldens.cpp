@@ -138,7 +138,8 @@ TEST(CudaTextGolden, ClipWithLoraMatchesTheCpuReference) {
   const double err = max_rel_error(got, ref), effect = max_rel_error(base, ref);
   EXPECT_LE(err, kTolerance);
   EXPECT_GT(effect, 10 * kTolerance) << "the LoRA hardly changes the output: the comparison proves little";
-  std::printf("[ golden   ] tiny CLIP + 4 LoRAs: max rel error %.3g vs the CPU (the LoRA's effect: %.3g)\n", err, effect);
+  std::printf("[ golden   ] tiny CLIP + 4 LoRAs: max rel error %.3g vs the CPU (the LoRA's effect: %.3g)\n", err,
+              effect);
 }
 
 TEST(CudaTextGolden, T5EmbedsMatchPipelineGoldens) {

@@ -137,7 +137,9 @@ void CudaBackend::linear_fp8_quantized_residual(const Tensor& xq, const Tensor& 
         const bool ok = gemm.run_residual({X.p + b * X.sb, X.sn, row_scales},
                                           {wq.data(), wq.stride(0), scale}, gated_bias, R.p + b * R.sb, R.sn, R.N, K,
                                           nout, capturing_, stream(), op);
-        fp8_residual_refused_ = fp8_residual_refused_ || !ok;  // sm_89 has no outer-vector scaling
+        // The form itself is refused when the first sample is (sm_89 has no outer-vector scaling); a later sample's
+        // pointers may only ask for another plan, and that sample is composed.
+        fp8_residual_refused_ = fp8_residual_refused_ || (!ok && b == 0);
         return ok;
       }, op);
     });
@@ -170,7 +172,7 @@ void CudaBackend::linear_fp8_residual(const Tensor& in, const Tensor& wq, const 
         launch_quantize_rows_e4m3(I.p + b * I.sb, I.sn, I.N, K, q, ldq, sx, stream(), op);
         const bool ok = gemm.run_residual({q, ldq, sx}, {wq.data(), wq.stride(0), scale}, gated_bias,
                                           R.p + b * R.sb, R.sn, R.N, K, nout, capturing_, stream(), op);
-        fp8_residual_refused_ = fp8_residual_refused_ || !ok;
+        fp8_residual_refused_ = fp8_residual_refused_ || (!ok && b == 0);
         return ok;
       }, op);
     });
