@@ -64,8 +64,9 @@ TEST(Cli, GenerateBatchWritesOneDifferentImagePerSample) {
 }
 
 // A LoRA file with a CLIP (kohya lora_te1_) and a T5 (lora_te3_) part: CLIP's is applied and changes the image,
-// T5's is named in a warning, and none of it needs a transformer LoRA controller.
-TEST(Cli, GenerateAppliesAClipLoraAndWarnsAboutT5Keys) {
+// T5's is named in a warning, and none of it needs a transformer LoRA controller. Beside a transformer LoRA in one
+// file, both halves are applied.
+TEST(Cli, GenerateAppliesClipLorasAloneOrBesideTheTransformersAndWarnsAboutT5Keys) {
   FLUXSWAP_REQUIRE_FIXTURES();
   test::TempDir tmp;
   const std::string fx = test::fixtures_dir() + "/tiny";
@@ -89,6 +90,24 @@ TEST(Cli, GenerateAppliesAClipLoraAndWarnsAboutT5Keys) {
   r = run_fluxswap(gen + "-o " + (tmp / "base.png"));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(read_png(tmp / "lora.png").pixels, read_png(tmp / "base.png").pixels);
+
+  // The same CLIP pair inside a transformer LoRA (the kohya fixture), in runtime mode: both halves applied, and the
+  // image differs from the transformer half's alone.
+  auto kohya = SafetensorsFile::open(fx + "/lora_c_kohya.safetensors");
+  std::vector<std::pair<std::string, Tensor>> mixed = {{stem + ".lora_down.weight", down},
+                                                       {stem + ".lora_up.weight", up}};
+  for (const auto& k : kohya->keys()) mixed.emplace_back(k, kohya->tensor(k));
+  write_safetensors(tmp / "mixed.safetensors", mixed);
+  r = run_fluxswap(gen + "--lora-mode runtime --lora " + (tmp / "mixed.safetensors") + " -o " + (tmp / "mixed.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find(std::to_string(kohya->keys().size()) + " LoRA tensors applied to"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("(runtime mode)"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2 to 1 CLIP text-encoder linears"), std::string::npos) << r.output;
+  r = run_fluxswap(gen + "--lora-mode runtime --lora " + fx + "/lora_c_kohya.safetensors -o " + (tmp / "kohya.png"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(read_png(tmp / "mixed.png").pixels, read_png(tmp / "kohya.png").pixels);
+  EXPECT_NE(read_png(tmp / "kohya.png").pixels, read_png(tmp / "base.png").pixels);
 }
 
 TEST(Cli, TransformerConformanceCommandReproducesTheGolden) {
