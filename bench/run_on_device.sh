@@ -8,10 +8,6 @@
 #   fp8lora    FP8 + FP8 attention with a merged rank-64 LoRA (the issue 6 step figure)
 #   fp8ab      fp8lora's step without the quality run, alternating processes with the gated residual added inside
 #              the output projections' GEMMs (default) and without (FLUXSWAP_FUSED_RESIDUAL=0), two of each
-#   sdpa       the bf16 step with cuDNN's SDPA implementations against each other (FLUXSWAP_CUDNN_SDPA=auto,
-#              composite, unified) and the heuristics' first engine configuration against the fastest of those
-#              timed (FLUXSWAP_CUDNN_PLAN=heuristic|fastest), each with its per-op attention time and cuDNN's timings
-#   fp8sdpa    the FP8 + FP8 attention step with FLUXSWAP_CUDNN_PLAN=heuristic and fastest, alternating, twice
 #   bf16lora   bf16 with a runtime rank-64 LoRA: swaps and per-step overhead
 #   parsefirst bf16lora's under-step swaps with the LoRA's keys mapped before its read starts (default) and at once
 #              (FLUXSWAP_LORA_PARSE_FIRST=0), alternating processes, two of each
@@ -47,14 +43,8 @@ sample_summary() {
     echo "no samples over 250 W"
   fi
 }
-# One step benchmark into $OUT/<name>.{json,log} (switches come from the caller's environment), then its figures on
-# one line. bf16_step: the bf16 job's command; fp8_step NAME [ARGS...]: FP8 + FP8 attention, no quality run.
-bf16_step() {
-  fluxswap bench --sizes 1024 --steps 20 --json "$OUT/$1.json" > "$OUT/$1.log" 2>&1
-  grep -E '  ms/step|modulations up front|attention [0-9.]+ ms|rror' "$OUT/$1.log" |
-    sed -E 's/.*(median [0-9.]+).*/\1/; s/.*(= [0-9.]+ ms\/step).*/table \1/; s/.*(attention [0-9.]+ ms).*/\1/' |
-    tr '\n' ' '
-}
+# One FP8 + FP8 attention step benchmark without the quality run into $OUT/<name>.{json,log} (switches come from the
+# caller's environment), then its figures on one line: fp8_step NAME [ARGS...].
 fp8_step() {
   local name=$1
   shift
@@ -88,20 +78,6 @@ for job in "$@"; do
         for fused in 0 1; do
           echo "round $round fused $fused: $(FLUXSWAP_FUSED_RESIDUAL=$fused fp8_step "fp8ab-r$round-f$fused" \
             --lora-rank 64 --lora-mode merged --swaps 1)"
-        done
-      done ;;
-    sdpa)
-      n=0
-      for combo in auto:heuristic auto:fastest composite:heuristic unified:heuristic composite:fastest auto:heuristic; do
-        n=$((n + 1)); impl=${combo%%:*}; plan=${combo##*:}
-        echo "$impl $plan: $(FLUXSWAP_CUDNN_SDPA=$impl FLUXSWAP_CUDNN_PLAN=$plan bf16_step "sdpa-$n-$impl-$plan")"
-        grep -m2 "engine configurations timed" "$OUT/sdpa-$n-$impl-$plan.log" | cut -c1-300
-      done ;;
-    fp8sdpa)
-      for round in 1 2; do
-        for plan in heuristic fastest; do
-          echo "round $round $plan: $(FLUXSWAP_CUDNN_PLAN=$plan fp8_step "fp8sdpa-r$round-$plan")"
-          grep -m2 "engine configurations timed" "$OUT/fp8sdpa-r$round-$plan.log" | cut -c1-300
         done
       done ;;
     bf16lora)

@@ -186,7 +186,7 @@ class Backend {
   // transformer makes a whole step's at once); otherwise (undefined tensors) the op makes its own.
   struct GatedFactors {
     Tensor gate;           // [B, n] as gated_residual takes it
-    Tensor w_scale, bias;  // F32 [n] (undefined for a bf16 weight: factor 1); [n] in the compute dtype, or undefined
+    Tensor w_scale, bias;  // F32 [n], the FP8 weight's row scales; [n] in the compute dtype, or undefined
     Tensor scale;          // F32 [B, n] contiguous: gate[b, o] * w_scale[o]
     Tensor bias_out;       // [B, n] contiguous, compute dtype: gate[b, o] * bias[o] rounded (undefined without bias)
   };

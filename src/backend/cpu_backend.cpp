@@ -483,15 +483,15 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  // scale[b, o] = gate[b, o] * w_scale[o] (or gate[b, o] without w_scale), bias_out[b, o] = gate[b, o] * bias[o].
+  // scale[b, o] = gate[b, o] * w_scale[o], bias_out[b, o] = gate[b, o] * bias[o].
   static void make_factors(const GatedFactors& f) {
     const Vecs G = vecs_of(f.gate, "gate");
-    if (f.scale.numel() != G.B * G.C || (f.w_scale.defined() && f.w_scale.numel() != G.C))
+    if (f.scale.numel() != G.B * G.C || f.w_scale.numel() != G.C)
       throw Error("cpu backend: gated factors: scale must be [B, n] and w_scale [n] for a [B, n] gate");
     for (int64_t b = 0; b < G.B; ++b)
       for (int64_t o = 0; o < G.C; ++o) {
         const float g = G.at(b)[o];
-        f.scale.ptr<float>()[b * G.C + o] = f.w_scale.defined() ? g * f.w_scale.ptr<float>()[o] : g;
+        f.scale.ptr<float>()[b * G.C + o] = g * f.w_scale.ptr<float>()[o];
         if (f.bias.defined()) f.bias_out.ptr<float>()[b * G.C + o] = g * f.bias.ptr<float>()[o];
       }
   }

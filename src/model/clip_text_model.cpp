@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "io/json_config.h"
+#include "model/clip_lora_target.h"
 #include "model/component_weights.h"
 
 namespace fluxswap {
@@ -217,7 +218,6 @@ void ClipTextModel::linear(const Tensor& x, int64_t layer, ClipLinear which, con
 }
 
 void ClipTextModel::set_lora(std::vector<ClipLoraLinear> linears) {
-  const int64_t C = config_.hidden_size, I = config_.intermediate_size;
   std::vector<std::array<LoraFactors, 4>> table;
   if (!linears.empty()) table.resize(size_t(config_.num_hidden_layers));
   int64_t rank = 0;
@@ -226,10 +226,8 @@ void ClipTextModel::set_lora(std::vector<ClipLoraLinear> linears) {
                               kLinearNames[size_t(l.linear)];
     if (l.layer < 0 || l.layer >= config_.num_hidden_layers)
       throw Error(where + ": the model has " + std::to_string(config_.num_hidden_layers) + " layers");
-    const auto [out, in] = l.linear == ClipLinear::Qkv   ? std::pair{3 * C, C}
-                           : l.linear == ClipLinear::Fc1 ? std::pair{I, C}
-                           : l.linear == ClipLinear::Fc2 ? std::pair{C, I}
-                                                         : std::pair{C, C};
+    const ClipLinearRows rows = clip_linear_rows({l.layer, l.linear, 0}, config_);
+    const int64_t out = rows.out_features, in = rows.in_features;
     if (l.down.ndim() != 2 || l.up.ndim() != 2 || l.down.size(1) != in || l.up.size(0) != out ||
         l.up.size(1) != l.down.size(0) || l.down.size(0) <= 0)
       throw Error(where + ": down " + shape_str(l.down.shape()) + ", up " + shape_str(l.up.shape()) +

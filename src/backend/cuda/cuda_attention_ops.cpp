@@ -84,7 +84,7 @@ void CudaBackend::attention(const Tensor& q, const Tensor& k, const Tensor& v, c
   timed(op, [&] {
     if (copy_v) cuda::launch_split_heads(v_rows, H, attention_v_heads_.ptr<__nv_bfloat16>(), stream());
     if (use_cudnn)
-      cudnn_->run(shape, q.data(), k.data(), vh.p, O.p, /*may_time=*/!capturing_);
+      cudnn_->run(shape, q.data(), k.data(), vh.p, O.p);
     else
       cuda::launch_flash_attention(q.ptr<__nv_bfloat16>(), k.ptr<__nv_bfloat16>(), vh, O, stream());
   });
@@ -135,7 +135,7 @@ float* CudaBackend::run_fp8_attention(const Tensor& q8, const Tensor& k8, const 
   float* slots = fp8_attention_slots_.ptr<float>();
   auto* v8 = static_cast<uint8_t*>(fp8_attention_v8_.data());
   cuda::launch_quantize_v_e4m3(vh, v8, v_amax.ptr<float>(), qk_scale, slots, stream());
-  cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots, /*may_time=*/!capturing_);
+  cudnn_->run_fp8(shape, q8.data(), k8.data(), v8, o8, slots);
   return slots;
 }
 

@@ -38,12 +38,11 @@ void check_factor_outputs(const Backend::GatedFactors& f, int64_t B, int64_t n, 
   }
 }
 
-// The factor kernel's item for gate rows G, weight scales (undefined: bf16) and bias (undefined: none), written to
-// scale and bias_out.
+// The factor kernel's item for gate rows G, weight scales and bias (undefined: none), written to scale and bias_out.
 GatedFactorsItem factors_item(const VecsView& G, const Tensor& w_scale, const Tensor& bias, float* scale,
                               __nv_bfloat16* bias_out) {
-  return {G.p, G.sb, w_scale.defined() ? w_scale.ptr<float>() : nullptr,
-          bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, scale, bias.defined() ? bias_out : nullptr, G.C};
+  return {G.p, G.sb, w_scale.ptr<float>(), bias.defined() ? bias.ptr<__nv_bfloat16>() : nullptr, scale,
+          bias.defined() ? bias_out : nullptr, G.C};
 }
 
 // Samples from..B-1 of rows [B, N, C] or per-sample vectors [B, C] (2-D rows are one sample: `from` is 0 there).
@@ -62,11 +61,9 @@ void CudaBackend::gated_output_factors(const std::vector<GatedFactors>& items) {
     const int64_t n = G.C;
     if (B >= 0 && G.B != B) bad(op, "every gate must have the same batch");
     B = G.B;
-    if (f.w_scale.defined()) {
-      check_cuda_tensor(f.w_scale, op, "w_scale", DType::F32);
-      if (f.w_scale.numel() != n || !f.w_scale.is_contiguous())
-        bad(op, "w_scale must be F32 [" + std::to_string(n) + "]");
-    }
+    check_cuda_tensor(f.w_scale, op, "w_scale", DType::F32);
+    if (f.w_scale.numel() != n || !f.w_scale.is_contiguous())
+      bad(op, "w_scale must be F32 [" + std::to_string(n) + "]");
     check_bias(f.bias, n, op);
     check_factor_outputs(f, B, n, f.bias.defined(), op);
     descs.push_back(factors_item(G, f.w_scale, f.bias, f.scale.ptr<float>(),

@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <unordered_map>
 
 #include "backend/cuda/device_memory.h"
 
@@ -35,20 +34,15 @@ class CudnnAttention {
   bool has_plan(const AttentionShape& shape) const { return plans_.count(shape) != 0; }
   // Builds the graph for a shape; throws Error with cuDNN's reason when it is not supported.
   void build(const AttentionShape& shape);
-  // Enqueues attention for a shape whose plan exists. With FLUXSWAP_CUDNN_PLAN=fastest (cudnn_attention.cpp) and
-  // may_time (never while a CUDA graph is captured), the shape's first such run times its engine configurations on
-  // these operands (waiting for them on the host) and keeps the fastest; otherwise the heuristics' choice runs.
-  void run(const AttentionShape& shape, const void* q, const void* k, const void* v, void* out, bool may_time = false);
+  // Enqueues attention for a shape whose plan exists.
+  void run(const AttentionShape& shape, const void* q, const void* k, const void* v, void* out);
   // The FP8 form (shape.fp8): e4m3 q, k, v [B, H, S, D] and output (at the shape's strides), the descales and
   // scales read from, and the probabilities' and output's amax written to, `slots` (fp8_attention_kernels.h).
-  void run_fp8(const AttentionShape& shape, const void* q8, const void* k8, const void* v8, void* o8, float* slots,
-               bool may_time = false);
+  void run_fp8(const AttentionShape& shape, const void* q8, const void* k8, const void* v8, void* o8, float* slots);
 
  private:
   struct Plan;
   struct Handle;
-  // Runs each built configuration on the operands in `pack` and makes the fastest the plan's (cuDNN builds only).
-  void time_plans(const AttentionShape& shape, Plan& plan, const std::unordered_map<int64_t, void*>& pack);
   DeviceMemory& memory_;
   std::unique_ptr<Handle> handle_;
   std::map<AttentionShape, std::unique_ptr<Plan>> plans_;

@@ -247,7 +247,7 @@ __global__ void scale_epilogue_kernel(const void* acc, int64_t lda, const float*
 __device__ inline void gated_factor(const __nv_bfloat16* gate, const float* sw, const __nv_bfloat16* bias, int64_t o,
                                     float* scale_out, __nv_bfloat16* bias_out) {
   const float g = __bfloat162float(gate[o]);
-  scale_out[o] = sw ? g * sw[o] : g;
+  scale_out[o] = g * sw[o];
   if (bias) bias_out[o] = __float2bfloat16(g * __bfloat162float(bias[o]));
 }
 

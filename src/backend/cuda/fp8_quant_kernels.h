@@ -51,15 +51,15 @@ void launch_fp8_scale_epilogue(const Fp8Accumulator& acc, const float* sx, const
                                int64_t ldy, cudaStream_t stream, const char* op = "linear_fp8");
 
 // A gated output projection's per-step output-feature factors (cuda_residual_ops.cpp), for many projections and B
-// samples in one launch: item i's scale[b, o] = gate[b, o] * sw[o] (float32; sw null: gate[b, o], a bf16
-// projection's alpha) and, when it has a bias, bias_out[b, o] = bf16(gate[b, o] * bias[o]); gate rows [B, n] at
+// samples in one launch: item i's scale[b, o] = gate[b, o] * sw[o] (float32) and, when it has a bias,
+// bias_out[b, o] = bf16(gate[b, o] * bias[o]); gate rows [B, n] at
 // batch stride gate_sb, factors [B, n] contiguous. The items travel as the kernel's parameter (a recorded launch
 // keeps its copy: nothing in device memory to keep alive or to leak when the pointers change from one generation to
 // the next).
 struct GatedFactorsItem {
   const __nv_bfloat16* gate;
   int64_t gate_sb;
-  const float* sw;             // or null (factor 1)
+  const float* sw;            // the FP8 weight's row scales
   const __nv_bfloat16* bias;  // or null (then bias_out is not written)
   float* scale;
   __nv_bfloat16* bias_out;
