@@ -293,17 +293,6 @@ TEST_F(CudaOps, AttentionCudnn) {
   check_attention(*cudnn, *cpu_, "cudnn", false);
 }
 
-// The fastest of up to six engine configurations, timed on each shape's first run (the default runs the
-// heuristics' first choice: AttentionCudnn above).
-TEST_F(CudaOps, AttentionCudnnFastestPlan) {
-  setenv("FLUXSWAP_CUDNN_PLAN", "fastest", 1);
-  std::string why;
-  auto cudnn = try_cuda(&why, "cudnn");
-  if (cudnn) check_attention(*cudnn, *cpu_, "cudnn fastest", false);
-  unsetenv("FLUXSWAP_CUDNN_PLAN");
-  ASSERT_TRUE(cudnn) << why;
-}
-
 // The default mode uses cuDNN where it can and the built-in kernel where cuDNN refuses the shape (D % 8 != 0).
 TEST_F(CudaOps, AttentionDefaultModeFallsBack) {
   for (int64_t D : {19, 128}) {
